@@ -1,0 +1,7 @@
+test:
+	scripts/test.sh
+
+env:
+	scripts/env.sh
+
+.PHONY: test env

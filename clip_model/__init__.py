@@ -1,0 +1,59 @@
+"""In-repo CLIP: architectures, tokenizer, preprocessing, safe checkpoint loading, pretrained registry.
+
+Typical use::
+
+    import clip_model
+    model, preprocess = clip_model.load("ViT-B-32")               # registry name, or a checkpoint path
+    image_features = model.encode_image(preprocess(img)[None], normalize=True)
+    text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
+"""
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import CLIPConfig, get_config, infer_config, list_configs
+from .errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ChecksumMismatchError,
+    ClipModelError,
+    DownloadError,
+    ImageDecodeError,
+    TokenizerError,
+    UnknownModelError,
+    UnsafeCheckpointError,
+)
+from .factory import available_models, create_model, load, preprocess_for
+from .model import CLIP
+from .preprocess import Preprocess, to_rgb
+from .tokenizer import Tokenizer, get_tokenizer, tokenize
+from .zeroshot import build_zero_shot_classifier, classify, prompt_templates
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ChecksumMismatchError",
+    "ClipModelError",
+    "DownloadError",
+    "ImageDecodeError",
+    "Preprocess",
+    "TokenizerError",
+    "Tokenizer",
+    "UnknownModelError",
+    "UnsafeCheckpointError",
+    "available_models",
+    "build_zero_shot_classifier",
+    "classify",
+    "create_model",
+    "get_config",
+    "get_tokenizer",
+    "infer_config",
+    "list_configs",
+    "load",
+    "preprocess_for",
+    "prompt_templates",
+    "read_checkpoint",
+    "save_checkpoint",
+    "to_rgb",
+    "tokenize",
+]

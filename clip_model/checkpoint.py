@@ -1,0 +1,211 @@
+"""Read any supported checkpoint into one canonical (OpenAI-layout) float32 state dict, without executing code.
+
+Supported inputs:
+- OpenAI TorchScript archives (``ViT-B-32.pt``): read by :mod:`clip_model.torchscript`'s restricted unpickler.
+- Plain state dicts (OpenCLIP ``.pt``/``.bin``, our own training checkpoints): ``torch.load(weights_only=True)``;
+  ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed.
+- ``.safetensors`` files (OpenCLIP, and the files :func:`save_checkpoint` writes, which carry their config).
+- Hugging Face ``transformers`` CLIPModel directories, converted by :mod:`clip_model.hf_convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Activation, CLIPConfig, PreprocessConfig, infer_config, with_known_name
+from .errors import CheckpointError, CheckpointMismatchError
+from .hf_convert import is_hf_clip_dir, read_hf_clip
+from .model import CLIP
+from .torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_METADATA_KEY = "clip_model_config"  # safetensors metadata entry holding the architecture as JSON
+WRAPPER_KEYS = ("state_dict", "model", "module")  # dict entries that wrap the real state dict in training checkpoints
+PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # written next to the weights in OpenCLIP's hub folders
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars stored in OpenAI's archives
+NON_PERSISTENT_KEYS = ("attn_mask",)  # causal masks some writers saved as buffers; rebuilt by our model
+SHOWN_KEYS = 5  # keys named in a mismatch message
+
+
+@dataclass
+class Checkpoint:
+    """A canonical state dict plus whatever architecture information the file carried."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: CLIPConfig | None
+    activation: Activation | None  # known even without a full config (OpenAI archives: QuickGELU)
+    source_format: str  # "torchscript", "hf", "safetensors", "state_dict"
+    preprocess: PreprocessConfig | None = None  # normalization statistics, when the file or its folder says
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``path`` (file or HF directory) into float32 tensors on CPU; never runs code from the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir() and not is_hf_clip_dir(path):
+        path = _open_clip_weights_in(path)
+    if path.is_dir():
+        state_dict, config = read_hf_clip(path)
+        ckpt = Checkpoint(state_dict, config, config.activation, "hf")
+    elif path.suffix == ".safetensors":
+        ckpt = _read_safetensors(path)
+    elif zipfile.is_zipfile(path) and is_torchscript_archive(path):
+        ckpt = Checkpoint(read_torchscript_state_dict(path), None, "quick_gelu", "torchscript")
+    else:
+        ckpt = _read_torch_file(path)
+    ckpt.state_dict = _canonical(ckpt.state_dict, path)
+    if ckpt.config is None and (path.parent / OPEN_CLIP_CONFIG).is_file():
+        ckpt.activation, ckpt.preprocess = _read_open_clip_config(path.parent / OPEN_CLIP_CONFIG)
+    return ckpt
+
+
+def _open_clip_weights_in(folder: Path) -> Path:
+    """The weights file of an OpenCLIP hub folder (``open_clip_config.json`` + one weights file)."""
+    found = [folder / name for name in OPEN_CLIP_WEIGHT_FILES if (folder / name).is_file()]
+    if not (folder / OPEN_CLIP_CONFIG).is_file() or not found:
+        raise CheckpointError(
+            f"{folder} is a directory but neither a Hugging Face CLIPModel (config.json + model.safetensors or "
+            f"pytorch_model.bin) nor an OpenCLIP folder ({OPEN_CLIP_CONFIG} + {' or '.join(OPEN_CLIP_WEIGHT_FILES)})"
+        )
+    return found[0]
+
+
+def _read_open_clip_config(path: Path) -> tuple[Activation, PreprocessConfig | None]:
+    """Activation and normalization from OpenCLIP's ``open_clip_config.json`` (``quick_gelu`` is absent if false)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    activation: Activation = "quick_gelu" if data.get("model_cfg", {}).get("quick_gelu") else "gelu"
+    pre = data.get("preprocess_cfg") or {}
+    stats = PreprocessConfig(mean=tuple(pre["mean"]), std=tuple(pre["std"])) if "mean" in pre and "std" in pre else None
+    return activation, stats
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state_dict = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers and truncation
+        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
+    config = (
+        CLIPConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in metadata else None
+    )
+    return Checkpoint(state_dict, config, config.activation if config else None, "safetensors")
+
+
+def _read_torch_file(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for disallowed globals, RuntimeError for corrupt zips
+        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
+    config = None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        config = CLIPConfig.from_dict(obj["config"])
+    while isinstance(obj, dict) and not _holds_tensors(obj):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise CheckpointMismatchError(f"{path}: no state dict found; top-level keys: {_first(obj)}")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointMismatchError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return Checkpoint(obj, config, config.activation if config else None, "state_dict")
+
+
+def _holds_tensors(obj: dict[str, Any]) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _first(keys: Any) -> str:
+    keys = list(keys)
+    return ", ".join(map(str, keys[:SHOWN_KEYS])) + (", ..." if len(keys) > SHOWN_KEYS else "")
+
+
+def _canonical(state_dict: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes, drop known non-weights, and make floating tensors float32."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in PREFIXES:
+            key = key.removeprefix(prefix)
+        if key in OPENAI_EXTRA_KEYS or key.rsplit(".", 1)[-1] in NON_PERSISTENT_KEYS:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointMismatchError(f"{path}: {key} holds a {type(value).__name__}, not a tensor")
+        out[key] = value.float() if value.is_floating_point() else value
+    if "text_projection" not in out and not any(k.startswith("visual.") for k in out):
+        raise CheckpointMismatchError(
+            f"{path}: not a CLIP checkpoint in any known layout (OpenAI, OpenCLIP, Hugging Face); "
+            f"first keys: {_first(out)}"
+        )
+    return out
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointMismatchError naming missing, unexpected or misshapen keys; silent when all fit."""
+    expected = model.state_dict()
+    problems = [f"{k}: missing from the checkpoint" for k in expected if k not in state_dict]
+    problems += [f"{k}: not a parameter of this architecture" for k in state_dict if k not in expected]
+    problems += [
+        f"{k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state_dict.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - SHOWN_KEYS} more)" if len(problems) > SHOWN_KEYS else ""
+        raise CheckpointMismatchError(
+            "checkpoint does not fit the architecture: " + "; ".join(problems[:SHOWN_KEYS]) + more
+        )
+
+
+def build_model(ckpt: Checkpoint, config: CLIPConfig | None = None) -> CLIP:
+    """A CLIP in eval mode holding ``ckpt``'s weights; ``config`` overrides what the file says or implies."""
+    if config is None:
+        config = ckpt.config or infer_config(ckpt.state_dict, activation=ckpt.activation)
+        if ckpt.preprocess is not None:
+            config = config.with_preprocess(ckpt.preprocess)
+        if ckpt.config is None and ckpt.activation is None:
+            logger.warning(
+                "the checkpoint does not say which MLP activation it was trained with; assuming %s (config %s). "
+                "Pass arch= to load() to choose another.",
+                config.activation,
+                config.name or "inferred",
+            )
+    config = with_known_name(config)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        model = CLIP(config)
+    check_state_dict(model, ckpt.state_dict)
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def save_checkpoint(model: CLIP, path: str | Path) -> Path:
+    """Write ``model`` as a ``.safetensors`` file whose metadata carries its config, so it loads without arch=."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_checkpoint writes safetensors; name the file *.safetensors, not {path.name}")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file(state, str(partial), metadata={CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+        os.replace(partial, path)  # readers see the old file or the complete new one, never a torn write
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

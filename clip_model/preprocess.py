@@ -1,0 +1,172 @@
+"""CLIP image preprocessing on Pillow and NumPy (no torchvision).
+
+Contract of ``Preprocess(n)(image)``, a float32 tensor ``[3, n, n]``:
+
+1. ``to_rgb``: decode the pixels (``load()`` is forced, so broken files raise ``ImageDecodeError`` here), apply the
+   EXIF orientation, convert any mode to 8-bit RGB (see ``to_rgb`` for alpha, 16-bit, float and CMYK data).
+2. ``resize_and_center_crop``: Pillow BICUBIC resize of the shortest side to ``n``, the other side to
+   ``int(n * long / short)``; then the ``n x n`` window at top ``round((H - n) / 2)`` and left ``round((W - n) / 2)``
+   (Python ``round``: exact halves go to the even integer). These are torchvision's ``Resize(n)`` and
+   ``CenterCrop(n)`` rules for PIL images; CenterCrop's zero padding of images smaller than the crop never applies,
+   since the resized short side is ``n`` and the long side at least ``n``.
+3. ``image_to_tensor``: uint8 HWC -> float32 CHW, ``(pixel / 255 - mean) / std``, each step in float32.
+
+For RGB input this equals OpenAI CLIP's ``_transform(n)`` pixel for pixel. The reference resizes before it converts
+to RGB, which ``to_rgb`` deliberately does not copy: it resizes palette images with nearest neighbour (Pillow forces
+that filter for mode "P"), shows the colour hidden under transparent pixels, clips 16-bit images to white, ignores
+ICC profiles of CMYK images and ignores EXIF orientation.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from clip_model.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from clip_model.errors import ImageDecodeError
+
+RESAMPLE = Image.Resampling.BICUBIC
+WHITE = (255, 255, 255)
+UINT8_MAX = 255
+UINT16_MAX = 65535
+EXIF_ORIENTATION_TAG = 0x0112
+# Beyond this many pixels in the resized (pre-crop) image only the crop window is resampled: resize_and_center_crop.
+MAX_RESIZED_PIXELS = 1 << 25
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# What Pillow raises for truncated or corrupt data when the pixels are decoded.
+DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError)
+
+Triple = tuple[float, float, float]
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Decode ``image``, turn it upright and return it as 8-bit "RGB" (an upright opaque RGB input is returned as is).
+
+    - EXIF orientations 2-8 are undone (``ImageOps.exif_transpose``); animated images give their current frame.
+    - Transparency (alpha band, premultiplied alpha, palette or colour-key transparency) is composited over
+      ``background``, white by default as an image viewer shows it: a fully transparent pixel becomes exactly the
+      background, never the colour stored under it.
+    - 16-bit ("I;16*") and "I" data are read as 0..65535 and rounded to 0..255 (values outside are clipped);
+      "F" data as 0..1 when no finite value exceeds 1, else as 0..255 like Pillow (NaN -> 0).
+    - "CMYK" goes through its embedded ICC profile to sRGB when LittleCMS can use it, else through Pillow's
+      conversion. Pillow reads CMYK JPEGs with Adobe's inverted polarity, the convention of Adobe-written files.
+    - Every other mode ("1", "L", "P", "YCbCr", "LAB", "HSV", ...) uses Pillow's conversion.
+
+    Raises ImageDecodeError for undecodable data or a mode that cannot be converted (the message names the mode).
+    """
+    try:
+        image.load()
+        if image.getexif().get(EXIF_ORIENTATION_TAG, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+    except DECODE_ERRORS as exc:
+        raise ImageDecodeError(f"cannot decode {image.mode!r} image: {exc}") from exc
+    mode = image.mode
+    if mode in HIGH_DEPTH_MODES:
+        return _high_depth_to_gray(image).convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    try:
+        if _has_transparency(image):
+            rgba = _unpremultiplied_rgba(image)
+            canvas = Image.new("RGBA", rgba.size, (*background, UINT8_MAX))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return image if mode == "RGB" else image.convert("RGB")
+    except ValueError as exc:
+        raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    palette_alpha = image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+    return image.mode in ALPHA_MODES or "transparency" in image.info or palette_alpha
+
+
+def _unpremultiplied_rgba(image: Image.Image) -> Image.Image:
+    if image.mode == "La":  # Pillow has no La -> RGBA conversion; RGBa (also premultiplied) has one
+        luminance, alpha = image.split()
+        image = Image.merge("RGBa", (luminance, luminance, luminance, alpha))
+    return image.convert("RGBA")
+
+
+def _high_depth_to_gray(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        finite = values[np.isfinite(values)]
+        full_scale = 1.0 if finite.size == 0 or finite.max() <= 1.0 else float(UINT8_MAX)
+        values = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0)
+    else:
+        full_scale = float(UINT16_MAX)
+    gray = np.clip(np.rint(values * (UINT8_MAX / full_scale)), 0, UINT8_MAX).astype(np.uint8)
+    return Image.fromarray(gray)
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image.convert("RGB")
+    try:
+        from PIL import ImageCms
+    except ImportError:  # Pillow built without LittleCMS
+        return image.convert("RGB")
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "CMYK", "RGB").apply(image)
+    except (OSError, ImageCms.PyCMSError):  # unusable profile: the pixels are still fine
+        return image.convert("RGB")
+
+
+def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic shortest-side resize to ``size`` then the centred ``size x size`` crop, by torchvision's rules.
+
+    ``image`` should come from ``to_rgb`` (Pillow resamples "P" and "1" with nearest neighbour). If the resized
+    image would exceed ``MAX_RESIZED_PIXELS`` (aspect ratios beyond ~600:1 at 224), only the crop window is resampled
+    (``Image.resize(box=...)``): bounded memory, but Pillow may then run its two passes in the other order, so
+    pixels can differ from the reference by a few levels.
+    """
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"cannot preprocess an empty {width}x{height} image")
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    top, left = round((new_height - size) / 2), round((new_width - size) / 2)
+    if new_width * new_height > MAX_RESIZED_PIXELS:
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        return image.resize((size, size), RESAMPLE, box=box)
+    resized = image.resize((new_width, new_height), RESAMPLE)
+    return resized.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(image: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
+    """RGB image -> float32 tensor ``[3, H, W]`` holding ``(pixel / 255 - mean) / std`` per channel."""
+    if image.mode != "RGB":
+        raise ValueError(f"image_to_tensor expects an RGB image, got mode {image.mode!r}")
+    chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
+    chw /= np.float32(UINT8_MAX)
+    chw -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    chw /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy(chw)
+
+
+class Preprocess:
+    """Callable PIL image -> float32 tensor ``[3, image_size, image_size]``, normalized with ``mean``/``std``."""
+
+    def __init__(self, image_size: int, mean: Triple = OPENAI_DATASET_MEAN, std: Triple = OPENAI_DATASET_STD) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if len(mean) != 3 or len(std) != 3 or 0 in std:
+            raise ValueError(f"mean and std need 3 values each and std no zero, got {mean} and {std}")
+        self.image_size = image_size
+        self.mean: Triple = (float(mean[0]), float(mean[1]), float(mean[2]))
+        self.std: Triple = (float(std[0]), float(std[1]), float(std[2]))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return image_to_tensor(resize_and_center_crop(to_rgb(image), self.image_size), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, mean={self.mean}, std={self.std})"

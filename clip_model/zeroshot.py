@@ -1,0 +1,82 @@
+"""Zero-shot classification: class names + prompt templates -> a linear classifier over image embeddings.
+
+Each class's weight is the mean of its prompts' unit text embeddings, renormalized to unit length (prompt
+ensembling, as in the CLIP paper). Classifying is a scaled cosine similarity followed by a softmax.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+from .model import CLIP
+
+TEMPLATE_SETS = ("imagenet_80", "imagenet_7")  # the CLIP paper's 80 ImageNet prompts and its 7-prompt subset
+DEFAULT_TEMPLATE_SET = "imagenet_80"
+TEXT_BATCH_SIZE = 256  # prompts encoded per forward pass while building a classifier
+
+Tokenize = Callable[[Sequence[str]], torch.Tensor]
+
+
+@lru_cache
+def prompt_templates(name: str = DEFAULT_TEMPLATE_SET) -> tuple[str, ...]:
+    """A shipped template set; each template holds one ``{}`` that the class name replaces."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {name!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+    text = (resources.files("clip_model") / "data" / "prompt_templates.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text)[name])
+
+
+def build_zero_shot_classifier(
+    model: CLIP,
+    classnames: Sequence[str],
+    templates: Sequence[str] | None = None,
+    tokenize: Tokenize | None = None,
+) -> torch.Tensor:
+    """Class weights for :func:`classify`.
+
+    Args:
+        classnames: C labels, e.g. ``["cat", "dog"]``.
+        templates: T format strings with one ``{}``; defaults to the 80 ImageNet templates.
+        tokenize: texts -> LongTensor [N, context_length]; defaults to :func:`clip_model.tokenize`.
+    Returns:
+        float tensor [embed_dim, C], each column unit-norm, on the model's device.
+    """
+    if not classnames:
+        raise ValueError("classnames is empty: give at least one label")
+    templates = tuple(templates) if templates is not None else prompt_templates()
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError("each template must contain exactly one '{}' for the class name")
+    if tokenize is None:
+        from .tokenizer import tokenize as default_tokenize
+
+        tokenize = default_tokenize
+    prompts = [t.format(name) for name in classnames for t in templates]  # class-major: C blocks of T prompts
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        chunks = [
+            model.encode_text(tokenize(prompts[i : i + TEXT_BATCH_SIZE]).to(device), normalize=True)
+            for i in range(0, len(prompts), TEXT_BATCH_SIZE)
+        ]
+    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)  # [C, T, D]
+    weights = torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)  # [C, D]
+    return weights.t().contiguous()
+
+
+def classify(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for preprocessed images.
+
+    Args:
+        images: [B, 3, R, R] float, as produced by the model's preprocess.
+        classifier: [embed_dim, C] from :func:`build_zero_shot_classifier`.
+    Returns:
+        float tensor [B, C]; each row sums to 1.
+    """
+    with torch.no_grad():
+        features = model.encode_image(images.to(classifier.device), normalize=True)  # [B, D]
+        logits = model.logit_scale.exp() * features @ classifier.to(features.dtype)  # [B, C]
+    return logits.float().softmax(dim=-1)

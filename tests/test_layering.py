@@ -1,0 +1,43 @@
+"""The architecture's arrows: clip_model imports neither indexer nor app; indexer never imports app."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"clip_model": {"indexer", "app"}, "indexer": {"app"}}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_does_not_import_downstream_packages(package: str) -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {bad}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for bad in imported_packages(path) & FORBIDDEN[package]
+    ]
+    assert offenders == []
+
+
+def test_clip_model_does_not_import_torchvision() -> None:
+    offenders = [p for p in (ROOT / "clip_model").rglob("*.py") if "torchvision" in imported_packages(p)]
+    assert offenders == []
+
+
+def test_layering_check_detects_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from app.main import create_app\nimport indexer.store\n")
+    assert imported_packages(bad) >= {"app", "indexer"}
