@@ -35,7 +35,8 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # written next to the weights in Ope
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars stored in OpenAI's archives
 NON_PERSISTENT_KEYS = ("attn_mask",)  # causal masks some writers saved as buffers; rebuilt by our model
-SHOWN_KEYS = 5  # keys named in a mismatch message
+SHOWN_KEYS = 5
+SAFETENSORS_SNIFF_BYTES = 9  # 8-byte header length + the header's opening brace  # keys named in a mismatch message
 
 
 @dataclass
@@ -59,7 +60,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_dir():
         state_dict, config = read_hf_clip(path)
         ckpt = Checkpoint(state_dict, config, config.activation, "hf")
-    elif path.suffix == ".safetensors":
+    elif _looks_like_safetensors(path):
         ckpt = _read_safetensors(path)
     elif zipfile.is_zipfile(path) and is_torchscript_archive(path):
         ckpt = Checkpoint(read_torchscript_state_dict(path), None, "quick_gelu", "torchscript")
@@ -92,6 +93,15 @@ def _read_open_clip_config(path: Path) -> tuple[Activation, PreprocessConfig | N
     pre = data.get("preprocess_cfg") or {}
     stats = PreprocessConfig(mean=tuple(pre["mean"]), std=tuple(pre["std"])) if "mean" in pre and "std" in pre else None
     return activation, stats
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Sniff the content, not the name: safetensors opens with a little-endian u64 header size, then ``{``."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(SAFETENSORS_SNIFF_BYTES)
+    return len(head) == SAFETENSORS_SNIFF_BYTES and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
 
 
 def _read_safetensors(path: Path) -> Checkpoint:

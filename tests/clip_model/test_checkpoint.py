@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 
 import clip_model
 from clip_model.config import get_config
+from clip_model.download import sha256_file
+from clip_model.pretrained import get_pretrained
 from tests.clip_model.reference_models import random_images, random_tokens, reference_clip
 
 TOLERANCE = 1e-4
@@ -126,3 +129,27 @@ def test_missing_path_and_plain_directory(tmp_path: Path) -> None:
         clip_model.load(tmp_path / "nope.pt")
     with pytest.raises(clip_model.CheckpointError, match="neither a Hugging Face CLIPModel"):
         clip_model.load(tmp_path)
+
+
+def test_registry_name_downloads_verifies_caches_and_matches_reference(
+    vit_b32_gelu: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = tmp_path / "published" / "weights.bin"
+    published.parent.mkdir()
+    torch.save({k: v.half() for k, v in vit_b32_gelu.state_dict().items()}, published)  # as OpenCLIP ships fp16
+    entry = dataclasses.replace(
+        get_pretrained("ViT-B-32/laion2b_s34b_b79k"),
+        url=published.as_uri(),
+        sha256=sha256_file(published),
+        filename="ViT-B-32-test.bin",
+        format="state_dict",
+    )
+    monkeypatch.setattr(clip_model.factory, "resolve_pretrained", lambda name: entry)
+    cache = tmp_path / "cache"
+    model, _ = clip_model.load("ViT-B-32/laion2b_s34b_b79k", cache_dir=cache, progress=False)
+    assert (cache / entry.filename).is_file() and model.config.name == "ViT-B-32"
+    published.unlink()  # the second load must come from the cache
+    again, _ = clip_model.load("ViT-B-32/laion2b_s34b_b79k", cache_dir=cache, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    ref = reference_clip(get_config("ViT-B-32"), gelu=True).half().float()  # same weights, rounded like the file
+    assert_parity(model, ref)
