@@ -24,7 +24,7 @@ from .config import Activation, CLIPConfig, PreprocessConfig, infer_config, with
 from .errors import CheckpointError, CheckpointMismatchError
 from .hf_convert import is_hf_clip_dir, read_hf_clip
 from .model import CLIP
-from .torchscript import is_torchscript_archive, read_torchscript_state_dict
+from .torchscript import OPENAI_EXTRA_KEYS, is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,9 @@ WRAPPER_KEYS = ("state_dict", "model", "module")  # dict entries that wrap the r
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # written next to the weights in OpenCLIP's hub folders
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # scalars stored in OpenAI's archives
 NON_PERSISTENT_KEYS = ("attn_mask",)  # causal masks some writers saved as buffers; rebuilt by our model
-SHOWN_KEYS = 5
-SAFETENSORS_SNIFF_BYTES = 9  # 8-byte header length + the header's opening brace  # keys named in a mismatch message
+SHOWN_KEYS = 5  # keys named in a mismatch message
+SAFETENSORS_SNIFF_BYTES = 9  # 8-byte header length + the header's opening brace
 
 
 @dataclass

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from clip_model.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from clip_model.errors import ImageDecodeError
+from .constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from .errors import ImageDecodeError
 
 RESAMPLE = Image.Resampling.BICUBIC
 WHITE = (255, 255, 255)

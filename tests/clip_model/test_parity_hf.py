@@ -6,6 +6,7 @@ since the hub cannot be reached), plus a GELU variant standing for OpenCLIP-trai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 import clip_model
+from clip_model.config import get_config
 from tests.clip_model.reference_models import random_tokens, scramble_
 
 TOLERANCE = 1e-4  # max abs difference, fp32
@@ -71,6 +73,33 @@ def test_hf_directory_gives_transformers_outputs(
 
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     tokens = random_tokens(batch=3)
+    with torch.no_grad():
+        image_diff = model.encode_image(images) - features(reference.get_image_features(pixel_values=images))
+        text_diff = model.encode_text(tokens) - features(reference.get_text_features(input_ids=tokens))
+    assert image_diff.abs().max().item() <= TOLERANCE
+    assert text_diff.abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["ViT-H-14", "ViT-g-14", "ViT-bigG-14"])
+def test_openclip_large_family_widths_heads_and_mlp_match_transformers(arch: str, tmp_path: Path) -> None:
+    """The shipped configs' head widths (80, 88, 104) and MLP ratios, at full width but only 2 layers deep."""
+    cfg = get_config(arch)
+    spec = {
+        "text_config": {"hidden_size": cfg.text.width, "intermediate_size": 4 * cfg.text.width,
+                        "num_attention_heads": cfg.text.heads, "num_hidden_layers": 2},
+        "vision_config": {"hidden_size": cfg.vision.width, "intermediate_size": cfg.vision.mlp_width,
+                          "num_attention_heads": cfg.vision.heads, "num_hidden_layers": 2,
+                          "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size},
+        "projection_dim": cfg.embed_dim,
+    }  # fmt: skip
+    reference = hf_model(spec, "gelu")
+    reference.save_pretrained(tmp_path)
+    model, _ = clip_model.load(tmp_path)
+    shallow = dataclasses.replace(cfg, name=None, vision=dataclasses.replace(cfg.vision, layers=2),
+                                  text=dataclasses.replace(cfg.text, layers=2))  # fmt: skip
+    assert model.config == shallow
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = random_tokens(batch=2)
     with torch.no_grad():
         image_diff = model.encode_image(images) - features(reference.get_image_features(pixel_values=images))
         text_diff = model.encode_text(tokens) - features(reference.get_text_features(input_ids=tokens))
