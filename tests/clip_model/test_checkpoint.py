@@ -99,6 +99,7 @@ class Exploit:
         return (eval, ("__import__('pathlib').Path('PWNED').touch()",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the payload is written as protocol 4
 def test_pickle_payload_in_plain_checkpoint_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     torch.save({"text_projection": torch.zeros(2, 2), "x": Exploit()}, tmp_path / "evil.pt", pickle_protocol=2)

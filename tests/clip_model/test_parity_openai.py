@@ -25,6 +25,8 @@ OPENAI_ARCHS = (
     "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
     "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu",
 )  # fmt: skip
+# Tracing OpenAI's code warns about its Python control flow; the traced graph is only used for these inputs.
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 LARGE_ARCHS = {"RN50x16", "RN50x64", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu"}
 
 
