@@ -8,7 +8,7 @@ Typical use::
     text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
 """
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint, weights_sha256
 from .config import CLIPConfig, get_config, infer_config, list_configs
 from .errors import (
     CheckpointError,
@@ -56,4 +56,5 @@ __all__ = [
     "save_checkpoint",
     "to_rgb",
     "tokenize",
+    "weights_sha256",
 ]

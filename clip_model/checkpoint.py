@@ -10,6 +10,7 @@ Supported inputs:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -218,3 +219,21 @@ def save_checkpoint(model: CLIP, path: str | Path) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Fingerprint of a model's weights, independent of the file format they came from.
+
+    sha256 over every state-dict entry in key order: its name, shape and float32 (or integer) little-endian bytes.
+    Two models give the same digest exactly when they compute the same function with the same parameters, so an
+    index can record which weights produced its embeddings, whether they were loaded from .pt, .safetensors or a
+    Hugging Face folder.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu")
+        value = value.float() if value.is_floating_point() else value
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}\n".encode())
+        array = value.contiguous().numpy()
+        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return digest.hexdigest()

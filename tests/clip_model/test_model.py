@@ -139,3 +139,16 @@ def test_shipped_prompt_templates() -> None:
     assert all(t.count("{}") == 1 for t in full)
     notice = json.loads((Path(clip_model.__file__).parent / "data" / "prompt_templates.json").read_text())["_notice"]
     assert "MIT" in notice
+
+
+def test_weights_sha256_identifies_weights_not_files(tmp_path: Path) -> None:
+    model = CLIP(tiny_config()).eval()
+    copy = CLIP(tiny_config())
+    copy.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    from_safetensors, _ = clip_model.load(clip_model.save_checkpoint(model, tmp_path / "w.safetensors"))
+    digest = clip_model.weights_sha256(model)
+    assert clip_model.weights_sha256(from_safetensors) == digest
+    assert clip_model.weights_sha256(copy) != digest  # fp16-rounded weights are other weights
+    with torch.no_grad():
+        model.ln_final.bias[0] += 1e-6
+    assert clip_model.weights_sha256(model) != digest
