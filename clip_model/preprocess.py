@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps
 
@@ -142,15 +143,23 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
-def image_to_tensor(image: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
-    """RGB image -> float32 tensor ``[3, H, W]`` holding ``(pixel / 255 - mean) / std`` per channel."""
+def image_to_array(image: Image.Image, mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
+    """RGB image -> C-contiguous float32 array ``[3, H, W]`` holding ``(pixel / 255 - mean) / std`` per channel.
+
+    Each step runs in float32, so any other code doing the same steps on the same uint8 pixels gets identical bits.
+    """
     if image.mode != "RGB":
-        raise ValueError(f"image_to_tensor expects an RGB image, got mode {image.mode!r}")
+        raise ValueError(f"image_to_array expects an RGB image, got mode {image.mode!r}")
     chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
     chw /= np.float32(UINT8_MAX)
     chw -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     chw /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    return torch.from_numpy(chw)
+    return chw
+
+
+def image_to_tensor(image: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
+    """RGB image -> float32 tensor ``[3, H, W]``: ``image_to_array`` wrapped without a copy."""
+    return torch.from_numpy(image_to_array(image, mean, std))
 
 
 class Preprocess:

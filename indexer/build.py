@@ -1,0 +1,242 @@
+"""Build or update an index directory from an image folder: scan -> diff -> encode -> commit -> publish.
+
+Incremental by construction: a file whose (size, mtime) match its catalog row is not read again; a changed file
+whose content hash did not change is only touched; a new path whose content hash belongs to a file that vanished
+is a rename and keeps its embedding; rows of vanished files are deleted. Rows are committed every
+``COMMIT_EVERY_N_FILES`` files, so a killed run loses at most that much work, and the FAISS index is published only
+at the end as a new generation: readers keep the last published one until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+import clip_model
+
+from .decode import Decoded, DecodeFailure, DecodeSpec
+from .errors import IndexerError, ModelMismatchError
+from .pipeline import DEFAULT_BATCH_SIZE, Encoded, encode_files
+from .scan import ScannedFile, iter_images
+from .store import Catalog, FileRecord, ModelInfo, WriterLock, current_generation, publish
+
+logger = logging.getLogger(__name__)
+
+COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
+DEFAULT_FACTORY = "IDMap2,Flat"
+Progress = Callable[[int, int], None]  # (files done, files to process)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to index, where, and with which model (see ``indexer.cli`` for each option's meaning)."""
+
+    root: Path
+    index_dir: Path
+    model: str
+    arch: str | None = None
+    extensions: frozenset[str] | None = None  # None: every format this Pillow can decode
+    exclude: Sequence[str] = ()
+    factory: str = DEFAULT_FACTORY
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = 1
+    draft: bool = True
+    rebuild: bool = False
+
+
+@dataclass
+class BuildStats:
+    """Counts of one run; ``skipped_reasons`` maps a reason category to how many files it covered."""
+
+    scanned: int = 0
+    unchanged: int = 0
+    added: int = 0
+    modified: int = 0
+    touched: int = 0
+    renamed: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    encoded: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    generation: str | None = None
+
+    @property
+    def changes_vectors(self) -> bool:
+        """Whether the set of (id, vector) pairs differs from before the run (touches and re-skips do not count)."""
+        return bool(self.added or self.modified or self.renamed or self.deleted or self.skipped)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """The CLIP used for a run, with the provenance an index records."""
+
+    model: clip_model.CLIP
+    info: ModelInfo
+
+    def encode(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """[B, 3, R, R] normalized pixels -> [B, D] float32 unit vectors."""
+        with torch.inference_mode():
+            features = self.model.encode_image(torch.from_numpy(batch), normalize=True)
+        return np.ascontiguousarray(features.float().numpy())
+
+    def decode_spec(self, draft: bool) -> DecodeSpec:
+        pre = self.info.preprocess
+        return DecodeSpec(image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft)
+
+
+def load_model(name: str, arch: str | None = None) -> LoadedModel:
+    """Load ``name`` (registry name or checkpoint path) and fingerprint its weights."""
+    model, preprocess = clip_model.load(name, arch=arch)
+    info = ModelInfo(
+        name=name,
+        weights_sha256=clip_model.weights_sha256(model),
+        embed_dim=model.config.embed_dim,
+        preprocess={"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std)},
+    )
+    return LoadedModel(model, info)
+
+
+def check_provenance(catalog: Catalog, info: ModelInfo, index_dir: Path) -> None:
+    """Refuse to mix embeddings of different weights in one index."""
+    built_with = catalog.model()
+    if built_with is not None and built_with.weights_sha256 != info.weights_sha256:
+        raise ModelMismatchError(
+            f"the index in {index_dir} was built with model {built_with.name!r} (weights sha256 "
+            f"{built_with.weights_sha256[:12]}...), but this run uses {info.name!r} (weights sha256 "
+            f"{info.weights_sha256[:12]}...). Update it with --model {built_with.name}, or re-embed everything "
+            f"with this model by adding --rebuild (the old index stays served until the new one is published)."
+        )
+
+
+def build_index(options: BuildOptions, progress: Progress | None = None) -> BuildStats:
+    """Bring ``options.index_dir`` up to date with ``options.root`` and publish a new generation."""
+    if not options.root.is_dir():
+        raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
+    options.index_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with WriterLock(options.index_dir), Catalog.open(options.index_dir, create=True) as catalog:
+        loaded = load_model(options.model, options.arch)
+        if options.rebuild:
+            catalog.reset(loaded.info)
+        check_provenance(catalog, loaded.info, options.index_dir)
+        if catalog.model() is None:
+            catalog.set_model(loaded.info)
+        run_id = catalog.start_run(str(options.root))
+        stats = _update(catalog, loaded, options, progress)
+        published = current_generation(options.index_dir)
+        if published is not None and not stats.changes_vectors and not options.rebuild:
+            stats.generation = published  # nothing a reader would see changed: keep serving what is there
+        else:
+            stats.generation = publish(options.index_dir, catalog, options.factory).generation
+        stats.seconds = time.monotonic() - started
+        stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0
+        catalog.finish_run(run_id, stats.as_dict())
+    return stats
+
+
+def _update(catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None) -> BuildStats:
+    stats = BuildStats()
+    known = catalog.files()
+    changed: list[ScannedFile] = []
+    seen: set[str] = set()
+    unreadable: list[str] = []  # folders that could not be listed: their files are not gone, just out of reach
+
+    def note_unreadable(path: str, error: OSError) -> None:
+        unreadable.append(path.rstrip("/") + "/")
+
+    for scanned in iter_images(options.root, options.extensions, options.exclude, on_error=note_unreadable):
+        seen.add(scanned.path)
+        record = known.get(scanned.path)
+        if record is not None and (record.size, record.mtime_ns) == (scanned.size, scanned.mtime_ns):
+            stats.unchanged += 1  # skipped files too: retried only when they change
+        else:
+            changed.append(scanned)
+    stats.scanned = len(seen)
+    vanished = {path: rec for path, rec in known.items() if path not in seen and not path.startswith(tuple(unreadable))}
+    reusable = {rec.content_hash: rec for rec in vanished.values() if rec.status == "ok" and rec.content_hash}
+    logger.info("%d files: %d unchanged, %d new or changed, %d gone", len(seen), stats.unchanged, len(changed),
+                len(vanished))  # fmt: skip
+
+    def needs_encoding(decoded: Decoded) -> bool:
+        previous = known.get(decoded.path)
+        same_content = (
+            previous is not None and previous.status == "ok" and previous.content_hash == decoded.content_hash
+        )
+        return not same_content and decoded.content_hash not in reusable
+
+    results = encode_files(
+        options.root, changed, loaded.decode_spec(options.draft), loaded.encode,
+        workers=options.workers, batch_size=options.batch_size, needs_encoding=needs_encoding,
+    )  # fmt: skip
+    reasons: Counter[str] = Counter()
+    done = 0
+    while True:
+        with catalog.transaction():
+            for result in results:
+                _record(catalog, result, known, vanished, reusable, stats, reasons)
+                done += 1
+                if progress is not None:
+                    progress(done, len(changed))
+                if done % COMMIT_EVERY_N_FILES == 0:
+                    break
+            else:
+                stats.deleted = catalog.delete(rec.id for rec in vanished.values())
+                break
+    stats.skipped_reasons = dict(reasons)
+    return stats
+
+
+def _record(
+    catalog: Catalog,
+    result: Encoded | DecodeFailure,
+    known: dict[str, FileRecord],
+    vanished: dict[str, FileRecord],
+    reusable: dict[str, FileRecord],
+    stats: BuildStats,
+    reasons: Counter[str],
+) -> None:
+    """Write one file's outcome to the catalog and count it."""
+    if isinstance(result, DecodeFailure):
+        catalog.add_skipped(result.path, result.size, result.mtime_ns, result.content_hash, result.reason)
+        stats.skipped += 1
+        reasons[result.reason.split(":")[0]] += 1
+        return
+    decoded, previous = result.decoded, known.get(result.decoded.path)
+    if result.embedding is not None:
+        catalog.add_image(decoded.path, decoded.size, decoded.mtime_ns, decoded.content_hash, decoded.width,
+                          decoded.height, result.embedding)  # fmt: skip
+        stats.encoded += 1
+        if previous is None:
+            stats.added += 1
+        else:
+            stats.modified += 1
+    elif previous is not None and previous.content_hash == decoded.content_hash:
+        catalog.touch(previous.id, decoded.size, decoded.mtime_ns)
+        stats.touched += 1
+    else:  # needs_encoding said this content belongs to a vanished file: a rename or move
+        source = reusable.pop(decoded.content_hash)
+        vanished.pop(source.path, None)
+        if previous is not None:  # the new path held other content before: that row is replaced
+            catalog.delete([previous.id])
+        catalog.move(source.id, decoded.path, decoded.size, decoded.mtime_ns)
+        stats.renamed += 1
+
+
+def default_workers() -> int:
+    """Decode workers: all cores but the one the encoder mostly uses, at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)

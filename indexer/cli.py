@@ -1,0 +1,225 @@
+"""``clip-index``: build/update an index directory from an image folder, inspect it, verify it, add texts.
+
+The only place in ``indexer`` that configures logging, draws progress bars and maps exceptions to exit codes:
+0 when the run completed (even with skipped files), 1 when it could not complete (the message says why),
+2 for bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clip_model.errors import ClipModelError
+
+from .build import DEFAULT_FACTORY, BuildOptions, build_index, default_workers
+from .errors import IndexerError
+from .pipeline import DEFAULT_BATCH_SIZE
+from .scan import supported_extensions
+
+logger = logging.getLogger("indexer")
+
+ENV_PREFIX = "CLIPSEARCH_"  # shared with the server's settings
+DEFAULT_MODEL = "ViT-B-32"
+LOG_EVERY_SECONDS = 10.0  # progress line interval when stderr is not a terminal
+SKIPPED_SHOWN = 20  # skipped files listed by `info`
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-index",
+        description="Index an image folder with CLIP into a FAISS + SQLite index directory for the search server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser(
+        "build",
+        aliases=["update"],
+        help="index a folder (incremental: rerunning only encodes new or changed files)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    build.add_argument(
+        "root", type=Path, nargs="?", default=_env("IMAGE_ROOT"), help="image folder ($CLIPSEARCH_IMAGE_ROOT)"
+    )
+    _index_dir_argument(build)
+    build.add_argument(
+        "--model",
+        default=_env("MODEL", DEFAULT_MODEL),
+        help="pretrained name (see clip_model.available_models()) or checkpoint path ($CLIPSEARCH_MODEL)",
+    )
+    build.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
+    build.add_argument(
+        "--extensions",
+        default=None,
+        help="comma-separated file extensions to index (default: " + ",".join(sorted(supported_extensions())) + ")",
+    )
+    build.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip paths matching this glob (relative to the folder; repeatable)",
+    )
+    build.add_argument("--factory", default=DEFAULT_FACTORY, help="FAISS index factory string (inner product)")
+    build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
+    build.add_argument(
+        "--workers", type=int, default=default_workers(), help="decode worker processes (0 decodes in the main process)"
+    )
+    build.add_argument(
+        "--no-draft",
+        dest="draft",
+        action="store_false",
+        help="decode JPEGs at full size instead of DCT-scaled (slower, exact)",
+    )
+    build.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-embed every image (e.g. with another model); the old index is served until done",
+    )
+    build.set_defaults(func=_cmd_build)
+
+    info = sub.add_parser("info", help="what is in an index: model, counts, last run, skipped files")
+    _index_dir_argument(info)
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.set_defaults(func=_cmd_info)
+
+    verify = sub.add_parser("verify", help="check the published index against its manifest and the catalog")
+    _index_dir_argument(verify)
+    verify.set_defaults(func=_cmd_verify)
+
+    texts = sub.add_parser("texts", help="index a text corpus (one caption or label per line) for image->text")
+    texts.add_argument("file", type=Path, help="UTF-8 text file, one entry per line; blank lines are ignored")
+    _index_dir_argument(texts)
+    texts.add_argument("--batch-size", type=int, default=256, help="texts per encoder call")
+    texts.set_defaults(func=_cmd_texts)
+    return parser
+
+
+def _index_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index-dir", type=Path, default=_env("INDEX_DIR"), required=_env("INDEX_DIR") is None,
+                        help="index directory ($CLIPSEARCH_INDEX_DIR)")  # fmt: skip
+
+
+class _ProgressReporter:
+    """tqdm bar on a terminal; otherwise one log line every LOG_EVERY_SECONDS."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None  # tqdm, created on the first update so its total is known
+        self._last = time.monotonic()
+        self._started = self._last
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True)
+            self._bar.update(done - self._bar.n)
+            return
+        now = time.monotonic()
+        if now - self._last >= LOG_EVERY_SECONDS or done == total:
+            rate = done / max(now - self._started, 1e-9)
+            eta = (total - done) / rate if rate else float("inf")
+            logger.info("%d/%d files (%.1f files/s, ETA %.0fs)", done, total, rate, eta)
+            self._last = now
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    if args.root is None:
+        raise IndexerError("no image folder given: pass it as an argument or set CLIPSEARCH_IMAGE_ROOT")
+    extensions = None
+    if args.extensions:
+        extensions = frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
+    options = BuildOptions(
+        root=args.root, index_dir=args.index_dir, model=args.model, arch=args.arch, extensions=extensions,
+        exclude=tuple(args.exclude), factory=args.factory, batch_size=args.batch_size, workers=args.workers,
+        draft=args.draft, rebuild=args.rebuild,
+    )  # fmt: skip
+    reporter = _ProgressReporter()
+    try:
+        stats = build_index(options, progress=reporter)
+    finally:
+        reporter.close()
+    logger.info(
+        "indexed %s into %s: %d files, %d unchanged, %d added, %d modified, %d renamed, %d deleted, %d skipped %s; "
+        "%d encoded in %.1fs (%.1f images/s); published %s",
+        args.root, args.index_dir, stats.scanned, stats.unchanged, stats.added, stats.modified, stats.renamed,
+        stats.deleted, stats.skipped, stats.skipped_reasons or "", stats.encoded, stats.seconds,
+        stats.images_per_second, stats.generation,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .report import index_info
+
+    info = index_info(args.index_dir, skipped_limit=SKIPPED_SHOWN)
+    sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.json else _format_info(info))
+    return 0
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    lines = [f"{key}: {value}" for key, value in info.items() if key != "skipped_files"]
+    skipped: list[tuple[str, str]] = info.get("skipped_files") or []
+    if skipped:
+        lines.append("skipped files (path: reason):")
+        lines += [f"  {path}: {reason}" for path, reason in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .store import verify
+
+    problems = verify(args.index_dir)
+    for problem in problems:
+        sys.stdout.write(f"PROBLEM: {problem}\n")
+    if problems:
+        return 1
+    sys.stdout.write(f"OK: {args.index_dir} matches its manifest and catalog\n")
+    return 0
+
+
+def _cmd_texts(args: argparse.Namespace) -> int:
+    from .texts import index_texts
+
+    count = index_texts(args.index_dir, args.file, batch_size=args.batch_size)
+    logger.info("indexed %d texts from %s into %s", count, args.file, args.index_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except (IndexerError, ClipModelError) as exc:
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; committed work is kept and the next run resumes from it")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

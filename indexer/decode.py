@@ -1,0 +1,234 @@
+"""Per-file decode step of the indexer, run in worker processes: file bytes -> content hash + uint8 model-input crop.
+
+Contract of ``decode_file(root, scanned, spec)``:
+
+- The file is read once, in full, unless ``fstat`` says it exceeds ``spec.max_bytes``; ``content_hash`` is the
+  sha256 of exactly the bytes decoded, and ``size``/``mtime_ns`` describe the file as it was read.
+- The image's pixel count is checked against ``spec.max_pixels`` from its header, before any pixel is decoded.
+- JPEGs are decoded at a reduced size through the decoder's DCT scaling (``Image.draft``) when ``spec.draft``:
+  the largest of the 1/2, 1/4, 1/8 scales that keeps BOTH sides >= ``DRAFT_MARGIN * image_size``, so the bicubic
+  resize that follows still reduces by >= 2x. The crop then differs from the full decode by about one 8-bit
+  level on average (see tests/indexer/test_decode.py). ``width``/``height`` are always the upright ORIGINAL size.
+- Then ``clip_model.preprocess.to_rgb`` (EXIF orientation, alpha over white, first frame of animations) and
+  ``resize_and_center_crop`` -> ``pixels`` uint8 ``[R, R, 3]``; the main process normalizes batches with
+  ``normalize_batch``, which equals ``clip_model.preprocess.Preprocess(R, mean, std)`` exactly.
+- Any failure gives a ``DecodeFailure`` whose ``reason`` starts with one of ``REASON_CATEGORIES`` and a colon (or is
+  exactly "empty file"); nothing raises. Results are plain dataclasses of str/int/numpy: they pickle across
+  spawned processes, and no torch tensor is created here.
+
+Pillow warnings raised while decoding (decompression-bomb warnings, corrupt EXIF) are recorded and logged at debug
+level with ``warnings.catch_warnings``, which is process-global: call ``decode_file`` from one thread at a time per
+process. Pillow's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, ~179 M pixels by default) still applies on top
+of ``max_pixels``; above it the reason quotes Pillow's message instead of the width and height.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError, features
+
+from clip_model.preprocess import UINT8_MAX, Preprocess, resize_and_center_crop, to_rgb
+
+from .scan import AVIF_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, enable_heif, extension_of
+
+logger = logging.getLogger(__name__)
+
+# 150 MP medium-format cameras (Phase One IQ4: 14204 x 10652 = 151.3 M pixels) pass; a non-JPEG image at the limit
+# needs ~480 MB of RGB per worker while decoding (JPEGs are drafted to 1/8 of that).
+DEFAULT_MAX_PIXELS = 160_000_000
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB: larger files are skipped without being read
+DRAFT_MARGIN = 2  # drafted JPEG sides stay >= DRAFT_MARGIN * image_size
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # the Pillow formats whose decoder implements draft()
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations whose upright image swaps width and height
+REASON_CATEGORIES = (
+    "empty file",
+    "missing",
+    "unreadable",
+    "too large",
+    "not an image",
+    "unsupported format",
+    "decompression bomb",
+    "truncated",
+    "corrupt",
+)
+TRUNCATED_MARKER = "truncated"  # Pillow's messages for data that ends early: "image file is truncated ..."
+UNSUPPORTED_MARKERS = ("not available", "cannot convert image mode", "unsupported")
+
+Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How to turn a file into model input: crop side ``image_size``, CLIP ``mean``/``std`` and the safety limits."""
+
+    image_size: int
+    mean: Triple
+    std: Triple
+    draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.max_pixels < 1 or self.max_bytes < 0:
+            raise ValueError(f"invalid DecodeSpec: {self}")
+
+    @classmethod
+    def from_preprocess(
+        cls,
+        preprocess: Preprocess,
+        draft: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> DecodeSpec:
+        """The spec whose crops, after ``normalize_batch``, equal what ``preprocess`` (a model's transform) gives."""
+        return cls(preprocess.image_size, preprocess.mean, preprocess.std, draft, max_pixels, max_bytes)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
+class Decoded:
+    """A decoded file: ``pixels`` is the uint8 ``[R, R, 3]`` RGB crop, not normalized; ``width``/``height`` upright."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str  # sha256 hex of the file bytes
+    width: int
+    height: int
+    pixels: npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """A file that was skipped; ``reason`` starts with a stable category (``REASON_CATEGORIES``)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None  # None when the bytes were never read
+    reason: str
+
+
+class _Rejected(Exception):
+    """Internal: a file refused on purpose, with its final ``reason``."""
+
+
+def decode_file(root: Path, scanned: ScannedFile, spec: DecodeSpec) -> Decoded | DecodeFailure:
+    """Read, hash, check and decode ``root / scanned.path`` into model-input pixels; never raises for a bad file."""
+    path = root / scanned.path
+    size, mtime_ns, content_hash = scanned.size, scanned.mtime_ns, None
+    try:
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+            if size > spec.max_bytes:
+                raise _Rejected(f"too large: {size} bytes exceeds the limit of {spec.max_bytes}")
+            data = file.read(spec.max_bytes + 1)
+        size = len(data)
+        if size > spec.max_bytes:  # grew after the fstat
+            raise _Rejected(f"too large: more than {spec.max_bytes} bytes")
+        content_hash = hashlib.sha256(data).hexdigest()
+        if not data:
+            raise _Rejected("empty file")
+        width, height, pixels = _decode_pixels(data, scanned.path, spec)
+        return Decoded(scanned.path, size, mtime_ns, content_hash, width, height, pixels)
+    except _Rejected as rejected:
+        reason = str(rejected)
+    except Exception as exc:  # the per-file skip boundary: whatever goes wrong skips this file only
+        reason = _failure_reason(exc, scanned.path, read=content_hash is not None)
+        logger.debug("decoding %s failed", path, exc_info=True)
+    logger.debug("skipping %s: %s", path, reason)
+    return DecodeFailure(scanned.path, size, mtime_ns, content_hash, reason)
+
+
+def _decode_pixels(data: bytes, relative: str, spec: DecodeSpec) -> tuple[int, int, npt.NDArray[np.uint8]]:
+    """(upright original width, height, uint8 crop [R, R, 3]) of an encoded image."""
+    if extension_of(relative) in HEIF_EXTENSIONS:
+        enable_heif()  # registers the opener in this (worker) process if pillow-heif is installed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > spec.max_pixels:
+                raise _Rejected(
+                    f"decompression bomb: {width} x {height} = {width * height} pixels "
+                    f"exceeds the limit of {spec.max_pixels}"
+                )
+            drafting = spec.draft and image.format in DRAFT_FORMATS
+            if drafting:  # the JPEG header gives the stored size; EXIF says how it stands upright
+                if image.getexif().get(EXIF_ORIENTATION_TAG, 1) in TRANSPOSED_ORIENTATIONS:
+                    width, height = height, width
+                apply_draft(image, spec.image_size)
+            upright = to_rgb(image)
+            if not drafting:
+                width, height = upright.size  # full size (TIFF, for one, turns upright inside Pillow's loader)
+            crop = resize_and_center_crop(upright, spec.image_size)
+            pixels = np.array(crop, dtype=np.uint8)  # [R, R, 3], owned and C-contiguous
+    for warning in caught:
+        logger.debug("%s: %s", relative, warning.message)
+    return width, height, pixels
+
+
+def apply_draft(image: Image.Image, image_size: int) -> None:
+    """Make a JPEG decode at its smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= DRAFT_MARGIN * image_size.
+
+    Call before the pixels are loaded. A no-op for other formats and for images already that small. Metadata is
+    untouched, so ``to_rgb`` still applies the file's EXIF orientation to the drafted pixels.
+    """
+    if image.format in DRAFT_FORMATS:
+        side = DRAFT_MARGIN * image_size
+        image.draft(image.mode, (side, side))
+
+
+def _failure_reason(exc: Exception, relative: str, read: bool) -> str:
+    """Map an exception from reading (``read`` False) or decoding to a reason with a stable category prefix."""
+    if not read:
+        if isinstance(exc, FileNotFoundError):
+            return "missing: the file disappeared after the scan"
+        if isinstance(exc, PermissionError):
+            return "unreadable: permission denied"
+        if isinstance(exc, OSError):
+            return f"unreadable: {exc.strerror or exc}"
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    extension = extension_of(relative)
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb: {exc}"
+    if isinstance(exc, UnidentifiedImageError):
+        if extension in HEIF_EXTENSIONS and not enable_heif():
+            return f"unsupported format: .{extension} needs the optional pillow-heif package"
+        if extension in AVIF_EXTENSIONS and not features.check("avif"):
+            return "unsupported format: this Pillow build cannot decode AVIF"
+        return "not an image: Pillow recognises no image format in the data"
+    if isinstance(exc, MemoryError):
+        return "too large: out of memory while decoding"
+    message = str(exc)
+    if isinstance(exc, OSError | EOFError | SyntaxError | ValueError):  # Pillow's errors; ImageDecodeError too
+        if TRUNCATED_MARKER in message or isinstance(exc, EOFError):
+            return f"truncated: {message}"
+        if any(marker in message for marker in UNSUPPORTED_MARKERS):
+            return f"unsupported format: {message}"
+        return f"corrupt: {message}"
+    return f"corrupt: {type(exc).__name__}: {message}"
+
+
+def normalize_batch(pixels: npt.NDArray[np.uint8], mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
+    """uint8 ``[B, R, R, 3]`` crops -> float32 ``[B, 3, R, R]`` holding ``(pixel / 255 - mean) / std``.
+
+    The same float32 steps as ``clip_model.preprocess.image_to_array``, so each item equals ``Preprocess`` bit for bit.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
+        raise ValueError(f"normalize_batch expects uint8 [B, R, R, 3], got {pixels.dtype} {pixels.shape}")
+    batch = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)  # [B, 3, R, R]
+    batch /= np.float32(UINT8_MAX)
+    batch -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    batch /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return batch

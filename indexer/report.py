@@ -1,0 +1,37 @@
+"""What ``clip-index info`` shows: the index's model, counts, published generation, last run, skipped files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import IndexNotFoundError
+from .store import Catalog, current_generation, read_manifest
+
+
+def index_info(index_dir: Path, skipped_limit: int = 20) -> dict[str, Any]:
+    """A JSON-ready summary of ``index_dir``; ``skipped_files`` lists at most ``skipped_limit`` (path, reason)."""
+    if not index_dir.is_dir():
+        raise IndexNotFoundError(f"no index directory at {index_dir}")
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        model = catalog.model()
+        counts = catalog.counts()
+        skipped = catalog.skipped()
+        last_run = catalog.last_run()
+    generation = current_generation(index_dir)
+    manifest = read_manifest(index_dir, generation) if generation else None
+    return {
+        "index_dir": str(index_dir),
+        "model": model.name if model else None,
+        "weights_sha256": model.weights_sha256 if model else None,
+        "embed_dim": model.embed_dim if model else None,
+        "images_indexed": counts.get("ok", 0),
+        "images_skipped": counts.get("skipped", 0),
+        "texts_indexed": counts.get("texts", 0),
+        "published_generation": generation,
+        "published_at": manifest.created_at if manifest else None,
+        "published_images": manifest.counts.get("images") if manifest else None,
+        "factory": manifest.factory if manifest else None,
+        "last_run": last_run,
+        "skipped_files": skipped[:skipped_limit],
+    }

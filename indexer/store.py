@@ -1,0 +1,1012 @@
+"""The on-disk format of an index directory: the one module that writes it (indexer) and reads it (app).
+
+Layout (the contract)::
+
+    <index_dir>/
+      catalog.sqlite3        SQLite, WAL mode, PRAGMA user_version = FORMAT_VERSION: the record of truth
+      .lock                  writer lock (fcntl.flock), holds the writer's pid
+      CURRENT                text: name of the published generation, e.g. "g-000003"; replaced atomically
+      generations/g-000003/  immutable once published
+          images.faiss       faiss.write_index of an IndexIDMap2 (factory in the manifest), ids = images.id
+          texts.faiss        same for the indexed texts (ids = texts.id, always "IDMap2,Flat"); may hold 0 vectors
+          manifest.json      format_version, generation, created_at, model provenance, metric, factory, counts,
+                             files {name: {sha256, bytes}}
+
+Catalog tables: ``meta(key, value)``; ``images`` (one row per file: path relative to the image root in POSIX form,
+size, mtime_ns, content_hash, width, height, status 'ok'|'skipped', error, embedding, updated_at); ``texts``;
+``runs``. Ids are AUTOINCREMENT, so a deleted image's id is never given to another one while an older generation
+that still holds it is being served.
+
+Invariants:
+
+* Embeddings are float32 little-endian blobs of ``embed_dim`` values, L2-normalized (checked on write); FAISS
+  indexes use METRIC_INNER_PRODUCT, so scores are cosine similarities. Ids are int64.
+* The FAISS files are derived from the catalog and rebuilt by :func:`publish`. A generation is written under a temp
+  name, fsynced, renamed into place, and only then published by atomically replacing CURRENT, so a crash at any
+  point leaves the previous generation published and intact; the next publish sweeps the leftovers.
+* One writer at a time (:class:`WriterLock`); readers (:class:`PublishedIndex`) never write and never block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _faiss_io
+from ._faiss_io import FaissIndex
+from .errors import (
+    EmbeddingError,
+    IndexerError,
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # of the catalog (PRAGMA user_version) and of manifest.json
+CATALOG_FILE = "catalog.sqlite3"
+LOCK_FILE = ".lock"
+CURRENT_FILE = "CURRENT"
+CURRENT_TMP_FILE = "CURRENT.tmp"
+GENERATIONS_DIR = "generations"
+TEMP_PREFIX = ".tmp-"  # generations/.tmp-g-000004: being written, or left by a crashed publish
+IMAGES_FILE = "images.faiss"
+TEXTS_FILE = "texts.faiss"
+MANIFEST_FILE = "manifest.json"
+INDEX_FILES = (IMAGES_FILE, TEXTS_FILE)
+DEFAULT_FACTORY = "IDMap2,Flat"
+TEXT_FACTORY = "IDMap2,Flat"  # text corpora are small; exact search needs no training
+METRIC = "inner_product"
+NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for a stored embedding
+VECTOR_TOLERANCE = 1e-5  # max |FAISS - catalog| per component for exact (non-PQ/SQ) indexes
+VERIFY_SAMPLE_SIZE = 1000  # vectors compared between FAISS and the catalog by verify()
+SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's lock
+SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
+HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads when hashing a file
+OPEN_ATTEMPTS = 3  # PublishedIndex.open retries when a publish swaps CURRENT while it reads
+GENERATION_RE = re.compile(r"g-(\d{6,})")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT UNIQUE NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    content_hash TEXT,
+    width INTEGER,
+    height INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'skipped')),
+    error TEXT,
+    embedding BLOB,
+    updated_at REAL,
+    CHECK ((status = 'ok') = (embedding IS NOT NULL))
+);
+CREATE INDEX images_content_hash ON images (content_hash);
+CREATE TABLE texts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT UNIQUE NOT NULL,
+    embedding BLOB NOT NULL,
+    updated_at REAL
+);
+CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL, finished_at REAL, root TEXT, stats TEXT);
+"""
+_FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
+_IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
+
+Vectors = npt.NDArray[np.float32]
+Ids = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of the embeddings: which encoder, which weights, which preprocessing (JSON-able)."""
+
+    name: str
+    weights_sha256: str
+    embed_dim: int
+    preprocess: dict[str, Any]
+
+    def __post_init__(self) -> None:  # canonical JSON form, so tuples and lists compare equal after a round trip
+        object.__setattr__(self, "preprocess", json.loads(json.dumps(self.preprocess)))
+
+    def same_embeddings(self, other: ModelInfo) -> bool:
+        """Whether both produce the same vectors: same weights, dim and preprocessing (the name is only a label)."""
+        return (self.weights_sha256, self.embed_dim, self.preprocess) == (
+            other.weights_sha256,
+            other.embed_dim,
+            other.preprocess,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """What change detection needs about one catalog row."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """What the app shows about one image; ``path`` is relative to the image root, in POSIX form."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result: catalog id and cosine similarity."""
+
+    id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of one generation. ``created_at`` is Unix seconds; ``counts`` = {"images": n, "texts": n}."""
+
+    format_version: int
+    generation: str
+    created_at: float
+    model_name: str
+    weights_sha256: str
+    embed_dim: int
+    preprocess: dict[str, Any]
+    metric: str
+    factory: str
+    text_factory: str
+    counts: dict[str, int]
+    files: dict[str, FileDigest]
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(self.model_name, self.weights_sha256, self.embed_dim, self.preprocess)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> Manifest:
+        """Parse and validate; IndexFormatError names ``source`` and what is wrong (bad JSON, unknown version...)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise IndexFormatError(f"{source} is not valid JSON ({exc}): the generation is corrupt") from exc
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if not isinstance(version, int):
+            raise IndexFormatError(f"{source} has no integer format_version: the generation is corrupt")
+        if version != FORMAT_VERSION:
+            hint = ": upgrade clip-search to read it" if version > FORMAT_VERSION else ""
+            raise IndexFormatError(
+                f"{source} has format version {version}; this code reads format version {FORMAT_VERSION}{hint}"
+            )
+        try:
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+            fields["files"] = {name: FileDigest(str(d["sha256"]), int(d["bytes"])) for name, d in data["files"].items()}
+            fields["counts"] = {name: int(n) for name, n in data["counts"].items()}
+            fields["created_at"], fields["embed_dim"] = float(data["created_at"]), int(data["embed_dim"])
+            manifest = cls(**fields)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IndexFormatError(f"{source} is missing a field or has a malformed one ({exc!r})") from exc
+        if manifest.metric != METRIC:
+            raise IndexFormatError(f"{source} has metric {manifest.metric!r}; this code reads {METRIC!r}")
+        return manifest
+
+
+_HELD_LOCKS: set[Path] = set()  # resolved index dirs whose WriterLock this process holds
+
+
+class WriterLock:
+    """Exclusive writer lock on ``<index_dir>/.lock`` via ``fcntl.flock``; creates ``index_dir`` if needed.
+
+    The kernel drops the lock when its holder dies, so a crashed writer never leaves a stale lock. Not reentrant: a
+    second WriterLock on the same directory fails even in the same process.
+    """
+
+    def __init__(self, index_dir: Path) -> None:
+        self.index_dir = Path(index_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise IndexLockedError naming the holder's pid and the directory."""
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise IndexLockedError(
+                f"{self.index_dir} is locked by another indexer (pid {holder}); wait for it to finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+        _HELD_LOCKS.add(self.index_dir.resolve())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            _HELD_LOCKS.discard(self.index_dir.resolve())
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Catalog:
+    """The SQLite record of truth. Writers hold a :class:`WriterLock` and group writes in :meth:`transaction`
+    (each call outside one commits on its own, with an fsync). Not thread-safe; read-only catalogs may be used from
+    several threads if the caller serializes the calls (as :class:`PublishedIndex` does)."""
+
+    def __init__(self, index_dir: Path, conn: sqlite3.Connection, readonly: bool) -> None:
+        self.index_dir = index_dir
+        self.readonly = readonly
+        self._conn = conn
+        self._dim: int | None = None
+
+    @classmethod
+    def open(cls, index_dir: Path, *, create: bool = False, readonly: bool = False) -> Catalog:
+        """Open ``<index_dir>/catalog.sqlite3``; ``create`` makes the directory and schema. IndexNotFoundError if
+        there is none (and not ``create``), IndexFormatError if it is not a catalog of FORMAT_VERSION."""
+        index_dir = Path(index_dir)
+        path = index_dir / CATALOG_FILE
+        if create and not readonly:
+            index_dir.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise IndexNotFoundError(
+                f"no index at {index_dir} ({CATALOG_FILE} not found): run the indexer to build one"
+            )
+        try:
+            if readonly:
+                uri = f"{path.resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False, timeout=SQLITE_TIMEOUT_S
+                )
+            else:
+                conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_TIMEOUT_S)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            catalog = cls(index_dir, conn, readonly)
+            catalog._check_version(create=create and not readonly)
+        except sqlite3.DatabaseError as exc:
+            raise IndexFormatError(f"{path} is not a readable SQLite catalog: {exc}") from exc
+        return catalog
+
+    def _check_version(self, create: bool) -> None:
+        with self.transaction() if create else contextlib.nullcontext():
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and create:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+                self._set_meta({"format_version": str(FORMAT_VERSION), "factory": DEFAULT_FACTORY})
+            elif version != FORMAT_VERSION:
+                hint = ": upgrade clip-search to read it" if version > FORMAT_VERSION else ""
+                raise IndexFormatError(
+                    f"{self.index_dir / CATALOG_FILE} has catalog format version {version}; "
+                    f"this code reads format version {FORMAT_VERSION}{hint}"
+                )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on an exception. Nested calls join the outer transaction."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A consistent read view across several calls (a deferred read transaction)."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, items: Mapping[str, str]) -> None:
+        self._conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", items.items())
+
+    def model(self) -> ModelInfo | None:
+        """The model the index was built with, or None before :meth:`set_model`."""
+        name = self._get_meta("model_name")
+        if name is None:
+            return None
+        return ModelInfo(
+            name=name,
+            weights_sha256=self._get_meta("weights_sha256") or "",
+            embed_dim=int(self._get_meta("embed_dim") or 0),
+            preprocess=json.loads(self._get_meta("preprocess") or "{}"),
+        )
+
+    def set_model(self, info: ModelInfo) -> None:
+        """Record the model once; the same model again is a no-op, a different one raises ModelMismatchError."""
+        existing = self.model()
+        if existing is None:
+            self._write_model(info)
+        elif not existing.same_embeddings(info):
+            raise ModelMismatchError(
+                f"the index in {self.index_dir} was built with model {existing.name!r} (weights sha256 "
+                f"{existing.weights_sha256[:12]}, embed_dim {existing.embed_dim}, preprocess {existing.preprocess}), "
+                f"not {info.name!r} (weights sha256 {info.weights_sha256[:12]}). To update it, use --model "
+                f"{existing.name}, or build a new index directory / pass --rebuild"
+            )
+
+    def reset(self, info: ModelInfo) -> None:
+        """Switch the catalog to another model (``--rebuild``). Image rows keep their ids and records, so the served
+        generation still resolves, but are marked stale (content_hash NULL, mtime_ns -1) so that change detection
+        re-encodes every file; texts are deleted, as their embeddings belong to the old model."""
+        with self.transaction():
+            self._conn.execute("UPDATE images SET content_hash = NULL, mtime_ns = -1, updated_at = ?", (time.time(),))
+            dropped = self._conn.execute("DELETE FROM texts").rowcount
+            self._write_model(info)
+        if dropped:
+            logger.warning("dropped %d texts embedded with the previous model: index the text corpus again", dropped)
+
+    def _write_model(self, info: ModelInfo) -> None:
+        self._dim = None
+        model = {"model_name": info.name, "weights_sha256": info.weights_sha256, "embed_dim": str(info.embed_dim)}
+        preprocess = json.dumps(info.preprocess, sort_keys=True)
+        with self.transaction():
+            self._set_meta({**model, "preprocess": preprocess, "created_at": str(time.time())})
+
+    def factory(self) -> str:
+        """The FAISS factory string publish() uses by default (the last one asked for)."""
+        return self._get_meta("factory") or DEFAULT_FACTORY
+
+    def set_factory(self, factory: str) -> None:
+        self._set_meta({"factory": factory})
+
+    def _require_dim(self) -> int:
+        if self._dim is None:
+            model = self.model()
+            if model is None:
+                raise IndexerError(f"{self.index_dir / CATALOG_FILE} records no model yet: call set_model() first")
+            self._dim = model.embed_dim
+        return self._dim
+
+    def files(self) -> dict[str, FileRecord]:
+        """Every image row (ok and skipped) keyed by path, in one query."""
+        rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM images").fetchall()
+        return {row[1]: FileRecord(*row) for row in rows}
+
+    def find_by_hash(self, content_hash: str) -> list[FileRecord]:
+        rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM images WHERE content_hash = ?", (content_hash,))
+        return [FileRecord(*row) for row in rows.fetchall()]
+
+    def add_image(
+        self,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        content_hash: str,
+        width: int,
+        height: int,
+        embedding: Vectors,
+    ) -> int:
+        """Insert or update the row for ``path`` (an existing path keeps its id). ``embedding`` [D] float32 unit-norm.
+        Returns the id."""
+        blob = _vector_bytes(embedding, self._require_dim())
+        row = self._conn.execute(
+            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, embedding, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', NULL, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+            "size = excluded.size, mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, "
+            "width = excluded.width, height = excluded.height, status = 'ok', error = NULL, "
+            "embedding = excluded.embedding, updated_at = excluded.updated_at RETURNING id",
+            (_check_path(path), size, mtime_ns, content_hash, width, height, blob, time.time()),
+        ).fetchone()
+        return int(row[0])
+
+    def add_skipped(self, path: str, size: int, mtime_ns: int, content_hash: str | None, error: str) -> int:
+        """Record a file that could not be indexed, with the reason; it holds no embedding. Returns the id."""
+        row = self._conn.execute(
+            "INSERT INTO images (path, size, mtime_ns, content_hash, status, error, updated_at) "
+            "VALUES (?, ?, ?, ?, 'skipped', ?, ?) ON CONFLICT (path) DO UPDATE SET size = excluded.size, "
+            "mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, width = NULL, height = NULL, "
+            "status = 'skipped', error = excluded.error, embedding = NULL, updated_at = excluded.updated_at "
+            "RETURNING id",
+            (_check_path(path), size, mtime_ns, content_hash, error, time.time()),
+        ).fetchone()
+        return int(row[0])
+
+    def move(self, image_id: int, new_path: str, size: int, mtime_ns: int) -> None:
+        """A rename (same content hash): the row keeps its id and embedding. A row already at ``new_path`` is
+        replaced."""
+        with self.transaction():
+            self._conn.execute("DELETE FROM images WHERE path = ? AND id != ?", (_check_path(new_path), image_id))
+            self._conn.execute(
+                "UPDATE images SET path = ?, size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
+                (new_path, size, mtime_ns, time.time(), image_id),
+            )
+
+    def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
+        """The file's metadata changed but its content did not."""
+        self._conn.execute(
+            "UPDATE images SET size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
+            (size, mtime_ns, time.time(), image_id),
+        )
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Delete image rows; returns how many existed."""
+        with self.transaction():
+            cursor = self._conn.executemany("DELETE FROM images WHERE id = ?", ((int(i),) for i in ids))
+        return cursor.rowcount
+
+    def embeddings(self) -> tuple[Ids, Vectors]:
+        """(ids [N] int64, vectors [N, D] float32 unit rows) of every ok image, ordered by id. Memory: N*D*4 bytes."""
+        return self._matrix("images", "WHERE status = 'ok'")
+
+    def embedding(self, image_id: int) -> Vectors | None:
+        """The stored [D] float32 vector of an ok image, or None."""
+        return self._vector("images", image_id)
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """Records of the given ids that exist (missing ids are absent from the result)."""
+        return {row[0]: ImageRecord(*row) for row in self._select_ids(f"SELECT {_IMAGE_COLUMNS} FROM images", ids)}
+
+    def counts(self) -> dict[str, int]:
+        """{"ok": n, "skipped": n, "texts": n}."""
+        counts = {"ok": 0, "skipped": 0}
+        counts.update(self._conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+        counts["texts"] = self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0]
+        return counts
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, error) of every skipped file, by path."""
+        rows = self._conn.execute("SELECT path, error FROM images WHERE status = 'skipped' ORDER BY path")
+        return [(path, error or "") for path, error in rows.fetchall()]
+
+    def add_texts(self, texts: Sequence[str], embeddings: Vectors) -> int:
+        """Insert or update texts (by text) with ``embeddings`` [N, D] float32 unit rows. Returns N."""
+        dim = self._require_dim()
+        matrix = np.asarray(embeddings)
+        if matrix.dtype != np.float32 or matrix.shape != (len(texts), dim):
+            raise EmbeddingError(
+                f"text embeddings must be float32 [{len(texts)}, {dim}], got {matrix.dtype} {matrix.shape}"
+            )
+        _check_norms(matrix)
+        now = time.time()
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT INTO texts (text, embedding, updated_at) VALUES (?, ?, ?) ON CONFLICT (text) DO UPDATE SET "
+                "embedding = excluded.embedding, updated_at = excluded.updated_at",
+                ((text, _vector_bytes(vector, dim), now) for text, vector in zip(texts, matrix, strict=True)),
+            )
+        return len(texts)
+
+    def delete_texts(self, ids: Iterable[int]) -> int:
+        with self.transaction():
+            cursor = self._conn.executemany("DELETE FROM texts WHERE id = ?", ((int(i),) for i in ids))
+        return cursor.rowcount
+
+    def texts(self, ids: Sequence[int]) -> dict[int, str]:
+        return dict(self._select_ids("SELECT id, text FROM texts", ids))
+
+    def text_embeddings(self) -> tuple[Ids, Vectors]:
+        """(ids [N] int64, vectors [N, D] float32) of every text, ordered by id."""
+        return self._matrix("texts", "")
+
+    def start_run(self, root: str) -> int:
+        cursor = self._conn.execute("INSERT INTO runs (started_at, root) VALUES (?, ?)", (time.time(), str(root)))
+        return int(cursor.lastrowid or 0)
+
+    def finish_run(self, run_id: int, stats: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            "UPDATE runs SET finished_at = ?, stats = ? WHERE id = ?", (time.time(), json.dumps(dict(stats)), run_id)
+        )
+
+    def last_run(self) -> dict[str, Any] | None:
+        """The latest run, JSON-ready: {id, started_at, finished_at, root, stats}; times in Unix seconds."""
+        cursor = self._conn.execute(
+            "SELECT id, started_at, finished_at, root, stats FROM runs ORDER BY id DESC LIMIT 1"
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        run = dict(zip(("id", "started_at", "finished_at", "root", "stats"), row, strict=True))
+        run["stats"] = None if run["stats"] is None else json.loads(run["stats"])
+        return run
+
+    def _select_ids(self, select: str, ids: Sequence[int]) -> list[Any]:
+        unique = list(dict.fromkeys(int(i) for i in ids))
+        rows: list[Any] = []
+        for start in range(0, len(unique), SQL_IDS_PER_QUERY):
+            chunk = unique[start : start + SQL_IDS_PER_QUERY]
+            rows += self._conn.execute(f"{select} WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
+
+    def _matrix(self, table: str, where: str) -> tuple[Ids, Vectors]:
+        dim = self._require_dim()
+        with self.snapshot():
+            count = self._conn.execute(f"SELECT COUNT(*) FROM {table} {where}").fetchone()[0]
+            ids = np.empty(count, dtype=np.int64)
+            vectors = np.empty((count, dim), dtype=np.float32)
+            rows = self._conn.execute(f"SELECT id, embedding FROM {table} {where} ORDER BY id")
+            for i, (row_id, blob) in enumerate(rows):
+                ids[i] = row_id
+                vectors[i] = _vector_from_bytes(blob, dim, row_id)
+        return ids, vectors
+
+    def _vector(self, table: str, item_id: int) -> Vectors | None:
+        row = self._conn.execute(f"SELECT embedding FROM {table} WHERE id = ?", (int(item_id),)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return _vector_from_bytes(row[0], self._require_dim(), item_id)
+
+    def _states(self, table: str) -> dict[int, tuple[bool, float]]:
+        """id -> (has an embedding, updated_at) for verify()."""
+        rows = self._conn.execute(f"SELECT id, embedding IS NOT NULL, updated_at FROM {table}").fetchall()
+        return {row_id: (bool(usable), updated_at or 0.0) for row_id, usable, updated_at in rows}
+
+
+def _check_path(path: str) -> str:
+    parts = PurePosixPath(path).parts
+    if not path or "\\" in path or PurePosixPath(path).is_absolute() or ".." in parts:
+        raise ValueError(f"image paths must be POSIX paths relative to the image root without '..', got {path!r}")
+    return path
+
+
+def _check_norms(matrix: Vectors) -> None:
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=-1).reshape(-1)
+    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= NORM_TOLERANCE))  # NaN counts as bad
+    if bad.size:
+        raise EmbeddingError(f"embeddings must be L2-normalized: row {bad[0]} has norm {norms[bad[0]]:.6f}")
+
+
+def _vector_bytes(embedding: Vectors, dim: int) -> bytes:
+    vector = np.asarray(embedding)
+    if vector.dtype != np.float32 or vector.shape != (dim,):
+        raise EmbeddingError(f"an embedding must be float32 [{dim}], got {vector.dtype} {list(vector.shape)}")
+    _check_norms(vector)
+    return vector.astype("<f4", copy=False).tobytes()
+
+
+def _vector_from_bytes(blob: bytes, dim: int, item_id: int) -> Vectors:
+    if len(blob) != dim * 4:
+        raise IndexFormatError(f"catalog embedding of id {item_id} has {len(blob)} bytes, expected {dim * 4}")
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+# --- publishing generations -------------------------------------------------------------------------------------
+
+
+def publish(index_dir: Path, catalog: Catalog, factory: str | None = None) -> Manifest:
+    """Build the FAISS indexes from ``catalog`` and publish them as a new generation of ``index_dir``.
+
+    ``factory`` (default: the catalog's, initially "IDMap2,Flat") is a faiss.index_factory string; an "IDMap2,"
+    prefix is added if missing and trainable indexes are trained on the vectors (IndexBuildError if there are too
+    few). Takes the WriterLock unless this process already holds it. The generation is written under a temp name,
+    fsynced, renamed into place, then CURRENT is replaced atomically; the generation CURRENT named before is kept,
+    older ones and temp dirs of crashed runs are removed. A crash at any point leaves the previous generation
+    published. FAISS's thread count is left to the caller.
+    """
+    index_dir = Path(index_dir)
+    if catalog.index_dir.resolve() != index_dir.resolve():
+        raise ValueError(f"catalog of {catalog.index_dir} cannot be published into {index_dir}")
+    with contextlib.ExitStack() as stack:
+        if index_dir.resolve() not in _HELD_LOCKS:
+            stack.enter_context(WriterLock(index_dir))
+        return _publish_locked(index_dir, catalog, _faiss_io.normalize_factory(factory or catalog.factory()))
+
+
+def _publish_locked(index_dir: Path, catalog: Catalog, factory: str) -> Manifest:
+    model = catalog.model()
+    if model is None:
+        raise IndexerError(f"{index_dir / CATALOG_FILE} records no model: call Catalog.set_model() before publishing")
+    created_at = time.time()
+    with catalog.snapshot():
+        image_ids, image_vectors = catalog.embeddings()
+        text_ids, text_vectors = catalog.text_embeddings()
+    indexes = {
+        IMAGES_FILE: _faiss_io.build_index(image_ids, image_vectors, model.embed_dim, factory),
+        TEXTS_FILE: _faiss_io.build_index(text_ids, text_vectors, model.embed_dim, TEXT_FACTORY),
+    }
+    del image_vectors, text_vectors
+    if factory != catalog.factory():
+        catalog.set_factory(factory)
+    previous = current_generation(index_dir)
+    generations = index_dir / GENERATIONS_DIR
+    generations.mkdir(exist_ok=True)
+    _remove_dirs(generations, lambda name: name.startswith(TEMP_PREFIX))
+    name = _next_generation_name(generations, previous)
+    counts = {"images": int(indexes[IMAGES_FILE].ntotal), "texts": int(indexes[TEXTS_FILE].ntotal)}
+    manifest = Manifest(
+        FORMAT_VERSION, name, created_at, model.name, model.weights_sha256, model.embed_dim, model.preprocess,
+        METRIC, factory, TEXT_FACTORY, counts, files={},
+    )  # fmt: skip
+    tmp_dir = generations / f"{TEMP_PREFIX}{name}"
+    manifest = _write_generation(tmp_dir, manifest, indexes)
+    _install_generation(tmp_dir, generations / name)
+    _replace_current(index_dir, name)
+    keep = {name, previous}
+    _remove_dirs(generations, lambda entry: GENERATION_RE.fullmatch(entry) is not None and entry not in keep)
+    logger.info("published %s in %s: %d images, %d texts (%s)", name, index_dir, *counts.values(), factory)
+    return manifest
+
+
+def _next_generation_name(generations: Path, previous: str | None) -> str:
+    names = [entry.name for entry in generations.iterdir()] + ([previous] if previous else [])
+    numbers = [int(m.group(1)) for n in names if (m := GENERATION_RE.fullmatch(n.removeprefix(TEMP_PREFIX)))]
+    return f"g-{max(numbers, default=0) + 1:06d}"
+
+
+def _write_generation(tmp_dir: Path, manifest: Manifest, indexes: Mapping[str, FaissIndex]) -> Manifest:
+    """Write the index files and manifest.json into ``tmp_dir``, all fsynced. Returns the manifest with digests."""
+    tmp_dir.mkdir()
+    files = {}
+    for file_name, index in indexes.items():
+        path = tmp_dir / file_name
+        _faiss_io.write_index(index, path)
+        _fsync(path)
+        files[file_name] = _digest(path)
+    manifest = dataclasses.replace(manifest, files=files)
+    _write_durably(tmp_dir / MANIFEST_FILE, manifest.to_json())
+    _fsync(tmp_dir)
+    return manifest
+
+
+def _install_generation(tmp_dir: Path, final_dir: Path) -> None:
+    os.rename(tmp_dir, final_dir)
+    _fsync(final_dir.parent)
+
+
+def _replace_current(index_dir: Path, name: str) -> None:
+    tmp = index_dir / CURRENT_TMP_FILE
+    _write_durably(tmp, f"{name}\n")
+    os.replace(tmp, index_dir / CURRENT_FILE)
+    _fsync(index_dir)
+
+
+def _remove_dirs(parent: Path, condition: Callable[[str], bool]) -> None:
+    for entry in parent.iterdir():
+        if entry.is_dir() and condition(entry.name):
+            logger.debug("removing %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (the latter makes renames and new entries in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> FileDigest:
+    sha = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            sha.update(chunk)
+    return FileDigest(sha.hexdigest(), path.stat().st_size)
+
+
+# --- reading the published generation ---------------------------------------------------------------------------
+
+
+def current_generation(index_dir: Path) -> str | None:
+    """The published generation's name ("g-000003"), or None if nothing is published."""
+    path = Path(index_dir) / CURRENT_FILE
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not GENERATION_RE.fullmatch(name):
+        raise IndexFormatError(f"{path} holds {name[:40]!r}, not a generation name like 'g-000001'")
+    return name
+
+
+def read_manifest(index_dir: Path, generation: str) -> Manifest:
+    """The manifest of ``generation``; IndexFormatError if it is corrupt or of another format version."""
+    return _read_manifest(Path(index_dir) / GENERATIONS_DIR / generation)
+
+
+def _read_manifest(generation_dir: Path) -> Manifest:
+    path = generation_dir / MANIFEST_FILE
+    manifest = Manifest.from_json(path.read_text(encoding="utf-8"), path)
+    if manifest.generation != generation_dir.name:
+        raise IndexFormatError(f"{path} describes generation {manifest.generation}, not {generation_dir.name}")
+    return manifest
+
+
+def _check_files(generation_dir: Path, manifest: Manifest, checksums: bool) -> dict[str, str]:
+    """file name -> problem with its presence, size or (if ``checksums``) sha256, for the files that have one."""
+    problems = {}
+    for file_name in INDEX_FILES:
+        path = generation_dir / file_name
+        expected = manifest.files.get(file_name)
+        if expected is None:
+            problems[file_name] = f"{generation_dir / MANIFEST_FILE} records no checksum for {file_name}"
+        elif not path.is_file():
+            problems[file_name] = f"{path} is missing"
+        elif (size := path.stat().st_size) != expected.bytes:
+            problems[file_name] = f"{path} has {size} bytes, the manifest records {expected.bytes} (truncated?)"
+        elif checksums and (actual := _digest(path).sha256) != expected.sha256:
+            problems[file_name] = f"{path} has sha256 {actual[:16]}..., the manifest records {expected.sha256[:16]}..."
+    return problems
+
+
+def _check_loaded(manifest: Manifest, file_name: str, index: FaissIndex) -> list[str]:
+    kind = file_name.removesuffix(".faiss")
+    problems = []
+    if index.d != manifest.embed_dim:
+        problems.append(f"{file_name} has dimension {index.d}, the manifest records {manifest.embed_dim}")
+    if index.ntotal != manifest.counts.get(kind):
+        problems.append(f"{file_name} holds {index.ntotal} vectors, the manifest records {manifest.counts.get(kind)}")
+    return problems
+
+
+def _load_generation(generation_dir: Path, verify_checksums: bool) -> tuple[Manifest, dict[str, FaissIndex]]:
+    manifest = _read_manifest(generation_dir)
+    problems = list(_check_files(generation_dir, manifest, verify_checksums).values())
+    indexes = {} if problems else {name: _faiss_io.read_index(generation_dir / name) for name in INDEX_FILES}
+    for file_name, index in indexes.items():
+        problems += _check_loaded(manifest, file_name, index)
+    if problems:
+        raise IndexFormatError(
+            f"generation {generation_dir.name} is unusable: {'; '.join(problems)}. "
+            "Run the indexer again to publish a fresh generation"
+        )
+    return manifest, indexes
+
+
+class PublishedIndex:
+    """The published generation, loaded into memory, plus a read-only view of the catalog. Opening never writes.
+
+    Thread-safe: searches run concurrently (FAISS searches are read-only); catalog lookups share one read-only
+    SQLite connection behind a lock. Later publishes do not affect an open instance (reopen to see them).
+    """
+
+    def __init__(self, index_dir: Path, manifest: Manifest, indexes: dict[str, FaissIndex], catalog: Catalog) -> None:
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self._images = indexes[IMAGES_FILE]
+        self._texts = indexes[TEXTS_FILE]
+        self._catalog = catalog
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, index_dir: Path, *, verify_checksums: bool = True) -> PublishedIndex:
+        """Load CURRENT's generation. IndexNotFoundError if nothing is published, IndexFormatError if it is unusable."""
+        index_dir = Path(index_dir)
+        for _ in range(OPEN_ATTEMPTS):
+            name = current_generation(index_dir)
+            if name is None:
+                where = "does not exist" if not index_dir.is_dir() else f"has no {CURRENT_FILE}: nothing is published"
+                raise IndexNotFoundError(f"no published index: {index_dir} {where}. Run the indexer to build one")
+            try:
+                manifest, indexes = _load_generation(index_dir / GENERATIONS_DIR / name, verify_checksums)
+            except (FileNotFoundError, IndexFormatError) as exc:
+                if current_generation(index_dir) != name:
+                    continue  # a publish replaced the generation while we read it
+                if isinstance(exc, FileNotFoundError):
+                    raise IndexFormatError(f"{CURRENT_FILE} of {index_dir} names {name}, but {exc}") from exc
+                raise
+            return cls(index_dir, manifest, indexes, Catalog.open(index_dir, readonly=True))
+        raise IndexFormatError(f"{index_dir} was republished {OPEN_ATTEMPTS} times while opening it; try again")
+
+    def close(self) -> None:
+        with self._lock:
+            self._catalog.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def search(self, queries: Vectors, k: int) -> list[list[Hit]]:
+        """Images nearest to ``queries`` [Q, D] float32 unit rows: Q lists of at most ``k`` hits, best first."""
+        return self._search(self._images, queries, k)
+
+    def search_texts(self, queries: Vectors, k: int) -> list[list[Hit]]:
+        """Indexed texts nearest to ``queries`` [Q, D] float32 unit rows, as :meth:`search`."""
+        return self._search(self._texts, queries, k)
+
+    def _search(self, index: FaissIndex, queries: Vectors, k: int) -> list[list[Hit]]:
+        matrix = np.asarray(queries)
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != self.manifest.embed_dim:
+            raise EmbeddingError(
+                f"queries must be float32 [Q, {self.manifest.embed_dim}], got {matrix.dtype} {list(matrix.shape)}"
+            )
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        scores, ids = _faiss_io.search(index, np.ascontiguousarray(matrix), k)
+        return [
+            [Hit(int(i), float(s)) for s, i in zip(row_scores, row_ids, strict=True) if i != -1]
+            for row_scores, row_ids in zip(scores, ids, strict=True)
+        ]
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """Catalog records of ``ids``; ids absent from the catalog (deleted since publish) are absent here."""
+        with self._lock:
+            return self._catalog.images(ids)
+
+    def texts(self, ids: Sequence[int]) -> dict[int, str]:
+        with self._lock:
+            return self._catalog.texts(ids)
+
+    def embedding(self, image_id: int) -> Vectors | None:
+        """The [D] float32 unit vector of an image: from FAISS if stored exactly there, else from the catalog."""
+        if not _faiss_io.is_lossy(self.manifest.factory):
+            vector = _faiss_io.reconstruct(self._images, image_id)
+            if vector is not None:
+                return vector
+        with self._lock:
+            return self._catalog.embedding(image_id)
+
+
+# --- verification -----------------------------------------------------------------------------------------------
+
+
+def verify(index_dir: Path, *, sample: int = VERIFY_SAMPLE_SIZE) -> list[str]:
+    """Check the published generation against its manifest and the catalog. Returns the problems (empty = OK).
+
+    Catalog rows changed after the generation was published (or a later indexer run) are reported at INFO level
+    only: the next publish picks them up.
+    """
+    index_dir = Path(index_dir)
+    try:
+        name = current_generation(index_dir)
+        if name is None:
+            return [f"nothing is published in {index_dir}: {CURRENT_FILE} is missing"]
+        generation_dir = index_dir / GENERATIONS_DIR / name
+        if not generation_dir.is_dir():
+            return [f"{CURRENT_FILE} names {name}, but {generation_dir} does not exist"]
+        manifest = _read_manifest(generation_dir)
+    except (OSError, IndexFormatError) as exc:
+        return [str(exc)]
+    file_problems = _check_files(generation_dir, manifest, checksums=True)
+    problems = list(file_problems.values())
+    indexes: dict[str, FaissIndex] = {}
+    for file_name in INDEX_FILES:
+        if file_name not in file_problems:
+            try:
+                indexes[file_name] = _faiss_io.read_index(generation_dir / file_name)
+            except IndexFormatError as exc:
+                problems.append(str(exc))
+                continue
+            problems += _check_loaded(manifest, file_name, indexes[file_name])
+    try:
+        catalog = Catalog.open(index_dir, readonly=True)
+    except IndexerError as exc:
+        return [*problems, str(exc)]
+    with catalog, catalog.snapshot():
+        problems += _check_catalog(catalog, manifest, indexes, sample)
+    return problems
+
+
+def _check_catalog(catalog: Catalog, manifest: Manifest, indexes: Mapping[str, FaissIndex], sample: int) -> list[str]:
+    last_run = catalog.last_run()
+    catalog_moved_on = last_run is not None and last_run["started_at"] > manifest.created_at
+    model = catalog.model()
+    if model is None or not model.same_embeddings(manifest.model):
+        message = f"the catalog's model {model} differs from the model of generation {manifest.generation}"
+        if not catalog_moved_on:
+            return [message]
+        logger.info("%s: a later run (--rebuild?) switched models; its publish will replace the generation", message)
+        return []
+    problems = []
+    for table, file_name in (("images", IMAGES_FILE), ("texts", TEXTS_FILE)):
+        if file_name not in indexes:
+            continue
+        states = catalog._states(table)  # id -> (has an embedding, updated_at)
+        newer = {i for i, (_, updated_at) in states.items() if updated_at > manifest.created_at}
+        if newer:
+            logger.info("%d %s rows changed after %s was published", len(newer), table, manifest.generation)
+        faiss_ids = set(_faiss_io.index_ids(indexes[file_name]).tolist())
+        unknown = sorted(i for i in faiss_ids - newer if not states.get(i, (False, 0.0))[0])
+        if unknown and (catalog_moved_on or newer):  # deleted by a later run: the next publish drops them
+            logger.info("%d ids in %s were removed from the catalog after publishing", len(unknown), file_name)
+        elif unknown:
+            problems.append(
+                f"{len(unknown)} ids in {file_name} have no usable {table} row in the catalog: {unknown[:5]}"
+            )
+        missing = sorted(i for i, (usable, _) in states.items() if usable and i not in faiss_ids and i not in newer)
+        if missing:
+            problems.append(f"{len(missing)} {table} rows of the catalog are missing from {file_name}: {missing[:5]}")
+        lossy = _faiss_io.is_lossy(manifest.factory if table == "images" else manifest.text_factory)
+        checked = sorted(faiss_ids - newer - set(unknown))
+        problems += _check_vectors(catalog, table, None if lossy else indexes[file_name], checked, sample)
+    return problems
+
+
+def _check_vectors(catalog: Catalog, table: str, index: FaissIndex | None, ids: list[int], sample: int) -> list[str]:
+    """Up to ``sample`` of ``ids``: the catalog vector is unit-norm and, if ``index`` is given, equal to FAISS's."""
+    if not ids:
+        return []
+    chosen = np.random.default_rng(0).choice(np.asarray(ids, dtype=np.int64), size=min(sample, len(ids)), replace=False)
+    bad_norm, differ = [], []
+    for item_id in chosen.tolist():
+        stored = catalog._vector(table, item_id)
+        if stored is None or abs(float(np.linalg.norm(stored)) - 1.0) > NORM_TOLERANCE:
+            bad_norm.append(item_id)
+        elif index is not None:
+            vector = _faiss_io.reconstruct(index, item_id)
+            if vector is None or float(np.max(np.abs(vector - stored))) > VECTOR_TOLERANCE:
+                differ.append(item_id)
+    problems = []
+    if bad_norm:
+        problems.append(f"{len(bad_norm)} sampled {table} embeddings are not unit-norm: ids {bad_norm[:5]}")
+    if differ:
+        problems.append(f"{len(differ)} sampled {table} vectors in FAISS differ from the catalog: ids {differ[:5]}")
+    return problems

@@ -1,0 +1,52 @@
+"""Index a text corpus (captions, labels) for image -> text queries, with the index's own model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import clip_model
+
+from .build import check_provenance, load_model
+from .errors import IndexerError
+from .store import Catalog, WriterLock, publish
+
+logger = logging.getLogger(__name__)
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Distinct non-blank lines of a UTF-8 file, stripped, in first-seen order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IndexerError(f"cannot read text corpus {path}: {exc}") from exc
+    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def index_texts(index_dir: Path, corpus: Path, batch_size: int = 256) -> int:
+    """Embed every entry of ``corpus`` with the model the index was built with; returns how many were added."""
+    texts = read_corpus(corpus)
+    if not texts:
+        raise IndexerError(f"{corpus} holds no text (one entry per line)")
+    with WriterLock(index_dir), Catalog.open(index_dir) as catalog:
+        built_with = catalog.model()
+        if built_with is None:
+            raise IndexerError(f"{index_dir} has no model yet: build it from an image folder first")
+        loaded = load_model(built_with.name)
+        check_provenance(catalog, loaded.info, index_dir)
+        truncated = 0
+        with catalog.transaction():
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                tokens = clip_model.tokenize(chunk, context_length=loaded.model.context_length, truncate=True)
+                truncated += int((tokens[:, -1] != 0).sum())
+                with torch.inference_mode():
+                    vectors = loaded.model.encode_text(tokens, normalize=True).float().numpy()
+                catalog.add_texts(chunk, np.ascontiguousarray(vectors))
+        if truncated:
+            logger.warning("%d texts were longer than the model's context and were truncated", truncated)
+        publish(index_dir, catalog, factory=catalog.factory() or "IDMap2,Flat")
+    return len(texts)

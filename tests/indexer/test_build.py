@@ -1,0 +1,194 @@
+"""The indexer end to end: real image files in, a published index out, through the library and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_model
+from indexer.build import BuildOptions, build_index
+from indexer.cli import main as cli_main
+from indexer.errors import IndexLockedError, ModelMismatchError
+from indexer.scan import extension_of, supported_extensions
+from indexer.store import Catalog, PublishedIndex, WriterLock, verify
+from tests.clip_model.images import write_all_samples, write_oriented, write_truncated_jpeg
+from tests.indexer.conftest import write_photo, write_photos
+
+
+def build(root: Path, index_dir: Path, model: Path, **kwargs: object) -> object:
+    return build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=0, **kwargs))  # type: ignore[arg-type]
+
+
+def write_bad_files(root: Path) -> dict[str, str]:
+    """Files that must be skipped, with the reason category each must get."""
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    (root / "bad" / "empty.jpg").write_bytes(b"")
+    (root / "bad" / "text.png").write_text("this is not an image\n")
+    (root / "bad" / "noise.webp").write_bytes(np.random.default_rng(0).bytes(4096))
+    shutil.move(write_truncated_jpeg(root / "bad"), root / "bad" / "truncated.jpg")
+    bomb = Image.new("L", (1, 1))
+    bomb.save(root / "bad" / "bomb.png")
+    data = bytearray((root / "bad" / "bomb.png").read_bytes())
+    data[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width and height: 10^10 pixels claimed
+    import zlib
+
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    (root / "bad" / "bomb.png").write_bytes(bytes(data))
+    return {"bad/empty.jpg": "empty file", "bad/text.png": "not an image", "bad/noise.webp": "not an image",
+            "bad/truncated.jpg": "truncated", "bad/bomb.png": "decompression bomb"}  # fmt: skip
+
+
+def test_every_kind_of_file_is_indexed_or_skipped_with_a_reason(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    (root / "kinds").mkdir(parents=True)
+    (root / "exif").mkdir()
+    samples = write_all_samples(root / "kinds")
+    for orientation in range(1, 9):
+        write_oriented(root / "exif", orientation, "jpg")
+    expected_skips = write_bad_files(root)
+    (root / ".hidden.jpg").write_bytes((root / "kinds" / next(iter(os.listdir(root / "kinds")))).read_bytes())
+    (root / "notes.txt").write_text("not indexed: not an image extension")
+
+    stats = build(root, index_dir, tiny_model)
+
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        files = catalog.files()
+        skipped = dict(catalog.skipped())
+    good = {p for p, rec in files.items() if rec.status == "ok"}
+    indexable = {
+        f"kinds/{s.path.name}" for s in samples.values() if extension_of(s.path.name) in supported_extensions()
+    }
+    assert "kinds/gray16.pgm" not in indexable | set(files)  # PGM is not on the extension allowlist
+    assert len(indexable) >= 15 and indexable <= good
+    assert len([p for p in good if p.startswith("exif/")]) == 8
+    assert ".hidden.jpg" not in files and "notes.txt" not in files
+    for path, category in expected_skips.items():
+        assert skipped[path].startswith(category), (path, skipped[path])
+    assert stats.skipped == len(expected_skips) and stats.encoded == len(good)
+    assert verify(index_dir) == []
+
+
+def test_stored_embedding_equals_the_library_encoding_of_the_file(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    paths = write_photos(root, 5)
+    build(root, index_dir, tiny_model, draft=False)
+    model, preprocess = clip_model.load(tiny_model)
+    index = PublishedIndex.open(index_dir)
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        ids = {p: rec.id for p, rec in catalog.files().items()}
+    for path in paths:
+        with torch.no_grad():
+            expected = model.encode_image(preprocess(Image.open(path))[None], normalize=True)[0].numpy()
+        stored = index.embedding(ids[path.name])
+        assert stored is not None and np.allclose(stored, expected, atol=1e-5)
+
+
+def test_search_returns_exact_nearest_neighbours(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 60)
+    build(root, index_dir, tiny_model)
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        ids, vectors = catalog.embeddings()
+    queries = np.random.default_rng(0).standard_normal((5, vectors.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = PublishedIndex.open(index_dir)
+    for query, hits in zip(queries, index.search(queries, k=10), strict=True):
+        scores = vectors @ query
+        best = np.argsort(-scores)[:10]
+        assert [h.id for h in hits] == [int(ids[i]) for i in best]
+        assert np.allclose([h.score for h in hits], scores[best], atol=1e-5)
+
+
+def test_incremental_add_modify_delete_rename_and_noop(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 10)
+    first = build(root, index_dir, tiny_model)
+    assert (first.added, first.encoded) == (10, 10)
+
+    noop = build(root, index_dir, tiny_model)
+    assert (noop.unchanged, noop.encoded, noop.added, noop.deleted) == (10, 0, 0, 0)
+
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        before = catalog.files()
+    write_photos(root, 2, start=100)  # add 2
+    write_photo(root / "photo_00001.jpg", seed=999)  # modify content
+    (root / "photo_00002.jpg").unlink()  # delete
+    (root / "moved").mkdir()
+    (root / "photo_00003.jpg").rename(root / "moved" / "renamed.jpg")  # rename
+    stamp = root / "photo_00004.jpg"
+    os.utime(stamp, ns=(stamp.stat().st_atime_ns, stamp.stat().st_mtime_ns + 10**9))  # touched, same bytes
+
+    second = build(root, index_dir, tiny_model)
+    assert (second.added, second.modified, second.deleted, second.renamed, second.touched) == (2, 1, 1, 1, 1)
+    assert second.encoded == 3  # two new files and one modified; the rename and the touch reuse their vectors
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        after = catalog.files()
+    assert after["moved/renamed.jpg"].id == before["photo_00003.jpg"].id
+    assert "photo_00002.jpg" not in after and "photo_00003.jpg" not in after
+    index = PublishedIndex.open(index_dir)
+    assert index.manifest.counts["images"] == 11
+    assert verify(index_dir) == []
+
+
+def test_skipped_file_is_retried_only_when_it_changes(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 2)
+    (root / "later.jpg").write_bytes(b"")
+    assert build(root, index_dir, tiny_model).skipped == 1
+    assert build(root, index_dir, tiny_model).skipped == 0  # unchanged: not read again
+    write_photo(root / "later.jpg", seed=5)
+    fixed = build(root, index_dir, tiny_model)
+    assert (fixed.modified, fixed.skipped) == (1, 0)
+
+
+def test_other_model_is_refused_with_a_way_out(tiny_model: Path, other_tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 3)
+    build(root, index_dir, tiny_model)
+    with pytest.raises(ModelMismatchError, match=r"built with model .*tiny\.safetensors.*--rebuild"):
+        build(root, index_dir, other_tiny_model)
+    rebuilt = build(root, index_dir, other_tiny_model, rebuild=True)
+    assert rebuilt.encoded == 3
+    assert PublishedIndex.open(index_dir).manifest.model_name == str(other_tiny_model)
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 2)
+    index_dir.mkdir()
+    with WriterLock(index_dir), pytest.raises(IndexLockedError, match=str(os.getpid())):
+        build(root, index_dir, tiny_model)
+
+
+def test_cli_build_info_verify_texts(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 4)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    args = ["--index-dir", str(index_dir)]
+    assert cli_main(["build", str(root), *args, "--model", str(tiny_model), "--workers", "1"]) == 0
+    assert cli_main(["info", *args, "--json"]) == 0
+    info = __import__("json").loads(capsys.readouterr().out)
+    assert (info["images_indexed"], info["images_skipped"]) == (4, 1)
+    assert info["skipped_files"][0][0] == "broken.jpg"
+    assert cli_main(["verify", *args]) == 0
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red square\n\na blue circle\na red square\n")
+    assert cli_main(["texts", str(corpus), *args]) == 0
+    index = PublishedIndex.open(index_dir)
+    assert index.manifest.counts["texts"] == 2
+    model, _ = clip_model.load(tiny_model)
+    with torch.no_grad():
+        query = model.encode_text(clip_model.tokenize(["a blue circle"]), normalize=True).numpy()
+    hit = index.search_texts(query, k=1)[0][0]
+    assert index.texts([hit.id])[hit.id] == "a blue circle" and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_reports_failures_with_exit_code_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    code = cli_main(["build", str(tmp_path / "missing"), "--index-dir", str(tmp_path / "i"), "--model", "x.pt"])
+    assert code == 1 and "does not exist" in caplog.text
