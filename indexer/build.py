@@ -127,10 +127,10 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
     """Bring ``options.index_dir`` up to date with ``options.root`` and publish a new generation."""
     if not options.root.is_dir():
         raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
-    options.index_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    loaded = load_model(options.model, options.arch)  # first: a model that cannot load leaves no directory behind
+    options.index_dir.mkdir(parents=True, exist_ok=True)
     with WriterLock(options.index_dir), Catalog.open(options.index_dir, create=True) as catalog:
-        loaded = load_model(options.model, options.arch)
         if options.rebuild:
             catalog.reset(loaded.info)
         check_provenance(catalog, loaded.info, options.index_dir)
