@@ -113,6 +113,7 @@ def test_incremental_add_modify_delete_rename_and_noop(tiny_model: Path, tmp_pat
 
     noop = build(root, index_dir, tiny_model)
     assert (noop.unchanged, noop.encoded, noop.added, noop.deleted) == (10, 0, 0, 0)
+    assert noop.generation == first.generation  # nothing changed: nothing republished
 
     with Catalog.open(index_dir, readonly=True) as catalog:
         before = catalog.files()
