@@ -47,6 +47,16 @@ def hf_model(spec: dict, hidden_act: str = "quick_gelu") -> transformers.CLIPMod
     return model.eval()
 
 
+def assert_matches_transformers(model: clip_model.CLIP, reference: transformers.CLIPModel, batch: int) -> None:
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = random_tokens(batch=batch + 1)
+    with torch.no_grad():
+        image_diff = model.encode_image(images) - features(reference.get_image_features(pixel_values=images))
+        text_diff = model.encode_text(tokens) - features(reference.get_text_features(input_ids=tokens))
+    assert image_diff.abs().max().item() <= TOLERANCE
+    assert text_diff.abs().max().item() <= TOLERANCE
+
+
 @pytest.mark.parametrize(
     ("spec", "hidden_act", "expected_name"),
     [
@@ -71,13 +81,7 @@ def test_hf_directory_gives_transformers_outputs(
     assert model.config.activation == hidden_act and preprocess.image_size == 224
     assert model.config.name == expected_name  # its shapes and activation match a shipped config
 
-    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    tokens = random_tokens(batch=3)
-    with torch.no_grad():
-        image_diff = model.encode_image(images) - features(reference.get_image_features(pixel_values=images))
-        text_diff = model.encode_text(tokens) - features(reference.get_text_features(input_ids=tokens))
-    assert image_diff.abs().max().item() <= TOLERANCE
-    assert text_diff.abs().max().item() <= TOLERANCE
+    assert_matches_transformers(model, reference, batch=2)
 
 
 @pytest.mark.parametrize("arch", ["ViT-H-14", "ViT-g-14", "ViT-bigG-14"])
@@ -98,10 +102,4 @@ def test_openclip_large_family_widths_heads_and_mlp_match_transformers(arch: str
     shallow = dataclasses.replace(cfg, name=None, vision=dataclasses.replace(cfg.vision, layers=2),
                                   text=dataclasses.replace(cfg.text, layers=2))  # fmt: skip
     assert model.config == shallow
-    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    tokens = random_tokens(batch=2)
-    with torch.no_grad():
-        image_diff = model.encode_image(images) - features(reference.get_image_features(pixel_values=images))
-        text_diff = model.encode_text(tokens) - features(reference.get_text_features(input_ids=tokens))
-    assert image_diff.abs().max().item() <= TOLERANCE
-    assert text_diff.abs().max().item() <= TOLERANCE
+    assert_matches_transformers(model, reference, batch=1)
