@@ -102,8 +102,9 @@ class LoadedModel:
 def load_model(name: str, arch: str | None = None) -> LoadedModel:
     """Load ``name`` (registry name or checkpoint path) and fingerprint its weights."""
     model, preprocess = clip_model.load(name, arch=arch)
+    path = Path(name).expanduser()
     info = ModelInfo(
-        name=name,
+        name=str(path.resolve()) if path.exists() else name,  # a path stays valid from any working directory
         weights_sha256=clip_model.weights_sha256(model),
         embed_dim=model.config.embed_dim,
         preprocess={"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std)},
@@ -136,7 +137,7 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
         check_provenance(catalog, loaded.info, options.index_dir)
         if catalog.model() is None:
             catalog.set_model(loaded.info)
-        run_id = catalog.start_run(str(options.root))
+        run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress)
         published = current_generation(options.index_dir)
         if published is not None and not stats.changes_vectors and not options.rebuild:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds") if timestamp else "never"
+
+
 def _format_info(info: dict[str, Any]) -> str:
-    lines = [f"{key}: {value}" for key, value in info.items() if key != "skipped_files"]
+    shown = {**info, "published_at": _when(info.get("published_at"))}
+    run = shown.pop("last_run", None)
+    lines = [f"{key}: {value}" for key, value in shown.items() if key != "skipped_files"]
+    if run:
+        stats = run.get("stats") or {}
+        counts = ", ".join(f"{stats.get(k, 0)} {k}" for k in ("scanned", "added", "modified", "renamed", "deleted"))
+        lines.append(
+            f"last run: {run.get('root')} finished {_when(run.get('finished_at'))}: {counts}, "
+            f"{stats.get('skipped', 0)} skipped, {stats.get('encoded', 0)} encoded "
+            f"({stats.get('images_per_second', 0.0):.1f} images/s)"
+        )
     skipped: list[tuple[str, str]] = info.get("skipped_files") or []
     if skipped:
         lines.append("skipped files (path: reason):")
