@@ -1,0 +1,578 @@
+"""Indexer speed: end-to-end images/s against its two ceilings, the no-op rerun, and the JPEG draft's cosine.
+
+Run from the repository root: ``.venv/bin/python bench/bench_indexer.py [--images 2000] [--only pipeline]``.
+Three benchmarks, each repeated ``--repeat`` times (medians with min-max are reported):
+
+- ``pipeline``: on ``--images`` generated photo-like JPEGs of ``--size`` with a random-weight ViT-B/32, measured in
+  one run, per repetition: (a) decode+preprocess alone (``indexer.decode.decode_file`` in a warm pool of spawned
+  worker processes, one per core; and in this process, for reference), (b) encode alone (``encode_image`` on
+  normalized batches already in memory, torch using one thread per core), (c) ``build_index`` end to end into a
+  fresh index directory, images/s over the whole call. The bound is ``1 / (1/decode + 1/encode)``: the two stages
+  share the cores. Target: end to end >= ``RATIO_TARGET`` of the bound.
+- ``noop``: ``python -m indexer build`` over ``--noop-files`` unchanged 64x64 JPEGs (tiny model), in a fresh
+  process, interpreter start included. Target: < ``NOOP_TARGET_S``. A second child times each phase of the run.
+- ``draft``: embeddings with JPEG draft (DCT scaling) on vs off for ``DRAFT_SAMPLE`` photos: cosine, and cosine
+  after subtracting the exact batch's mean embedding (random weights map every image to nearly one direction);
+  decode images/s with draft on vs off.
+
+Generated photos, models and the no-op folder and index are cached in ``--workdir`` between runs; all runs are
+warm-cache (files in the page cache). Results: a table on stdout and JSON in ``bench/results/``.
+torch and the indexer are imported inside functions, so that the ``--noop-profile`` child can time those imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+CORPUS_VERSION = 1  # bump when make_photo changes: cached photos of another version are not reused
+PHOTO_QUALITY = 90
+PHOTO_SUBSAMPLING = 2  # Pillow's code for 4:2:0 chroma subsampling, what cameras write
+MODEL_ARCH = "ViT-B-32-quickgelu"
+TINY = {  # tests/indexer/conftest.py's tiny CLIP: the initial no-op index builds in about a minute
+    "embed_dim": 32,
+    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
+    "text": {"width": 64, "heads": 2, "layers": 2},
+}
+NOOP_SIDE = 64  # pixels, no-op corpus images
+FILES_PER_DIR = 1000
+SINGLE_PROCESS_IMAGES = 300  # photos decoded in this process for the single-core decode rate
+ENCODE_CEILING_IMAGES = 512  # photos encoded for the encode ceiling
+DRAFT_SAMPLE = 50
+RATIO_TARGET = 0.85
+NOOP_TARGET_S = 10.0
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS")
+
+
+# ---------------------------------------------------------------------------------------------------------- corpus
+
+
+def _noise_field(rng: np.random.Generator, width: int, height: int, scale: int, sigma: float) -> np.ndarray:
+    """Gaussian noise at 1/``scale`` resolution, bicubic-upsampled: texture of that grain size."""
+    small = rng.normal(0, sigma, (max(1, height // scale), max(1, width // scale))).astype(np.float32)
+    return np.asarray(Image.fromarray(small, "F").resize((width, height), Image.Resampling.BICUBIC))
+
+
+def make_photo(seed: int, width: int, height: int) -> bytes:
+    """A photo-like JPEG: smooth colour gradients, blurred-edged shapes, multi-scale texture and sensor noise.
+
+    Quality 90 with 4:2:0 subsampling; a 3000x2000 one is ~1.9 MB, like a camera's 6 MP photo.
+    """
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(corners).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(8, 20))):
+        x0, y0 = int(rng.integers(-width // 4, width)), int(rng.integers(-height // 4, height))
+        x1, y1 = x0 + int(rng.integers(width // 20, width // 2)), y0 + int(rng.integers(height // 20, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(1.2))
+    texture = sum(_noise_field(rng, width, height, scale, sigma) for scale, sigma in ((16, 10), (4, 6), (2, 4)))
+    pixels = np.asarray(image, dtype=np.float32) + texture[..., None]  # [H, W, 3]
+    pixels += rng.integers(-11, 12, (height, width, 1), dtype=np.int8)  # luminance grain
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        out, "JPEG", quality=PHOTO_QUALITY, subsampling=PHOTO_SUBSAMPLING
+    )
+    return out.getvalue()
+
+
+def _write_photo(job: tuple[Path, int, int, int]) -> None:
+    path, seed, width, height = job
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(make_photo(seed, width, height))
+    os.replace(partial, path)  # an interrupted generation leaves no truncated photo behind
+
+
+def _write_small(job: tuple[Path, int]) -> None:
+    directory, start = job
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(start, start + FILES_PER_DIR):
+        rng = np.random.default_rng(index)
+        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        pixels = np.kron(blocks, np.ones((NOOP_SIDE // 4, NOOP_SIDE // 4, 1), dtype=np.uint8))
+        Image.fromarray(pixels).save(directory / f"img_{index:06d}.jpg", quality=PHOTO_QUALITY)
+
+
+def _run_pool(function: Callable[[Any], None], jobs: Sequence[Any], what: str) -> None:
+    if not jobs:
+        return
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+        for done, _ in enumerate(pool.imap_unordered(function, jobs, chunksize=1), 1):
+            if done % max(1, len(jobs) // 10) == 0:
+                print(f"  {what}: {done}/{len(jobs)} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def photo_folder(workdir: Path, count: int, width: int, height: int) -> Path:
+    """A folder of exactly ``count`` photos: hard links into a cache of generated photos (seed = number)."""
+    cache = workdir / f"photo-cache-{width}x{height}-v{CORPUS_VERSION}"
+    cache.mkdir(parents=True, exist_ok=True)
+    names = [f"photo_{i:05d}.jpg" for i in range(count)]
+    jobs = [(cache / name, i, width, height) for i, name in enumerate(names) if not (cache / name).exists()]
+    _run_pool(_write_photo, jobs, f"generating {width}x{height} photos")
+    root = workdir / f"photos-{width}x{height}-v{CORPUS_VERSION}-n{count}"
+    root.mkdir(exist_ok=True)
+    for name in names:
+        if not (root / name).exists():
+            os.link(cache / name, root / name)
+    return root
+
+
+def small_folder(workdir: Path, count: int) -> Path:
+    """``count`` distinct 64x64 JPEGs, ``FILES_PER_DIR`` per directory; a hidden marker says it is complete."""
+    root = workdir / f"small-{NOOP_SIDE}px-n{count}"
+    marker = root / ".complete"
+    if not marker.exists():
+        jobs = [(root / f"d{start // FILES_PER_DIR:04d}", start) for start in range(0, count, FILES_PER_DIR)]
+        _run_pool(_write_small, jobs, f"generating {NOOP_SIDE}px files")
+        marker.touch()
+    return root
+
+
+def saved_model(workdir: Path, name: str, make: Callable[[], Any]) -> Path:
+    import clip_model
+
+    path = workdir / f"{name}.safetensors"
+    if not path.exists():
+        clip_model.save_checkpoint(make().eval(), path)
+    return path
+
+
+def vit_model(workdir: Path) -> Path:
+    import clip_model
+
+    return saved_model(workdir, f"{MODEL_ARCH}-seed0", lambda: clip_model.create_model(MODEL_ARCH, seed=0)[0])
+
+
+def tiny_model(workdir: Path) -> Path:
+    import clip_model
+    from clip_model.config import CLIPConfig
+
+    return saved_model(workdir, "tiny-seed0", lambda: clip_model.create_model(CLIPConfig.from_dict(TINY), seed=0)[0])
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def decode_rate_pool(root: Path, files: Sequence[Any], spec: Any, workers: int) -> tuple[float, list[Any]]:
+    """images/s of ``decode_file`` over ``files`` in a warm spawned pool; also returns the results, in order."""
+    from indexer.decode import decode_file
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(decode_file, repeat(root), files[: 2 * workers], repeat(spec)))  # start every worker
+        started = time.perf_counter()
+        results = list(pool.map(decode_file, repeat(root), files, repeat(spec)))
+        elapsed = time.perf_counter() - started
+    return len(files) / elapsed, results
+
+
+def decode_rate_here(root: Path, files: Sequence[Any], spec: Any) -> float:
+    from indexer.decode import decode_file
+
+    started = time.perf_counter()
+    for scanned in files:
+        decode_file(root, scanned, spec)
+    return len(files) / (time.perf_counter() - started)
+
+
+def encode_rate(loaded: Any, crops: Sequence[np.ndarray], batch_size: int, threads: int) -> float:
+    """images/s of ``LoadedModel.encode`` (what the pipeline calls) on normalized batches already in memory."""
+    import torch
+
+    from indexer.decode import normalize_batch
+
+    mean, std = loaded.info.preprocess["mean"], loaded.info.preprocess["std"]
+    batches = [
+        normalize_batch(np.stack(crops[i : i + batch_size]), mean, std) for i in range(0, len(crops), batch_size)
+    ]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loaded.encode(batches[0])  # warm-up: first-call allocations and kernel selection
+        started = time.perf_counter()
+        for batch in batches:
+            loaded.encode(batch)
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    return sum(len(b) for b in batches) / elapsed
+
+
+def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``build_index`` into a fresh ``index_dir``; images/s over the whole call, plus start-up diagnostics."""
+    import torch
+
+    from indexer.build import BuildOptions, build_index
+
+    shutil.rmtree(index_dir, ignore_errors=True)
+    options = BuildOptions(
+        root=root,
+        index_dir=index_dir,
+        model=str(model),
+        workers=args.workers,
+        batch_size=args.batch_size,
+        draft=not args.no_draft,
+    )
+    stamps: list[float] = []
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        stats = build_index(options, progress=lambda done, total: stamps.append(time.perf_counter()))
+    finally:
+        torch.set_num_threads(previous)
+    elapsed = time.perf_counter() - started
+    if stats.encoded != len(stamps) or stats.skipped:
+        raise RuntimeError(f"expected every photo encoded, got {stats.as_dict()}")
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return {
+        "images_per_s": stats.encoded / elapsed,
+        "seconds": elapsed,
+        "first_result_s": stamps[0] - started,
+        "after_last_result_s": started + elapsed - stamps[-1],
+        "steady_images_per_s": steady,
+    }
+
+
+def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from indexer.build import load_model
+    from indexer.scan import iter_images
+
+    root = photo_folder(workdir, args.images, *args.size)
+    model = vit_model(workdir)
+    files = list(iter_images(root))
+    loaded = load_model(str(model))
+    spec = loaded.decode_spec(draft=not args.no_draft)
+    cores = os.cpu_count() or 1
+    runs: dict[str, list[float]] = {
+        "decode_pool": [],
+        "decode_single": [],
+        "encode": [],
+        "bound": [],
+        "end_to_end": [],
+        "ratio": [],
+        "steady": [],
+        "first_result_s": [],
+    }
+    for rep in range(args.repeat):
+        decode, results = decode_rate_pool(root, files, spec, cores)
+        single = decode_rate_here(root, files[:SINGLE_PROCESS_IMAGES], spec)
+        crops = [r.pixels for r in results[:ENCODE_CEILING_IMAGES]]
+        del results
+        encode = encode_rate(loaded, crops, args.batch_size, cores)
+        e2e = end_to_end(root, model, workdir / "index-pipeline", args)
+        bound = 1 / (1 / decode + 1 / encode)
+        for key, value in (
+            ("decode_pool", decode),
+            ("decode_single", single),
+            ("encode", encode),
+            ("bound", bound),
+            ("end_to_end", e2e["images_per_s"]),
+            ("ratio", e2e["images_per_s"] / bound),
+            ("steady", e2e["steady_images_per_s"]),
+            ("first_result_s", e2e["first_result_s"]),
+        ):
+            runs[key].append(value)
+        print(
+            f"  rep {rep + 1}: decode {decode:.1f}/s ({cores} proc), {single:.1f}/s (1 proc); encode {encode:.2f}/s;"
+            f" bound {bound:.2f}/s; end to end {e2e['images_per_s']:.2f}/s = {e2e['images_per_s'] / bound:.3f}"
+            f" of the bound ({e2e['seconds']:.1f} s, steady {e2e['steady_images_per_s']:.2f}/s)",
+            flush=True,
+        )
+    settings = {
+        "images": args.images,
+        "size": "x".join(map(str, args.size)),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "main_threads": args.threads or "torch default",
+        "draft": not args.no_draft,
+        "model": MODEL_ARCH,
+        "photo_mb": statistics.mean(f.size for f in files) / 1e6,
+    }
+    return {"settings": settings, **{key: summary(values) for key, values in runs.items()}}
+
+
+# ------------------------------------------------------------------------------------------------------------- noop
+
+
+def _timed(function: Callable[..., Any], times: dict[str, float], key: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            times[key] = times.get(key, 0.0) + time.perf_counter() - started
+
+    return wrapper
+
+
+def _timed_iter(function: Callable[..., Iterator[Any]], times: dict[str, float], key: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        iterator = function(*args, **kwargs)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                times[key] = times.get(key, 0.0) + time.perf_counter() - started
+            yield item
+
+    return wrapper
+
+
+def noop_profile(root: Path, index_dir: Path, model: Path) -> None:
+    """In a fresh child: time each phase of a no-op ``build_index`` (as ``python -m indexer build`` runs it)."""
+    started = time.perf_counter()
+    import indexer.cli  # noqa: F401  # what `python -m indexer` imports: torch, clip_model, faiss, the indexer
+    from indexer import build
+    from indexer.store import Catalog
+
+    times = {"import": time.perf_counter() - started}
+    build.load_model = _timed(build.load_model, times, "model load + fingerprint")
+    build.iter_images = _timed_iter(build.iter_images, times, "scan")
+    Catalog.files = _timed(Catalog.files, times, "catalog.files()")
+    build.current_generation = _timed(build.current_generation, times, "publish check")
+    build.publish = _timed(build.publish, times, "publish")
+    build.encode_files = _timed_iter(build.encode_files, times, "pipeline (no files)")
+    options = build.BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=build.default_workers())
+    run_started = time.perf_counter()
+    stats = build.build_index(options)
+    times["build_index total"] = time.perf_counter() - run_started
+    times["build_index other"] = times["build_index total"] - sum(
+        v for k, v in times.items() if k not in ("import", "build_index total")
+    )
+    print(json.dumps({"times": times, "stats": stats.as_dict()}))
+
+
+def _child(command: Sequence[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return elapsed, done.stdout
+
+
+def _last_stats(index_dir: Path) -> dict[str, Any]:
+    from indexer.store import Catalog
+
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        run = catalog.last_run()
+    return run["stats"] if run else {}
+
+
+def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from indexer.build import BuildOptions, build_index, default_workers
+
+    root = small_folder(workdir, args.noop_files)
+    model = tiny_model(workdir)
+    index_dir = workdir / f"index-small-n{args.noop_files}"
+    started = time.perf_counter()  # the first build, or an update bringing a cached index up to date
+    stats = build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=default_workers()))
+    print(
+        f"  initial build/update: {stats.encoded} encoded, {stats.unchanged} unchanged in "
+        f"{time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    cli = [sys.executable, "-m", "indexer", "build", str(root), "--index-dir", str(index_dir), "--model", str(model)]
+    profile = [sys.executable, str(Path(__file__).resolve()), "--noop-profile", str(root), str(index_dir), str(model)]
+    totals, startups, phases = [], [], []
+    for rep in range(args.repeat):
+        elapsed, _ = _child(cli)
+        stats_dict = _last_stats(index_dir)
+        if stats_dict.get("encoded") != 0 or stats_dict.get("unchanged") != args.noop_files:
+            raise RuntimeError(f"the rerun was not a no-op: {stats_dict}")
+        totals.append(elapsed)
+        startups.append(_child([sys.executable, "-c", "pass"])[0])
+        phases.append(json.loads(_child(profile)[1])["times"])
+        print(
+            f"  rep {rep + 1}: `python -m indexer build` {elapsed:.2f} s; phases "
+            + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()),
+            flush=True,
+        )
+    breakdown = {"interpreter start": summary(startups)}
+    breakdown.update({key: summary([p[key] for p in phases]) for key in phases[0]})
+    return {"files": args.noop_files, "total_s": summary(totals), "target_s": NOOP_TARGET_S, "breakdown_s": breakdown}
+
+
+# ------------------------------------------------------------------------------------------------------------ draft
+
+
+def bench_draft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from indexer.build import load_model
+    from indexer.decode import decode_file, normalize_batch
+    from indexer.scan import iter_images
+
+    root = photo_folder(workdir, max(args.images, DRAFT_SAMPLE), *args.size)
+    files = list(iter_images(root))[:DRAFT_SAMPLE]
+    loaded = load_model(str(vit_model(workdir)))
+    crops, rates = {}, {}
+    for draft in (True, False):
+        spec = loaded.decode_spec(draft)
+        rates[draft] = summary([decode_rate_here(root, files, spec) for _ in range(args.repeat)])
+        crops[draft] = np.stack([decode_file(root, f, spec).pixels for f in files])  # [N, R, R, 3]
+    mean, std = loaded.info.preprocess["mean"], loaded.info.preprocess["std"]
+    embeddings = {draft: loaded.encode(normalize_batch(crops[draft], mean, std)) for draft in (True, False)}
+    drafted, exact = embeddings[True], embeddings[False]
+    cosine = np.sum(drafted * exact, axis=1)
+    centre = exact.mean(axis=0)
+    a, b = drafted - centre, exact - centre
+    centred = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    pixel_diff = np.abs(crops[True].astype(np.int16) - crops[False].astype(np.int16))
+    return {
+        "images": len(files),
+        "cosine": {"min": float(cosine.min()), "median": float(np.median(cosine))},
+        "centred_cosine": {"min": float(centred.min()), "median": float(np.median(centred))},
+        "crop_abs_diff_levels": {"mean": float(pixel_diff.mean()), "max": int(pixel_diff.max())},
+        "decode_images_per_s_1proc": {"draft": rates[True], "no_draft": rates[False]},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+
+
+def machine_info() -> dict[str, Any]:
+    import faiss
+    import PIL
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo", encoding="utf-8") as info:
+        mem_kb = int(info.readline().split()[1])
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "memory_gb": mem_kb / 2**20,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "faiss": faiss.__version__,
+        "platform": platform.platform(),
+        "env": {name: os.environ[name] for name in MALLOC_ENV if name in os.environ},
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+    if "pipeline" in results:
+        p = results["pipeline"]
+        print(f"\npipeline: {p['settings']}")
+        print(f"  decode+preprocess, {results['machine']['nproc']} worker processes  {mm(p['decode_pool'])} images/s")
+        print(f"  decode+preprocess, 1 process            {mm(p['decode_single'])} images/s")
+        print(f"  encode alone                            {mm(p['encode'])} images/s")
+        print(f"  bound 1/(1/decode + 1/encode)           {mm(p['bound'])} images/s")
+        print(f"  end to end (build_index)                {mm(p['end_to_end'])} images/s")
+        print(f"  ratio to the bound (target >= {RATIO_TARGET})     {mm(p['ratio'], '.3f')}")
+    if "noop" in results:
+        n = results["noop"]
+        print(f"\nno-op rerun over {n['files']} files: {mm(n['total_s'])} s (target < {NOOP_TARGET_S} s)")
+        for key, value in n["breakdown_s"].items():
+            print(f"  {key:28s} {mm(value)} s")
+    if "draft" in results:
+        d = results["draft"]
+        print(
+            f"\ndraft vs exact over {d['images']} photos: cosine min {d['cosine']['min']:.6f} median "
+            f"{d['cosine']['median']:.6f}; centred cosine min {d['centred_cosine']['min']:.6f} median "
+            f"{d['centred_cosine']['median']:.6f}; crop |diff| mean {d['crop_abs_diff_levels']['mean']:.2f} "
+            f"max {d['crop_abs_diff_levels']['max']} levels"
+        )
+        rates = d["decode_images_per_s_1proc"]
+        print(f"  decode, 1 process: draft {mm(rates['draft'])} images/s, no draft {mm(rates['no_draft'])} images/s")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="photos for the pipeline benchmark")
+    parser.add_argument("--size", type=_size, default=(3000, 2000), help="photo WIDTHxHEIGHT")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each measurement")
+    parser.add_argument("--workdir", type=Path, default=None, help="cache folder (default: a temporary directory)")
+    parser.add_argument("--noop-files", type=int, default=100_000, help="unchanged files in the no-op rerun")
+    parser.add_argument("--only", choices=("pipeline", "noop", "draft"), default=None, help="run one benchmark")
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: build.default_workers)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: pipeline.DEFAULT_BATCH_SIZE")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads during build_index (0: leave as is)")
+    parser.add_argument("--no-draft", action="store_true", help="pipeline benchmark without JPEG draft")
+    parser.add_argument("--tag", default="", help="appended to the results file name")
+    parser.add_argument("--noop-profile", nargs=3, type=Path, help=argparse.SUPPRESS)  # internal: the profiling child
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    from indexer.build import default_workers
+    from indexer.pipeline import DEFAULT_BATCH_SIZE
+
+    args.workers = default_workers() if args.workers is None else args.workers
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
+    benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft}
+    for name, bench in benches.items():
+        if args.only in (None, name):
+            print(f"{name}:", flush=True)
+            results[name] = bench(args, workdir)
+    print_table(results)
+    name = "-".join(filter(None, ["indexer", datetime.date.today().isoformat(), args.only, args.tag]))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {RESULTS_DIR / name}.json")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.noop_profile:
+        noop_profile(*args.noop_profile)
+        return
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        run(args, args.workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_indexer_") as tmp:
+        run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
