@@ -1,1 +1,3 @@
-"""FastAPI search service over a published index directory (built in the app issue)."""
+"""The search server: FastAPI over a published index directory (``clip-serve``, ``python -m app``).
+
+Imports ``clip_model`` and the index reader ``indexer.store``, nothing else of ``indexer``."""

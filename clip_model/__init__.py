@@ -25,7 +25,14 @@ from .factory import available_models, create_model, load, preprocess_for
 from .model import CLIP
 from .preprocess import Preprocess, to_rgb
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
-from .zeroshot import build_zero_shot_classifier, classify, prompt_templates
+from .zeroshot import (
+    build_zero_shot_classifier,
+    classify,
+    ensemble_prompts,
+    prompt_templates,
+    zero_shot_probabilities,
+    zero_shot_prompts,
+)
 
 __all__ = [
     "CLIP",
@@ -45,6 +52,7 @@ __all__ = [
     "build_zero_shot_classifier",
     "classify",
     "create_model",
+    "ensemble_prompts",
     "get_config",
     "get_tokenizer",
     "infer_config",
@@ -57,4 +65,6 @@ __all__ = [
     "to_rgb",
     "tokenize",
     "weights_sha256",
+    "zero_shot_prompts",
+    "zero_shot_probabilities",
 ]

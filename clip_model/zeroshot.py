@@ -46,25 +46,45 @@ def build_zero_shot_classifier(
     Returns:
         float tensor [embed_dim, C], each column unit-norm, on the model's device.
     """
-    if not classnames:
-        raise ValueError("classnames is empty: give at least one label")
-    templates = tuple(templates) if templates is not None else prompt_templates()
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError("each template must contain exactly one '{}' for the class name")
+    prompts = zero_shot_prompts(classnames, templates)
     if tokenize is None:
         from .tokenizer import tokenize as default_tokenize
 
         tokenize = default_tokenize
-    prompts = [t.format(name) for name in classnames for t in templates]  # class-major: C blocks of T prompts
     device = next(model.parameters()).device
     with torch.no_grad():
         chunks = [
             model.encode_text(tokenize(prompts[i : i + TEXT_BATCH_SIZE]).to(device), normalize=True)
             for i in range(0, len(prompts), TEXT_BATCH_SIZE)
         ]
-    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)  # [C, T, D]
+    return ensemble_prompts(torch.cat(chunks), len(classnames))
+
+
+def zero_shot_prompts(classnames: Sequence[str], templates: Sequence[str] | None = None) -> list[str]:
+    """The C x T prompts of a classifier, class-major (C blocks of T prompts). ValueError for an empty label set or
+    a template without exactly one ``{}``; ``templates`` defaults to the 80 ImageNet templates."""
+    if not classnames:
+        raise ValueError("classnames is empty: give at least one label")
+    templates = tuple(templates) if templates is not None else prompt_templates()
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError("each template must contain exactly one '{}' for the class name")
+    return [t.format(name) for name in classnames for t in templates]
+
+
+def ensemble_prompts(prompt_embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class weights from the unit embeddings of :func:`zero_shot_prompts` ``[C * T, D]``: ``[D, C]``, unit columns."""
+    per_prompt = prompt_embeddings.view(num_classes, -1, prompt_embeddings.shape[-1])  # [C, T, D]
     weights = torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)  # [C, D]
     return weights.t().contiguous()
+
+
+def zero_shot_probabilities(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Softmax over ``logit_scale`` x cosine: unit ``image_features`` [B, D], ``classifier`` [D, C] -> [B, C]."""
+    scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
+    logits = scale * image_features @ classifier.to(image_features.dtype)  # [B, C]
+    return logits.float().softmax(dim=-1)
 
 
 def classify(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -78,5 +98,4 @@ def classify(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> tor
     """
     with torch.no_grad():
         features = model.encode_image(images.to(classifier.device), normalize=True)  # [B, D]
-        logits = model.logit_scale.exp() * features @ classifier.to(features.dtype)  # [B, C]
-    return logits.float().softmax(dim=-1)
+        return zero_shot_probabilities(features, classifier, model.logit_scale)

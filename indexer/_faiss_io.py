@@ -77,6 +77,11 @@ def _prepare_for_queries(index: FaissIndex) -> None:
         ivf.make_direct_map()
 
 
+def set_threads(threads: int) -> None:
+    """OpenMP threads FAISS uses per search (a server sharing its cores with torch sets this explicitly)."""
+    faiss.omp_set_num_threads(int(threads))
+
+
 def write_index(index: FaissIndex, path: Path) -> None:
     """``faiss.write_index`` to ``path`` (not fsynced: the caller does that)."""
     faiss.write_index(index, str(path))

@@ -103,12 +103,11 @@ def load_model(name: str, arch: str | None = None) -> LoadedModel:
     """Load ``name`` (registry name or checkpoint path) and fingerprint its weights."""
     model, preprocess = clip_model.load(name, arch=arch)
     path = Path(name).expanduser()
-    info = ModelInfo(
-        name=str(path.resolve()) if path.exists() else name,  # a path stays valid from any working directory
-        weights_sha256=clip_model.weights_sha256(model),
-        embed_dim=model.config.embed_dim,
-        preprocess={"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std)},
-    )
+    info = ModelInfo.of(
+        str(path.resolve()) if path.exists() else name,  # a path stays valid from any working directory
+        clip_model.weights_sha256(model), model.config.embed_dim, preprocess.image_size, preprocess.mean,
+        preprocess.std,
+    )  # fmt: skip
     return LoadedModel(model, info)
 
 

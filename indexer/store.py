@@ -130,6 +130,20 @@ class ModelInfo:
     def __post_init__(self) -> None:  # canonical JSON form, so tuples and lists compare equal after a round trip
         object.__setattr__(self, "preprocess", json.loads(json.dumps(self.preprocess)))
 
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        weights_sha256: str,
+        embed_dim: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> ModelInfo:
+        """The provenance record of a loaded model, in the one form indexer and app both write and compare."""
+        preprocess = {"image_size": int(image_size), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+        return cls(name=name, weights_sha256=weights_sha256, embed_dim=int(embed_dim), preprocess=preprocess)
+
     def same_embeddings(self, other: ModelInfo) -> bool:
         """Whether both produce the same vectors: same weights, dim and preprocessing (the name is only a label)."""
         return (self.weights_sha256, self.embed_dim, self.preprocess) == (
@@ -761,6 +775,11 @@ def _digest(path: Path) -> FileDigest:
 # --- reading the published generation ---------------------------------------------------------------------------
 
 
+def set_search_threads(threads: int) -> None:
+    """Threads each FAISS search may use (process-wide)."""
+    _faiss_io.set_threads(threads)
+
+
 def current_generation(index_dir: Path) -> str | None:
     """The published generation's name ("g-000003"), or None if nothing is published."""
     path = Path(index_dir) / CURRENT_FILE
@@ -904,6 +923,11 @@ class PublishedIndex:
     def texts(self, ids: Sequence[int]) -> dict[int, str]:
         with self._lock:
             return self._catalog.texts(ids)
+
+    def last_run(self) -> dict[str, Any] | None:
+        """The catalog's latest indexer run (``root`` is the image folder it indexed), as ``Catalog.last_run``."""
+        with self._lock:
+            return self._catalog.last_run()
 
     def embedding(self, image_id: int) -> Vectors | None:
         """The [D] float32 unit vector of an image: from FAISS if stored exactly there, else from the catalog."""

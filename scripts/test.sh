@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy --strict --follow-imports=silent indexer   # app/ joins when it exists
+.venv/bin/mypy --strict --follow-imports=silent indexer app
 .venv/bin/python -m pytest "$@"

@@ -1,4 +1,5 @@
-"""The architecture's arrows: clip_model imports neither indexer nor app; indexer never imports app."""
+"""The architecture's arrows: clip_model imports neither indexer nor app; indexer never imports app; app reads the
+index only through indexer.store (and its errors), never the rest of the indexer."""
 
 from __future__ import annotations
 
@@ -32,6 +33,30 @@ def test_package_does_not_import_downstream_packages(package: str) -> None:
     assert offenders == []
 
 
+APP_MAY_IMPORT_FROM_INDEXER = {"indexer.store", "indexer.errors"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_app_reads_the_index_only_through_the_store() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in sorted((ROOT / "app").rglob("*.py"))
+        for module in imported_modules(path)
+        if module.split(".")[0] == "indexer" and module not in APP_MAY_IMPORT_FROM_INDEXER
+    ]
+    assert offenders == []
+
+
 def test_clip_model_does_not_import_torchvision() -> None:
     offenders = [p for p in (ROOT / "clip_model").rglob("*.py") if "torchvision" in imported_packages(p)]
     assert offenders == []
@@ -39,5 +64,6 @@ def test_clip_model_does_not_import_torchvision() -> None:
 
 def test_layering_check_detects_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from app.main import create_app\nimport indexer.store\n")
+    bad.write_text("from app.main import create_app\nimport indexer.store\nfrom indexer.build import build_index\n")
     assert imported_packages(bad) >= {"app", "indexer"}
+    assert "indexer.build" in imported_modules(bad) - APP_MAY_IMPORT_FROM_INDEXER

@@ -1,0 +1,68 @@
+"""``clip-serve``: run the search server with uvicorn (settings from ``CLIPSEARCH_*`` variables and flags).
+
+Exit codes: 0 after a clean shutdown, 1 when the server cannot start (the message says why), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .logs import configure_logging
+from .settings import ENV_PREFIX, Settings
+
+logger = logging.getLogger("app")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-serve",
+        description="Serve semantic image search over an index directory built by clip-index. Every option also "
+        f"reads {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}INDEX_DIR); flags win.",
+    )
+    parser.add_argument("--index-dir", type=Path, help="index directory ($CLIPSEARCH_INDEX_DIR)")
+    parser.add_argument("--model", help="model name or checkpoint path (default: the one the index was built with)")
+    parser.add_argument("--arch", help="architecture config for checkpoint files that do not carry one")
+    parser.add_argument("--image-root", type=Path, help="image folder (default: the one the indexer last read)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in the container)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Environment first, then the flags that were given."""
+    overrides = {key: value for key, value in vars(args).items() if value is not None}
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        sys.stderr.write(f"clip-serve: invalid settings: {problems} (index_dir is required: --index-dir)\n")
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    import uvicorn
+
+    from .main import create_app
+
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, limit_concurrency=settings.limit_concurrency,
+        log_config=None, timeout_graceful_shutdown=10,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1  # not started: the lifespan logged why (e.g. the model cannot load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the service, the settings, and the API key checks."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+from pydantic import SecretStr
+
+from .errors import ForbiddenError, UnauthorizedError
+from .reindex import Reindexer
+from .service import SearchService
+from .settings import Settings
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_service(request: Request) -> SearchService:
+    service: SearchService = request.app.state.service
+    return service
+
+
+def get_reindexer(request: Request) -> Reindexer:
+    reindexer: Reindexer = request.app.state.reindexer
+    return reindexer
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[SearchService, Depends(get_service)]
+ReindexerDep = Annotated[Reindexer, Depends(get_reindexer)]
+KeyHeader = Annotated[str | None, Header(alias=API_KEY_HEADER, description="API key, when the server has one")]
+KeyQuery = Annotated[
+    str | None, Query(alias="api_key", description="API key for clients that cannot set headers (<img src>)")
+]
+
+
+def _matches(given: str | None, *keys: SecretStr | None) -> bool:
+    if given is None:
+        return False
+    return any(key is not None and secrets.compare_digest(given, key.get_secret_value()) for key in keys)
+
+
+def require_read_key(settings: SettingsDep, header: KeyHeader = None, query: KeyQuery = None) -> None:
+    """With ``CLIPSEARCH_API_KEY`` set, the request must carry it (or the admin key)."""
+    if settings.api_key is None:
+        return
+    if not _matches(header or query, settings.api_key, settings.admin_api_key):
+        raise UnauthorizedError(f"this server needs an API key: send it in the {API_KEY_HEADER} header")
+
+
+def require_admin_key(settings: SettingsDep, header: KeyHeader = None) -> None:
+    """Admin endpoints are off unless ``CLIPSEARCH_ADMIN_API_KEY`` is set, and then need that key."""
+    if settings.admin_api_key is None:
+        raise ForbiddenError("admin endpoints are disabled: set CLIPSEARCH_ADMIN_API_KEY to enable them")
+    if not _matches(header, settings.admin_api_key):
+        raise UnauthorizedError(f"this endpoint needs the admin API key in the {API_KEY_HEADER} header")
+
+
+ReadAccess = Depends(require_read_key)
+AdminAccess = Depends(require_admin_key)

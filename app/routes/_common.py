@@ -1,0 +1,28 @@
+"""OpenAPI declarations shared by the routers: the error responses each kind of endpoint can give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..schemas import ErrorResponse
+
+_ERRORS: dict[int, str] = {
+    401: "missing or wrong API key",
+    403: "switched off by the server's settings",
+    404: "unknown image id, or its file is gone",
+    409: "conflicts with what the server is doing (a reindex already runs)",
+    413: "body over the upload limit, or an image with too many pixels",
+    415: "not an image, or a format the server does not accept",
+    422: "invalid parameters or undecodable image",
+    503: "not ready (see /readyz) or busy (retry after the Retry-After header)",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: the given statuses with the error body and their meaning."""
+    return {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
+
+
+QUERY_ERRORS = errors(401, 422, 503)
+ID_ERRORS = errors(401, 404, 422, 503)
+UPLOAD_ERRORS = errors(401, 413, 415, 422, 503)

@@ -1,0 +1,35 @@
+"""Zero-shot classification: an image and a label set -> probabilities, with prompt ensembling."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form
+
+from ..deps import ReadAccess, ServiceDep
+from ..schemas import TEXT_FIELD_MAX, ClassifyRequest, ClassifyResponse
+from ._common import ID_ERRORS, UPLOAD_ERRORS
+from .search import Upload
+
+router = APIRouter(prefix="/api/classify", tags=["zero-shot"], dependencies=[ReadAccess])
+
+FormText = Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX)]
+
+
+@router.post("", response_model=ClassifyResponse, responses=ID_ERRORS, summary="Classify an indexed image")
+def classify(request: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
+    """Probabilities over `labels` for an indexed image. Each label is embedded through every template (default:
+    the CLIP paper's 80 ImageNet prompts) and the prompt embeddings are averaged."""
+    return service.classify_indexed(request.image_id, request.labels, request.templates)
+
+
+@router.post("/upload", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, summary="Classify an upload")
+def classify_upload(
+    file: Upload,
+    labels: Annotated[list[FormText], Form(description="repeat once per label")],
+    service: ServiceDep,
+    templates: Annotated[list[FormText] | None, Form(description="prompt templates with one '{}'")] = None,
+) -> ClassifyResponse:
+    """Probabilities over `labels` for an uploaded image. Example:
+    `curl -F file=@pet.jpg -F labels=cat -F labels=dog http://localhost:8000/api/classify/upload`"""
+    return service.classify_upload(file.file.read(), labels, templates)

@@ -1,0 +1,82 @@
+"""Indexed images by id: metadata, the file, its thumbnail, "more like this", its stored embedding.
+
+Files are looked up by catalog id only, never by a client-supplied path (see ``app.imaging``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+
+from ..deps import ReadAccess, ServiceDep, SettingsDep
+from ..schemas import ImageEmbedding, ImageInfo, SearchResponse
+from ..service import THUMBNAIL_SIZES
+from ._common import ID_ERRORS
+from .search import K, MinScore
+
+router = APIRouter(prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
+
+ImageId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="image id from a search result")]
+FILE_MAX_AGE_S = 3600
+THUMBNAIL_MAX_AGE_S = 86400
+_IMAGE_RESPONSES = {
+    **ID_ERRORS,
+    200: {"content": {"image/*": {}}, "description": "the image"},
+    304: {"description": "not modified (If-None-Match matched the ETag)"},
+}
+
+
+def _cache_control(settings: SettingsDep, max_age: int) -> str:
+    return f"{'private' if settings.api_key else 'public'}, max-age={max_age}"
+
+
+def _conditional(request: Request, path: Path, etag: str, cache_control: str, media_type: str | None) -> Response:
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, headers=headers, media_type=media_type)
+
+
+@router.get("/{image_id}", response_model=ImageInfo, responses=ID_ERRORS, summary="Image metadata")
+def image_info(image_id: ImageId, service: ServiceDep) -> ImageInfo:
+    """Path, size and checksum of an indexed image. Example: `GET /api/images/7`"""
+    return service.image_info(image_id)
+
+
+@router.get("/{image_id}/file", response_class=FileResponse, responses=_IMAGE_RESPONSES, summary="The image file")
+def image_file(image_id: ImageId, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+    """The original file, with an ETag (size + mtime) for conditional requests. Example: `GET /api/images/7/file`"""
+    path = service.image_file(image_id)
+    stat = path.stat()
+    etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+    return _conditional(request, path, etag, _cache_control(settings, FILE_MAX_AGE_S), None)
+
+
+@router.get("/{image_id}/thumbnail", response_class=FileResponse, responses=_IMAGE_RESPONSES, summary="Thumbnail")
+def thumbnail(
+    image_id: ImageId,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    size: Annotated[int | None, Query(description=f"side in pixels, one of {list(THUMBNAIL_SIZES)}")] = None,
+) -> Response:
+    """A JPEG fitted in `size` x `size`, generated once and cached. Example: `GET /api/images/7/thumbnail?size=256`"""
+    path, key = service.thumbnail(image_id, size)
+    return _conditional(request, path, f'"{key}"', _cache_control(settings, THUMBNAIL_MAX_AGE_S), "image/jpeg")
+
+
+@router.get("/{image_id}/similar", response_model=SearchResponse, responses=ID_ERRORS, summary="More like this")
+def similar(image_id: ImageId, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
+    """Images most similar to an indexed one, from its stored embedding (nothing is re-encoded); the image itself
+    is left out. Example: `GET /api/images/7/similar?k=20`"""
+    return service.similar(image_id, k, min_score)
+
+
+@router.get("/{image_id}/embedding", response_model=ImageEmbedding, responses=ID_ERRORS, summary="Stored embedding")
+def image_embedding(image_id: ImageId, service: ServiceDep) -> ImageEmbedding:
+    """The unit-norm embedding the index holds for an image. Example: `GET /api/images/7/embedding`"""
+    return service.image_embedding(image_id)

@@ -1,0 +1,46 @@
+"""Text -> images, uploaded image -> images, and combined (weighted) queries."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+
+from ..deps import ReadAccess, ServiceDep
+from ..schemas import K_FIELD, MAX_K, MIN_SCORE_FIELD, TEXT_FIELD_MAX, CombinedQuery, SearchResponse
+from ._common import QUERY_ERRORS, UPLOAD_ERRORS
+
+router = APIRouter(prefix="/api/search", tags=["search"], dependencies=[ReadAccess])
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description=K_FIELD.description)]
+MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description=MIN_SCORE_FIELD.description)]
+QueryText = Annotated[
+    str,
+    Query(min_length=1, max_length=TEXT_FIELD_MAX, description="what to look for", examples=["a dog on a beach"]),
+]
+Upload = Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF image")]
+
+
+@router.get("", response_model=SearchResponse, responses=QUERY_ERRORS, summary="Text -> images")
+def search_text(q: QueryText, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
+    """The `k` indexed images closest to the text `q`, best first.
+
+    Example: `GET /api/search?q=a%20dog%20on%20a%20beach&k=10`
+    """
+    return service.search_text(q, k, min_score)
+
+
+@router.post("/image", response_model=SearchResponse, responses=UPLOAD_ERRORS, summary="Uploaded image -> images")
+def search_image(file: Upload, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
+    """The `k` indexed images most similar to an uploaded image (multipart field `file`).
+
+    Example: `curl -F file=@cat.jpg 'http://localhost:8000/api/search/image?k=10'`
+    """
+    return service.search_upload(file.file.read(), k, min_score)
+
+
+@router.post("/combined", response_model=SearchResponse, responses=QUERY_ERRORS, summary="Weighted query arithmetic")
+def search_combined(query: CombinedQuery, service: ServiceDep) -> SearchResponse:
+    """Images closest to a weighted sum of unit embeddings of texts and indexed images, e.g. "beach" + "sunset"
+    - 0.5 "people". Parts with negative weights push results away from them."""
+    return service.search_combined(query)

@@ -1,0 +1,38 @@
+"""Image -> text: the texts that best describe an image, from the indexed corpus or from given candidates."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query
+
+from ..deps import ReadAccess, ServiceDep
+from ..schemas import MAX_K, TEXT_FIELD_MAX, DescribeRequest, TextsResponse
+from ._common import ID_ERRORS, UPLOAD_ERRORS
+from .search import Upload
+
+router = APIRouter(prefix="/api/describe", tags=["image to text"], dependencies=[ReadAccess])
+
+Candidates = Annotated[
+    list[Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX)]] | None,
+    Form(description="repeat the field once per candidate text; default: the indexed text corpus"),
+]
+
+
+@router.post("", response_model=TextsResponse, responses=ID_ERRORS, summary="Indexed image -> texts")
+def describe(request: DescribeRequest, service: ServiceDep) -> TextsResponse:
+    """Top-k texts for an indexed image, by its stored embedding."""
+    return service.describe_indexed(request.image_id, request.candidates, request.k)
+
+
+@router.post("/upload", response_model=TextsResponse, responses=UPLOAD_ERRORS, summary="Uploaded image -> texts")
+def describe_upload(
+    file: Upload,
+    service: ServiceDep,
+    candidates: Candidates = None,
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+) -> TextsResponse:
+    """Top-k texts for an uploaded image. Example:
+    `curl -F file=@cat.jpg -F candidates='a cat' -F candidates='a dog' 'http://localhost:8000/api/describe/upload'`
+    """
+    return service.describe_upload(file.file.read(), candidates, k)

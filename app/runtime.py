@@ -1,0 +1,226 @@
+"""What the server serves: the loaded model and the published index generation, swapped as one reference.
+
+Contracts:
+
+* ``Runtime.state`` is an immutable :class:`Served` (encoder + index + image root) or None. A request reads it once
+  and uses that object throughout, so a swap never mixes two generations in one answer, and never blocks or fails
+  a request in flight (the old generation is closed only after ``RETIRE_AFTER_S``).
+* A watcher thread checks ``CURRENT`` every ``reload_interval_s``. A new generation is opened with its checksums
+  verified and checked against the model: with ``CLIPSEARCH_MODEL`` unset the server follows the index (loading
+  the model it was built with, also when a ``--rebuild`` switched models); with a model pinned, a generation of other
+  weights is refused.
+* A generation that cannot be served never replaces the one being served: the reason is kept (``problem``), shown
+  by /readyz and /api/stats, and that generation is not retried until CURRENT names another one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import clip_model
+from clip_model.errors import ClipModelError
+from indexer.errors import IndexerError
+from indexer.store import ModelInfo, PublishedIndex, current_generation, set_search_threads
+
+from .encoder import Encoder
+from .errors import NotReadyError
+from .metrics import Metrics
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RETIRE_AFTER_S = 30.0  # a replaced generation stays open this long for the requests still using it
+
+
+@dataclass(frozen=True)
+class Served:
+    """One consistent view: the encoder, the index generation it can search, and where the image files are."""
+
+    encoder: Encoder
+    index: PublishedIndex
+    image_root: Path | None
+
+    @property
+    def generation(self) -> str:
+        return self.index.manifest.generation
+
+
+class Runtime:
+    """Loads, watches and swaps what is served. ``start`` once, ``close`` at shutdown."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state: Served | None = None
+        self.problem: str | None = None
+        self._pinned: Encoder | None = None  # the encoder of CLIPSEARCH_MODEL, loaded at start
+        self._failed_generation: str | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._timers: list[threading.Timer] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self, watch: bool = True) -> None:
+        """Set thread counts, load a pinned model (its failure is fatal: ClipModelError), load the published index
+        if there is one, and start watching for new generations."""
+        threads = self.settings.torch_threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        set_search_threads(threads)
+        if self.settings.model is not None:
+            self._pinned = self._load_encoder(self.settings.model)
+        self.refresh()
+        if watch:
+            self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        for timer in self._timers:
+            timer.cancel()
+        state, self.state = self.state, None
+        if state is not None:
+            state.index.close()
+            if state.encoder is not self._pinned:
+                state.encoder.close()
+        if self._pinned is not None:
+            self._pinned.close()
+
+    def require(self) -> Served:
+        """The served state, or NotReadyError (503) saying why there is none."""
+        state = self.state
+        if state is None:
+            raise NotReadyError(self.problem or "the server is starting")
+        return state
+
+    # --- watching ------------------------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.reload_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must survive anything; the reason is logged
+                logger.exception("checking %s for a new generation failed", self.settings.index_dir)
+
+    def refresh(self) -> bool:
+        """Pick up a newly published generation. Returns whether the served state changed."""
+        with self._refresh_lock:
+            index_dir = self.settings.index_dir
+            try:
+                name = current_generation(index_dir)
+            except IndexerError as exc:
+                return self._fail(None, str(exc))
+            if name is None:
+                if self.state is None:
+                    self.problem = (
+                        f"no published index in {index_dir}: build one with "
+                        f"`clip-index build <image folder> --index-dir {index_dir}`"
+                    )
+                return False
+            if (self.state is not None and self.state.generation == name) or name == self._failed_generation:
+                return False
+            return self._swap_to(name)
+
+    def _swap_to(self, name: str) -> bool:
+        try:
+            index = PublishedIndex.open(self.settings.index_dir)
+        except IndexerError as exc:
+            return self._fail(name, str(exc))
+        try:
+            encoder = self._encoder_for(index.manifest.model)
+            image_root = self.settings.image_root or _indexed_root(index)
+        except (ClipModelError, _MismatchError, OSError) as exc:
+            index.close()
+            return self._fail(index.manifest.generation, f"cannot serve generation {index.manifest.generation}: {exc}")
+        old, self.state = self.state, Served(encoder, index, image_root)
+        self.problem, self._failed_generation = None, None
+        self._observe(index)
+        logger.info(
+            "serving %s of %s: %d images, %d texts, model %s",
+            index.manifest.generation, self.settings.index_dir, index.manifest.counts.get("images", 0),
+            index.manifest.counts.get("texts", 0), encoder.info.name,
+        )  # fmt: skip
+        if old is not None:
+            self._retire(old, close_encoder=old.encoder is not encoder and old.encoder is not self._pinned)
+        return True
+
+    def _fail(self, generation: str | None, message: str) -> bool:
+        self._failed_generation = generation
+        if self.state is not None:
+            message = f"serving {self.state.generation}; a newer generation could not be loaded: {message}"
+        self.problem = message
+        logger.error("%s", message)
+        return False
+
+    def _observe(self, index: PublishedIndex) -> None:
+        self.metrics.index_swaps.inc()
+        for kind in ("images", "texts"):
+            self.metrics.index_vectors.labels(kind).set(index.manifest.counts.get(kind, 0))
+        self.metrics.index_generation.set(int(index.manifest.generation.removeprefix("g-")))
+
+    def _retire(self, old: Served, close_encoder: bool) -> None:
+        def close() -> None:
+            old.index.close()
+            if close_encoder:
+                old.encoder.close()
+
+        timer = threading.Timer(RETIRE_AFTER_S, close)
+        timer.daemon = True
+        timer.start()
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+
+    # --- models --------------------------------------------------------------------------------------------------
+
+    def _encoder_for(self, built_with: ModelInfo) -> Encoder:
+        """An encoder whose embeddings match ``built_with``: the pinned one, the one in use, or a freshly loaded one."""
+        if self._pinned is not None:
+            if not self._pinned.info.same_embeddings(built_with):
+                raise _MismatchError(
+                    f"it was built with model {built_with.name!r} (weights sha256 {built_with.weights_sha256[:12]}), "
+                    f"but the server loaded CLIPSEARCH_MODEL={self._pinned.info.name!r} (weights sha256 "
+                    f"{self._pinned.info.weights_sha256[:12]}). Set CLIPSEARCH_MODEL={built_with.name} or unset it "
+                    f"to follow the index, or rebuild the index with `clip-index build --rebuild --model "
+                    f"{self._pinned.info.name}`"
+                )
+            return self._pinned
+        if self.state is not None and self.state.encoder.info.same_embeddings(built_with):
+            return self.state.encoder
+        encoder = self._load_encoder(built_with.name)
+        if not encoder.info.same_embeddings(built_with):
+            encoder.close()
+            raise _MismatchError(
+                f"its manifest names model {built_with.name!r} with weights sha256 {built_with.weights_sha256[:12]}, "
+                f"but that model now has weights sha256 {encoder.info.weights_sha256[:12]} (the file changed?). "
+                f"Set CLIPSEARCH_MODEL to the model the index was built with, or rebuild the index"
+            )
+        return encoder
+
+    def _load_encoder(self, name: str) -> Encoder:
+        logger.info("loading model %s", name)
+        model, preprocess = clip_model.load(name, arch=self.settings.arch)
+        path = Path(name).expanduser()
+        info = ModelInfo.of(
+            str(path.resolve()) if path.exists() else name, clip_model.weights_sha256(model),
+            model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std,
+        )  # fmt: skip
+        s = self.settings
+        return Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
+                       text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size)  # fmt: skip
+
+
+class _MismatchError(Exception):
+    """The index's embeddings come from other weights than the model the server can use."""
+
+
+def _indexed_root(index: PublishedIndex) -> Path | None:
+    run = index.last_run()
+    root = run.get("root") if run else None
+    return Path(root) if root else None

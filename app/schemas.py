@@ -1,0 +1,256 @@
+"""Request and response bodies of the REST API (pydantic models; they are the OpenAPI schema at /docs).
+
+Scores are cosine similarities in [-1, 1] between unit vectors, best first. Image URLs are relative to the server.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 1000
+MAX_PARTS = 16  # parts of one combined query
+MAX_TEXTS_PER_REQUEST = 256  # texts embedded by one /api/embed/text call
+TEXT_FIELD_MAX = 1000  # characters; the settings may lower it (max_text_chars)
+K_FIELD = Field(20, ge=1, le=MAX_K, description="how many results, 1..1000")
+MIN_SCORE_FIELD = Field(None, ge=-1.0, le=1.0, description="drop results scoring below this cosine similarity")
+
+
+class ImageHit(BaseModel):
+    """One image result."""
+
+    id: int = Field(description="stable image id")
+    path: str = Field(description="path relative to the image folder, POSIX form")
+    score: float = Field(description="cosine similarity to the query")
+    width: int | None = Field(description="upright width in pixels")
+    height: int | None = Field(description="upright height in pixels")
+    url: str = Field(description="the original file")
+    thumbnail_url: str = Field(description="a small JPEG preview")
+
+
+class SearchResponse(BaseModel):
+    """Top-k images for a query."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "results": [
+                    {"id": 7, "path": "2024/beach/IMG_0042.jpg", "score": 0.312, "width": 4032, "height": 3024,
+                     "url": "/api/images/7/file", "thumbnail_url": "/api/images/7/thumbnail"},
+                ],
+                "generation": "g-000003", "took_ms": 14.2, "truncated": False,
+            }
+        }
+    )  # fmt: skip
+
+    results: list[ImageHit]
+    generation: str = Field(description="index generation that answered")
+    took_ms: float = Field(description="server time spent on the query")
+    truncated: bool = Field(False, description="a query text was longer than the model's context and was cut")
+
+
+QueryText = Annotated[str, Field(min_length=1, max_length=TEXT_FIELD_MAX)]
+
+
+class QueryPart(BaseModel):
+    """One term of a combined query: a text or an indexed image, with a weight (negative subtracts it)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"text": "sunset", "weight": 1.0}})
+
+    text: QueryText | None = Field(None, description="a text to embed")
+    image_id: int | None = Field(None, ge=0, description="an indexed image, by id")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="multiplies the part's unit embedding")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> QueryPart:
+        if (self.text is None) == (self.image_id is None):
+            raise ValueError("each part needs exactly one of 'text' or 'image_id'")
+        return self
+
+
+class CombinedQuery(BaseModel):
+    """A weighted sum of unit embeddings, normalized, e.g. "beach" + "sunset" - "people"."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "parts": [{"text": "beach", "weight": 1.0}, {"text": "sunset", "weight": 1.0},
+                          {"text": "people", "weight": -0.5}],
+                "k": 20,
+            }
+        }
+    )  # fmt: skip
+
+    parts: list[QueryPart] = Field(min_length=1, max_length=MAX_PARTS)
+    k: int = K_FIELD
+    min_score: float | None = MIN_SCORE_FIELD
+
+
+class TextHit(BaseModel):
+    text: str
+    score: float = Field(description="cosine similarity to the image")
+    id: int | None = Field(None, description="id of an indexed text; null for a candidate from the request")
+
+
+class TextsResponse(BaseModel):
+    """Texts that best describe an image, from the indexed corpus or from the request's candidates."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"results": [{"text": "a dog on a beach", "score": 0.29, "id": 12}], "source": "index"}
+        }
+    )
+
+    results: list[TextHit]
+    source: Literal["index", "candidates"]
+
+
+class DescribeRequest(BaseModel):
+    """Image -> text for an indexed image."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {"image_id": 7, "candidates": ["a cat", "a dog"], "k": 5}})
+
+    image_id: int = Field(ge=0)
+    candidates: list[QueryText] | None = Field(
+        None, min_length=1, max_length=1000, description="rank these texts; default: the indexed text corpus"
+    )
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class ClassifyRequest(BaseModel):
+    """Zero-shot classification of an indexed image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"image_id": 7, "labels": ["cat", "dog", "beach"], "templates": None}}
+    )
+
+    image_id: int = Field(ge=0)
+    labels: list[QueryText] = Field(min_length=1, max_length=1000, description="class names")
+    templates: list[QueryText] | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="prompt templates, each with one '{}'; default: the CLIP paper's 80 ImageNet prompts, ensembled",
+    )
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"labels": [{"label": "dog", "probability": 0.91}, {"label": "cat", "probability": 0.09}],
+                        "templates": 80}
+        }
+    )  # fmt: skip
+
+    labels: list[LabelScore] = Field(description="every label, most probable first; probabilities sum to 1")
+    templates: int = Field(description="prompt templates ensembled per label")
+
+
+class EmbedTextRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"texts": ["a photo of a cat"]}})
+
+    texts: list[QueryText] = Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)
+
+
+class EmbeddingResponse(BaseModel):
+    """Unit-norm float32 embeddings, one row per input, from the served model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"model": "ViT-B-32", "dim": 3, "embeddings": [[0.6, 0.0, 0.8]]}}
+    )
+
+    model: str
+    dim: int
+    embeddings: list[list[float]]
+    truncated: list[bool] | None = Field(None, description="per text: cut to fit the model's context")
+
+
+class ImageInfo(BaseModel):
+    """Catalog record of an indexed image."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"id": 7, "path": "2024/beach/IMG_0042.jpg", "width": 4032, "height": 3024, "bytes": 2811202,
+                        "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                        "url": "/api/images/7/file", "thumbnail_url": "/api/images/7/thumbnail"}
+        }
+    )  # fmt: skip
+
+    id: int
+    path: str
+    width: int | None
+    height: int | None
+    bytes: int
+    sha256: str | None
+    url: str
+    thumbnail_url: str
+
+
+class ImageEmbedding(BaseModel):
+    id: int
+    model: str
+    dim: int
+    embedding: list[float]
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"ready": True, "reason": None, "generation": "g-000003"}})
+
+    ready: bool
+    reason: str | None = Field(None, description="why not, and what to do")
+    generation: str | None = None
+
+
+class Stats(BaseModel):
+    """What is being served."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"ready": True, "model": "ViT-B-32", "weights_sha256": "40d36571...", "embed_dim": 512,
+                        "generation": "g-000003", "built_at": 1764614400.0, "images": 12873, "texts": 1000,
+                        "factory": "IDMap2,Flat", "image_root": "/photos", "reason": None}
+        }
+    )  # fmt: skip
+
+    ready: bool
+    reason: str | None
+    model: str | None
+    weights_sha256: str | None
+    embed_dim: int | None
+    generation: str | None
+    built_at: float | None = Field(description="Unix time the served generation was published")
+    images: int
+    texts: int
+    factory: str | None
+    image_root: str | None
+
+
+class ReindexStatus(BaseModel):
+    """The last reindex the server started (a separate `clip-index build` process)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"state": "running", "pid": 4242, "started_at": 1764614400.0, "finished_at": None,
+                        "exit_code": None, "command": ["clip-index", "build", "/photos"], "log_tail": []}
+        }
+    )  # fmt: skip
+
+    state: Literal["idle", "running", "succeeded", "failed"]
+    pid: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    command: list[str] = Field(default_factory=list)
+    log_tail: list[str] = Field(default_factory=list, description="last lines the indexer logged")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx this server raises on purpose."""
+
+    detail: str = Field(description="what went wrong and what to change")

@@ -1,0 +1,288 @@
+"""The operations the API offers, over one consistent served state (model + index generation).
+
+Routers only translate HTTP to these calls; every torch and FAISS call happens here or below. Each public method
+reads ``runtime.require()`` once, so one answer never mixes two index generations.
+
+Vectors: every query vector is float32 [D], L2-normalized; scores are inner products of unit vectors (cosine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+import clip_model
+from indexer.store import Hit, ImageRecord
+
+from .errors import BadRequestError, NotFoundError
+from .imaging import ThumbnailCache, decode_upload, resolve_image_path
+from .runtime import Runtime, Served
+from .schemas import (
+    ClassifyResponse,
+    CombinedQuery,
+    EmbeddingResponse,
+    ImageEmbedding,
+    ImageHit,
+    ImageInfo,
+    LabelScore,
+    ReadyResponse,
+    SearchResponse,
+    Stats,
+    TextHit,
+    TextsResponse,
+)
+from .settings import Settings
+
+Vector = npt.NDArray[np.float32]
+CANCELLED_NORM = 1e-6  # a combined query whose weighted sum is shorter than this has no direction
+THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # the sizes clients may ask for (a bounded cache)
+
+
+class SearchService:
+    """Search, image -> text, zero-shot, embeddings and image files, for one runtime."""
+
+    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.thumbnails = ThumbnailCache(settings.cache_dir / "thumbnails")
+
+    # --- text / image -> images ----------------------------------------------------------------------------------
+
+    def search_text(self, text: str, k: int, min_score: float | None) -> SearchResponse:
+        started, state = time.perf_counter(), self.runtime.require()
+        embedding = state.encoder.encode_texts([self._check_text(text)])[0]
+        return self._search(state, embedding.vector, k, min_score, started, truncated=embedding.truncated)
+
+    def search_upload(self, data: bytes, k: int, min_score: float | None) -> SearchResponse:
+        started, state = time.perf_counter(), self.runtime.require()
+        return self._search(state, self._embed_upload(state, data), k, min_score, started)
+
+    def similar(self, image_id: int, k: int, min_score: float | None) -> SearchResponse:
+        """Images like an indexed one, from its stored embedding (no re-encoding); the image itself is left out."""
+        started, state = time.perf_counter(), self.runtime.require()
+        vector = self._stored_embedding(state, image_id)
+        return self._search(state, vector, k, min_score, started, exclude=image_id)
+
+    def search_combined(self, query: CombinedQuery) -> SearchResponse:
+        """Normalized weighted sum of the parts' unit embeddings."""
+        started, state = time.perf_counter(), self.runtime.require()
+        texts = [self._check_text(p.text) for p in query.parts if p.text is not None]
+        embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
+        total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
+        for part in query.parts:
+            if part.text is not None:
+                vector = embedded[part.text].vector
+            else:
+                vector = self._stored_embedding(state, part.image_id or 0)
+            total += part.weight * vector.astype(np.float64)
+        norm = float(np.linalg.norm(total))
+        if norm < CANCELLED_NORM:
+            raise BadRequestError("the weighted parts cancel out (their sum has no direction): change the weights")
+        truncated = any(e.truncated for e in embedded.values())
+        unit = (total / norm).astype(np.float32)
+        return self._search(state, unit, query.k, query.min_score, started, truncated=truncated)
+
+    def _search(
+        self,
+        state: Served,
+        query: Vector,
+        k: int,
+        min_score: float | None,
+        started: float,
+        exclude: int | None = None,
+        truncated: bool = False,
+    ) -> SearchResponse:
+        search_started = time.perf_counter()
+        hits = state.index.search(query[None], k + (exclude is not None))[0]
+        self.runtime.metrics.search_seconds.labels("images").observe(time.perf_counter() - search_started)
+        hits = [h for h in hits if h.id != exclude and (min_score is None or h.score >= min_score)][:k]
+        records = state.index.images([h.id for h in hits])
+        results = [_image_hit(hit, records[hit.id]) for hit in hits if _servable(records.get(hit.id))]
+        took_ms = (time.perf_counter() - started) * 1000
+        return SearchResponse(results=results, generation=state.generation, took_ms=round(took_ms, 2),
+                              truncated=truncated)  # fmt: skip
+
+    # --- image -> text and zero-shot -----------------------------------------------------------------------------
+
+    def describe_indexed(self, image_id: int, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+        state = self.runtime.require()
+        return self._describe(state, self._stored_embedding(state, image_id), candidates, k)
+
+    def describe_upload(self, data: bytes, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+        state = self.runtime.require()
+        return self._describe(state, self._embed_upload(state, data), candidates, k)
+
+    def _describe(self, state: Served, image: Vector, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+        if candidates:
+            texts = self._check_texts(candidates, "candidates")
+            matrix = state.encoder.encode_text_matrix(texts)  # [N, D]
+            scores = matrix @ image
+            order = np.argsort(-scores, kind="stable")[:k]
+            results = [TextHit(text=texts[i], score=float(scores[i])) for i in order]
+            return TextsResponse(results=results, source="candidates")
+        if state.index.manifest.counts.get("texts", 0) == 0:
+            raise BadRequestError(
+                "no texts are indexed: pass 'candidates', or index a corpus with "
+                "`clip-index texts captions.txt --index-dir ...`"
+            )
+        search_started = time.perf_counter()
+        hits = state.index.search_texts(image[None], k)[0]
+        self.runtime.metrics.search_seconds.labels("texts").observe(time.perf_counter() - search_started)
+        texts_by_id = state.index.texts([h.id for h in hits])
+        results = [TextHit(text=texts_by_id[h.id], score=h.score, id=h.id) for h in hits if h.id in texts_by_id]
+        return TextsResponse(results=results, source="index")
+
+    def classify_indexed(
+        self, image_id: int, labels: Sequence[str], templates: Sequence[str] | None
+    ) -> ClassifyResponse:
+        state = self.runtime.require()
+        return self._classify(state, self._stored_embedding(state, image_id), labels, templates)
+
+    def classify_upload(self, data: bytes, labels: Sequence[str], templates: Sequence[str] | None) -> ClassifyResponse:
+        state = self.runtime.require()
+        return self._classify(state, self._embed_upload(state, data), labels, templates)
+
+    def _classify(
+        self, state: Served, image: Vector, labels: Sequence[str], templates: Sequence[str] | None
+    ) -> ClassifyResponse:
+        labels = self._check_texts(labels, "labels")
+        if len(set(labels)) != len(labels):
+            raise BadRequestError("labels must be distinct")
+        if templates is not None and len(templates) > self.settings.max_templates:
+            raise BadRequestError(f"at most {self.settings.max_templates} templates per request")
+        try:
+            prompts = clip_model.zero_shot_prompts(labels, templates)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        embeddings = torch.from_numpy(state.encoder.encode_text_matrix([self._check_text(p) for p in prompts]))
+        classifier = clip_model.ensemble_prompts(embeddings, len(labels))  # [D, C]
+        logit_scale = state.encoder.model.logit_scale.detach()
+        probs = clip_model.zero_shot_probabilities(torch.from_numpy(image)[None], classifier, logit_scale)[0]
+        ranked = sorted(zip(labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])
+        return ClassifyResponse(
+            labels=[LabelScore(label=label, probability=min(max(p, 0.0), 1.0)) for label, p in ranked],
+            templates=len(prompts) // len(labels),
+        )
+
+    # --- embeddings ----------------------------------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResponse:
+        state = self.runtime.require()
+        embedded = state.encoder.encode_texts([self._check_text(t) for t in texts])
+        return EmbeddingResponse(
+            model=state.encoder.info.name, dim=state.encoder.info.embed_dim,
+            embeddings=[e.vector.tolist() for e in embedded], truncated=[e.truncated for e in embedded],
+        )  # fmt: skip
+
+    def embed_upload(self, data: bytes) -> EmbeddingResponse:
+        state = self.runtime.require()
+        vector = self._embed_upload(state, data)
+        return EmbeddingResponse(model=state.encoder.info.name, dim=len(vector), embeddings=[vector.tolist()])
+
+    def image_embedding(self, image_id: int) -> ImageEmbedding:
+        state = self.runtime.require()
+        vector = self._stored_embedding(state, image_id)
+        return ImageEmbedding(id=image_id, model=state.encoder.info.name, dim=len(vector), embedding=vector.tolist())
+
+    # --- images by id --------------------------------------------------------------------------------------------
+
+    def image_info(self, image_id: int) -> ImageInfo:
+        record = self._record(self.runtime.require(), image_id)
+        return ImageInfo(
+            id=record.id, path=record.path, width=record.width, height=record.height, bytes=record.size,
+            sha256=record.content_hash, url=_file_url(record.id), thumbnail_url=_thumbnail_url(record.id),
+        )  # fmt: skip
+
+    def image_file(self, image_id: int) -> Path:
+        """The file of an indexed image, inside the image root (NotFoundError otherwise)."""
+        state = self.runtime.require()
+        record = self._record(state, image_id)
+        if state.image_root is None:
+            raise NotFoundError(
+                "the server does not know the image folder (no indexer run recorded): set CLIPSEARCH_IMAGE_ROOT"
+            )
+        return resolve_image_path(state.image_root, record.path)
+
+    def thumbnail(self, image_id: int, size: int | None) -> tuple[Path, str]:
+        """(cached JPEG path, cache key usable as an ETag) of an indexed image's thumbnail."""
+        side = size or self.settings.thumbnail_size
+        if side not in THUMBNAIL_SIZES and side != self.settings.thumbnail_size:
+            raise BadRequestError(f"thumbnail size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
+        return self.thumbnails.get(self.image_file(image_id), side)
+
+    # --- operations ----------------------------------------------------------------------------------------------
+
+    def ready(self) -> ReadyResponse:
+        state = self.runtime.state
+        return ReadyResponse(
+            ready=state is not None, reason=self.runtime.problem, generation=state.generation if state else None
+        )
+
+    def stats(self) -> Stats:
+        state, problem = self.runtime.state, self.runtime.problem
+        if state is None:
+            return Stats(ready=False, reason=problem, model=None, weights_sha256=None, embed_dim=None, generation=None,
+                         built_at=None, images=0, texts=0, factory=None, image_root=None)  # fmt: skip
+        manifest = state.index.manifest
+        return Stats(
+            ready=True, reason=problem, model=state.encoder.info.name, weights_sha256=manifest.weights_sha256,
+            embed_dim=manifest.embed_dim, generation=manifest.generation, built_at=manifest.created_at,
+            images=manifest.counts.get("images", 0), texts=manifest.counts.get("texts", 0), factory=manifest.factory,
+            image_root=str(state.image_root) if state.image_root else None,
+        )  # fmt: skip
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _check_text(self, text: str) -> str:
+        if not text.strip():
+            raise BadRequestError("text is empty: give some words to search for")
+        if len(text) > self.settings.max_text_chars:
+            raise BadRequestError(f"text is {len(text)} characters, the limit is {self.settings.max_text_chars}")
+        return text
+
+    def _check_texts(self, texts: Sequence[str], what: str) -> list[str]:
+        if len(texts) > self.settings.max_labels:
+            raise BadRequestError(f"at most {self.settings.max_labels} {what} per request, got {len(texts)}")
+        return [self._check_text(t) for t in texts]
+
+    def _embed_upload(self, state: Served, data: bytes) -> Vector:
+        image = decode_upload(data, state.encoder.image_size, self.settings.max_image_pixels)
+        pixels = state.encoder.preprocess(image)[None]  # [1, 3, R, R]
+        vector: Vector = state.encoder.encode_images(pixels)[0]
+        return vector
+
+    def _record(self, state: Served, image_id: int) -> ImageRecord:
+        record = state.index.images([image_id]).get(image_id)
+        if record is None or not _servable(record):
+            raise NotFoundError(f"no indexed image has id {image_id}")
+        return record
+
+    def _stored_embedding(self, state: Served, image_id: int) -> Vector:
+        vector = state.index.embedding(image_id)
+        if vector is None:
+            raise NotFoundError(f"no indexed image has id {image_id}")
+        return vector
+
+
+def _servable(record: ImageRecord | None) -> bool:
+    return record is not None and record.status == "ok"
+
+
+def _file_url(image_id: int) -> str:
+    return f"/api/images/{image_id}/file"
+
+
+def _thumbnail_url(image_id: int) -> str:
+    return f"/api/images/{image_id}/thumbnail"
+
+
+def _image_hit(hit: Hit, record: ImageRecord) -> ImageHit:
+    return ImageHit(
+        id=hit.id, path=record.path, score=round(hit.score, 6), width=record.width, height=record.height,
+        url=_file_url(hit.id), thumbnail_url=_thumbnail_url(hit.id),
+    )  # fmt: skip
