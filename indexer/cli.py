@@ -34,7 +34,8 @@ SKIPPED_SHOWN = 20  # skipped files listed by `info`
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
+    """``$CLIPSEARCH_<name>``; an empty variable counts as unset (as for the server's settings)."""
+    return os.environ.get(ENV_PREFIX + name) or default
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -140,3 +140,9 @@ def live_server(indexed: IndexedFolder, tmp_path_factory: pytest.TempPathFactory
     server = start_server(indexed.index_dir, tmp_path_factory.mktemp("live"))
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def other_app_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny architecture with other weights."""
+    return save_tiny_model(tmp_path_factory.mktemp("app-models") / "other.safetensors", seed=1)

@@ -1,0 +1,249 @@
+"""The web page in a real browser (Debian's Chromium driven by Playwright) against the real server process.
+
+Skipped where ``/usr/bin/chromium`` or Playwright is missing, unless ``CLIPSEARCH_REQUIRE_BROWSER=1`` (CI), which
+makes that a failure. ``CLIPSEARCH_SCREENSHOT_DIR``, if set, receives a copy of the search screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Error, Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 10_000
+UPLOADED = "green/green_1.png"  # any indexed file: its own embedding scores 1.0 against itself
+ALL_THUMBNAILS_LOADED = """() => {
+    const images = [...document.querySelectorAll('.result img')];
+    return images.length > 0 && images.every((image) => image.complete && image.naturalWidth > 0);
+}"""
+TEST_KEY = "browser-test-key"
+
+_errors: list[str] = []  # console errors and uncaught page errors, from every page of this module
+
+
+def _no_browser(reason: str) -> None:
+    if os.environ.get("CLIPSEARCH_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}, and CLIPSEARCH_REQUIRE_BROWSER=1 requires the browser tests to run")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        _no_browser(f"{CHROMIUM} is not installed")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("the playwright package is not installed")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+def _open(browser: Browser, url: str, expected: tuple[str, ...] = ()) -> Page:
+    """A fresh page at ``url`` that records console errors (except those matching ``expected``) and page errors."""
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error" and not any(re.search(pattern, message.text) for pattern in expected):
+            _errors.append(f"console: {message.text} ({message.location.get('url')})")
+
+    def on_page_error(error: Error) -> None:
+        _errors.append(f"pageerror: {error.message}")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("console", on_console)
+    page.on("pageerror", on_page_error)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture
+def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
+    page = _open(browser, live_server.url)
+    yield page
+    page.close()
+
+
+def _search(page: Page, query: str, k: int | None = None) -> None:
+    from playwright.sync_api import expect
+
+    if k is not None:
+        page.fill("#k", str(k))
+    page.fill("#query", query)
+    page.click("#search-form button[type=submit]")
+    expect(page.locator("#results-heading")).to_have_text(f"Results for \u201c{query}\u201d")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+
+
+def _screenshot(page: Page, path: Path) -> Path:
+    """A full-page PNG at ``path``, copied into ``CLIPSEARCH_SCREENSHOT_DIR`` when that is set."""
+    page.screenshot(path=str(path), full_page=True)
+    if directory := os.environ.get("CLIPSEARCH_SCREENSHOT_DIR"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(directory) / path.name)
+    return path
+
+
+def test_text_search_shows_loaded_thumbnails(page: Page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status")).to_contain_text("12 images indexed (generation g-")
+    k = 8
+    _search(page, "a red square", k=k)
+
+    results = page.locator(".result")
+    assert 1 <= results.count() <= k
+    widths = page.eval_on_selector_all(".result img", "images => images.map(image => image.naturalWidth)")
+    assert widths and all(width > 0 for width in widths)
+    scores = [float(text) for text in results.locator(".score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    assert all(re.fullmatch(r"-?\d\.\d{3}", text) for text in results.locator(".score").all_inner_texts())
+    expect(page.locator("#status")).to_contain_text(f"{results.count()} results")
+
+    data = _screenshot(page, tmp_path / "search.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000
+
+
+def test_uploaded_image_finds_itself_first(page: Page, indexed: IndexedFolder) -> None:
+    from playwright.sync_api import expect
+
+    page.set_input_files("#upload", str(indexed.files[UPLOADED]))
+
+    expect(page.locator("#results-heading")).to_have_text(f"Similar to {Path(UPLOADED).name}")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    top = page.locator(".result").first
+    assert UPLOADED in (top.get_attribute("title") or "")
+    expect(top.locator(".path")).to_have_text(UPLOADED)
+    assert float(top.locator(".score").inner_text()) >= 0.999
+    preview = page.locator("#upload-preview")
+    expect(preview).to_be_visible()
+    assert preview.evaluate("image => image.naturalWidth") > 0
+
+
+def test_dropped_image_searches_by_it(page: Page, indexed: IndexedFolder) -> None:
+    from playwright.sync_api import expect
+
+    data = base64.b64encode(indexed.files[UPLOADED].read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """([data, name]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            return transfer;
+        }""",
+        [data, Path(UPLOADED).name],
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+
+    expect(page.locator("#results-heading")).to_have_text(f"Similar to {Path(UPLOADED).name}")
+    expect(page.locator(".result .path").first).to_have_text(UPLOADED)
+
+
+def test_more_like_this_and_zero_shot_labels(page: Page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _search(page, "a blue square")
+    clicked = page.locator(".result").first
+    image_id, path = clicked.get_attribute("data-id"), clicked.locator(".path").inner_text()
+    clicked.click()
+
+    expect(page.locator("#results-heading")).to_have_text(f"More like {path}")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    assert page.locator(".result").count() >= 1
+    assert page.locator(f'.result[data-id="{image_id}"]').count() == 0
+    expect(page.locator("#selected-path")).to_have_text(path)
+    assert (page.get_attribute("#selected-original", "href") or "").endswith(f"/api/images/{image_id}/file")
+    page.wait_for_function("() => document.getElementById('selected-image').naturalWidth > 0")
+
+    labels = ["a photo", "a drawing", "a screenshot"]
+    page.fill("#labels", ", ".join(labels))
+    page.click("#classify")
+    rows = page.locator("#labels-result .label-row")
+    expect(rows).to_have_count(len(labels))
+    assert sorted(rows.locator(".label-name").all_inner_texts()) == sorted(labels)
+    percents = [float(text.rstrip("%")) for text in rows.locator(".label-percent").all_inner_texts()]
+    assert sum(percents) == pytest.approx(100.0, abs=0.3)
+    assert percents == sorted(percents, reverse=True)
+    _screenshot(page, tmp_path / "similar.png")
+
+
+def test_error_bodies_and_empty_results_are_shown(browser: Browser, live_server: LiveServer) -> None:
+    """Both error body forms (string ``detail``, FastAPI's validation list) and "No results", with canned answers."""
+    from playwright.sync_api import Route, expect
+
+    answers = iter(
+        [
+            (422, {"detail": [{"loc": ["query", "k"], "msg": "Input should be less than or equal to 1000"}]}),
+            (503, {"detail": "the inference queue is full: retry shortly"}),
+            (200, {"results": [], "generation": "g-000002", "took_ms": 1.0, "truncated": False}),
+        ]
+    )
+
+    def answer(route: Route) -> None:
+        status, body = next(answers)
+        route.fulfill(status=status, json=body)
+
+    page = _open(browser, live_server.url, expected=(r"status of (422|503)",))
+    expect(page.locator("#status")).to_contain_text("12 images indexed")
+    page.route("**/api/search?*", answer)
+    status = page.locator("#status")
+    for expected in ("Error: k: Input should be less than or equal to 1000", "Error: the inference queue is full"):
+        page.fill("#query", "anything")
+        page.click("#search-form button[type=submit]")
+        expect(status).to_contain_text(expected)
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text("No results.")
+    expect(page.locator(".result")).to_have_count(0)
+    page.close()
+
+
+def test_api_key_is_asked_for_and_sent(browser: Browser, indexed: IndexedFolder, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    server = start_server(indexed.index_dir, tmp_path, {"CLIPSEARCH_API_KEY": TEST_KEY})
+    try:
+        page = _open(browser, server.url, expected=(r"status of 401",))  # the browser logs the refused request
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#status")).to_contain_text("API key")
+        page.fill("#api-key", TEST_KEY)
+        page.click("#key-form button[type=submit]")
+        expect(page.locator("#status")).to_contain_text("12 images indexed")
+        expect(page.locator("#key-form")).to_be_hidden()
+        _search(page, "a yellow square", k=3)  # thumbnails load only with ?api_key=
+        assert page.evaluate("() => localStorage.getItem('clipsearch.apiKey')") == TEST_KEY
+        page.close()
+    finally:
+        stop_server(server)
+
+
+def test_page_has_no_console_or_page_errors(page: Page) -> None:
+    """Runs last: every page above (and this one) logged no console error and threw no uncaught exception."""
+    _search(page, "a green square", k=4)
+    page.locator(".result").first.click()
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    assert _errors == []
