@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -40,15 +41,18 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _setting_problem(error: Any) -> str:
+    name = "_".join(str(part) for part in error["loc"])
+    return f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}): {error['msg']}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
-        )
-        sys.stderr.write(f"clip-serve: invalid settings: {problems} (index_dir is required: --index-dir)\n")
+        problems = "; ".join(_setting_problem(error) for error in exc.errors())
+        sys.stderr.write(f"clip-serve: invalid settings: {problems}\n")
         return 2
     configure_logging(settings.log_format, settings.log_level)
     import uvicorn
@@ -60,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=None, timeout_graceful_shutdown=10,
     )  # fmt: skip
     server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1  # not started: the lifespan logged why (e.g. the model cannot load)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits by itself when the lifespan fails (it logged why)
+        return 0 if exc.code in (0, None) else 1
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ Scores are cosine similarities in [-1, 1] between unit vectors, best first. Imag
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 1000
+MAX_ID = 2**53 - 1  # image ids are SQLite rowids; capped where JSON numbers stay exact (JavaScript's safe integers)
+MAX_LABELS = 100  # zero-shot labels, or candidate texts, per request
+MAX_TEMPLATES = 80  # prompt templates per request: the size of the default set
 MAX_PARTS = 16  # parts of one combined query
 MAX_TEXTS_PER_REQUEST = 256  # texts embedded by one /api/embed/text call
 TEXT_FIELD_MAX = 1000  # characters; the settings may lower it (max_text_chars)
@@ -50,23 +53,31 @@ class SearchResponse(BaseModel):
     truncated: bool = Field(False, description="a query text was longer than the model's context and was cut")
 
 
-QueryText = Annotated[str, Field(min_length=1, max_length=TEXT_FIELD_MAX)]
+# at least one character other than ASCII whitespace; spelled out, so that every regex engine (JSON Schema clients,
+# pydantic's, Python's) agrees on what matches
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+QueryText = Annotated[str, Field(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]
 
 
-class QueryPart(BaseModel):
-    """One term of a combined query: a text or an indexed image, with a weight (negative subtracts it)."""
+class TextPart(BaseModel):
+    """A text term of a combined query; a negative weight subtracts it."""
 
-    model_config = ConfigDict(json_schema_extra={"example": {"text": "sunset", "weight": 1.0}})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"text": "sunset", "weight": 1.0}})
 
-    text: QueryText | None = Field(None, description="a text to embed")
-    image_id: int | None = Field(None, ge=0, description="an indexed image, by id")
+    text: QueryText = Field(description="a text to embed")
     weight: float = Field(1.0, ge=-10.0, le=10.0, description="multiplies the part's unit embedding")
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> QueryPart:
-        if (self.text is None) == (self.image_id is None):
-            raise ValueError("each part needs exactly one of 'text' or 'image_id'")
-        return self
+
+class ImagePart(BaseModel):
+    """An indexed image as a term of a combined query, by id."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"image_id": 7, "weight": 0.5}})
+
+    image_id: int = Field(ge=0, le=MAX_ID, description="an indexed image, by id")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="multiplies the part's unit embedding")
+
+
+QueryPart = TextPart | ImagePart
 
 
 class CombinedQuery(BaseModel):
@@ -111,9 +122,9 @@ class DescribeRequest(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"example": {"image_id": 7, "candidates": ["a cat", "a dog"], "k": 5}})
 
-    image_id: int = Field(ge=0)
+    image_id: int = Field(ge=0, le=MAX_ID)
     candidates: list[QueryText] | None = Field(
-        None, min_length=1, max_length=1000, description="rank these texts; default: the indexed text corpus"
+        None, min_length=1, max_length=MAX_LABELS, description="rank these texts; default: the indexed text corpus"
     )
     k: int = Field(10, ge=1, le=MAX_K)
 
@@ -130,12 +141,12 @@ class ClassifyRequest(BaseModel):
         json_schema_extra={"example": {"image_id": 7, "labels": ["cat", "dog", "beach"], "templates": None}}
     )
 
-    image_id: int = Field(ge=0)
-    labels: list[QueryText] = Field(min_length=1, max_length=1000, description="class names")
+    image_id: int = Field(ge=0, le=MAX_ID)
+    labels: list[QueryText] = Field(min_length=1, max_length=MAX_LABELS, description="class names")
     templates: list[QueryText] | None = Field(
         None,
         min_length=1,
-        max_length=1000,
+        max_length=MAX_TEMPLATES,
         description="prompt templates, each with one '{}'; default: the CLIP paper's 80 ImageNet prompts, ensembled",
     )
 
@@ -193,6 +204,10 @@ class ImageInfo(BaseModel):
 
 
 class ImageEmbedding(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"id": 7, "model": "ViT-B-32", "dim": 3, "embedding": [0.6, 0.0, 0.8]}}
+    )
+
     id: int
     model: str
     dim: int
@@ -251,6 +266,9 @@ class ReindexStatus(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Body of every 4xx/5xx this server raises on purpose."""
+    """Body of every 4xx/5xx: a message saying what went wrong and what to change, or, for requests that do not
+    fit the schema (422), FastAPI's list of validation errors, one per offending field."""
 
-    detail: str = Field(description="what went wrong and what to change")
+    model_config = ConfigDict(json_schema_extra={"example": {"detail": "no indexed image has id 42"}})
+
+    detail: str | list[dict[str, Any]]

@@ -34,13 +34,14 @@ from .schemas import (
     SearchResponse,
     Stats,
     TextHit,
+    TextPart,
     TextsResponse,
 )
 from .settings import Settings
 
 Vector = npt.NDArray[np.float32]
 CANCELLED_NORM = 1e-6  # a combined query whose weighted sum is shorter than this has no direction
-THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # the sizes clients may ask for (a bounded cache)
+THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # the sizes made: a request is rounded up, so the cache stays bounded
 
 
 class SearchService:
@@ -71,14 +72,14 @@ class SearchService:
     def search_combined(self, query: CombinedQuery) -> SearchResponse:
         """Normalized weighted sum of the parts' unit embeddings."""
         started, state = time.perf_counter(), self.runtime.require()
-        texts = [self._check_text(p.text) for p in query.parts if p.text is not None]
+        texts = [self._check_text(p.text) for p in query.parts if isinstance(p, TextPart)]
         embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
         total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
         for part in query.parts:
-            if part.text is not None:
+            if isinstance(part, TextPart):
                 vector = embedded[part.text].vector
             else:
-                vector = self._stored_embedding(state, part.image_id or 0)
+                vector = self._stored_embedding(state, part.image_id)
             total += part.weight * vector.astype(np.float64)
         norm = float(np.linalg.norm(total))
         if norm < CANCELLED_NORM:
@@ -210,9 +211,8 @@ class SearchService:
 
     def thumbnail(self, image_id: int, size: int | None) -> tuple[Path, str]:
         """(cached JPEG path, cache key usable as an ETag) of an indexed image's thumbnail."""
-        side = size or self.settings.thumbnail_size
-        if side not in THUMBNAIL_SIZES and side != self.settings.thumbnail_size:
-            raise BadRequestError(f"thumbnail size must be one of {', '.join(map(str, THUMBNAIL_SIZES))}")
+        wanted = size or self.settings.thumbnail_size
+        side = next((s for s in THUMBNAIL_SIZES if s >= wanted), THUMBNAIL_SIZES[-1])
         return self.thumbnails.get(self.image_file(image_id), side)
 
     # --- operations ----------------------------------------------------------------------------------------------
@@ -239,8 +239,7 @@ class SearchService:
     # --- helpers -------------------------------------------------------------------------------------------------
 
     def _check_text(self, text: str) -> str:
-        if not text.strip():
-            raise BadRequestError("text is empty: give some words to search for")
+        """The settings' length limit (the schema already refuses empty and all-blank texts)."""
         if len(text) > self.settings.max_text_chars:
             raise BadRequestError(f"text is {len(text)} characters, the limit is {self.settings.max_text_chars}")
         return text

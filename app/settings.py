@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(90_000_000, ge=1, description="uploads with more pixels are refused (bombs)")
     max_text_chars: int = Field(1000, ge=1, le=100_000)
     default_k: int = Field(20, ge=1, le=1000)
-    max_labels: int = Field(100, ge=1, description="zero-shot labels (and candidate texts) per request")
-    max_templates: int = Field(100, ge=1, description="zero-shot prompt templates per request")
+    max_labels: int = Field(100, ge=1, le=100, description="zero-shot labels (and candidate texts) per request")
+    max_templates: int = Field(80, ge=1, le=80, description="zero-shot prompt templates per request")
 
     torch_threads: int = Field(0, ge=0, description="torch and FAISS threads; 0 = one per core")
     inference_queue: int = Field(
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     text_batch_size: int = Field(64, ge=1, description="most texts encoded in one call (micro-batching)")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache")
-    thumbnail_size: int = Field(256, ge=16, le=1024, description="default thumbnail side in pixels")
+    thumbnail_size: Literal[64, 128, 256, 512, 1024] = Field(256, description="default thumbnail side in pixels")
     reload_interval_s: float = Field(2.0, gt=0, description="how often the published generation is checked")
 
     log_format: Literal["text", "json"] = "text"

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Form
 
 from ..deps import ReadAccess, ServiceDep
-from ..schemas import TEXT_FIELD_MAX, ClassifyRequest, ClassifyResponse
+from ..schemas import MAX_LABELS, MAX_TEMPLATES, NOT_BLANK, TEXT_FIELD_MAX, ClassifyRequest, ClassifyResponse
 from ._common import ID_ERRORS, UPLOAD_ERRORS
 from .search import Upload
 
 router = APIRouter(prefix="/api/classify", tags=["zero-shot"], dependencies=[ReadAccess])
 
-FormText = Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX)]
+FormText = Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]
 
 
 @router.post("", response_model=ClassifyResponse, responses=ID_ERRORS, summary="Classify an indexed image")
@@ -26,9 +26,11 @@ def classify(request: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
 @router.post("/upload", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, summary="Classify an upload")
 def classify_upload(
     file: Upload,
-    labels: Annotated[list[FormText], Form(description="repeat once per label")],
+    labels: Annotated[list[FormText], Form(min_length=1, max_length=MAX_LABELS, description="repeat once per label")],
     service: ServiceDep,
-    templates: Annotated[list[FormText] | None, Form(description="prompt templates with one '{}'")] = None,
+    templates: Annotated[
+        list[FormText] | None, Form(max_length=MAX_TEMPLATES, description="prompt templates with one '{}'")
+    ] = None,
 ) -> ClassifyResponse:
     """Probabilities over `labels` for an uploaded image. Example:
     `curl -F file=@pet.jpg -F labels=cat -F labels=dog http://localhost:8000/api/classify/upload`"""

@@ -13,14 +13,13 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from ..deps import ReadAccess, ServiceDep, SettingsDep
-from ..schemas import ImageEmbedding, ImageInfo, SearchResponse
-from ..service import THUMBNAIL_SIZES
+from ..schemas import MAX_ID, ImageEmbedding, ImageInfo, SearchResponse
 from ._common import ID_ERRORS
 from .search import K, MinScore
 
 router = APIRouter(prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
 
-ImageId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="image id from a search result")]
+ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="image id from a search result")]
 FILE_MAX_AGE_S = 3600
 THUMBNAIL_MAX_AGE_S = 86400
 _IMAGE_RESPONSES = {
@@ -62,7 +61,9 @@ def thumbnail(
     request: Request,
     service: ServiceDep,
     settings: SettingsDep,
-    size: Annotated[int | None, Query(description=f"side in pixels, one of {list(THUMBNAIL_SIZES)}")] = None,
+    size: Annotated[
+        int | None, Query(ge=16, le=1024, description="side in pixels, rounded up to 64, 128, 256, 512 or 1024")
+    ] = None,
 ) -> Response:
     """A JPEG fitted in `size` x `size`, generated once and cached. Example: `GET /api/images/7/thumbnail?size=256`"""
     path, key = service.thumbnail(image_id, size)

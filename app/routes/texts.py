@@ -7,15 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query
 
 from ..deps import ReadAccess, ServiceDep
-from ..schemas import MAX_K, TEXT_FIELD_MAX, DescribeRequest, TextsResponse
+from ..schemas import MAX_K, MAX_LABELS, NOT_BLANK, TEXT_FIELD_MAX, DescribeRequest, TextsResponse
 from ._common import ID_ERRORS, UPLOAD_ERRORS
 from .search import Upload
 
 router = APIRouter(prefix="/api/describe", tags=["image to text"], dependencies=[ReadAccess])
 
 Candidates = Annotated[
-    list[Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX)]] | None,
-    Form(description="repeat the field once per candidate text; default: the indexed text corpus"),
+    list[Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]] | None,
+    Form(max_length=MAX_LABELS, description="repeat the field once per candidate text; default: the indexed corpus"),
 ]
 
 

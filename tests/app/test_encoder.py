@@ -1,0 +1,113 @@
+"""The inference thread: texts encoded at their real length give the full-context result, concurrent texts share
+one encoder call, a full queue is a 503 at once, and the LRU cache is bounded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import clip_model
+from app.encoder import Encoder
+from app.errors import ServiceBusyError
+from app.metrics import Metrics
+from indexer.store import ModelInfo
+
+TEXTS = ["a", "a photo of a cat", "a very long description " * 5, "🙂 emoji", "x"]
+
+
+@pytest.fixture
+def encoder(app_model: Path) -> Iterator[Encoder]:
+    model, preprocess = clip_model.load(app_model)
+    info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
+    enc = Encoder(model, preprocess, info, Metrics(), queue_size=4, text_batch_size=64, text_cache_size=3)
+    yield enc
+    enc.close()
+
+
+def test_texts_at_their_real_length_equal_the_full_context(encoder: Encoder) -> None:
+    tokens = clip_model.tokenize(TEXTS)
+    with torch.no_grad():
+        full = encoder.model.encode_text(tokens, normalize=True).numpy()  # [5, 77] tokens, padding included
+        trimmed_alone = [encoder.model.encode_text(tokens[i : i + 1, : int(tokens[i].argmax()) + 1], normalize=True)
+                         for i in range(len(TEXTS))]  # fmt: skip
+    np.testing.assert_allclose(encoder.encode_text_matrix(TEXTS), full, atol=1e-5)
+    np.testing.assert_allclose(torch.cat(trimmed_alone).numpy(), full, atol=1e-5)
+
+
+def slow_batches(encoder: Encoder, seconds: float) -> list[int]:
+    """Make each encoder call take ``seconds``; returns the list that collects each call's batch size."""
+    sizes: list[int] = []
+    original = encoder._encode_batch
+
+    def slow(kind: str, batch: list[object]) -> None:
+        sizes.append(sum(len(job.inputs) for job in batch))  # type: ignore[attr-defined]
+        time.sleep(seconds)
+        original(kind, batch)  # type: ignore[arg-type]
+
+    encoder._encode_batch = slow  # type: ignore[method-assign]
+    return sizes
+
+
+def test_concurrent_texts_share_one_encoder_call(encoder: Encoder) -> None:
+    sizes = slow_batches(encoder, 0.3)
+    blocker = threading.Thread(target=encoder.encode_texts, args=(["first"],))
+    blocker.start()
+    time.sleep(0.1)  # the first call is now running; the next four wait together
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: encoder.encode_texts([t])[0].vector, ["b", "c", "d", "e"]))
+    blocker.join()
+    assert sizes == [1, 4]
+    with torch.no_grad():
+        expected = encoder.model.encode_text(clip_model.tokenize(["b", "c", "d", "e"]), normalize=True).numpy()
+    np.testing.assert_allclose(np.stack(results), expected, atol=1e-5)
+
+
+def test_a_full_queue_refuses_at_once(encoder: Encoder) -> None:
+    slow_batches(encoder, 0.5)
+    outcomes: list[str] = []
+
+    def query(i: int) -> None:
+        started = time.monotonic()
+        try:
+            encoder.encode_texts([f"query {i}"])
+            outcomes.append("ok")
+        except ServiceBusyError as exc:
+            assert time.monotonic() - started < 0.2  # refused without waiting
+            assert "busy" in str(exc) and exc.headers == {"Retry-After": "1"}
+            outcomes.append("busy")
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(query, range(10)))
+    assert outcomes.count("busy") >= 1 and outcomes.count("ok") >= 4  # 1 running + 4 queued always get through
+
+
+def test_the_text_cache_is_an_lru_of_bounded_size(encoder: Encoder) -> None:
+    sizes = slow_batches(encoder, 0.0)
+    encoder.encode_texts(["a", "b", "c"])
+    encoder.encode_texts(["a"])  # hit: "a" becomes the most recent
+    encoder.encode_texts(["d"])  # evicts "b", the least recent
+    assert sizes == [3, 1]
+    encoder.encode_texts(["a", "c", "d"])
+    assert sizes == [3, 1]
+    encoder.encode_texts(["b"])
+    assert sizes == [3, 1, 1]
+
+
+def test_images_are_batched_and_unit_norm(encoder: Encoder) -> None:
+    pixels = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    vectors = encoder.encode_images(pixels)
+    assert vectors.shape == (3, encoder.info.embed_dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_an_encoder_error_reaches_the_caller_and_the_thread_survives(encoder: Encoder) -> None:
+    with pytest.raises(RuntimeError):
+        encoder.encode_images(torch.randn(1, 3, 7, 7))  # wrong input size for the model
+    assert encoder.encode_texts(["still works"])[0].vector.shape == (encoder.info.embed_dim,)

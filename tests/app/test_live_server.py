@@ -1,0 +1,101 @@
+"""The server as users run it: a real process (`python -m app`, the same as `clip-serve`) on a loopback port, spoken
+to over raw sockets where HTTP clients would be too polite (chunked bodies over the limit, lying lengths)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.app.conftest import REPO, IndexedFolder, LiveServer, free_port, start_server, stop_server
+
+LIMIT = 256 * 1024  # the live server's upload limit in these tests
+
+
+def raw_request(url: str, head: bytes, body_chunks: list[bytes], timeout: float = 10.0) -> bytes:
+    """Send ``head`` and then ``body_chunks`` on a fresh connection; return what the server answered (until it
+    closes or ``timeout``). Sending stops quietly once the server has closed its side."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else -1
+
+
+def test_search_over_real_http(live_server: LiveServer, indexed: IndexedFolder) -> None:
+    body = httpx.get(f"{live_server.url}/api/search", params={"q": "a red square", "k": 4}).json()
+    assert len(body["results"]) == 4
+    thumb = httpx.get(live_server.url + body["results"][0]["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    upload = indexed.files["red/red_0.jpg"].read_bytes()
+    response = httpx.post(f"{live_server.url}/api/search/image", files={"file": ("r.jpg", upload)})
+    assert response.json()["results"][0]["path"] == "red/red_0.jpg"
+    assert "x-request-id" in response.headers
+
+
+def test_body_limits_hold_against_chunked_and_lying_requests(indexed: IndexedFolder, tmp_path: Path) -> None:
+    server = start_server(indexed.index_dir, tmp_path, {"CLIPSEARCH_MAX_UPLOAD_BYTES": str(LIMIT)})
+    try:
+        url = server.url
+        boundary = b"XyZ"
+        part = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        payload = part + b"\xff" * (4 * LIMIT) + b"\r\n--XyZ--\r\n"
+        chunks = [payload[i : i + 16384] for i in range(0, len(payload), 16384)]
+        chunked_head = (
+            b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n\r\n"
+        )
+        chunked = [b"%x\r\n%s\r\n" % (len(c), c) for c in chunks] + [b"0\r\n\r\n"]
+        answer = raw_request(url, chunked_head, chunked)
+        assert status_of(answer) == 413 and b"limit is 262144 bytes" in answer
+
+        declared_big = (
+            b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+            b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n" % (10 * LIMIT)
+        )
+        assert status_of(raw_request(url, declared_big, chunks[:2])) == 413
+
+        lying_small = (  # says 40 bytes, sends a megabyte: only the declared bytes are a body, the rest is no request
+            b"POST /api/embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nContent-Type: application/json\r\n\r\n"
+        )
+        answer = raw_request(url, lying_small, [b'{"texts": ["a"]}' + b" " * 24, b"\x00" * (4 * LIMIT)])
+        assert status_of(answer) in (200, 400, 422)
+        assert b" 500 " not in answer
+        assert httpx.get(f"{url}/readyz").status_code == 200  # and the server is fine
+    finally:
+        stop_server(server)
+    assert "Traceback" not in server.logs()
+
+
+def test_clip_serve_explains_what_is_missing(tmp_path: Path, indexed: IndexedFolder) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    no_dir = subprocess.run([sys.executable, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert no_dir.returncode == 2 and "CLIPSEARCH_INDEX_DIR (--index-dir): Field required" in no_dir.stderr
+    missing_model = subprocess.run(
+        [sys.executable, "-m", "app", "--index-dir", str(indexed.index_dir), "--model", str(tmp_path / "nope.pt"),
+         "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing_model.returncode == 1
+    assert "cannot start" in missing_model.stderr and "nope.pt" in missing_model.stderr
