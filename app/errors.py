@@ -93,10 +93,11 @@ def _error_response(status: int, detail: str, headers: dict[str, str] | None = N
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SearchServiceError)  # noqa: S101  # registered for this class only
-    if exc.status >= 500 and not isinstance(exc, NotReadyError | ServiceBusyError):
+    """Registered for SearchServiceError: its ``status``, message and ``headers``."""
+    status, headers = getattr(exc, "status", 500), getattr(exc, "headers", None)
+    if status >= 500 and not isinstance(exc, NotReadyError | ServiceBusyError):
         logger.error("%s %s failed: %s", request.method, request.url.path, exc)
-    return _error_response(exc.status, str(exc), exc.headers)
+    return _error_response(status, str(exc), headers)
 
 
 async def _model_input_error(request: Request, exc: Exception) -> JSONResponse:
