@@ -79,7 +79,7 @@ class CLIP(nn.Module):
         return self.config.vision.image_size
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Encode preprocessed images. Args: image [B, 3, R, R] float. Returns [B, embed_dim]; unit-norm if normalize."""
+        """Encode preprocessed images. Args: image [B, 3, R, R] float. Returns [B, embed_dim]; unit if normalize."""
         features = self.visual(image.to(self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
