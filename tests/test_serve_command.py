@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.app.conftest import REPO, free_port, write_image
+from tests.app.conftest import REPO, free_port, wait_until_ready, write_image
 from tests.indexer.conftest import save_tiny_model
 
 START_TIMEOUT_S = 120.0
@@ -23,18 +22,12 @@ def serve(root: Path, model: Path, index_dir: Path, log: Path) -> tuple[subproce
     with log.open("ab") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve.sh exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"not ready after {START_TIMEOUT_S} s:\n{log.read_text()}")
+    try:
+        wait_until_ready(url, process, log, START_TIMEOUT_S)
+    except RuntimeError:
+        process.kill()
+        raise
+    return process, url
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -111,18 +111,29 @@ def start_server(index_dir: Path, tmp_path: Path, env: dict[str, str] | None = N
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=out, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        wait_until_ready(server.url, process, log)
+    except RuntimeError:
+        stop_server(server)
+        raise
+    return server
+
+
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = SERVER_START_TIMEOUT_S
+) -> None:
+    """Poll ``url``/readyz until it answers 200; RuntimeError with the process's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return server
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{server.logs()}")
+    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')}")
 
 
 def stop_server(server: LiveServer) -> None:
