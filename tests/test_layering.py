@@ -57,6 +57,19 @@ def test_app_reads_the_index_only_through_the_store() -> None:
     assert offenders == []
 
 
+def test_nothing_imports_the_training_package() -> None:
+    """clip_model.train uses the library; the library, the indexer and the app never import it."""
+    offenders = []
+    for path in sorted(ROOT.glob("*/**/*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] not in ("clip_model", "indexer", "app") or relative.parts[:2] == ("clip_model", "train"):
+            continue
+        source = path.read_text(encoding="utf-8")
+        if "clip_model.train" in imported_modules(path) or "from .train" in source or "from . import train" in source:
+            offenders.append(str(relative))
+    assert offenders == []
+
+
 def test_clip_model_does_not_import_torchvision() -> None:
     offenders = [p for p in (ROOT / "clip_model").rglob("*.py") if "torchvision" in imported_packages(p)]
     assert offenders == []

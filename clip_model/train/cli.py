@@ -1,0 +1,66 @@
+"""``clip-train``: one command line for training and evaluating CLIP models.
+
+Subcommands live in their own modules, each exposing ``add_arguments(parser)`` and ``run(args) -> int``:
+
+- ``fit``: train from scratch or fine-tune (:mod:`clip_model.train.fit`), also under ``torchrun``
+- ``eval``: retrieval recall@1/5/10 and zero-shot accuracy of any model on any captioned folder (:mod:`.evaluate`)
+- ``probe``: a linear probe on frozen image features of a labelled folder (:mod:`.probe`)
+- ``synth``: generate the synthetic shapes dataset (:mod:`.synthetic`)
+- ``demo``: generate the shapes data and train (or reuse) the demo model (:mod:`.demo`)
+
+Exit codes: 0 done, 1 the run could not complete (the message says why), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import ClipModelError
+from .data import DatasetError
+
+logger = logging.getLogger("clip_model.train")
+
+COMMANDS = {
+    "fit": ("fit", "train from scratch or fine-tune on image-caption pairs"),
+    "eval": ("evaluate", "retrieval recall@k and zero-shot accuracy on a captioned folder"),
+    "probe": ("probe", "fit a linear probe on frozen image features of a labelled folder"),
+    "synth": ("synthetic", "generate the synthetic shapes dataset (deterministic from a seed)"),
+    "demo": ("demo", "generate the shapes data and train, or reuse, the demo model"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-train", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        command = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args))
+    except (ClipModelError, DatasetError) as exc:
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; the last saved checkpoint is kept (--resume continues from it)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
