@@ -9,9 +9,11 @@ Contracts:
 * With ``gather=True`` under ``torch.distributed`` (gloo on CPU, nccl on GPU), every rank gathers the rows of all
   ranks and computes the loss of the whole global batch: the value is the one-process loss over the concatenated
   batch on every rank. Gathered copies of other ranks' rows carry no gradient, the local rows keep theirs, so each
-  rank's gradient with respect to its own rows is exactly the one-process gradient for those rows. Parameter
-  gradients are then the one-process gradients when the ranks' gradients are SUMMED; DistributedDataParallel
-  averages them, so a training loop under DDP backpropagates ``world_size * loss`` (see ``clip_model.train``).
+  rank's gradient with respect to its own rows is exactly the one-process gradient for those rows. The scalars
+  ``logit_scale`` and ``logit_bias`` are replicated, so every rank would backpropagate the whole global loss into
+  them: their gradient is divided by the world size (the value is untouched). Parameter gradients are then the
+  one-process gradients when the ranks' gradients are SUMMED; DistributedDataParallel averages them, so a training
+  loop under DDP backpropagates ``world_size * loss`` (see ``clip_model.train``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered)
 
 
+def _global_batch(
+    image_features: torch.Tensor, text_features: torch.Tensor, gather: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rows the loss is computed over and the number of ranks that compute it (1 without ``gather``)."""
+    world = _world()[1] if gather else 1
+    if world == 1:
+        return image_features, text_features, 1
+    return gather_features(image_features), gather_features(text_features), world
+
+
+def _replicated(scalar: torch.Tensor, world: int) -> torch.Tensor:
+    """``scalar`` with the same value and its gradient divided by ``world``: each of ``world`` ranks backpropagates the
+    whole global loss through it, so the ranks' gradients summed are the one-process gradient."""
+    if world == 1:
+        return scalar
+    detached = scalar.detach()
+    return detached + (scalar - detached) / world  # exactly ``scalar`` in value (finite ``scalar``)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -65,9 +86,8 @@ def clip_loss(
     Returns:
         scalar loss over the (global) batch.
     """
-    if gather:
-        image_features, text_features = gather_features(image_features), gather_features(text_features)
-    logits_per_image = scaled(logit_scale) * image_features @ text_features.t()  # [N, N]
+    image_features, text_features, world = _global_batch(image_features, text_features, gather)
+    logits_per_image = scaled(_replicated(logit_scale, world)) * image_features @ text_features.t()  # [N, N]
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
 
@@ -86,8 +106,8 @@ def siglip_loss(
     pairs and ``-1`` for the others. ``logit_bias`` is a learned scalar (SigLIP starts it at -10 and ``logit_scale``
     at log 10).
     """
-    if gather:
-        image_features, text_features = gather_features(image_features), gather_features(text_features)
-    logits = scaled(logit_scale) * image_features @ text_features.t() + logit_bias  # [N, N]
+    image_features, text_features, world = _global_batch(image_features, text_features, gather)
+    scale, bias = scaled(_replicated(logit_scale, world)), _replicated(logit_bias, world)
+    logits = scale * image_features @ text_features.t() + bias  # [N, N]
     signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
