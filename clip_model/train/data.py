@@ -66,6 +66,8 @@ def read_labelled(root: Path, captions: Path | None = None) -> list[Pair]:
     """Pairs that carry labels: from a captions file with a ``label`` column, else one sub-folder per class (the
     caption is then the class name)."""
     root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
     has_file = captions is not None or any((root / name).is_file() for name in CAPTION_FILES)
     if has_file:
         pairs = read_pairs(root, captions)
