@@ -54,7 +54,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (150, 150, 150)}
-SIZES: dict[str, float] = {"small": 0.12, "large": 0.22}  # circumradius as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.15, "large": 0.25}  # circumradius as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # shape centre (x, y) as fractions of the image side
     "top left": (0.28, 0.28),
     "top right": (0.72, 0.28),
@@ -78,6 +78,12 @@ CAPTION_TEMPLATES = (
     "a photo of a {size} {color} {shape} in the {position}",
     "{color} {shape}, {size}, in the {position} of a {background} image",
     "there is a {size} {color} {shape} at the {position}",
+    # captions that leave attributes out, as search queries do ("a small red circle"): without them the text tower
+    # never sees a caption end right after the shape, and short queries land off the training distribution
+    "a {size} {color} {shape}",
+    "a {color} {shape}",
+    "a {size} {color} {shape} on a {background} background",
+    "a {color} {shape} in the {position}",
 )
 
 DEFAULT_IMAGE_SIZE = 64  # pixels per side
@@ -90,7 +96,7 @@ ROTATION_JITTER_DEG = 15.0  # +- rotation of every shape but the circle
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
 CROSS_ARM_RATIO = 0.34  # half-width of a cross arm / its length
 TRIANGLE_SCALE = 1.15  # equilateral triangles look small at the same circumradius; enlarge them a little
-GENERATOR_VERSION = 1  # bump when the drawing or the captions change, so cached folders are regenerated
+GENERATOR_VERSION = 3  # bump when the drawing or the captions change, so cached folders are regenerated
 SPEC_FILE = ".spec.json"
 CAPTIONS_FILE = CAPTION_FILES[0]  # captions.jsonl
 IMAGE_DIR = "images"

@@ -81,12 +81,13 @@ def test_generated_folder_records_attributes_and_reads_as_pairs(tmp_path: Path) 
 
 def test_captions_mention_every_attribute_they_promise() -> None:
     for template in CAPTION_TEMPLATES:
-        for field in ("shape", "color", "size", "position"):
+        for field in ("shape", "color"):  # every caption names the shape and its colour; some leave the rest out
             assert f"{{{field}}}" in template, (template, field)
+    assert any("{position}" not in t and "{background}" not in t for t in CAPTION_TEMPLATES)  # query-like captions
     skeletons = set()
-    for index in range(200):
+    for index in range(400):
         attributes, caption, _ = sample_attributes("train", 0, index)
-        for field in ("shape", "color", "size", "position"):
+        for field in ("shape", "color"):
             assert attributes[field] in caption
         assert not re.search(r"\ba [aeiou]", caption), caption  # "an orange", never "a orange"
         for field, value in attributes.items():
