@@ -1,0 +1,85 @@
+"""End to end, offline: train the demo model (the CI's fast recipe) on the synthetic shapes, check that it retrieves
+by attributes, including colour-shape pairs it never saw, then index images it never trained on and ask the running
+server for "a red circle"; finally run the README's demo command, which reuses the trained model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from clip_model.train import synthetic
+from clip_model.train.demo import FAST, build_demo, demo_paths
+from indexer.cli import main as clip_index
+from tests.app.conftest import REPO, free_port, start_server, stop_server, wait_until_ready
+
+TEST_RECALL_AT_1 = 0.8  # attribute queries over new images of combinations seen in training
+HELDOUT_RECALL_AT_1 = 0.5  # colour-shape combinations never seen in training
+TOP = 5
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """(cache dir holding demo/, report) of the fast recipe, trained once for the module."""
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, build_demo(cache / "demo", FAST)
+
+
+def test_demo_model_retrieves_by_attributes(demo: tuple[Path, dict[str, Any]]) -> None:
+    _, report = demo
+    assert report["test"]["text_to_image_recall@1"] >= TEST_RECALL_AT_1, report
+    assert report["heldout"]["text_to_image_recall@1"] >= HELDOUT_RECALL_AT_1, report
+
+
+def top_records(url: str, query: str, records: dict[str, synthetic.ShapeRecord]) -> list[synthetic.ShapeRecord]:
+    results = httpx.get(f"{url}/api/search", params={"q": query, "k": TOP}, timeout=30).json()["results"]
+    return [records[hit["path"]] for hit in results]
+
+
+def records_by_path(data: Path) -> dict[str, synthetic.ShapeRecord]:
+    found = {}
+    for split in ("test", "heldout"):
+        for record in synthetic.load_records(data / split):
+            found[Path(record.path).relative_to(data).as_posix()] = record
+    return found
+
+
+def test_the_server_finds_red_circles_among_unseen_images(demo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    cache, _ = demo
+    paths = demo_paths(cache / "demo", FAST)
+    data, index_dir = paths["root"] / "data", tmp_path / "index"
+    command = ["build", str(data), "--exclude", "train/", "--index-dir", str(index_dir), "--model", str(paths["model"])]
+    assert clip_index([*command, "--workers", "0"]) == 0
+    server = start_server(index_dir, tmp_path)
+    try:
+        found = top_records(server.url, "a red circle", records_by_path(data))
+    finally:
+        stop_server(server)
+    assert [(r.color, r.shape) for r in found] == [("red", "circle")] * TOP
+
+
+def test_the_offline_demo_command_reuses_the_model_and_serves(
+    demo: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    cache, _ = demo
+    port, log = free_port(), tmp_path / "demo.log"
+    env = {**os.environ, "CLIP_MODEL_CACHE": str(cache), "CLIPSEARCH_CACHE_DIR": str(tmp_path / "thumbs")}
+    with log.open("wb") as out:
+        process = subprocess.Popen(["scripts/demo.sh", "--fast", "--port", str(port)], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, process, log, timeout=300)
+        found = top_records(
+            url, "a small blue triangle", records_by_path(demo_paths(cache / "demo", FAST)["root"] / "data")
+        )
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "reusing the demo model" in log.read_text()
+    assert (found[0].color, found[0].shape, found[0].size) == ("blue", "triangle", "small")
+    assert [r.color for r in found[:3]] == ["blue"] * 3
