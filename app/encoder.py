@@ -10,6 +10,11 @@ Contracts:
   the batch's longest prompt instead of the full context: the causal mask makes each row's end-of-text feature
   independent of the padding after it, so the output is the same.
 * Image jobs that are waiting together are likewise stacked into one call.
+* A job may carry a search (:class:`SearchRequest`: an index and k): after the batch is encoded, the queries of
+  all its jobs that search the same index go to FAISS in one call with the largest k, and each job gets its own
+  rows cut to its own k. A flat scan is memory-bound, so Q queries cost about what one does; an HNSW or IVF search
+  runs its queries in parallel. Jobs that only search (cached texts, stored or uploaded embeddings) join any batch.
+* Encoding and searching share the one thread, so torch and FAISS never compete for the cores.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 import clip_model
-from indexer.store import ModelInfo
+from indexer.store import Hit, ModelInfo
 
 from .errors import ServiceBusyError
 from .metrics import Metrics
@@ -40,11 +46,32 @@ STOP = object()  # sentinel that ends the inference thread
 IMAGE_BATCH_SIZE = 32  # most images stacked into one encoder call
 
 
+class SearchableIndex(Protocol):
+    """What a search job needs of an index (``indexer.store.PublishedIndex`` is one)."""
+
+    def search(self, queries: Vectors, k: int) -> list[list[Hit]]: ...
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Search ``index`` for the ``k`` nearest images of each of a job's vectors once they are encoded."""
+
+    index: SearchableIndex
+    k: int
+
+
+@dataclass
+class _Result:
+    vectors: Vectors  # [N, D] float32 unit rows
+    hits: list[list[Hit]] | None  # N lists of at most k hits, when the job asked for a search
+
+
 @dataclass
 class _Job:
-    kind: str  # "text" | "image"
-    inputs: torch.Tensor  # tokens [N, context] int64, or pixels [N, 3, R, R] float32
-    future: Future[Vectors] = field(default_factory=Future)
+    kind: str  # "text" | "image" | "vectors" (already embedded: only searched)
+    inputs: torch.Tensor | Vectors  # tokens [N, context] int64, pixels [N, 3, R, R] float32, or vectors [N, D]
+    search: SearchRequest | None = None
+    future: Future[_Result] = field(default_factory=Future)
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,32 @@ class Encoder:
 
     def encode_texts(self, texts: Sequence[str]) -> list[TextEmbedding]:
         """Unit embeddings of ``texts``, from the cache where possible; texts over the context are truncated."""
+        found = self._cached(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        if missing:
+            tokens, truncated = self._tokenize(missing)
+            vectors = self._submit(_Job("text", tokens)).vectors
+            found.update(self._remember(missing, vectors, truncated))
+        return [found[text] for text in texts]
+
+    def search_text(self, text: str, search: SearchRequest) -> tuple[TextEmbedding, list[Hit]]:
+        """``text``'s embedding (as :meth:`encode_texts`) and the index's nearest images, encoded and searched in
+        the same micro-batch as the other queries waiting now."""
+        cached = self._cached([text]).get(text)
+        if cached is not None:
+            return cached, self.search_vectors(cached.vector[None], search)[0]
+        tokens, truncated = self._tokenize([text])
+        result = self._submit(_Job("text", tokens, search))
+        assert result.hits is not None  # noqa: S101  # a job with a search always gets hits
+        return self._remember([text], result.vectors, truncated)[text], result.hits[0]
+
+    def search_vectors(self, vectors: Vectors, search: SearchRequest) -> list[list[Hit]]:
+        """The index's nearest images of ``vectors`` [N, D] float32 unit rows, batched with the waiting queries."""
+        result = self._submit(_Job("vectors", np.ascontiguousarray(vectors, dtype=np.float32), search))
+        assert result.hits is not None  # noqa: S101
+        return result.hits
+
+    def _cached(self, texts: Sequence[str]) -> dict[str, TextEmbedding]:
         found: dict[str, TextEmbedding] = {}
         with self._cache_lock:
             for text in texts:
@@ -102,40 +155,37 @@ class Encoder:
                 if hit is not None:
                     self._cache.move_to_end(text)
                     found[text] = hit
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
-        self._metrics.text_cache.labels("hit").inc(len(texts) - len(missing))
-        self._metrics.text_cache.labels("miss").inc(len(missing))
-        if missing:
-            tokens = clip_model.tokenize(missing, context_length=self.model.context_length, truncate=True)
-            truncated = (tokens[:, -1] != 0).tolist()
-            vectors = self._submit("text", tokens)
-            fresh = {t: TextEmbedding(vectors[i], bool(truncated[i])) for i, t in enumerate(missing)}
-            found.update(fresh)
-            self._remember(fresh)
-        return [found[text] for text in texts]
+        self._metrics.text_cache.labels("hit").inc(len(found))
+        self._metrics.text_cache.labels("miss").inc(len(set(texts)) - len(found))
+        return found
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        tokens = clip_model.tokenize(texts, context_length=self.model.context_length, truncate=True)
+        return tokens, [bool(t) for t in (tokens[:, -1] != 0).tolist()]
 
     def encode_text_matrix(self, texts: Sequence[str]) -> Vectors:
         """[N, D] float32 unit rows for ``texts`` (see :meth:`encode_texts`)."""
         return np.stack([e.vector for e in self.encode_texts(texts)]).astype(np.float32, copy=False)
 
-    def _remember(self, fresh: dict[str, TextEmbedding]) -> None:
+    def _remember(self, texts: Sequence[str], vectors: Vectors, truncated: Sequence[bool]) -> dict[str, TextEmbedding]:
+        fresh = {t: TextEmbedding(vectors[i], truncated[i]) for i, t in enumerate(texts)}
         if self._cache_size == 0:
-            return
+            return fresh
         with self._cache_lock:
             self._cache.update(fresh)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        return fresh
 
     # --- images ------------------------------------------------------------------------------------------------
 
     def encode_images(self, pixels: torch.Tensor) -> Vectors:
         """[N, 3, R, R] float32 preprocessed images -> [N, D] unit rows."""
-        return self._submit("image", pixels)
+        return self._submit(_Job("image", pixels)).vectors
 
     # --- the inference thread ----------------------------------------------------------------------------------
 
-    def _submit(self, kind: str, inputs: torch.Tensor) -> Vectors:
-        job = _Job(kind, inputs)
+    def _submit(self, job: _Job) -> _Result:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -154,42 +204,86 @@ class Encoder:
             assert isinstance(job, _Job)  # noqa: S101  # only _Job and STOP are ever queued
             batch = self._drain(job)
             try:
-                self._encode_batch(job.kind, batch)
+                vectors = self._encode_batch(batch)
             except BaseException as exc:  # noqa: BLE001  # handed to the waiting requests, which re-raise it
                 for item in batch:
                     item.future.set_exception(exc)
+                continue
+            self._search_batch(batch, vectors)
 
     def _drain(self, first: _Job) -> list[_Job]:
-        """``first`` plus the jobs of the same kind waiting right now (texts: up to ``text_batch_size`` rows)."""
-        batch, rows = [first], len(first.inputs)
-        limit = self._text_batch_size if first.kind == "text" else IMAGE_BATCH_SIZE
-        while rows < limit:
+        """``first`` plus the jobs waiting right now that can share its encoder call: the same kind (texts: up to
+        ``text_batch_size`` rows, images: ``IMAGE_BATCH_SIZE``), and search-only jobs with any kind."""
+        batch, kind = [first], first.kind
+        rows = {first.kind: len(first.inputs)}
+        while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(job, _Job) or job.kind != first.kind:
+            if not isinstance(job, _Job) or (job.kind not in ("vectors", kind) and kind != "vectors"):
                 self._held = job if isinstance(job, _Job) else None
                 if job is STOP:
                     self._queue.put(STOP)
                 break
             batch.append(job)
-            rows += len(job.inputs)
+            kind = job.kind if kind == "vectors" else kind
+            rows[job.kind] = rows.get(job.kind, 0) + len(job.inputs)
+            if rows.get("text", 0) >= self._text_batch_size or rows.get("image", 0) >= IMAGE_BATCH_SIZE:
+                break
         return batch
 
-    def _encode_batch(self, kind: str, batch: list[_Job]) -> None:
-        inputs = torch.cat([job.inputs for job in batch])
-        started = time.perf_counter()
-        with torch.inference_mode():
-            if kind == "text":
-                length = int(inputs.argmax(dim=-1).max()) + 1  # the longest prompt's end-of-text position + 1
-                features = self.model.encode_text(inputs[:, :length], normalize=True)
-            else:
-                features = self.model.encode_image(inputs, normalize=True)
-        vectors = np.ascontiguousarray(features.float().numpy())
-        self._metrics.encode_seconds.labels(kind).observe(time.perf_counter() - started)
-        self._metrics.encode_batch_size.labels(kind).observe(len(inputs))
-        start = 0
+    def _encode_batch(self, batch: list[_Job]) -> list[Vectors]:
+        """Each job's [N, D] float32 unit rows: the batch's texts or images encoded in one call."""
+        encoded = [job for job in batch if job.kind != "vectors"]
+        if encoded:
+            kind = encoded[0].kind
+            inputs = torch.cat([torch.as_tensor(job.inputs) for job in encoded])
+            started = time.perf_counter()
+            with torch.inference_mode():
+                if kind == "text":
+                    length = int(inputs.argmax(dim=-1).max()) + 1  # the longest prompt's end-of-text position + 1
+                    features = self.model.encode_text(inputs[:, :length], normalize=True)
+                else:
+                    features = self.model.encode_image(inputs, normalize=True)
+            matrix = np.ascontiguousarray(features.float().numpy())
+            self._metrics.encode_seconds.labels(kind).observe(time.perf_counter() - started)
+            self._metrics.encode_batch_size.labels(kind).observe(len(inputs))
+        out, start = [], 0
         for job in batch:
-            job.future.set_result(vectors[start : start + len(job.inputs)])
-            start += len(job.inputs)
+            if job.kind == "vectors":
+                out.append(np.asarray(job.inputs, dtype=np.float32))
+            else:
+                out.append(matrix[start : start + len(job.inputs)])
+                start += len(job.inputs)
+        return out
+
+    def _search_batch(self, batch: list[_Job], vectors: list[Vectors]) -> None:
+        """Finish every job: one FAISS call per index for the jobs that search it, then each job's result."""
+        hits: list[list[list[Hit]] | None] = [None] * len(batch)
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(batch):
+            if job.search is not None:
+                groups.setdefault(id(job.search.index), []).append(i)
+        for members in groups.values():
+            search = batch[members[0]].search
+            assert search is not None  # noqa: S101
+            k = max(batch[i].search.k for i in members)  # type: ignore[union-attr]
+            queries = np.concatenate([vectors[i] for i in members]) if len(members) > 1 else vectors[members[0]]
+            started = time.perf_counter()
+            try:
+                found = search.index.search(np.ascontiguousarray(queries), k)
+            except BaseException as exc:  # noqa: BLE001  # handed to the waiting requests, which re-raise it
+                for i in members:
+                    batch[i].future.set_exception(exc)
+                continue
+            self._metrics.search_seconds.labels("images").observe(time.perf_counter() - started)
+            self._metrics.search_batch_size.observe(len(queries))
+            start = 0
+            for i in members:
+                rows = len(vectors[i])
+                hits[i] = [row[: batch[i].search.k] for row in found[start : start + rows]]  # type: ignore[union-attr]
+                start += rows
+        for job, job_vectors, job_hits in zip(batch, vectors, hits, strict=True):
+            if not job.future.done():
+                job.future.set_result(_Result(job_vectors, job_hits))

@@ -32,6 +32,9 @@ class Metrics:
         self.search_seconds = Histogram(
             "clipsearch_search_seconds", "time of one FAISS search", ("index",), buckets=LATENCY_BUCKETS_S, registry=r
         )
+        self.search_batch_size = Histogram(
+            "clipsearch_search_batch_size", "queries per FAISS image search call", buckets=BATCH_BUCKETS, registry=r
+        )
         self.text_cache = Counter("clipsearch_text_cache", "text embedding cache lookups", ("result",), registry=r)
         self.rejected = Counter(
             "clipsearch_rejected", "requests refused to protect the server", ("reason",), registry=r

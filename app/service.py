@@ -19,6 +19,7 @@ import torch
 import clip_model
 from indexer.store import Hit, ImageRecord
 
+from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path
 from .runtime import Runtime, Served
@@ -56,8 +57,8 @@ class SearchService:
 
     def search_text(self, text: str, k: int, min_score: float | None) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        embedding = state.encoder.encode_texts([self._check_text(text)])[0]
-        return self._search(state, embedding.vector, k, min_score, started, truncated=embedding.truncated)
+        embedding, hits = state.encoder.search_text(self._check_text(text), SearchRequest(state.index, k))
+        return self._respond(state, hits, k, min_score, started, truncated=embedding.truncated)
 
     def search_upload(self, data: bytes, k: int, min_score: float | None) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
@@ -98,9 +99,20 @@ class SearchService:
         exclude: int | None = None,
         truncated: bool = False,
     ) -> SearchResponse:
-        search_started = time.perf_counter()
-        hits = state.index.search(query[None], k + (exclude is not None))[0]
-        self.runtime.metrics.search_seconds.labels("images").observe(time.perf_counter() - search_started)
+        request = SearchRequest(state.index, k + (exclude is not None))
+        hits = state.encoder.search_vectors(query[None], request)[0]
+        return self._respond(state, hits, k, min_score, started, exclude, truncated)
+
+    def _respond(
+        self,
+        state: Served,
+        hits: list[Hit],
+        k: int,
+        min_score: float | None,
+        started: float,
+        exclude: int | None = None,
+        truncated: bool = False,
+    ) -> SearchResponse:
         hits = [h for h in hits if h.id != exclude and (min_score is None or h.score >= min_score)][:k]
         records = state.index.images([h.id for h in hits])
         results = [_image_hit(hit, records[hit.id]) for hit in hits if _servable(records.get(hit.id))]

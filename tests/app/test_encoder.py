@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import clip_model
-from app.encoder import Encoder
+from app.encoder import Encoder, SearchRequest
 from app.errors import ServiceBusyError
 from app.metrics import Metrics
-from indexer.store import ModelInfo
+from indexer.store import Hit, ModelInfo
 
 TEXTS = ["a", "a photo of a cat", "a very long description " * 5, "🙂 emoji", "x"]
 
@@ -46,10 +46,10 @@ def slow_batches(encoder: Encoder, seconds: float) -> list[int]:
     sizes: list[int] = []
     original = encoder._encode_batch
 
-    def slow(kind: str, batch: list[object]) -> None:
-        sizes.append(sum(len(job.inputs) for job in batch))  # type: ignore[attr-defined]
+    def slow(batch: list[object]) -> list[np.ndarray]:
+        sizes.append(sum(len(job.inputs) for job in batch if job.kind != "vectors"))  # type: ignore[attr-defined]
         time.sleep(seconds)
-        original(kind, batch)  # type: ignore[arg-type]
+        return original(batch)  # type: ignore[arg-type]
 
     encoder._encode_batch = slow  # type: ignore[method-assign]
     return sizes
@@ -111,3 +111,76 @@ def test_an_encoder_error_reaches_the_caller_and_the_thread_survives(encoder: En
     with pytest.raises(RuntimeError):
         encoder.encode_images(torch.randn(1, 3, 7, 7))  # wrong input size for the model
     assert encoder.encode_texts(["still works"])[0].vector.shape == (encoder.info.embed_dim,)
+
+
+class RecordingIndex:
+    """An exact index over random unit vectors that records the shape of every search call."""
+
+    def __init__(self, dim: int, size: int = 50, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        vectors = rng.standard_normal((size, dim)).astype(np.float32)
+        self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.calls: list[tuple[int, int]] = []  # (queries, k) of each call
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        self.calls.append((len(queries), k))
+        scores = queries @ self.vectors.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[Hit(int(i), float(row[i])) for i in top] for row, top in zip(scores, order, strict=True)]
+
+
+def test_concurrent_text_searches_share_one_encoder_call_and_one_index_call(encoder: Encoder) -> None:
+    index = RecordingIndex(encoder.info.embed_dim)
+    sizes = slow_batches(encoder, 0.3)
+    blocker = threading.Thread(target=encoder.encode_texts, args=(["first"],))
+    blocker.start()
+    time.sleep(0.1)  # the first call is now running; the searches below wait together
+    texts, ks = ["b", "c", "d", "e"], [1, 3, 10, 5]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t, k: encoder.search_text(t, SearchRequest(index, k)), texts, ks))
+    blocker.join()
+    assert sizes == [1, 4] and index.calls == [(4, 10)]  # one FAISS call at the largest k
+    for (embedding, hits), k in zip(results, ks, strict=True):
+        assert len(hits) == k  # each job gets its own k
+        alone = index.search(embedding.vector[None], k)[0]  # the same hits as a search of its own
+        assert [h.id for h in hits] == [h.id for h in alone]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in alone], atol=1e-6)
+
+
+def test_searches_of_cached_texts_and_stored_vectors_join_the_text_batch(encoder: Encoder) -> None:
+    index = RecordingIndex(encoder.info.embed_dim)
+    encoder.encode_texts(["cached"])
+    sizes = slow_batches(encoder, 0.3)
+    blocker = threading.Thread(target=encoder.encode_texts, args=(["first"],))
+    blocker.start()
+    time.sleep(0.1)
+    stored = index.vectors[7:8]
+    with ThreadPoolExecutor(3) as pool:
+        fresh = pool.submit(encoder.search_text, "fresh", SearchRequest(index, 2))
+        cached = pool.submit(encoder.search_text, "cached", SearchRequest(index, 2))
+        by_vector = pool.submit(encoder.search_vectors, stored, SearchRequest(index, 2))
+        results = fresh.result(), cached.result(), by_vector.result()
+    blocker.join()
+    assert sizes == [1, 1]  # only "fresh" needed encoding
+    assert index.calls == [(3, 2)]
+    assert results[2][0][0] == Hit(7, pytest.approx(1.0))  # a stored vector finds itself first
+
+
+def test_a_failing_index_fails_only_its_own_searches(encoder: Encoder) -> None:
+    class BrokenIndex:
+        def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+            raise RuntimeError("index is closed")
+
+    good, broken = RecordingIndex(encoder.info.embed_dim), BrokenIndex()
+    slow_batches(encoder, 0.3)
+    blocker = threading.Thread(target=encoder.encode_texts, args=(["first"],))
+    blocker.start()
+    time.sleep(0.1)
+    with ThreadPoolExecutor(2) as pool:
+        ok = pool.submit(encoder.search_text, "good", SearchRequest(good, 3))
+        bad = pool.submit(encoder.search_text, "bad", SearchRequest(broken, 3))
+        assert len(ok.result()[1]) == 3
+        with pytest.raises(RuntimeError, match="closed"):
+            bad.result()
+    blocker.join()
+    assert encoder.encode_texts(["bad"])[0].vector.shape == (encoder.info.embed_dim,)  # encoded and cached anyway
