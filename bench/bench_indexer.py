@@ -18,7 +18,9 @@ Three benchmarks, each repeated ``--repeat`` times (medians with min-max are rep
   decode images/s with draft on vs off.
 
 Generated photos, models and the no-op folder and index are cached in ``--workdir`` between runs; all runs are
-warm-cache (files in the page cache). Results: a table on stdout and JSON in ``bench/results/``.
+warm-cache (files in the page cache). Results: a table on stdout and JSON in ``bench/results/`` (or ``--out``).
+Each indexer child's peak RSS (``wait4``'s ``ru_maxrss``) is reported with its time. ``--smoke``: tiny sizes and
+the tiny test model, to check that the script works (< 1 min; the suite's CI smoke run).
 torch and the indexer are imported inside functions, so that the ``--noop-profile`` child can time those imports.
 """
 
@@ -64,6 +66,7 @@ ENCODE_CEILING_IMAGES = 512  # photos encoded for the encode ceiling
 DRAFT_SAMPLE = 50
 RATIO_TARGET = 0.85
 NOOP_TARGET_S = 10.0
+SMOKE_IMAGES, SMOKE_SIZE, SMOKE_NOOP_FILES = 60, (640, 480), FILES_PER_DIR  # --smoke: seconds, not minutes
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS")
 
 
@@ -169,6 +172,11 @@ def vit_model(workdir: Path) -> Path:
     return saved_model(workdir, f"{MODEL_ARCH}-seed0", lambda: clip_model.create_model(MODEL_ARCH, seed=0)[0])
 
 
+def pipeline_model(args: argparse.Namespace, workdir: Path) -> Path:
+    """The model of the pipeline and draft benchmarks: ViT-B/32 (random weights), or the tiny one (``--smoke``)."""
+    return tiny_model(workdir) if args.model == "tiny" else vit_model(workdir)
+
+
 def tiny_model(workdir: Path) -> Path:
     import clip_model
     from clip_model.config import CLIPConfig
@@ -269,7 +277,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from indexer.scan import iter_images
 
     root = photo_folder(workdir, args.images, *args.size)
-    model = vit_model(workdir)
+    model = pipeline_model(args, workdir)
     files = list(iter_images(root))
     loaded = load_model(str(model))
     spec = loaded.decode_spec(draft=not args.no_draft)
@@ -376,13 +384,19 @@ def noop_profile(root: Path, index_dir: Path, model: Path) -> None:
     print(json.dumps({"times": times, "stats": stats.as_dict()}))
 
 
-def _child(command: Sequence[str]) -> tuple[float, str]:
+def _child(command: Sequence[str]) -> tuple[float, str, float]:
+    """Run ``command``: (wall seconds, stdout, peak RSS in MB of the child)."""
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return elapsed, done.stdout
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"{command} failed ({process.returncode}): {stderr[-2000:]}")
+    return elapsed, stdout, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def _last_stats(index_dir: Path) -> dict[str, Any]:
@@ -440,9 +454,10 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     cli = [sys.executable, "-m", "indexer", "build", str(root), "--index-dir", str(index_dir), "--model", str(model)]
     profile = [sys.executable, str(Path(__file__).resolve()), "--noop-profile", str(root), str(index_dir), str(model)]
-    totals, startups, phases = [], [], []
+    totals, startups, phases, peaks = [], [], [], []
     for rep in range(args.repeat):
-        elapsed, _ = _child(cli)
+        elapsed, _, peak_mb = _child(cli)
+        peaks.append(peak_mb)
         stats_dict = _last_stats(index_dir)
         if stats_dict.get("encoded") != 0 or stats_dict.get("unchanged") != args.noop_files:
             raise RuntimeError(f"the rerun was not a no-op: {stats_dict}")
@@ -450,7 +465,7 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         startups.append(_child([sys.executable, "-c", "pass"])[0])
         phases.append(json.loads(_child(profile)[1])["times"])
         print(
-            f"  rep {rep + 1}: `python -m indexer build` {elapsed:.2f} s; phases "
+            f"  rep {rep + 1}: `python -m indexer build` {elapsed:.2f} s, peak RSS {peak_mb:.0f} MB; phases "
             + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()),
             flush=True,
         )
@@ -460,6 +475,7 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "files": args.noop_files,
         "model": model.name,
         "total_s": summary(totals),
+        "peak_rss_mb": summary(peaks),
         "target_s": NOOP_TARGET_S,
         "breakdown_s": breakdown,
     }
@@ -475,7 +491,7 @@ def bench_draft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     root = photo_folder(workdir, max(args.images, DRAFT_SAMPLE), *args.size)
     files = list(iter_images(root))[:DRAFT_SAMPLE]
-    loaded = load_model(str(vit_model(workdir)))
+    loaded = load_model(str(pipeline_model(args, workdir)))
     crops, rates = {}, {}
     for draft in (True, False):
         spec = loaded.decode_spec(draft)
@@ -547,7 +563,7 @@ def print_table(results: dict[str, Any]) -> None:
         n = results["noop"]
         print(
             f"\nno-op rerun over {n['files']} files ({n.get('model')}): {mm(n['total_s'])} s "
-            f"(target < {NOOP_TARGET_S} s)"
+            f"(target < {NOOP_TARGET_S} s), peak RSS {mm(n['peak_rss_mb'], '.0f')} MB"
         )
         for key, value in n["breakdown_s"].items():
             print(f"  {key:28s} {mm(value)} s")
@@ -587,8 +603,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads during build_index (0: leave as is)")
     parser.add_argument("--no-draft", action="store_true", help="pipeline benchmark without JPEG draft")
     parser.add_argument("--tag", default="", help="appended to the results file name")
+    parser.add_argument("--model", choices=("vit", "tiny"), default="vit", help="pipeline and draft model")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and model, to check the script (< 1 min)")
     parser.add_argument("--noop-profile", nargs=3, type=Path, help=argparse.SUPPRESS)  # internal: the profiling child
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.size, args.repeat, args.noop_files = SMOKE_IMAGES, SMOKE_SIZE, 1, SMOKE_NOOP_FILES
+        args.model, args.noop_model = "tiny", "tiny"
+    return args
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
@@ -605,9 +628,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             results[name] = bench(args, workdir)
     print_table(results)
     name = "-".join(filter(None, ["indexer", datetime.date.today().isoformat(), args.only, args.tag]))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {RESULTS_DIR / name}.json")
+    path = args.out or (workdir if args.smoke else RESULTS_DIR) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
