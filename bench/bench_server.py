@@ -7,9 +7,10 @@ What is measured, per concurrency level C (each repeated ``--repeat`` times afte
 
 - ``wrk -t min(C, 2) -c C`` against ``GET /api/search?q=...&k=10`` of ``python -m app`` (a subprocess, the
   server exactly as ``clip-serve`` runs it) over an index of ``--vectors`` images with ViT-B/32 (random weights;
-  random unit vectors, catalogued as a finished build leaves them, ``IDMap2,Flat``). ``bench/wrk_search.lua``
-  sends a distinct query text on every request, so the text-embedding cache never hits and each request pays for
-  one text encode (micro-batched with the others waiting) and one exact FAISS search.
+  random unit vectors, catalogued as a finished build leaves them, with the FAISS index type the indexer picks for
+  that size; ``--factory`` forces one). ``bench/wrk_search.lua`` sends a distinct query text on every request, so
+  the text-embedding cache never hits and each request pays for one text encode and one FAISS search, both shared
+  with the requests waiting at the same time (one encoder call and one search call per micro-batch).
 - requests/s, latency p50/p90/p99/max (wrk's, client side, ms), errors: non-2xx responses plus wrk's socket errors
   (connect, read, write, timeout; wrk's ``status`` errors are a subset of non-2xx and not added twice).
 - From the server's ``/metrics``, read before and after each run: mean text encode time per encoder call, mean
@@ -76,7 +77,7 @@ SEARCH_ROUTE = "/api/search"
 # ---------------------------------------------------------------------------------------------------------- index
 
 
-def seeded_index(workdir: Path, count: int, model: Path) -> Path:
+def seeded_index(workdir: Path, count: int, model: Path, factory: str | None = None) -> Path:
     """An index directory of ``count`` catalogued images with random unit vectors, built once and cached.
 
     Like ``bench_indexer.seed_index`` but with no files behind the rows: fake relative paths, sizes, mtimes and
@@ -85,7 +86,8 @@ def seeded_index(workdir: Path, count: int, model: Path) -> Path:
     from indexer.build import load_model
     from indexer.store import Catalog, WriterLock, current_generation, publish, read_manifest
 
-    index_dir = workdir / f"index-server-n{count}-vit"
+    tag = hashlib.sha256(factory.encode()).hexdigest()[:8] if factory else "default"
+    index_dir = workdir / f"index-server-n{count}-vit-{tag}"
     generation = current_generation(index_dir) if index_dir.exists() else None
     if generation is not None and read_manifest(index_dir, generation).counts.get("images") == count:
         print(f"index: cached {index_dir} ({generation}, {count} images)", flush=True)
@@ -108,7 +110,7 @@ def seeded_index(workdir: Path, count: int, model: Path) -> Path:
                                       FAKE_WIDTH, FAKE_HEIGHT, vector)  # fmt: skip
                 done = start + len(vectors)
                 print(f"  catalogued {done}/{count} ({time.perf_counter() - started:.1f} s)", flush=True)
-        manifest = publish(index_dir, catalog)
+        manifest = publish(index_dir, catalog, factory)
     print(f"index: built {index_dir} ({manifest.generation}) in {time.perf_counter() - started:.1f} s", flush=True)
     return index_dir
 
@@ -238,6 +240,7 @@ def scrape(url: str) -> dict[str, float]:
         ("clipsearch_encode_seconds", "kind", "text"): "encode",
         ("clipsearch_encode_batch_size", "kind", "text"): "batch",
         ("clipsearch_search_seconds", "index", "images"): "search",
+        ("clipsearch_search_batch_size", None, None): "search_batch",
         ("clipsearch_request_seconds", "route", SEARCH_ROUTE): "request",
     }
     values: dict[str, float] = {}
@@ -252,7 +255,7 @@ def scrape(url: str) -> dict[str, float]:
                 values["rejected"] = values.get("rejected", 0.0) + sample.value
                 continue
             for (name, label, value), key in wanted.items():
-                if family.name == name and sample.labels.get(label) == value:
+                if family.name == name and (label is None or sample.labels.get(label) == value):
                     for suffix in ("_sum", "_count"):
                         if sample.name == name + suffix:
                             values[key + suffix] = values.get(key + suffix, 0.0) + sample.value
@@ -271,6 +274,7 @@ def server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "encode_ms_mean": _ratio(delta.get("encode_sum", 0.0), delta.get("encode_count", 0.0), 1000),
         "batch_mean": _ratio(delta.get("batch_sum", 0.0), delta.get("batch_count", 0.0)),
         "search_ms_mean": _ratio(delta.get("search_sum", 0.0), delta.get("search_count", 0.0), 1000),
+        "search_batch_mean": _ratio(delta.get("search_batch_sum", 0.0), delta.get("search_batch_count", 0.0)),
         "request_ms_mean": _ratio(delta.get("request_sum", 0.0), delta.get("request_count", 0.0), 1000),
         "cache_hits": delta.get("cache_hit", 0.0),
         "cache_misses": delta.get("cache_miss", 0.0),
@@ -323,8 +327,8 @@ def measure(wrk: str, url: str, pid: int, concurrency: int, duration_s: float, t
 
 LEVEL_KEYS = (
     "requests_per_s", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_max_ms", "errors",
-    "encode_ms_mean", "batch_mean", "search_ms_mean", "request_ms_mean", "cache_hits", "server_cores",
-    "server_cpu_ms_per_request", "wrk_cores",
+    "encode_ms_mean", "batch_mean", "search_ms_mean", "search_batch_mean", "request_ms_mean", "cache_hits",
+    "server_cores", "server_cpu_ms_per_request", "wrk_cores",
 )  # fmt: skip
 
 
@@ -339,7 +343,8 @@ def bench_level(wrk: str, url: str, sampler: RssSampler, concurrency: int, args:
             f"  c={concurrency} rep {rep + 1}: {run['requests_per_s']:.1f} req/s, p50 {run['latency_p50_ms']:.1f} ms,"
             f" p99 {run['latency_p99_ms']:.1f} ms, max {run['latency_max_ms']:.1f} ms, errors {run['errors']};"
             f" encode {run['encode_ms_mean']:.1f} ms x {run['batch_mean']:.2f} texts, search"
-            f" {run['search_ms_mean']:.2f} ms; server {run['server_cores']:.2f} cores, wrk {run['wrk_cores']:.2f};"
+            f" {run['search_ms_mean']:.2f} ms x {run['search_batch_mean']:.2f} queries;"
+            f" server {run['server_cores']:.2f} cores, wrk {run['wrk_cores']:.2f};"
             f" load {run['loadavg_1min'][1]:.1f}",
             flush=True,
         )
@@ -385,7 +390,7 @@ def print_table(results: dict[str, Any]) -> None:
     )
     header = (
         f"{'conc':>4}  {'req/s':>19}  {'p50 ms':>19}  {'p99 ms':>19}  {'max ms':>22}  {'errors':>6}"
-        f"  {'encode ms':>9}  {'batch':>5}  {'search ms':>9}  {'srv cores':>9}"
+        f"  {'encode ms':>9}  {'batch':>5}  {'search ms':>9}  {'queries':>7}  {'srv cores':>9}"
     )
     print(header)
     for concurrency, level in results["levels"].items():
@@ -394,6 +399,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"  {_mm(level['latency_p99_ms']):>19}  {_mm(level['latency_max_ms']):>22}"
             f"  {level['errors']['max']:>6g}  {level['encode_ms_mean']['median']:>9.1f}"
             f"  {level['batch_mean']['median']:>5.2f}  {level['search_ms_mean']['median']:>9.2f}"
+            f"  {level['search_batch_mean']['median']:>7.2f}"
             f"  {level['server_cores']['median']:>9.2f}"
         )
     print("targets (reported, not asserted):")
@@ -418,6 +424,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help=f"uncounted seconds before each level ({DEFAULTS['warmup']:g})")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script works (< 1 min)")
     parser.add_argument("--tag", default="", help="appended to the results file name")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
+    parser.add_argument(
+        "--factory", default=None, help="FAISS factory of the index (default: the one the indexer picks for the size)"
+    )
     args = parser.parse_args(argv)
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -428,10 +438,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, workdir: Path) -> None:
     wrk = wrk_path()
     started = time.perf_counter()
-    index_dir = seeded_index(workdir, args.vectors, vit_model(workdir))
+    from indexer.store import current_generation, read_manifest
+
+    index_dir = seeded_index(workdir, args.vectors, vit_model(workdir), args.factory)
+    manifest = read_manifest(index_dir, current_generation(index_dir) or "")
     results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     results["settings"] = {
-        "vectors": args.vectors, "model": MODEL_ARCH, "factory": "IDMap2,Flat", "k": K, "duration_s": args.duration,
+        "vectors": args.vectors, "model": MODEL_ARCH, "factory": manifest.factory, "k": K, "duration_s": args.duration,
         "repeat": args.repeat, "warmup_s": args.warmup, "concurrency": list(args.concurrency),
         "wrk_threads": f"min(concurrency, {WRK_MAX_THREADS})", "wrk_timeout": WRK_TIMEOUT,
         "server_env": {k: v for k, v in _server_env(workdir).items() if k.startswith("CLIPSEARCH_")},
@@ -461,8 +474,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print_table(results)
     parts = ["server", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag]
     out_dir = workdir if args.smoke else RESULTS_DIR  # a smoke check leaves bench/results/ (and git) untouched
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{'-'.join(filter(None, parts))}.json"
+    path = args.out or out_dir / f"{'-'.join(filter(None, parts))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {path} ({results['wall_s']:.0f} s in all)")
 
