@@ -4,6 +4,7 @@ Typical use::
 
     import clip_model
     model, preprocess = clip_model.load("ViT-B-32")               # registry name, or a checkpoint path
+    # clip_model.load(..., precision="int8"): int8 linear layers for CPU inference
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
     text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
 """
@@ -24,6 +25,7 @@ from .errors import (
 from .factory import available_models, create_model, load, preprocess_for
 from .model import CLIP
 from .preprocess import Preprocess, to_rgb
+from .quantize import is_quantized, quantize_int8
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .zeroshot import (
     build_zero_shot_classifier,
@@ -56,10 +58,12 @@ __all__ = [
     "get_config",
     "get_tokenizer",
     "infer_config",
+    "is_quantized",
     "list_configs",
     "load",
     "preprocess_for",
     "prompt_templates",
+    "quantize_int8",
     "read_checkpoint",
     "save_checkpoint",
     "to_rgb",

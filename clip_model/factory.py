@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -19,8 +20,12 @@ from .errors import UnknownModelError
 from .model import CLIP
 from .preprocess import Preprocess
 from .pretrained import list_pretrained, resolve_pretrained
+from .quantize import quantize_int8
 
 logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def available_models() -> list[str]:
@@ -37,12 +42,24 @@ def _place(model: CLIP, device: str | torch.device, dtype: torch.dtype | None) -
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
+def _check_precision(precision: str, device: str | torch.device, dtype: torch.dtype | None) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    if precision != "int8":
+        return
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"precision='int8' runs on the CPU only, not on {device}; use precision='fp32' (and dtype=)")
+    if dtype not in (None, torch.float32):
+        raise ValueError(f"precision='int8' quantizes a float32 model; leave dtype unset, not {dtype}")
+
+
 def load(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
     *,
     arch: str | None = None,
     dtype: torch.dtype | None = None,
+    precision: Precision = "fp32",
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[CLIP, Preprocess]:
@@ -56,11 +73,16 @@ def load(
         arch: architecture config name (see :func:`clip_model.config.list_configs`) for checkpoint files that do not
             carry one; by default it is read from the file or inferred from its shapes.
         dtype: e.g. ``torch.float16`` on a GPU; default float32.
+        precision: ``"fp32"`` (default) or ``"int8"``: CPU-only inference with int8 linear layers
+            (:func:`clip_model.quantize.quantize_int8`); the encoders still return float32.
         cache_dir: download cache for registry names; default :func:`clip_model.download.default_cache_dir`.
         progress: show a progress bar while downloading.
     Returns:
         ``(model, preprocess)``: the model in eval mode and the PIL -> ``[3, R, R]`` transform it expects.
+    Raises:
+        ValueError: an unknown ``precision``, or ``"int8"`` with a non-CPU device or a dtype other than float32.
     """
+    _check_precision(precision, device, dtype)
     path = Path(name_or_path).expanduser()
     config = get_config(arch) if arch is not None else None
     weights = None if path.exists() else resolve_pretrained(str(name_or_path))
@@ -72,6 +94,9 @@ def load(
         raise UnknownModelError(_unknown_message(str(name_or_path)))
     model = build_model(read_checkpoint(path), config)
     logger.info("loaded %s (%s) from %s", name_or_path, model.config.name or "inferred config", path)
+    if precision == "int8":
+        model = quantize_int8(model)
+        logger.info("quantized %s to int8", name_or_path)
     return _place(model, device, dtype), preprocess_for(model.config)
 
 
