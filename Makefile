@@ -1,6 +1,8 @@
 # make serve IMAGES=~/Pictures [ARGS="--model /models/ViT-B-32.pt --port 8080"]: index a folder and serve it
 # make demo [ARGS="--fast --port 8080"]: offline demo: train (or reuse) the shapes model, index its images, serve
 # make test [ARGS="tests/app -k search"]: build .venv, lint, type-check, run the whole test suite
+# make bench [ARGS="--only server,encoders --workdir /var/tmp/bench"]: the benchmark suite (bench/suite.py)
+# make bench-smoke: every benchmark at tiny sizes (what CI runs through tests/test_bench_smoke.py)
 serve:
 	@test -n "$(IMAGES)" || { echo "usage: make serve IMAGES=/path/to/photos [ARGS='--model ... --port ...']" >&2; exit 2; }
 	scripts/serve.sh "$(IMAGES)" $(ARGS)
@@ -14,4 +16,10 @@ test:
 env:
 	scripts/env.sh
 
-.PHONY: serve demo test env
+bench: env
+	.venv/bin/python bench/suite.py $(ARGS)
+
+bench-smoke: env
+	.venv/bin/python bench/suite.py --smoke $(ARGS)
+
+.PHONY: serve demo test env bench bench-smoke

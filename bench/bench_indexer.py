@@ -324,7 +324,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "workers": args.workers,
         "main_threads": args.threads or "torch default",
         "draft": not args.no_draft,
-        "model": MODEL_ARCH,
+        "model": MODEL_ARCH if args.model == "vit" else "tiny",
         "photo_mb": statistics.mean(f.size for f in files) / 1e6,
     }
     return {"settings": settings, **{key: summary(values) for key, values in runs.items()}}
@@ -577,6 +577,36 @@ def print_table(results: dict[str, Any]) -> None:
         )
         rates = d["decode_images_per_s_1proc"]
         print(f"  decode, 1 process: draft {mm(rates['draft'])} images/s, no draft {mm(rates['no_draft'])} images/s")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """A short markdown table of ``results`` (for the suite's report)."""
+
+    def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+    lines = []
+    if "pipeline" in results:
+        p = results["pipeline"]
+        st = p["settings"]
+        lines += [
+            f"{st['images']} JPEGs {st['size']}, {st['model']}, precision {st.get('precision', 'fp32')}, batch "
+            f"{st['batch_size']}, {st['workers']} decode worker(s):",
+            "",
+            "| decode ceiling img/s | encode ceiling img/s | bound img/s | end to end img/s | ratio (target >= "
+            f"{RATIO_TARGET}) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {mm(p['decode_pool'])} | {mm(p['encode'])} | {mm(p['bound'])} | {mm(p['end_to_end'])} "
+            f"| {mm(p['ratio'], '.3f')} |",
+            "",
+        ]
+    if "noop" in results:
+        n = results["noop"]
+        lines.append(
+            f"No-op rerun over {n['files']} files ({n['model']}): {mm(n['total_s'])} s (target < {n['target_s']:g} s),"
+            f" indexer peak RSS {mm(n['peak_rss_mb'], '.0f')} MB."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -407,6 +407,28 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {line}")
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """A short markdown table of ``results`` (for the suite's report)."""
+    s, server = results["settings"], results["server"]
+    lines = [
+        f"{s['vectors']} vectors ({s['model']}, `{s['factory']}`, precision {s.get('precision', 'fp32')}), k={s['k']},"
+        f" {s['duration_s']:g} s x {s['repeat']} per level; server peak RSS {server['vmhwm_mb']:.0f} MB "
+        f"({server['idle_rss_mb']:.0f} MB idle).",
+        "",
+        "| concurrency | req/s | p50 ms | p99 ms | errors | encode ms x texts | search ms x queries |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for concurrency, level in results["levels"].items():
+        lines.append(
+            f"| {concurrency} | {_mm(level['requests_per_s'])} | {_mm(level['latency_p50_ms'])} "
+            f"| {_mm(level['latency_p99_ms'])} | {level['errors']['max']:g} "
+            f"| {level['encode_ms_mean']['median']:.1f} x {level['batch_mean']['median']:.2f} "
+            f"| {level['search_ms_mean']['median']:.2f} x {level['search_batch_mean']['median']:.2f} |"
+        )
+    lines += ["", "Targets: " + "; ".join(results["targets"]["report"])]
+    return "\n".join(lines) + "\n"
+
+
 def _concurrency(text: str) -> tuple[int, ...]:
     levels = tuple(int(part) for part in text.split(",") if part.strip())
     if not levels or min(levels) < 1:

@@ -1,0 +1,177 @@
+"""The benchmark suite: every speed benchmark in one command, one JSON result and a short markdown report.
+
+Run from the repository root: ``.venv/bin/python bench/suite.py [--workdir DIR] [--only a,b] [--smoke]``
+(``make bench``; ``make bench-smoke`` for the CI check). Members (each also runs alone, see ``bench/README.md``):
+
+``MEMBERS`` maps a name to a benchmark script and its arguments. Each member runs as its own process (a fresh
+interpreter, allocator and thread pool, as a user's server or indexer would start), one after another, never two
+at once: ``--workdir DIR/<member>`` holds its cached inputs and ``--out`` its JSON. The suite then writes
+``bench/results/suite-<date>[-tag].json`` (machine, the command of each member, its wall time, exit status and
+results) and ``suite-<date>[-tag].md`` (each member's own ``markdown(results)`` table). ``--smoke`` runs every
+member at tiny sizes (no targets asserted on time; results in the workdir, not in bench/results/), so that the
+benchmark code cannot rot: the CI runs it (``tests/test_bench_smoke.py``).
+
+A member that fails does not stop the others; the suite exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS_DIR = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+
+from bench_indexer import machine_info  # noqa: E402  # bench/ is not a package: its path is added above
+
+
+@dataclass(frozen=True)
+class Member:
+    """One benchmark run: ``script`` in bench/ with ``args`` (``smoke_args`` instead of them under ``--smoke``)."""
+
+    script: str
+    args: tuple[str, ...] = ()
+    smoke_args: tuple[str, ...] = ("--smoke",)
+    what: str = ""
+
+
+MEMBERS: dict[str, Member] = {
+    "encoders": Member("bench_encoders.py", what="image/text encoders vs transformers; int8; torch.compile"),
+    "index_types": Member("bench_index_types.py", what="flat vs HNSW vs IVF at 100k and 1M vectors"),
+    "indexer": Member(
+        "bench_indexer.py", ("--only", "pipeline"), ("--smoke", "--only", "pipeline"), "indexing end to end, fp32"
+    ),
+    "indexer_int8": Member(
+        "bench_indexer.py",
+        ("--only", "pipeline", "--precision", "int8"),
+        ("--smoke", "--only", "pipeline", "--precision", "int8"),
+        "indexing end to end, int8",
+    ),
+    "indexer_noop": Member("bench_indexer.py", ("--only", "noop"), ("--smoke", "--only", "noop"), "no-op rerun"),
+    "server": Member("bench_server.py", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
+    "server_int8": Member("bench_server.py", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
+    "server_1m": Member(
+        "bench_server.py",
+        ("--vectors", "1000000", "--concurrency", "1,8", "--repeat", "1", "--duration", "10"),
+        ("--smoke", "--vectors", "3000", "--concurrency", "1"),
+        "memory and latency over 1M vectors",
+    ),
+}
+
+
+def command(member: Member, smoke: bool, workdir: Path, out: Path) -> list[str]:
+    """The member's command line (run from the repository root)."""
+    args = member.smoke_args if smoke else member.args
+    return [sys.executable, str(BENCH / member.script), *args, "--workdir", str(workdir), "--out", str(out)]
+
+
+def run_member(name: str, member: Member, smoke: bool, workdir: Path) -> dict[str, Any]:
+    """Run one member to completion; its record: command, seconds, exit status, results (None if it failed)."""
+    out = workdir / "results" / f"{name}.json"
+    out.unlink(missing_ok=True)
+    argv = command(member, smoke, workdir / name, out)
+    (workdir / name).mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    print(f"== {name}: {' '.join(argv[1:])} (log: {log})", flush=True)
+    started = time.perf_counter()
+    with log.open("w", encoding="utf-8") as stream:
+        status = subprocess.run(argv, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, check=False).returncode
+    seconds = time.perf_counter() - started
+    results = json.loads(out.read_text(encoding="utf-8")) if status == 0 and out.is_file() else None
+    if results is None:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        print(f"   FAILED (exit {status}) after {seconds:.0f} s; end of its log:\n{tail}", flush=True)
+    else:
+        print(f"   done in {seconds:.0f} s", flush=True)
+    return {"command": argv[1:], "seconds": seconds, "exit_status": status, "log": str(log), "results": results}
+
+
+def member_markdown(name: str, member: Member, record: dict[str, Any]) -> str:
+    """The member's section of the report, from its script's own ``markdown(results)``."""
+    title = f"## {name}: {member.what}" if member.what else f"## {name}"
+    if record["results"] is None:
+        return f"{title}\n\nFAILED (exit {record['exit_status']}), see `{record['log']}`.\n"
+    module = importlib.import_module(Path(member.script).stem)
+    body = module.markdown(record["results"]) if hasattr(module, "markdown") else "(no markdown summary)"
+    return f"{title}\n\n`{' '.join(Path(a).name if a.endswith('.py') else a for a in record['command'][:8])}` " \
+        f"({record['seconds']:.0f} s)\n\n{body.rstrip()}\n"  # fmt: skip
+
+
+def report(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"# Benchmark suite, {results['date']}{' (smoke)' if results['smoke'] else ''}",
+        "",
+        f"Machine: {machine.get('cpu')}, {machine.get('nproc')} cores, {machine.get('memory_gb', 0):.0f} GB; "
+        f"python {machine.get('python')}, torch {machine.get('torch')}, faiss {machine.get('faiss')}, "
+        f"numpy {machine.get('numpy')}. Medians of the repetitions with (min-max). Suite wall time "
+        f"{results['seconds']:.0f} s.",
+        "",
+    ]
+    for name, record in results["members"].items():
+        lines.append(member_markdown(name, MEMBERS[name], record))
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="cache folder (default: a temporary directory)")
+    parser.add_argument("--only", default="", help=f"comma-separated members ({', '.join(MEMBERS)}; default all)")
+    parser.add_argument("--skip", default="", help="comma-separated members to leave out")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that every benchmark runs")
+    parser.add_argument("--tag", default="", help="appended to the results file names")
+    args = parser.parse_args(argv)
+    for option in ("only", "skip"):
+        names = [n.strip() for n in getattr(args, option).split(",") if n.strip()]
+        unknown = [n for n in names if n not in MEMBERS]
+        if unknown:
+            parser.error(f"unknown members in --{option}: {', '.join(unknown)} (known: {', '.join(MEMBERS)})")
+        setattr(args, option, names)
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    names = [n for n in (args.only or MEMBERS) if n not in args.skip]
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "smoke": args.smoke,
+        "members": {},
+    }
+    for name in names:
+        results["members"][name] = run_member(name, MEMBERS[name], args.smoke, workdir)
+    results["seconds"] = time.perf_counter() - started
+    stem = "-".join(filter(None, ["suite", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag]))
+    out_dir = workdir if args.smoke else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out_dir / f"{stem}.md").write_text(report(results), encoding="utf-8")
+    failed = [n for n, r in results["members"].items() if r["results"] is None]
+    print(f"\nwrote {out_dir / stem}.json and .md ({results['seconds']:.0f} s); failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return run(args, args.workdir.resolve())
+    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
+        return run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
