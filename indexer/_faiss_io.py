@@ -24,6 +24,19 @@ logger = logging.getLogger(__name__)
 FaissIndex = Any  # faiss ships no type stubs
 IDMAP_PREFIX = "IDMap2,"
 HNSW_EF_SEARCH = 128  # HNSW candidate list length at query time (faiss default 16 loses recall at k=100)
+HNSW_MAX_EF_SEARCH = 4096  # the most calibration may raise efSearch to
+# Exact (flat) search scans the database once per query when queries x dim < this many floats, and with one
+# matrix product per block of queries (BLAS) otherwise. FAISS 1.15 raised it from 20 queries to 128,000 floats
+# (250 queries of 512-d), which makes a batch of 8-64 queries cost 8-64 full scans: at 100,000 x 512 on one core,
+# 64 queries took 1.16 s instead of 82 ms. Below 3 queries of 512-d the scan wins (one query: 19 ms vs 37 ms), so
+# the threshold sits between 2 and 3 queries of 512-d (bench/bench_index_types.py measures it). Process-wide;
+# set on import, so the indexer and the server both get it.
+BLAS_THRESHOLD_FLOATS = 1536
+TRAIN_POINTS_PER_LIST = 64  # IVF trains on this many vectors per list (FAISS would take 256: 4x the k-means time)
+TRAIN_MAX_POINTS = 131_072  # training sample of codecs without lists (SQ, PQ)
+TRAIN_SEED = 0
+
+faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_FLOATS
 _IDMAP_PREFIX_RE = re.compile(r"^\s*IDMap2?\s*,\s*")
 _LOSSY_CODEC_RE = re.compile(r"PQ|SQ|RQ|LSH|RaBitQ|LSQ")  # codecs whose reconstruct() only approximates the input
 
@@ -41,11 +54,18 @@ def is_lossy(factory: str) -> bool:
     return bool(_LOSSY_CODEC_RE.search(factory))
 
 
+def is_exact(factory: str) -> bool:
+    """Whether ``factory`` searches exhaustively over exact vectors (``Flat``), so its recall is 1 by construction."""
+    return normalize_factory(factory) == IDMAP_PREFIX + "Flat"
+
+
 def build_index(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32], dim: int, factory: str) -> FaissIndex:
     """Build an inner-product index over ``vectors`` [N, dim] float32 unit rows with ``ids`` [N] int64.
 
-    Trains on the vectors themselves when the factory needs it (IVF, PQ, ...); raises IndexBuildError when FAISS
-    cannot build it (unknown factory string, too few vectors to train).
+    Trains, when the factory needs it (IVF, PQ, SQ...), on a seeded sample of the vectors themselves
+    (``TRAIN_POINTS_PER_LIST`` per IVF list, else up to ``TRAIN_MAX_POINTS``), so that a rebuild from the same
+    catalog gives the same index; raises IndexBuildError when FAISS cannot build it (unknown factory string, too
+    few vectors to train).
     """
     try:
         index = faiss.index_factory(dim, normalize_factory(factory), faiss.METRIC_INNER_PRODUCT)
@@ -55,7 +75,7 @@ def build_index(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32], di
         if len(vectors) == 0:
             raise IndexBuildError(f"factory {factory!r} must be trained, but there are no vectors to train it on")
         try:
-            index.train(vectors)
+            index.train(_training_sample(index, vectors))
         except RuntimeError as exc:
             raise IndexBuildError(
                 f"FAISS could not train {factory!r} on {len(vectors)} vectors: {exc}. "
@@ -75,6 +95,70 @@ def _prepare_for_queries(index: FaissIndex) -> None:
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         ivf.make_direct_map()
+
+
+def _training_sample(index: FaissIndex, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The rows ``index`` trains on: a seeded random subset, in catalog order, of at most the size it needs."""
+    ivf = faiss.try_extract_index_ivf(index)
+    size = int(ivf.nlist) * TRAIN_POINTS_PER_LIST if ivf is not None else TRAIN_MAX_POINTS
+    if len(vectors) <= size:
+        return vectors
+    rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size=size, replace=False))
+    return np.ascontiguousarray(vectors[rows])
+
+
+def _layers(index: FaissIndex) -> list[FaissIndex]:
+    """``index`` and the indexes it wraps (IDMap, Refine, PreTransform), outermost first, each downcast."""
+    layers = [faiss.downcast_index(index)]
+    while True:
+        current = layers[-1]
+        if isinstance(current, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+            layers.append(faiss.downcast_index(current.index))
+        elif isinstance(current, faiss.IndexRefine):
+            layers.append(faiss.downcast_index(current.base_index))
+        else:
+            return layers
+
+
+def search_knob(index: FaissIndex) -> tuple[str, int, int] | None:
+    """The search-time parameter that trades speed for recall, with its useful range: ("nprobe", 1, nlist) for
+    IVF, ("efSearch", HNSW_EF_SEARCH, HNSW_MAX_EF_SEARCH) for HNSW; None for indexes without one (Flat, codes)."""
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexIVF):
+            return "nprobe", 1, int(layer.nlist)
+        if isinstance(layer, faiss.IndexHNSW):
+            return "efSearch", HNSW_EF_SEARCH, HNSW_MAX_EF_SEARCH
+    return None
+
+
+def get_search_params(index: FaissIndex) -> dict[str, int]:
+    """{"nprobe": n} / {"efSearch": n} (plus "k_factor" of a refine stage), as :func:`set_search_params` takes."""
+    params = {}
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexIVF):
+            params["nprobe"] = int(layer.nprobe)
+        elif isinstance(layer, faiss.IndexHNSW):
+            params["efSearch"] = int(layer.hnsw.efSearch)
+        elif isinstance(layer, faiss.IndexRefine):
+            params["k_factor"] = int(layer.k_factor)
+    return params
+
+
+def set_search_params(index: FaissIndex, params: dict[str, int]) -> None:
+    """Set search-time parameters (names as :func:`get_search_params` gives them). They are saved with the index
+    file too. IndexFormatError for a parameter the index does not have."""
+    layers = _layers(index)
+    holders: dict[str, list[Any]] = {
+        "nprobe": [layer for layer in layers if isinstance(layer, faiss.IndexIVF)],
+        "efSearch": [layer.hnsw for layer in layers if isinstance(layer, faiss.IndexHNSW)],
+        "k_factor": [layer for layer in layers if isinstance(layer, faiss.IndexRefine)],
+    }
+    for name, value in params.items():
+        targets = holders.get(name)
+        if not targets:
+            raise IndexFormatError(f"search parameter {name}={value} does not apply to this index")
+        for target in targets:
+            setattr(target, name, int(value))
 
 
 def set_threads(threads: int) -> None:

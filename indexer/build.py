@@ -26,14 +26,24 @@ import clip_model
 
 from .decode import Decoded, DecodeFailure, DecodeSpec
 from .errors import IndexerError, ModelMismatchError
+from .index_choice import AUTO
 from .pipeline import DEFAULT_BATCH_SIZE, Encoded, encode_files
 from .scan import ScannedFile, iter_images
-from .store import Catalog, FileRecord, ModelInfo, WriterLock, current_generation, publish
+from .store import (
+    Catalog,
+    FileRecord,
+    ModelInfo,
+    WriterLock,
+    current_generation,
+    publish,
+    read_manifest,
+    resolve_index_request,
+)
 
 logger = logging.getLogger(__name__)
 
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
-DEFAULT_FACTORY = "IDMap2,Flat"
+DEFAULT_FACTORY = AUTO  # the index type by collection size (indexer.index_choice)
 Progress = Callable[[int, int], None]  # (files done, files to process)
 
 
@@ -47,7 +57,8 @@ class BuildOptions:
     arch: str | None = None
     extensions: frozenset[str] | None = None  # None: every format this Pillow can decode
     exclude: Sequence[str] = ()
-    factory: str = DEFAULT_FACTORY
+    factory: str | None = None  # "auto" or a FAISS factory string; None: what the index was last built with
+    memory_budget: int | None = None  # bytes for the auto-chosen image index; None: as last time, 0: no budget
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 1
     draft: bool = True
@@ -139,14 +150,29 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
         run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress)
         published = current_generation(options.index_dir)
-        if published is not None and not stats.changes_vectors and not options.rebuild:
+        unchanged = not stats.changes_vectors and not options.rebuild and not _asks_for_other_index(catalog, options)
+        if published is not None and unchanged:
             stats.generation = published  # nothing a reader would see changed: keep serving what is there
         else:
-            stats.generation = publish(options.index_dir, catalog, options.factory).generation
+            manifest = publish(options.index_dir, catalog, options.factory, memory_budget=options.memory_budget)
+            stats.generation = manifest.generation
         stats.seconds = time.monotonic() - started
         stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0
         catalog.finish_run(run_id, stats.as_dict())
     return stats
+
+
+def _asks_for_other_index(catalog: Catalog, options: BuildOptions) -> bool:
+    """Whether ``options`` ask for another index type or budget than the published generation was built with
+    (generations published before manifests recorded the request never count as different)."""
+    generation = current_generation(options.index_dir)
+    if generation is None:
+        return True
+    manifest = read_manifest(options.index_dir, generation)
+    requested, budget = resolve_index_request(catalog, options.factory, options.memory_budget)
+    if not manifest.requested_factory:
+        return False
+    return requested != manifest.requested_factory or (requested == AUTO and budget != manifest.memory_budget)
 
 
 def _update(catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None) -> BuildStats:

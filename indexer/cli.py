@@ -75,7 +75,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="skip paths matching this glob (relative to the folder; repeatable)",
     )
-    build.add_argument("--factory", default=DEFAULT_FACTORY, help="FAISS index factory string (inner product)")
+    build.add_argument(
+        "--factory",
+        default=None,
+        help=f"image index type: '{DEFAULT_FACTORY}' (chosen by collection size at every publish: exact Flat for "
+        "small collections, IVF with SQ8 codes for large ones, with the IVF nprobe calibrated to recall@10 >= 0.95) "
+        "or a FAISS index factory string such as 'HNSW32,Flat' (inner product). Default: what the index was last "
+        f"built with, '{DEFAULT_FACTORY}' for a new index",
+    )
+    build.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=None,
+        metavar="BYTES",
+        help="most memory the auto-chosen image index may take, e.g. 512M or 4G (0: no budget). Default: the last "
+        "one given to this index, none for a new index",
+    )
     build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
     build.add_argument(
         "--workers", type=int, default=default_workers(), help="decode worker processes (0 decodes in the main process)"
@@ -108,6 +123,22 @@ def _parser() -> argparse.ArgumentParser:
     texts.add_argument("--batch-size", type=int, default=256, help="texts per encoder call")
     texts.set_defaults(func=_cmd_texts)
     return parser
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """ "512M" -> 536870912; "4G", "1.5G", "1000000" (bytes); K/M/G/T are powers of 1024, an optional B ignored."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value.removesuffix(unit)) if unit else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M, 4G or a number of bytes)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"a memory budget cannot be negative: {text!r}")
+    return int(number * _UNITS[unit])
 
 
 def _index_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -151,8 +182,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         extensions = frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
     options = BuildOptions(
         root=args.root, index_dir=args.index_dir, model=args.model, arch=args.arch, extensions=extensions,
-        exclude=tuple(args.exclude), factory=args.factory, batch_size=args.batch_size, workers=args.workers,
-        draft=args.draft, rebuild=args.rebuild,
+        exclude=tuple(args.exclude), factory=args.factory, memory_budget=args.memory_budget,
+        batch_size=args.batch_size, workers=args.workers, draft=args.draft, rebuild=args.rebuild,
     )  # fmt: skip
     reporter = _ProgressReporter()
     try:
@@ -181,10 +212,39 @@ def _when(timestamp: float | None) -> str:
     return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds") if timestamp else "never"
 
 
+_INDEX_KEYS = ("index_type", "index_reason", "memory_budget", "search_params", "recall_at_10", "recall_queries")
+
+
+def _format_index(info: dict[str, Any]) -> list[str]:
+    """The image index lines of ``info``: type (and why), search parameters, measured recall."""
+    if info.get("factory") is None:
+        return []
+    lines = []
+    if info.get("index_type"):
+        why = f": {info['index_reason']}" if info.get("index_reason") else ""
+        budget = f", memory budget {info['memory_budget']:,} bytes" if info.get("memory_budget") else ""
+        lines.append(f"index type: {info['index_type']}{budget}{why}")
+    params = info.get("search_params") or {}
+    if params:
+        lines.append("search parameters: " + ", ".join(f"{name}={value}" for name, value in params.items()))
+    recall = info.get("recall_at_10")
+    if recall is None:
+        lines.append("recall@10: not measured" + (" (empty index)" if info.get("published_images") == 0 else ""))
+    elif not info.get("recall_queries"):
+        lines.append(f"recall@10: {recall:.3f} (exact search)")
+    else:
+        lines.append(
+            f"recall@10: {recall:.3f} against exact search, measured at publish on {info['recall_queries']} "
+            "queries made from the indexed vectors"
+        )
+    return lines
+
+
 def _format_info(info: dict[str, Any]) -> str:
     shown = {**info, "published_at": _when(info.get("published_at"))}
     run = shown.pop("last_run", None)
-    lines = [f"{key}: {value}" for key, value in shown.items() if key != "skipped_files"]
+    lines = [f"{key}: {value}" for key, value in shown.items() if key != "skipped_files" and key not in _INDEX_KEYS]
+    lines += _format_index(info)
     if run:
         stats = run.get("stats") or {}
         counts = ", ".join(f"{stats.get(k, 0)} {k}" for k in ("scanned", "added", "modified", "renamed", "deleted"))

@@ -1,4 +1,8 @@
-"""What ``clip-index info`` shows: the index's model, counts, published generation, last run, skipped files."""
+"""What ``clip-index info`` shows: the index's model, counts, published generation, last run, skipped files.
+
+The image index's type and its recall@10 against exact search come from the manifest: they were measured when the
+generation was published (``indexer.index_choice.calibrate``), over the vectors it holds, so ``info`` stays a
+cheap read and describes what is served even after the catalog moved on."""
 
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def index_info(index_dir: Path, skipped_limit: int = 20) -> dict[str, Any]:
         "published_at": manifest.created_at if manifest else None,
         "published_images": manifest.counts.get("images") if manifest else None,
         "factory": manifest.factory if manifest else None,
+        "index_type": (manifest.requested_factory or None) if manifest else None,
+        "index_reason": (manifest.index_reason or None) if manifest else None,
+        "memory_budget": manifest.memory_budget if manifest else None,
+        "search_params": manifest.search_params if manifest else None,
+        "recall_at_10": manifest.recall_at_10 if manifest else None,
+        "recall_queries": manifest.recall_queries if manifest else None,
         "last_run": last_run,
         "skipped_files": skipped[:skipped_limit],
     }

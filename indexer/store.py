@@ -10,9 +10,13 @@ Layout (the contract)::
           images.faiss       faiss.write_index of an IndexIDMap2 (factory in the manifest), ids = images.id
           texts.faiss        same for the indexed texts (ids = texts.id, always "IDMap2,Flat"); may hold 0 vectors
           manifest.json      format_version, generation, created_at, model provenance, metric, factory, counts,
-                             files {name: {sha256, bytes}}
+                             files {name: {sha256, bytes}}; and how the image index was chosen and tuned:
+                             requested_factory ("auto" or the user's), memory_budget, index_reason,
+                             search_params (e.g. {"nprobe": 12}, applied on load), recall_at_10 (against exact
+                             search, measured at publish on recall_queries queries; 1.0 for Flat)
 
-Catalog tables: ``meta(key, value)``; ``images`` (one row per file: path relative to the image root in POSIX form,
+Catalog tables: ``meta(key, value)`` (model provenance, ``index_type``: "auto" or a factory string,
+``memory_budget``: bytes or empty); ``images`` (one row per file: path relative to the image root in POSIX form,
 size, mtime_ns, content_hash, width, height, status 'ok'|'skipped', error, embedding, updated_at); ``texts``;
 ``runs``. Ids are AUTOINCREMENT, so a deleted image's id is never given to another one while an older generation
 that still holds it is being served.
@@ -60,6 +64,7 @@ from .errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
+from .index_choice import AUTO, FLAT_MAX_VECTORS, calibrate, choose_index
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,8 @@ IMAGES_FILE = "images.faiss"
 TEXTS_FILE = "texts.faiss"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILES = (IMAGES_FILE, TEXTS_FILE)
-DEFAULT_FACTORY = "IDMap2,Flat"
+DEFAULT_FACTORY = AUTO  # index_choice.choose_index() at every publish, from the collection's size
+LEGACY_DEFAULT_FACTORY = "IDMap2,Flat"  # what catalogs before meta "index_type" recorded when nobody chose one
 TEXT_FACTORY = "IDMap2,Flat"  # text corpora are small; exact search needs no training
 METRIC = "inner_product"
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for a stored embedding
@@ -210,6 +216,12 @@ class Manifest:
     text_factory: str
     counts: dict[str, int]
     files: dict[str, FileDigest]
+    requested_factory: str = ""  # "auto" or the factory string the user asked for ("": before this field)
+    memory_budget: int | None = None  # bytes the image index had to fit in (auto only), None: no budget
+    index_reason: str = ""  # why ``factory`` (one line)
+    search_params: dict[str, int] = dataclasses.field(default_factory=dict)  # set on the image index on load
+    recall_at_10: float | None = None  # image index vs exact search; None: empty or not measured
+    recall_queries: int = 0  # queries behind recall_at_10 (0 for Flat: exact by construction)
 
     @property
     def model(self) -> ModelInfo:
@@ -234,16 +246,21 @@ class Manifest:
                 f"{source} has format version {version}; this code reads format version {FORMAT_VERSION}{hint}"
             )
         try:
-            fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if _required(f) or f.name in data}
             fields["files"] = {name: FileDigest(str(d["sha256"]), int(d["bytes"])) for name, d in data["files"].items()}
             fields["counts"] = {name: int(n) for name, n in data["counts"].items()}
             fields["created_at"], fields["embed_dim"] = float(data["created_at"]), int(data["embed_dim"])
+            fields["search_params"] = {name: int(v) for name, v in data.get("search_params", {}).items()}
             manifest = cls(**fields)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFormatError(f"{source} is missing a field or has a malformed one ({exc!r})") from exc
         if manifest.metric != METRIC:
             raise IndexFormatError(f"{source} has metric {manifest.metric!r}; this code reads {METRIC!r}")
         return manifest
+
+
+def _required(field: dataclasses.Field[Any]) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 _HELD_LOCKS: set[Path] = set()  # resolved index dirs whose WriterLock this process holds
@@ -341,7 +358,7 @@ class Catalog:
                     if statement.strip():
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-                self._set_meta({"format_version": str(FORMAT_VERSION), "factory": DEFAULT_FACTORY})
+                self._set_meta({"format_version": str(FORMAT_VERSION), "index_type": DEFAULT_FACTORY})
             elif version != FORMAT_VERSION:
                 hint = ": upgrade clip-search to read it" if version > FORMAT_VERSION else ""
                 raise IndexFormatError(
@@ -435,11 +452,29 @@ class Catalog:
             self._set_meta({**model, "preprocess": preprocess, "created_at": str(time.time())})
 
     def factory(self) -> str:
-        """The FAISS factory string publish() uses by default (the last one asked for)."""
-        return self._get_meta("factory") or DEFAULT_FACTORY
+        """What publish() builds by default: the last index type asked for, "auto" or a normalized factory string.
+
+        Catalogs written before the ``index_type`` key recorded the old default "IDMap2,Flat" whether or not anyone
+        chose it: that reads as "auto" (which is Flat for small collections), any other factory as itself.
+        """
+        requested = self._get_meta("index_type")
+        if requested is None:
+            legacy = self._get_meta("factory")
+            requested = DEFAULT_FACTORY if legacy in (None, LEGACY_DEFAULT_FACTORY) else legacy
+        return requested
 
     def set_factory(self, factory: str) -> None:
-        self._set_meta({"factory": factory})
+        """Remember ``factory`` ("auto" or a factory string) for later publishes."""
+        self._set_meta({"index_type": factory})
+
+    def memory_budget(self) -> int | None:
+        """Bytes the auto-chosen image index must fit in (the last budget asked for), None: no budget."""
+        value = self._get_meta("memory_budget")
+        return int(value) if value else None
+
+    def set_memory_budget(self, budget: int | None) -> None:
+        """Remember a budget in bytes for later publishes; None or 0 removes it."""
+        self._set_meta({"memory_budget": str(budget) if budget else ""})
 
     def _require_dim(self) -> int:
         if self._dim is None:
@@ -654,15 +689,27 @@ def _vector_from_bytes(blob: bytes, dim: int, item_id: int) -> Vectors:
 # --- publishing generations -------------------------------------------------------------------------------------
 
 
-def publish(index_dir: Path, catalog: Catalog, factory: str | None = None) -> Manifest:
+def publish(
+    index_dir: Path,
+    catalog: Catalog,
+    factory: str | None = None,
+    *,
+    memory_budget: int | None = None,
+    flat_max_vectors: int = FLAT_MAX_VECTORS,
+) -> Manifest:
     """Build the FAISS indexes from ``catalog`` and publish them as a new generation of ``index_dir``.
 
-    ``factory`` (default: the catalog's, initially "IDMap2,Flat") is a faiss.index_factory string; an "IDMap2,"
-    prefix is added if missing and trainable indexes are trained on the vectors (IndexBuildError if there are too
-    few). Takes the WriterLock unless this process already holds it. The generation is written under a temp name,
-    fsynced, renamed into place, then CURRENT is replaced atomically; the generation CURRENT named before is kept,
-    older ones and temp dirs of crashed runs are removed. A crash at any point leaves the previous generation
-    published. FAISS's thread count is left to the caller.
+    ``factory`` (default: the catalog's, initially "auto") is "auto" or a faiss.index_factory string; the catalog
+    remembers it for later publishes. "auto" applies :func:`indexer.index_choice.choose_index` to the current
+    number of images, within ``memory_budget`` bytes (default: the catalog's; 0 removes it) and with exact search
+    up to ``flat_max_vectors``; so a growing collection switches type when it passes a threshold. A factory string
+    gets an "IDMap2," prefix if missing, and trainable indexes are trained on a seeded sample of the vectors
+    (IndexBuildError if there are too few). The search-time knob (IVF nprobe, HNSW efSearch) is then calibrated
+    to recall@10 >= 0.95 against exact search (:func:`indexer.index_choice.calibrate`) and recorded, with the
+    recall, in the manifest. Takes the WriterLock unless this process already holds it. The generation is written
+    under a temp name, fsynced, renamed into place, then CURRENT is replaced atomically; the generation CURRENT
+    named before is kept, older ones and temp dirs of crashed runs are removed. A crash at any point leaves the
+    previous generation published. FAISS's thread count is left to the caller.
     """
     index_dir = Path(index_dir)
     if catalog.index_dir.resolve() != index_dir.resolve():
@@ -670,10 +717,22 @@ def publish(index_dir: Path, catalog: Catalog, factory: str | None = None) -> Ma
     with contextlib.ExitStack() as stack:
         if index_dir.resolve() not in _HELD_LOCKS:
             stack.enter_context(WriterLock(index_dir))
-        return _publish_locked(index_dir, catalog, _faiss_io.normalize_factory(factory or catalog.factory()))
+        requested, budget = resolve_index_request(catalog, factory, memory_budget)
+        return _publish_locked(index_dir, catalog, requested, budget, flat_max_vectors)
 
 
-def _publish_locked(index_dir: Path, catalog: Catalog, factory: str) -> Manifest:
+def resolve_index_request(catalog: Catalog, factory: str | None, memory_budget: int | None) -> tuple[str, int | None]:
+    """(index type, budget) a publish with these arguments builds: ``factory`` normalized ("auto" or "IDMap2,...")
+    or else the catalog's; ``memory_budget`` bytes, or else the catalog's, with 0 meaning none (None)."""
+    requested = factory or catalog.factory()
+    requested = AUTO if requested.strip().lower() == AUTO else _faiss_io.normalize_factory(requested)
+    budget = catalog.memory_budget() if memory_budget is None else (memory_budget or None)
+    return requested, budget
+
+
+def _publish_locked(
+    index_dir: Path, catalog: Catalog, requested: str, budget: int | None, flat_max_vectors: int
+) -> Manifest:
     model = catalog.model()
     if model is None:
         raise IndexerError(f"{index_dir / CATALOG_FILE} records no model: call Catalog.set_model() before publishing")
@@ -681,13 +740,29 @@ def _publish_locked(index_dir: Path, catalog: Catalog, factory: str) -> Manifest
     with catalog.snapshot():
         image_ids, image_vectors = catalog.embeddings()
         text_ids, text_vectors = catalog.text_embeddings()
+    started = time.monotonic()
+    if requested == AUTO:
+        choice = choose_index(len(image_ids), model.embed_dim, budget, flat_max_vectors=flat_max_vectors)
+        factory, reason = choice.factory, choice.reason
+    else:
+        factory, reason = requested, "the factory asked for"
+    images = _faiss_io.build_index(image_ids, image_vectors, model.embed_dim, factory)
+    built = time.monotonic()
+    tuned = calibrate(images, image_ids, image_vectors, factory)
+    logger.info(
+        "built %s over %d images in %.1fs (%s); %s, recall@10 %s on %d queries (%.1fs)",
+        factory, len(image_ids), built - started, reason, tuned.search_params or "no search parameters",
+        "n/a" if tuned.recall is None else f"{tuned.recall:.3f}", tuned.queries, time.monotonic() - built,
+    )  # fmt: skip
     indexes = {
-        IMAGES_FILE: _faiss_io.build_index(image_ids, image_vectors, model.embed_dim, factory),
+        IMAGES_FILE: images,
         TEXTS_FILE: _faiss_io.build_index(text_ids, text_vectors, model.embed_dim, TEXT_FACTORY),
     }
     del image_vectors, text_vectors
-    if factory != catalog.factory():
-        catalog.set_factory(factory)
+    if requested != catalog.factory():
+        catalog.set_factory(requested)
+    if budget != catalog.memory_budget():
+        catalog.set_memory_budget(budget)
     previous = current_generation(index_dir)
     generations = index_dir / GENERATIONS_DIR
     generations.mkdir(exist_ok=True)
@@ -696,7 +771,9 @@ def _publish_locked(index_dir: Path, catalog: Catalog, factory: str) -> Manifest
     counts = {"images": int(indexes[IMAGES_FILE].ntotal), "texts": int(indexes[TEXTS_FILE].ntotal)}
     manifest = Manifest(
         FORMAT_VERSION, name, created_at, model.name, model.weights_sha256, model.embed_dim, model.preprocess,
-        METRIC, factory, TEXT_FACTORY, counts, files={},
+        METRIC, factory, TEXT_FACTORY, counts, files={}, requested_factory=requested,
+        memory_budget=budget if requested == AUTO else None, index_reason=reason,
+        search_params=tuned.search_params, recall_at_10=tuned.recall, recall_queries=tuned.queries,
     )  # fmt: skip
     tmp_dir = generations / f"{TEMP_PREFIX}{name}"
     manifest = _write_generation(tmp_dir, manifest, indexes)
@@ -838,6 +915,11 @@ def _load_generation(generation_dir: Path, verify_checksums: bool) -> tuple[Mani
     indexes = {} if problems else {name: _faiss_io.read_index(generation_dir / name) for name in INDEX_FILES}
     for file_name, index in indexes.items():
         problems += _check_loaded(manifest, file_name, index)
+    if IMAGES_FILE in indexes and not problems:
+        try:  # also saved in the file; the manifest is what the server is told to use
+            _faiss_io.set_search_params(indexes[IMAGES_FILE], manifest.search_params)
+        except IndexFormatError as exc:
+            problems.append(f"{IMAGES_FILE}: {exc}")
     if problems:
         raise IndexFormatError(
             f"generation {generation_dir.name} is unusable: {'; '.join(problems)}. "
@@ -970,6 +1052,12 @@ def verify(index_dir: Path, *, sample: int = VERIFY_SAMPLE_SIZE) -> list[str]:
                 problems.append(str(exc))
                 continue
             problems += _check_loaded(manifest, file_name, indexes[file_name])
+    if IMAGES_FILE in indexes:
+        saved = _faiss_io.get_search_params(indexes[IMAGES_FILE])
+        if any(saved.get(name) != value for name, value in manifest.search_params.items()):
+            problems.append(
+                f"{IMAGES_FILE} has search parameters {saved}, the manifest records {manifest.search_params}"
+            )
     try:
         catalog = Catalog.open(index_dir, readonly=True)
     except IndexerError as exc:
