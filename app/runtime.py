@@ -210,7 +210,10 @@ class Runtime:
         info = ModelInfo.of(
             str(path.resolve()) if path.exists() else name, clip_model.weights_sha256(model),
             model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std,
-        )  # fmt: skip
+        )  # fmt: skip  # the fingerprint of the float32 weights, which the index records whatever the precision
+        if self.settings.precision == "int8":
+            model = clip_model.quantize_int8(model)
+            logger.info("model %s quantized to int8", name)
         s = self.settings
         return Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
                        text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size)  # fmt: skip

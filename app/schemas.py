@@ -229,7 +229,7 @@ class Stats(BaseModel):
         json_schema_extra={
             "example": {"ready": True, "model": "ViT-B-32", "weights_sha256": "40d36571...", "embed_dim": 512,
                         "generation": "g-000003", "built_at": 1764614400.0, "images": 12873, "texts": 1000,
-                        "factory": "IDMap2,Flat", "image_root": "/photos", "reason": None}
+                        "factory": "IDMap2,Flat", "image_root": "/photos", "reason": None, "precision": "fp32"}
         }
     )  # fmt: skip
 
@@ -244,6 +244,7 @@ class Stats(BaseModel):
     texts: int
     factory: str | None
     image_root: str | None
+    precision: Literal["fp32", "int8"] = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
 
 
 class ReindexStatus(BaseModel):

@@ -239,13 +239,14 @@ class SearchService:
         state, problem = self.runtime.state, self.runtime.problem
         if state is None:
             return Stats(ready=False, reason=problem, model=None, weights_sha256=None, embed_dim=None, generation=None,
-                         built_at=None, images=0, texts=0, factory=None, image_root=None)  # fmt: skip
+                         built_at=None, images=0, texts=0, factory=None, image_root=None,
+                         precision=self.settings.precision)  # fmt: skip
         manifest = state.index.manifest
         return Stats(
             ready=True, reason=problem, model=state.encoder.info.name, weights_sha256=manifest.weights_sha256,
             embed_dim=manifest.embed_dim, generation=manifest.generation, built_at=manifest.created_at,
             images=manifest.counts.get("images", 0), texts=manifest.counts.get("texts", 0), factory=manifest.factory,
-            image_root=str(state.image_root) if state.image_root else None,
+            image_root=str(state.image_root) if state.image_root else None, precision=self.settings.precision,
         )  # fmt: skip
 
     # --- helpers -------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import clip_model
+from app.main import create_app
 from indexer.store import Catalog
 from tests.app.conftest import CAPTIONS, IndexedFolder
 
@@ -197,3 +198,22 @@ def test_repeated_text_queries_hit_the_cache(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     hits = [line for line in metrics.splitlines() if line.startswith('clipsearch_text_cache_total{result="hit"}')]
     assert hits and float(hits[0].split()[-1]) >= 1
+
+
+def test_an_int8_server_serves_the_fp32_index_with_the_int8_library_encoders(
+    indexed: IndexedFolder, tmp_path: Path, model: clip_model.CLIP
+) -> None:
+    int8 = clip_model.quantize_int8(model)
+    settings = indexed.settings(tmp_path, precision="int8")
+    with TestClient(create_app(settings, watch=False)) as int8_client:
+        stats = int8_client.get("/api/stats").json()
+        assert stats["ready"] and stats["precision"] == "int8"  # the index's fp32 fingerprint was accepted
+        body = int8_client.post("/api/embed/text", json={"texts": ["a photo of a cat"]}).json()
+        with torch.no_grad():
+            expected = int8.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)[0].numpy()
+        np.testing.assert_allclose(body["embeddings"][0], expected, atol=1e-5)  # the int8 model, not the fp32 one
+        assert not np.allclose(body["embeddings"][0], encode_text(model, "a photo of a cat"), atol=1e-5)
+        source = indexed.files["red/red_1.png"]
+        found = int8_client.post("/api/search/image", files={"file": ("r.png", source.read_bytes())}).json()
+        assert found["results"][0]["path"] == "red/red_1.png"  # an int8 upload still finds its fp32-indexed self
+        assert found["results"][0]["score"] > 0.99
