@@ -28,8 +28,9 @@ launching with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=10737418
 at process start, ``mallopt`` works at any time). A ``MALLOC_*`` variable set by the launcher wins, and both the
 setting and the environment are recorded; ``--no-tune-malloc`` measures glibc's defaults.
 
-``--smoke`` runs tiny configs in well under a minute and writes its JSON to a temporary folder; a full run writes
-``bench/results/encoders-<date>[-tag].json``. :func:`measure` returns the results dict for a suite runner.
+``--smoke`` runs tiny configs in well under a minute (compiling at its larger batch only) and writes its JSON to
+``--workdir`` or a temporary folder; a full run writes ``bench/results/encoders-<date>[-tag].json`` (``--out``
+overrides both). For a suite runner: :func:`measure` returns the results dict, :func:`markdown` renders it.
 """
 
 from __future__ import annotations
@@ -306,12 +307,13 @@ def _mm(s: dict[str, Any], fmt: str = ".1f") -> str:
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
 
-def print_table(results: dict[str, Any]) -> None:
-    print(
-        f"\n{results['machine']['cpu']}, {results['settings']['threads']} threads, torch {results['machine']['torch']}"
-    )
-    print("\n| model | batch | variant | images/s | vs HF fp32 | first call s | int8 centred cos |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+def markdown(results: dict[str, Any]) -> str:
+    """The results as markdown tables (also what ``bench/suite.py`` puts in its report)."""
+    machine, settings = results["machine"], results["settings"]
+    lines = [f"{machine['cpu']}, {settings['threads']} threads, torch {machine['torch']}, "
+             f"transformers {settings['transformers']}; malloc {results.get('malloc')}", "",
+             "| model | batch | variant | images/s | vs HF fp32 | first call s | int8 centred cos |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for arch, data in results["archs"].items():
         for batch, b in data["image"].items():
             for name, rate in b["images_per_s"].items():
@@ -319,17 +321,20 @@ def print_table(results: dict[str, Any]) -> None:
                 first = f"{b['compile'][name]['first_call_s']:.1f}" if name in b["compile"] else ""
                 cos = b.get("int8_centred_cosine_min", {}).get(name)
                 cos_text = "" if cos is None else f"{cos:.4f}"
-                print(f"| {arch} | {batch} | {name} | {_mm(rate)} | {ratio} | {first} | {cos_text} |")
-    print("\n| model | variant | p50 ms | p99 ms |")
-    print("| --- | --- | --- | --- |")
+                lines.append(f"| {arch} | {batch} | {name} | {_mm(rate)} | {ratio} | {first} | {cos_text} |")
+    lines += ["", "| model | variant | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     for arch, data in results["archs"].items():
         for name, lat in data["text"]["latency_ms"].items():
-            print(f"| {arch} | {name} | {_mm(lat['p50'], '.2f')} | {_mm(lat['p99'], '.2f')} |")
+            lines.append(f"| {arch} | {name} | {_mm(lat['p50'], '.2f')} | {_mm(lat['p99'], '.2f')} |")
+    lines.append("")
     for arch, data in results["archs"].items():
-        t = data["text"]
-        verdict = "ok" if t["identity_ok"] else "FAILED"
-        print(f"\n{arch}: parity with HF {data['parity_max_abs_diff']}; text identity ({t['tokens']} vs "
-              f"{t['context_length']} tokens) {t['identity_max_abs_diff']} {verdict}")  # fmt: skip
+        t, parity = data["text"], data["parity_max_abs_diff"]
+        lines.append(
+            f"- {arch}: parity with HF: image {parity['image']:.1e}, text {parity['text']:.1e}; text identity "
+            f"({t['tokens']} vs {t['context_length']} tokens): fp32 {t['identity_max_abs_diff']['fp32']:.1e}, "
+            f"int8 {t['identity_max_abs_diff']['int8']:.1e} ({'ok' if t['identity_ok'] else 'FAILED'})"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -352,6 +357,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny configs, to check that the script works (< 1 min)")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where --smoke writes (default: a temporary folder)")
     args = parser.parse_args(argv)
     unknown = set(args.archs) - set(ARCHS)
     if unknown:
@@ -371,12 +377,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         compile_mode=args.compile_mode, smoke=args.smoke)  # fmt: skip
     results = measure(settings)
     results["malloc"] = malloc
-    print_table(results)
+    print("\n" + markdown(results))
     name = "-".join(
         filter(None, ["encoders", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag])
     )
     with tempfile.TemporaryDirectory(prefix="bench_encoders_") as tmp:
-        out_dir = Path(tmp) if args.smoke else RESULTS_DIR  # a smoke check leaves bench/results/ (and git) untouched
+        out_dir = (args.workdir or Path(tmp)) if args.smoke else RESULTS_DIR  # smoke: bench/results/ stays untouched
         path = args.out or out_dir / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -16,16 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip_model
+from clip_model import quantize
 from clip_model.config import CLIPConfig
-from clip_model.quantize import Int8Linear, Int8SelfAttention, quantize_int8
+from clip_model.quantize import Int8Linear, Int8MLP, Int8SelfAttention, quantize_int8
 from clip_model.transformer import SelfAttention
 from tests.clip_model.reference_models import random_images, random_tokens, scramble_
 from tests.clip_model.test_model import tiny_config
 
-MIN_CENTRED_COSINE = 0.99  # measured min: tiny ViT image 0.9988, tiny ResNet image 0.9993, text 0.9965
+MIN_CENTRED_COSINE = 0.99  # measured min: tiny ViT image 0.9988, text 0.9971; tiny ResNet image 0.9992, text 0.9986
 MIN_CENTRED_COSINE_VIT_B32 = 0.99  # measured min: image 0.9950, text 0.9977
-MIN_TOP10_OVERLAP = 0.8  # mean fraction of the float32 top 10 that int8 also returns
-LINEAR_RTOL = 0.02  # ||int8 - fp32|| / ||fp32|| of one layer; per-token int8 gives ~0.005
+MIN_TOP10_OVERLAP = 0.9  # mean fraction of the float32 top 10 that int8 also returns (measured 0.98)
+TOKEN_RTOL = 0.05  # ||int8 - fp32|| / ||fp32 - bias|| of one token: median 0.013, max 0.030 over 200 seeds
+CHANNEL_RTOL = 0.02  # the same for one output channel over 256 tokens: max 0.0093 over 200 seeds
+# (per-tensor scales fail both by far: the outlier token, or the small channels, leave the others ~1 step)
 
 
 def centred_cosine(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,7 @@ def test_every_linear_layer_becomes_int8(pair: tuple[clip_model.CLIP, clip_model
         expected = 4 * blocks
     assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == expected
     assert sum(isinstance(m, Int8SelfAttention) for m in quantized.modules()) == blocks
+    assert sum(isinstance(m, Int8MLP) for m in quantized.modules()) == blocks
     assert all(m.qweight.dtype == torch.int8 for m in quantized.modules() if isinstance(m, Int8Linear))
     assert clip_model.is_quantized(quantized) and not clip_model.is_quantized(model)
     assert not any(p.requires_grad for p in quantized.parameters()) and not quantized.training
@@ -142,6 +146,7 @@ def test_vit_b32_sized_model_stays_close_to_float32() -> None:
 
 def test_int8_linear_scales_each_token_and_channel_separately() -> None:
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     with torch.no_grad():
         linear.weight.mul_(torch.logspace(-2, 1, 48)[:, None])  # output channels three decades apart
@@ -157,8 +162,20 @@ def test_int8_linear_scales_each_token_and_channel_separately() -> None:
     assert got.shape == want.shape and got.dtype == torch.float32
     assert torch.equal(got[1, 2], bias)  # an all-zero token gives exactly the bias
     per_token_error = (got - want).norm(dim=-1) / (want - bias).norm(dim=-1).clamp_min(1e-12)
-    assert per_token_error.max().item() <= LINEAR_RTOL
-    assert channel_error.max().item() <= LINEAR_RTOL  # the small channels keep their own scale
+    assert per_token_error.max().item() <= TOKEN_RTOL
+    assert channel_error.max().item() <= CHANNEL_RTOL  # the small channels keep their own scale
+
+
+def test_chunked_rows_change_no_bit_of_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(tiny_config())
+    quantized = quantize_int8(model)
+    images, tokens = random_images(model.config, batch=5), random_tokens(batch=4)
+    with torch.inference_mode():
+        monkeypatch.setattr(quantize, "CHUNK_ROWS_PER_THREAD", 1 << 30)  # one chunk
+        whole = quantized.encode_image(images), quantized.encode_text(tokens)
+        monkeypatch.setattr(quantize, "CHUNK_ROWS_PER_THREAD", 7)  # 17 tokens an image: chunks cross images
+        chunked = quantized.encode_image(images), quantized.encode_text(tokens)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 def test_runs_under_inference_mode_in_a_worker_thread() -> None:
