@@ -166,21 +166,24 @@ class RssSampler:
             self._thread.join()
 
 
-def _server_env(workdir: Path) -> dict[str, str]:
+def _server_env(workdir: Path, precision: str = "fp32") -> dict[str, str]:
     """This environment without any CLIPSEARCH_* setting of its own, plus the benchmark's."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("CLIPSEARCH_")}
     env["CLIPSEARCH_CACHE_DIR"] = str(workdir / "server-cache")
     env["CLIPSEARCH_LOG_LEVEL"] = "WARNING"
+    env["CLIPSEARCH_PRECISION"] = precision
     return env
 
 
 @contextlib.contextmanager
-def running_server(index_dir: Path, workdir: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def running_server(
+    index_dir: Path, workdir: Path, log_path: Path, precision: str = "fp32"
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``python -m app`` on a free loopback port, yielded once ``/readyz`` is 200; always terminated after."""
     port = free_port()
     command = [sys.executable, "-m", "app", "--index-dir", str(index_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=_server_env(workdir), stdout=log, stderr=log)
+        process = subprocess.Popen(command, cwd=workdir, env=_server_env(workdir, precision), stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(process, url, log_path)
@@ -447,6 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script works (< 1 min)")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="CLIPSEARCH_PRECISION")
     parser.add_argument(
         "--factory", default=None, help="FAISS factory of the index (default: the one the indexer picks for the size)"
     )
@@ -469,10 +473,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "vectors": args.vectors, "model": MODEL_ARCH, "factory": manifest.factory, "k": K, "duration_s": args.duration,
         "repeat": args.repeat, "warmup_s": args.warmup, "concurrency": list(args.concurrency),
         "wrk_threads": f"min(concurrency, {WRK_MAX_THREADS})", "wrk_timeout": WRK_TIMEOUT,
-        "server_env": {k: v for k, v in _server_env(workdir).items() if k.startswith("CLIPSEARCH_")},
+        "precision": args.precision,
+        "server_env": {k: v for k, v in _server_env(workdir, args.precision).items() if k.startswith("CLIPSEARCH_")},
     }  # fmt: skip
     log_path = workdir / "server.log"
-    with running_server(index_dir, workdir, log_path) as (process, url):
+    with running_server(index_dir, workdir, log_path, args.precision) as (process, url):
         check_search(url)
         sampler = RssSampler(process.pid)
         sampler.start()
