@@ -10,9 +10,10 @@ OpenAI's quick-GELU configs) and batch size (``--batches``, default 1 and 32):
 - images/s of ``encode_image`` against ``CLIPModel.get_image_features`` (HF fp32, SDPA attention): ours fp32,
   ours int8 (:func:`clip_model.quantize_int8`), and both ours compiled (``torch.compile(dynamic=False)`` with
   ``torch._inductor.config.freezing = True``, ``--compile-mode`` for e.g. ``max-autotune-no-cudagraphs``), with
-  each compile's first-call latency and compile time (first call minus a steady call). Ratios to HF fp32 are taken
-  within each repetition. int8 quality: min centred cosine to fp32 over the batch (after subtracting the fp32 batch
-  mean: random weights map every image to nearly one direction).
+  each compile's first-call latency and compile time (first call minus a steady call), cold: inductor's kernel
+  cache is an empty temporary folder unless ``TORCHINDUCTOR_CACHE_DIR`` is set (a warm cache cuts it severalfold).
+  Ratios to HF fp32 are taken within each repetition. int8 quality: min centred cosine to fp32 over the batch
+  (after subtracting the fp32 batch mean: random weights map every image to nearly one direction).
 - text: single-query latency p50/p99 of ``encode_text`` on a short prompt (``PROMPT``) padded to the full context
   (77) and cut to its real length (start + words + end), ours fp32 and int8 (HF fp32 at 77 for reference); and the
   identity check: the cut and the padded rows give the same features within ``IDENTITY_TOLERANCE`` (causal
@@ -28,17 +29,20 @@ launching with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=10737418
 at process start, ``mallopt`` works at any time). A ``MALLOC_*`` variable set by the launcher wins, and both the
 setting and the environment are recorded; ``--no-tune-malloc`` measures glibc's defaults.
 
-``--smoke`` runs tiny configs in well under a minute (compiling at its larger batch only) and writes its JSON to
-``--workdir`` or a temporary folder; a full run writes ``bench/results/encoders-<date>[-tag].json`` (``--out``
-overrides both). For a suite runner: :func:`measure` returns the results dict, :func:`markdown` renders it.
+``--smoke`` runs tiny configs in under a minute (compiling at its larger batch only, with inductor's usual cache)
+and writes its JSON to ``--workdir`` or a temporary folder; a full run writes
+``bench/results/encoders-<date>[-tag].json`` (``--out`` overrides both). For a suite runner: :func:`measure`
+returns the results dict, :func:`markdown` renders it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -86,6 +90,7 @@ class Settings:
     compile_batches: tuple[int, ...]  # the batch sizes that also get the torch.compile variants
     compile_mode: str | None
     smoke: bool
+    inductor_cache: str = "TORCHINDUCTOR_CACHE_DIR"  # "fresh": an empty temporary one, so compile times are cold
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -307,6 +312,11 @@ def _mm(s: dict[str, Any], fmt: str = ".1f") -> str:
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
 
+def _rates(s: dict[str, Any]) -> str:
+    """images/s with 3 significant digits, without exponents: 0.477, 23.6, 7136."""
+    return _mm(s, ".0f" if s["min"] >= 100 else ".1f" if s["min"] >= 10 else ".3g")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables (also what ``bench/suite.py`` puts in its report)."""
     machine, settings = results["machine"], results["settings"]
@@ -321,7 +331,7 @@ def markdown(results: dict[str, Any]) -> str:
                 first = f"{b['compile'][name]['first_call_s']:.1f}" if name in b["compile"] else ""
                 cos = b.get("int8_centred_cosine_min", {}).get(name)
                 cos_text = "" if cos is None else f"{cos:.4f}"
-                lines.append(f"| {arch} | {batch} | {name} | {_mm(rate)} | {ratio} | {first} | {cos_text} |")
+                lines.append(f"| {arch} | {batch} | {name} | {_rates(rate)} | {ratio} | {first} | {cos_text} |")
     lines += ["", "| model | variant | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     for arch, data in results["archs"].items():
         for name, lat in data["text"]["latency_ms"].items():
@@ -375,7 +385,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = Settings(archs=args.archs, batches=args.batches, threads=args.threads, repeat=args.repeat,
                         min_time=args.min_time, text_calls=args.text_calls, compile_batches=compile_batches,
                         compile_mode=args.compile_mode, smoke=args.smoke)  # fmt: skip
-    results = measure(settings)
+    with tempfile.TemporaryDirectory(prefix="bench_encoders_inductor_") as cache:
+        if not args.smoke and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold compiles: nothing cached before
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            settings = dataclasses.replace(settings, inductor_cache="fresh")
+        results = measure(settings)
     results["malloc"] = malloc
     print("\n" + markdown(results))
     name = "-".join(
