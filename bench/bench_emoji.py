@@ -16,8 +16,12 @@ paths relative to the folder, label = the emoji's category):
   how well the model fits what it saw (the generalisation gap to apple).
 - ``apple/``: the apple image of every emoji that has one (1,908), plain-name captions: never seen in training.
 
-Each variant (architecture, steps, batch, lr, captions) trains with ``clip_model.train.fit.fit`` on one torch thread
-and one loader process, without augmentation (fit has none), then is evaluated on apple, google and twitter:
+Each variant (architecture, steps, batch, lr, captions, augmentation) trains with ``clip_model.train.fit.fit`` on one
+torch thread and one loader process, in chunks of ``CHUNK_STEPS`` steps that resume from fit's checkpoint (a killed
+run continues; the result equals an uninterrupted run). fit has no augmentation, so ``augment=N`` writes N random
+variants of each training image once (``augment_image``: scale, shift, small rotation, contrast/saturation jitter,
+sometimes blur or posterize; no flips) and trains on them beside the originals. Then it is evaluated on apple,
+google and twitter:
 text->image and image->text recall@1/5/10 under ``clip_model.train.evaluate.retrieval_metrics``'s caption-equality
 rule (the query is the plain name; two emoji share the name "man in tuxedo", and either image counts for it), and
 zero-shot category accuracy with two templates ("a photo of a {}." and "an emoji of {}.") over two sets of class
@@ -36,9 +40,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
+import random
 import resource
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -50,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_indexer import machine_info
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from clip_model.preprocess import WHITE, to_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -92,7 +98,7 @@ ARCH_M: dict[str, Any] = {  # 14.1 M parameters; ~2.7x the compute of ARCH_S per
 
 @dataclass(frozen=True)
 class Variant:
-    """One training run; ``captions`` names the training captions file (``plain`` or ``phrasings``)."""
+    """One training run; ``captions`` is ``plain`` (the name) or ``phrasings`` (one record per phrasing)."""
 
     name: str
     arch: dict[str, Any]
@@ -102,6 +108,7 @@ class Variant:
     warmup_steps: int = 200
     weight_decay: float = 0.2
     captions: str = "plain"
+    augment: int = 0  # augmented copies of each training image beside the original (see augment_image)
     seed: int = 0
 
     def key(self) -> str:
@@ -114,11 +121,15 @@ VARIANTS = {
     for v in (
         Variant("s-plain", ARCH_S, steps=1200),
         Variant("s-phrasings", ARCH_S, steps=1200, captions="phrasings"),
-        Variant("m-phrasings", ARCH_M, steps=1200, captions="phrasings"),
+        Variant("s-plain-aug4", ARCH_S, steps=1200, augment=4),
+        Variant("s-plain-aug4-long", ARCH_S, steps=2400, augment=4),
+        Variant("m-plain-aug4", ARCH_M, steps=480, warmup_steps=80, augment=4),
     )
 }
-DEFAULT_VARIANT = "s-phrasings"
+DEFAULT_VARIANT = "s-plain-aug4-long"  # the best on apple so far (bench/README.md)
 QUICK_STEPS = 60
+AUGMENT_VERSION = 1  # bump when augment_image changes: augmented folders of another version are regenerated
+CHUNK_STEPS = 200  # steps per fit call; each ends in a training checkpoint that the next call resumes from
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -216,38 +227,107 @@ def build_datasets(workdir: Path) -> dict[str, Any]:
     }
 
 
+def augment_image(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random variant of an emoji, on white like the evaluation images: scaled to 70-100% at a random place,
+    rotated up to 10 degrees, contrast and saturation jittered by up to 25%, sometimes blurred or posterized (the
+    vendors differ in outline, shading and palette). No flips: arrows and hands have a direction."""
+    rgb = to_rgb(image)  # alpha composited over white, as the model's preprocessing does
+    side = rgb.width
+    small = rgb.resize((round(side * rng.uniform(0.7, 1.0)),) * 2, Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (side, side), WHITE)
+    canvas.paste(small, (rng.randint(0, side - small.width), rng.randint(0, side - small.height)))
+    canvas = canvas.rotate(rng.uniform(-10, 10), Image.Resampling.BICUBIC, fillcolor=WHITE)
+    canvas = ImageEnhance.Contrast(canvas).enhance(rng.uniform(0.75, 1.25))
+    canvas = ImageEnhance.Color(canvas).enhance(rng.uniform(0.75, 1.25))
+    if rng.random() < 0.3:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
+    if rng.random() < 0.3:
+        canvas = ImageOps.posterize(canvas, rng.choice((3, 4)))
+    return canvas
+
+
+def training_captions(data: Path, captions: str, copies: int) -> Path:
+    """The training captions file of a variant; with ``copies``, its records plus ``copies`` augmented images of
+    each training image (written once under ``train/aug-v<AUGMENT_VERSION>-<copies>/``, seeded by path)."""
+    train_dir = data / "train"
+    base = train_dir / ("captions.jsonl" if captions == "plain" else "captions-phrasings.jsonl")
+    if copies == 0:
+        return base
+    path = train_dir / f"{base.stem}-aug{copies}.jsonl"
+    folder = f"aug-v{AUGMENT_VERSION}-{copies}"
+    records = [json.loads(line) for line in base.read_text(encoding="utf-8").splitlines()]
+    out = list(records)
+    for k in range(copies):
+        out += [r | {"path": f"{folder}/{Path(r['path']).stem}-{Path(r['path']).parent}-{k}.png"} for r in records]
+    done = train_dir / folder / ".done"
+    if not done.is_file():
+        print(f"  writing {copies} augmented copies of each training image", flush=True)
+        (train_dir / folder).mkdir(exist_ok=True)
+        for source in dict.fromkeys(r["path"] for r in records):
+            with Image.open(train_dir / source) as image:
+                image.load()
+                for k in range(copies):
+                    copy = augment_image(image, random.Random(f"{source}-{k}"))
+                    copy.save(train_dir / folder / f"{Path(source).stem}-{Path(source).parent}-{k}.png")
+        done.touch()
+    _write_jsonl(path, out)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------- train, evaluate
 
 
 def train(variant: Variant, data: Path, runs: Path) -> tuple[Path, float]:
-    """Train ``variant`` (or reuse its finished run); the model file and the training seconds."""
-    from clip_model.train.fit import FitOptions, fit
+    """Train ``variant`` (or reuse its finished run); the model file and the training seconds.
+
+    fit runs ``CHUNK_STEPS`` steps per call and resumes from its checkpoint for the next chunk (the result is the
+    uninterrupted run's), so a run killed part-way continues from its last finished chunk. Each finished chunk's
+    wall and CPU seconds are appended to ``chunks.jsonl``; the training time is their sum.
+    """
+    from clip_model.train.fit import fit
+    from clip_model.train.state import latest_state
 
     out = runs / variant.key()
-    model_path, report = out / "model.safetensors", out / "bench.json"
+    model_path, report, chunks = out / "model.safetensors", out / "bench.json", out / "chunks.jsonl"
     if model_path.is_file() and report.is_file():
         print(f"  reusing {out}", flush=True)
         return model_path, float(json.loads(report.read_text(encoding="utf-8"))["train_seconds"])
-    if out.exists():  # an interrupted run: start it again rather than resume on a busier or quieter machine
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in chunks.read_text(encoding="utf-8").splitlines()] if chunks.is_file() else []
+    step, final = (done[-1]["step"] if done else 0), {}
+    while step < variant.steps:
+        resume = latest_state(out / "run" / "checkpoints") is not None
+        options = _fit_options(variant, data, out, min(step + CHUNK_STEPS, variant.steps), resume)
+        started, cpu = time.perf_counter(), _cpu_seconds()
+        result = fit(options)
+        chunk = {"step": result.step, "seconds": time.perf_counter() - started}
+        chunk |= {f"cpu_{k}": v - cpu[k] for k, v in _cpu_seconds().items()}
+        with chunks.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(chunk) + "\n")
+        done.append(chunk)
+        step, final = result.step, result.metrics
+        print(f"  step {step}/{variant.steps}: loss {final.get('loss', float('nan')):.4f}", flush=True)
+    (out / "run" / "model.safetensors").replace(model_path)
+    seconds = sum(c["seconds"] for c in done)
+    cpu = {k: round(sum(c[f"cpu_{k}"] for c in done), 1) for k in ("trainer", "loader")}
+    record = {"train_seconds": seconds, "train_cpu_seconds": cpu, "chunks": len(done), "final": final}
+    report.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return model_path, seconds
+
+
+def _fit_options(variant: Variant, data: Path, out: Path, stop_after: int, resume: bool) -> Any:
+    """The FitOptions of one chunk of ``variant``'s run in ``out`` (architecture written there)."""
+    from clip_model.train.fit import FitOptions
+
     arch_path = out / "architecture.json"
     arch_path.write_text(json.dumps(variant.arch, indent=2) + "\n", encoding="utf-8")
-    captions = data / "train" / ("captions.jsonl" if variant.captions == "plain" else "captions-phrasings.jsonl")
-    options = FitOptions(
+    captions = training_captions(data, variant.captions, variant.augment)
+    return FitOptions(
         data=data / "train", captions=captions, model=str(arch_path), out_dir=out / "run", steps=variant.steps,
         batch_size=variant.batch_size, lr=variant.lr, warmup_steps=variant.warmup_steps,
         weight_decay=variant.weight_decay, val_fraction=0.0, eval_every=0, save_every=0, log_every=50,
-        seed=variant.seed, num_workers=LOADER_WORKERS, device="cpu",
+        seed=variant.seed, num_workers=LOADER_WORKERS, device="cpu", stop_after=stop_after, resume=resume,
     )  # fmt: skip
-    started, cpu = time.perf_counter(), _cpu_seconds()
-    result = fit(options)
-    seconds = time.perf_counter() - started
-    cpu = {k: round(v - cpu[k], 1) for k, v in _cpu_seconds().items()}
-    result.model_path.replace(model_path)
-    record = {"train_seconds": seconds, "train_cpu_seconds": cpu, "final": result.metrics}
-    report.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    return model_path, seconds
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -257,11 +337,9 @@ def _cpu_seconds() -> dict[str, float]:
 
 
 def evaluate_split(model: Any, preprocess: Any, root: Path, captions: Path) -> dict[str, Any]:
-    """Recall@k both ways, zero-shot accuracy per template and class-name set, and per-category recall@1."""
-    import torch
-
+    """Recall@k both ways, zero-shot accuracy per template and class-name set, and per-category breakdowns."""
     from clip_model.train.data import read_pairs
-    from clip_model.train.evaluate import encode_dataset, normalize_caption, retrieval_metrics, zero_shot_accuracy
+    from clip_model.train.evaluate import encode_dataset, retrieval_metrics, zero_shot_accuracy
 
     pairs = read_pairs(root, captions)
     encoded = encode_dataset(model, preprocess, pairs, EVAL_BATCH_SIZE)
@@ -276,15 +354,49 @@ def evaluate_split(model: Any, preprocess: Any, root: Path, captions: Path) -> d
             metrics[f"zero_shot_{template_name}_{names_name}"] = zero_shot_accuracy(
                 model, preprocess, renamed, (template,), image_features=encoded.image_features
             )
-    captions = [normalize_caption(p.caption) for p in pairs]
+    metrics["text_to_image_recall@1_by_category"] = recall_at_1_by_category(pairs, encoded)
+    metrics["zero_shot_emoji_word_by_category"] = zero_shot_by_category(
+        model, pairs, encoded.image_features, ZERO_SHOT_TEMPLATES["emoji"]
+    )
+    return metrics
+
+
+def recall_at_1_by_category(pairs: Sequence[Any], encoded: Any) -> dict[str, float]:
+    """Text->image recall@1 of the queries of each category (ranked over all images, caption-equality rule)."""
+    import torch
+
+    from clip_model.train.evaluate import normalize_caption
+
+    normalized = [normalize_caption(p.caption) for p in pairs]
     best = (encoded.text_features @ encoded.image_features.T).argmax(dim=1)  # [M] top image of each text
-    hit = torch.tensor([captions[int(i)] == text for i, text in zip(best, encoded.texts, strict=True)])
-    category_of = {caption: str(p.label) for caption, p in zip(captions, pairs, strict=True)}
-    metrics["text_to_image_recall@1_by_category"] = {
+    hit = torch.tensor([normalized[int(i)] == text for i, text in zip(best, encoded.texts, strict=True)])
+    category_of = {caption: str(p.label) for caption, p in zip(normalized, pairs, strict=True)}
+    return {
         category: round(float(hit[[category_of[t] == category for t in encoded.texts]].float().mean()), 4)
         for category in sorted(set(category_of.values()))
     }
-    return metrics
+
+
+def zero_shot_by_category(model: Any, pairs: Sequence[Any], image_features: Any, template: str) -> dict[str, Any]:
+    """Zero-shot accuracy per true category (one-word class names) and the share of images predicted as each."""
+    from functools import partial
+
+    from clip_model.tokenizer import tokenize
+    from clip_model.zeroshot import build_zero_shot_classifier
+
+    categories = sorted(CATEGORY_WORDS)
+    tokenizer = partial(tokenize, context_length=model.context_length, truncate=True)
+    words = [CATEGORY_WORDS[c] for c in categories]
+    classifier = build_zero_shot_classifier(model, words, (template,), tokenize=tokenizer).float().cpu()
+    predicted = [categories[int(i)] for i in (image_features.float() @ classifier).argmax(dim=1)]
+    truth = [str(p.label) for p in pairs]
+    accuracy = {
+        c: round(sum(p == t for p, t in zip(predicted, truth, strict=True) if t == c) / truth.count(c), 4)
+        for c in categories
+        if c in truth
+    }
+    shares = {c: round(n / len(predicted), 4) for c, n in Counter(predicted).most_common()}
+    return {"accuracy": accuracy, "predicted_share": shares}
 
 
 def _category_phrase(category: str) -> str:
@@ -342,24 +454,28 @@ def run_variant(variant: Variant, data: Path, runs: Path) -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     columns = [
-        ("t->i R@1", "text_to_image_recall@1"), ("R@5", "text_to_image_recall@5"), ("R@10", "text_to_image_recall@10"),
-        ("i->t R@1", "image_to_text_recall@1"), ("R@5", "image_to_text_recall@5"), ("R@10", "image_to_text_recall@10"),
-        ("zs photo", "zero_shot_photo_word"), ("zs emoji", "zero_shot_emoji_word"),
-        ("zs photo cat", "zero_shot_photo_category"), ("zs emoji cat", "zero_shot_emoji_category"),
+        ("t>i R@1", "text_to_image_recall@1"), ("R@5", "text_to_image_recall@5"), ("R@10", "text_to_image_recall@10"),
+        ("i>t R@1", "image_to_text_recall@1"), ("R@5", "image_to_text_recall@5"), ("R@10", "image_to_text_recall@10"),
+        ("zs ph/w", "zero_shot_photo_word"), ("zs em/w", "zero_shot_emoji_word"),
+        ("zs ph/c", "zero_shot_photo_category"), ("zs em/c", "zero_shot_emoji_category"),
     ]  # fmt: skip
-    header = f"{'variant':14s} {'split':8s} {'train s':>8s} " + " ".join(f"{c:>8s}" for c, _ in columns)
+    header = f"{'variant':16s} {'split':8s} {'wall s':>7s} {'cpu s':>7s} " + " ".join(f"{c:>7s}" for c, _ in columns)
     print("\n" + header)
     for v in results["variants"]:
+        cpu = (v.get("train_cpu_seconds") or {}).get("trainer", float("nan"))
         for split, m in v["metrics"].items():
-            cells = " ".join(f"{m[key]:8.3f}" for _, key in columns)
-            print(f"{v['name']:14s} {split:8s} {v['train_seconds']:8.0f} {cells}")
+            cells = " ".join(f"{m[key]:7.3f}" for _, key in columns)
+            print(f"{v['name']:16s} {split:8s} {v['train_seconds']:7.0f} {cpu:7.0f} {cells}")
     chance = results["chance"][EVAL_STYLE]
     cells = [chance.get(key, chance["zero_shot_majority"]) for _, key in columns]
-    print(f"{'chance':14s} {EVAL_STYLE:8s} {'':8s} " + " ".join(f"{c:8.4f}" for c in cells))
-    print("zero-shot columns: one-word class names (face, person, flag, ...); 'cat': the category names")
+    print(f"{'chance':16s} {EVAL_STYLE:8s} {'':7s} {'':7s} " + " ".join(f"{c:7.4f}" for c in cells))
+    print(
+        'zs: zero-shot category accuracy, template ph "a photo of a {}." / em "an emoji of {}.", class names '
+        "w one word (face, person, flag, ...) / c the category (smileys and emotion, ...); chance zs: majority class"
+    )
     for v in results["variants"]:
         by_category = v["metrics"][EVAL_STYLE]["text_to_image_recall@1_by_category"]
-        print(f"{v['name']} apple t->i R@1 by category: " + ", ".join(f"{k} {x:.2f}" for k, x in by_category.items()))
+        print(f"{v['name']} apple t>i R@1 by category: " + ", ".join(f"{k} {x:.2f}" for k, x in by_category.items()))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -421,7 +537,6 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     args = parse_args(argv)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
