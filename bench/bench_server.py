@@ -7,10 +7,11 @@ What is measured, per concurrency level C (each repeated ``--repeat`` times afte
 
 - ``wrk -t min(C, 2) -c C`` against ``GET /api/search?q=...&k=10`` of ``python -m app`` (a subprocess, the
   server exactly as ``clip-serve`` runs it) over an index of ``--vectors`` images with ViT-B/32 (random weights;
-  random unit vectors, catalogued as a finished build leaves them, with the FAISS index type the indexer picks for
-  that size; ``--factory`` forces one). ``bench/wrk_search.lua`` sends a distinct query text on every request, so
-  the text-embedding cache never hits and each request pays for one text encode and one FAISS search, both shared
-  with the requests waiting at the same time (one encoder call and one search call per micro-batch).
+  synthetic unit vectors, CLIP-like by default (``--vectors-kind``), catalogued as a finished build leaves them,
+  with the FAISS index type the indexer picks for that size; ``--factory`` forces one). ``bench/wrk_search.lua``
+  sends a distinct query text on every request, so the text-embedding cache never hits and each request pays for
+  one text encode and one FAISS search, both shared with the requests waiting at the same time (one encoder call
+  and one search call per micro-batch).
 - requests/s, latency p50/p90/p99/max (wrk's, client side, ms), errors: non-2xx responses plus wrk's socket errors
   (connect, read, write, timeout; wrk's ``status`` errors are a subset of non-2xx and not added twice).
 - From the server's ``/metrics``, read before and after each run: mean text encode time per encoder call, mean
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from bench_indexer import MODEL_ARCH, REPO, RESULTS_DIR, machine_info, summary, vit_model
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -77,17 +77,23 @@ SEARCH_ROUTE = "/api/search"
 # ---------------------------------------------------------------------------------------------------------- index
 
 
-def seeded_index(workdir: Path, count: int, model: Path, factory: str | None = None) -> Path:
-    """An index directory of ``count`` catalogued images with random unit vectors, built once and cached.
+def seeded_index(
+    workdir: Path, count: int, model: Path, factory: str | None = None, vectors_kind: str = "clip-like"
+) -> Path:
+    """An index directory of ``count`` catalogued images with synthetic unit vectors, built once and cached.
 
     Like ``bench_indexer.seed_index`` but with no files behind the rows: fake relative paths, sizes, mtimes and
-    content hashes, the model's provenance, then one published generation.
+    content hashes, the model's provenance, then one published generation. ``vectors_kind``: ``clip-like``
+    (``bench_index_types.make_clip_like``: clustered, fast-decaying spectrum, like real CLIP embeddings; what an
+    approximate index is calibrated on at publish) or ``uniform`` on the sphere (the worst case for IVF/HNSW).
     """
+    from bench_index_types import make_clip_like, make_uniform
+
     from indexer.build import load_model
     from indexer.store import Catalog, WriterLock, current_generation, publish, read_manifest
 
     tag = hashlib.sha256(factory.encode()).hexdigest()[:8] if factory else "default"
-    index_dir = workdir / f"index-server-n{count}-vit-{tag}"
+    index_dir = workdir / f"index-server-n{count}-vit-{vectors_kind}-{tag}"
     generation = current_generation(index_dir) if index_dir.exists() else None
     if generation is not None and read_manifest(index_dir, generation).counts.get("images") == count:
         print(f"index: cached {index_dir} ({generation}, {count} images)", flush=True)
@@ -95,13 +101,13 @@ def seeded_index(workdir: Path, count: int, model: Path, factory: str | None = N
     shutil.rmtree(index_dir, ignore_errors=True)  # none, or left half-built by an interrupted run
     started = time.perf_counter()
     info = load_model(str(model)).info
-    rng = np.random.default_rng(0)
+    make = make_clip_like if vectors_kind == "clip-like" else make_uniform
+    all_vectors = make(count, info.embed_dim, 0, 0)[0]
     with WriterLock(index_dir), Catalog.open(index_dir, create=True) as catalog:
         catalog.set_model(info)
         with catalog.transaction():
             for start in range(0, count, SEED_CHUNK):
-                vectors = rng.standard_normal((min(SEED_CHUNK, count - start), info.embed_dim), dtype=np.float32)
-                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = all_vectors[start : start + SEED_CHUNK]
                 for offset, vector in enumerate(vectors):
                     number = start + offset
                     path = f"d{number // FILES_PER_DIR:04d}/img_{number:06d}.jpg"
@@ -414,7 +420,9 @@ def markdown(results: dict[str, Any]) -> str:
     """A short markdown table of ``results`` (for the suite's report)."""
     s, server = results["settings"], results["server"]
     lines = [
-        f"{s['vectors']} vectors ({s['model']}, `{s['factory']}`, precision {s.get('precision', 'fp32')}), k={s['k']},"
+        f"{s['vectors']} {s.get('vectors_kind', 'uniform')} vectors ({s['model']}, `{s['factory']}` "
+        f"{s.get('search_params') or ''}, recall@10 {s.get('recall_at_10')}, precision {s.get('precision', 'fp32')}),"
+        f" k={s['k']},"
         f" {s['duration_s']:g} s x {s['repeat']} per level; server peak RSS {server['vmhwm_mb']:.0f} MB "
         f"({server['idle_rss_mb']:.0f} MB idle).",
         "",
@@ -452,6 +460,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="CLIPSEARCH_PRECISION")
     parser.add_argument(
+        "--vectors-kind", choices=("clip-like", "uniform"), default="clip-like", help="the indexed vectors"
+    )
+    parser.add_argument(
         "--factory", default=None, help="FAISS factory of the index (default: the one the indexer picks for the size)"
     )
     args = parser.parse_args(argv)
@@ -466,11 +477,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     started = time.perf_counter()
     from indexer.store import current_generation, read_manifest
 
-    index_dir = seeded_index(workdir, args.vectors, vit_model(workdir), args.factory)
+    index_dir = seeded_index(workdir, args.vectors, vit_model(workdir), args.factory, args.vectors_kind)
     manifest = read_manifest(index_dir, current_generation(index_dir) or "")
     results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     results["settings"] = {
-        "vectors": args.vectors, "model": MODEL_ARCH, "factory": manifest.factory, "k": K, "duration_s": args.duration,
+        "vectors": args.vectors, "vectors_kind": args.vectors_kind, "model": MODEL_ARCH, "factory": manifest.factory,
+        "search_params": manifest.search_params, "recall_at_10": manifest.recall_at_10, "k": K,
+        "duration_s": args.duration,
         "repeat": args.repeat, "warmup_s": args.warmup, "concurrency": list(args.concurrency),
         "wrk_threads": f"min(concurrency, {WRK_MAX_THREADS})", "wrk_timeout": WRK_TIMEOUT,
         "precision": args.precision,
