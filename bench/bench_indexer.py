@@ -248,6 +248,7 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
         model=str(model),
         workers=args.workers,
         batch_size=args.batch_size,
+        precision=args.precision,
         draft=not args.no_draft,
     )
     stamps: list[float] = []
@@ -279,7 +280,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     root = photo_folder(workdir, args.images, *args.size)
     model = pipeline_model(args, workdir)
     files = list(iter_images(root))
-    loaded = load_model(str(model))
+    loaded = load_model(str(model), precision=args.precision)
     spec = loaded.decode_spec(draft=not args.no_draft)
     cores = os.cpu_count() or 1
     runs: dict[str, list[float]] = {
@@ -324,6 +325,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "workers": args.workers,
         "main_threads": args.threads or "torch default",
         "draft": not args.no_draft,
+        "precision": args.precision,
         "model": MODEL_ARCH if args.model == "vit" else "tiny",
         "photo_mb": statistics.mean(f.size for f in files) / 1e6,
     }
@@ -634,6 +636,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-draft", action="store_true", help="pipeline benchmark without JPEG draft")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--model", choices=("vit", "tiny"), default="vit", help="pipeline and draft model")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="pipeline encoder precision")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and model, to check the script (< 1 min)")
     parser.add_argument("--noop-profile", nargs=3, type=Path, help=argparse.SUPPRESS)  # internal: the profiling child
@@ -667,8 +670,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.noop_profile:
-        noop_profile(*args.noop_profile)
+        noop_profile(*args.noop_profile)  # times its own imports: nothing is imported before it
         return
+    from clip_model.malloc import tune_malloc
+
+    tune_malloc()  # as clip-index and clip-serve do
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         run(args, args.workdir)

@@ -63,6 +63,7 @@ class BuildOptions:
     workers: int = 1
     draft: bool = True
     rebuild: bool = False
+    precision: str = "fp32"  # "int8": CPU int8 linear layers (clip_model.quantize_int8); the fingerprint stays fp32's
 
 
 @dataclass
@@ -110,8 +111,14 @@ class LoadedModel:
         return DecodeSpec(image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft)
 
 
-def load_model(name: str, arch: str | None = None) -> LoadedModel:
-    """Load ``name`` (registry name or checkpoint path) and fingerprint its weights."""
+def load_model(name: str, arch: str | None = None, precision: str = "fp32") -> LoadedModel:
+    """Load ``name`` (registry name or checkpoint path) and fingerprint its weights.
+
+    ``precision="int8"`` quantizes the model for the CPU after the fingerprint is taken: the index records the
+    float32 weights it came from, so fp32 and int8 runs (and servers) can share one index.
+    """
+    if precision not in ("fp32", "int8"):
+        raise IndexerError(f"precision must be 'fp32' or 'int8', got {precision!r}")
     model, preprocess = clip_model.load(name, arch=arch)
     path = Path(name).expanduser()
     info = ModelInfo.of(
@@ -119,6 +126,8 @@ def load_model(name: str, arch: str | None = None) -> LoadedModel:
         clip_model.weights_sha256(model), model.config.embed_dim, preprocess.image_size, preprocess.mean,
         preprocess.std,
     )  # fmt: skip
+    if precision == "int8":
+        model = clip_model.quantize_int8(model)
     return LoadedModel(model, info)
 
 
@@ -139,7 +148,7 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
     if not options.root.is_dir():
         raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
     started = time.monotonic()
-    loaded = load_model(options.model, options.arch)  # first: a model that cannot load leaves no directory behind
+    loaded = load_model(options.model, options.arch, options.precision)  # first: a failed load leaves no directory
     options.index_dir.mkdir(parents=True, exist_ok=True)
     with WriterLock(options.index_dir), Catalog.open(options.index_dir, create=True) as catalog:
         if options.rebuild:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 import clip_model
 from indexer.build import BuildOptions, build_index
 from indexer.cli import main as cli_main
-from indexer.errors import IndexLockedError, ModelMismatchError
+from indexer.errors import IndexerError, IndexLockedError, ModelMismatchError
 from indexer.scan import extension_of, supported_extensions
 from indexer.store import Catalog, PublishedIndex, WriterLock, verify
 from tests.clip_model.images import write_all_samples, write_oriented, write_truncated_jpeg
@@ -87,6 +88,34 @@ def test_stored_embedding_equals_the_library_encoding_of_the_file(tiny_model: Pa
             expected = model.encode_image(preprocess(Image.open(path))[None], normalize=True)[0].numpy()
         stored = index.embedding(ids[path.name])
         assert stored is not None and np.allclose(stored, expected, atol=1e-5)
+
+
+def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    paths = write_photos(root, 4)
+    build(root, index_dir, tiny_model, draft=False, precision="int8")
+    model, preprocess = clip_model.load(tiny_model)
+    int8 = clip_model.quantize_int8(model)
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        assert catalog.model().weights_sha256 == clip_model.weights_sha256(model)  # type: ignore[union-attr]
+        ids = {p: rec.id for p, rec in catalog.files().items()}
+    index = PublishedIndex.open(index_dir)
+    for path in paths:
+        with torch.no_grad():
+            pixels = preprocess(Image.open(path))[None]
+            expected = int8.encode_image(pixels, normalize=True)[0].numpy()
+            fp32 = model.encode_image(pixels, normalize=True)[0].numpy()
+        stored = index.embedding(ids[path.name])
+        assert stored is not None and np.allclose(stored, expected, atol=1e-5)
+        assert not np.allclose(stored, fp32, atol=1e-5)
+    index.close()
+    write_photos(root, 1, start=10)
+    stats: Any = build(root, index_dir, tiny_model, draft=False)  # an fp32 run updates the int8-built index
+    assert stats.encoded == 1 and stats.unchanged == 4
+    with pytest.raises(IndexerError, match="precision"):
+        build(root, index_dir, tiny_model, precision="int4")
 
 
 def test_search_returns_exact_nearest_neighbours(tiny_model: Path, tmp_path: Path) -> None:
