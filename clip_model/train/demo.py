@@ -46,6 +46,7 @@ class Recipe:
     steps: int = 3_000
     batch_size: int = 128
     lr: float = 2e-3
+    weight_decay: float = 0.2
     warmup_steps: int = 100
     seed: int = 0
     architecture: tuple[tuple[str, Any], ...] = ()  # () = DEMO_ARCHITECTURE
@@ -119,7 +120,8 @@ def _train(paths: dict[str, Path], recipe: Recipe) -> float:
     started = time.monotonic()
     options = FitOptions(
         data=paths["train"], model=str(paths["config"]), out_dir=paths["run"], steps=recipe.steps,
-        batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps, seed=recipe.seed,
+        batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps, seed=recipe.seed,
         val_data=paths["test"], eval_every=0, save_every=max(recipe.steps // 4, 1), num_workers=DATA_WORKERS,
         resume=latest_state(paths["run"] / "checkpoints") is not None,
     )  # fmt: skip
@@ -149,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="the smaller, faster recipe the CI trains")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    parser.add_argument("--weight-decay", type=float, default=None, help="override the recipe's AdamW weight decay")
     parser.add_argument("--print-model-path", action="store_true", help="write only the model's path to stdout")
 
 
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     recipe = FAST if args.fast else Recipe()
-    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    given = (("steps", args.steps), ("seed", args.seed), ("weight_decay", args.weight_decay))
+    overrides = {k: v for k, v in given if v is not None}
     recipe = replace(recipe, **overrides)
     report = build_demo(args.out or default_demo_dir(), recipe)
     if args.print_model_path:
