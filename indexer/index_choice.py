@@ -1,19 +1,23 @@
 """Which FAISS index a collection gets, and the search-time knob that makes it meet the recall target.
 
 ``choose_index(n, dim, memory_budget)`` is the rule, a pure function re-applied at every publish (a collection
-that grows past a threshold switches type). The numbers behind it (``bench/bench_index_types.py``, 2 cores,
-CLIP-like 512-d vectors, ``bench/README.md``):
+that grows past a threshold switches type). The numbers behind it (``bench/bench_index_types.py``, CLIP-like
+512-d vectors, one FAISS thread on a 2-core machine; ``bench/README.md``):
 
-* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: one query scans 4*dim bytes per vector, 1.7 ms at 20,000 x 512 on
-  one core and 19 ms at 100,000, so exact search is fast enough below that and needs no training.
-* Above it, ``IVF{nlist},SQ8``: the coarse quantizer trains on a sample of ``_faiss_io.TRAIN_POINTS_PER_LIST`` vectors
-  per list (seconds, not the tens of minutes an HNSW graph over 1M x 512 takes to build on 2 cores, at every publish),
-  codes take dim bytes per vector (a quarter of Flat; HNSW needs Flat plus ~260 bytes of links), and its recall
-  ceiling on CLIP-like vectors (0.98 at 100k) leaves room above the 0.95 target. ``nlist`` is the power of two
-  nearest ``IVF_LISTS_PER_SQRT_N * sqrt(n)``, with at least ``IVF_MIN_POINTS_PER_LIST`` vectors per list.
-* Under a memory budget that SQ8 does not fit, smaller codes (SQ6, SQ4, 4-bit fast-scan PQ), which cannot always
-  reach the target: the calibration then reports what they reach. Collections too small for IVF lists use the
-  same codes without lists.
+* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: a query scans 4*dim bytes per vector: p50 1.6-1.8 ms at 20,000 x 512,
+  5.8-11 ms at 50,000, 16-18 ms at 100,000, 170 ms at 1M (and 2 GB). Below the threshold it is fast enough, exact,
+  and needs no training.
+* Above it, ``IVF{nlist},SQ8``: ``nlist`` is the power of two nearest ``IVF_LISTS_PER_SQRT_N * sqrt(n)`` (2048 at
+  1M), with at least ``IVF_MIN_POINTS_PER_LIST`` vectors per list; the coarse quantizer trains on a seeded sample
+  of ``_faiss_io.TRAIN_POINTS_PER_LIST`` vectors per list. At 1M: built in 45 s on one core (4096 lists: 128 s,
+  for 1.2 instead of 1.9 ms per query), 515 MB (Flat: 1,961 MB), recall@10 0.966 at the calibrated nprobe=12 with
+  p50 1.9 ms. HNSW32 reaches the same recall at 0.4 ms but takes 347 s to build (at every publish) and 2.2 GB;
+  SQfp16 codes double the memory for a higher recall ceiling (0.997 vs 0.98) that the 0.95 target does not need.
+* Under a memory budget that SQ8 does not fit, smaller codes (SQ6, SQ4, 4-bit fast-scan PQ), which may not reach
+  the target (PQ256x4fs: recall@10 ~0.5-0.74 at any nprobe): the calibration then records what they reach.
+  Collections too small for IVF lists use the same codes without lists.
+* Vectors without cluster structure (uniform random, the ANN worst case) need nearly every IVF list; when the
+  calibrated nprobe exceeds ``MAX_PROBE_SHARE`` of the lists, :func:`build_calibrated` publishes Flat instead.
 
 The knob (``nprobe`` for IVF, ``efSearch`` for HNSW) is not guessed: :func:`calibrate` raises it along
 ``KNOB_LADDER`` until recall@10 against exact search, measured on ``RECALL_QUERIES`` queries made from the
@@ -55,6 +59,10 @@ KNOB_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 # bytes of one vector besides its code: IDMap2 id (8) and reverse hash map entry (~48), IVF list id (8) and
 # direct map entry (8)
 OVERHEAD_BYTES_PER_VECTOR = 72
+# an auto-chosen IVF that needs more than this share of its lists to reach the target scans most of the collection
+# anyway (vectors without cluster structure, e.g. uniform random): exact Flat is then about as fast (1M uniform
+# 512-d: nprobe 2048 of 2048 214 ms, Flat 205 ms; half the lists: 66 ms) and is used instead, budget permitting
+MAX_PROBE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -250,3 +258,45 @@ def calibrate(
             factory, k, recall, _faiss_io.get_search_params(index) or "no search parameters", target,
         )  # fmt: skip
     return Calibration(_faiss_io.get_search_params(index), recall, len(query_vectors))
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """An index built and calibrated from ``factory``; ``note`` says why an auto choice was replaced ("" if not)."""
+
+    index: FaissIndex
+    factory: str
+    calibration: Calibration
+    note: str
+
+
+def build_calibrated(
+    ids: npt.NDArray[np.int64],
+    vectors: npt.NDArray[np.float32],
+    dim: int,
+    factory: str,
+    *,
+    auto: bool = False,
+    memory_budget_bytes: int | None = None,
+) -> BuiltIndex:
+    """Build ``factory`` over ``ids`` [N] int64 sorted / ``vectors`` [N, dim] float32 and :func:`calibrate` it.
+
+    For an ``auto`` choice (from :func:`choose_index`), an IVF whose calibrated nprobe exceeds ``MAX_PROBE_SHARE``
+    of its lists is replaced by exact Flat when that fits ``memory_budget_bytes``: it would be no faster."""
+    index = _faiss_io.build_index(ids, vectors, dim, factory)
+    tuned = calibrate(index, ids, vectors, factory)
+    knob = _faiss_io.search_knob(index)
+    if not (auto and knob is not None and knob[0] == "nprobe"):
+        return BuiltIndex(index, factory, tuned, "")
+    nprobe, nlist = tuned.search_params["nprobe"], knob[2]
+    flat_fits = memory_budget_bytes is None or estimated_bytes("Flat", len(ids), dim) <= memory_budget_bytes
+    if nprobe <= MAX_PROBE_SHARE * nlist or not flat_fits:
+        return BuiltIndex(index, factory, tuned, "")
+    note = (
+        f"; but {factory.removeprefix(_faiss_io.IDMAP_PREFIX)} needed nprobe={nprobe} of {nlist} lists for "
+        f"recall@{RECALL_K} {TARGET_RECALL} (vectors without cluster structure), so exact Flat, as fast"
+    )
+    del index
+    flat = _faiss_io.normalize_factory("Flat")
+    index = _faiss_io.build_index(ids, vectors, dim, flat)
+    return BuiltIndex(index, flat, calibrate(index, ids, vectors, flat), note)

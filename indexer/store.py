@@ -64,7 +64,7 @@ from .errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
-from .index_choice import AUTO, FLAT_MAX_VECTORS, calibrate, choose_index
+from .index_choice import AUTO, FLAT_MAX_VECTORS, build_calibrated, choose_index
 
 logger = logging.getLogger(__name__)
 
@@ -746,13 +746,14 @@ def _publish_locked(
         factory, reason = choice.factory, choice.reason
     else:
         factory, reason = requested, "the factory asked for"
-    images = _faiss_io.build_index(image_ids, image_vectors, model.embed_dim, factory)
-    built = time.monotonic()
-    tuned = calibrate(images, image_ids, image_vectors, factory)
+    built = build_calibrated(
+        image_ids, image_vectors, model.embed_dim, factory, auto=requested == AUTO, memory_budget_bytes=budget
+    )
+    images, factory, tuned, reason = built.index, built.factory, built.calibration, reason + built.note
     logger.info(
-        "built %s over %d images in %.1fs (%s); %s, recall@10 %s on %d queries (%.1fs)",
-        factory, len(image_ids), built - started, reason, tuned.search_params or "no search parameters",
-        "n/a" if tuned.recall is None else f"{tuned.recall:.3f}", tuned.queries, time.monotonic() - built,
+        "built and calibrated %s over %d images in %.1fs (%s); %s, recall@10 %s on %d queries",
+        factory, len(image_ids), time.monotonic() - started, reason, tuned.search_params or "no search parameters",
+        "n/a" if tuned.recall is None else f"{tuned.recall:.3f}", tuned.queries,
     )  # fmt: skip
     indexes = {
         IMAGES_FILE: images,

@@ -294,3 +294,25 @@ def test_memory_budget_sizes_parse() -> None:
     for bad in ("", "lots", "-1G"):
         with pytest.raises(argparse.ArgumentTypeError):
             _bytes(bad)
+
+
+def test_auto_falls_back_to_flat_when_ivf_would_scan_most_lists(tmp_path: Path) -> None:
+    dim = 64  # uniform random unit vectors: no clusters, so IVF needs most of its lists for the recall target
+    vectors = np.random.default_rng(11).standard_normal((3000, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    ivf = index_choice.build_calibrated(ids, vectors, dim, "IVF64,SQ8")  # not auto: kept, however many probes
+    assert ivf.factory == "IVF64,SQ8" and ivf.calibration.search_params["nprobe"] > 32 and ivf.note == ""
+    index_dir = tmp_path / "index"
+    with Catalog.open(index_dir, create=True) as catalog:
+        catalog.set_model(ModelInfo(MODEL.name, MODEL.weights_sha256, dim, MODEL.preprocess))
+        with catalog.transaction():
+            for i, vector in enumerate(vectors):
+                catalog.add_image(f"u/{i:05d}.jpg", 100, 10**9 + i, f"u-{i}", 8, 8, vector)
+        manifest = publish(index_dir, catalog, flat_max_vectors=SMALL_FLAT_MAX)
+        assert manifest.factory == "IDMap2,Flat" and manifest.recall_at_10 == 1.0
+        assert "without cluster structure" in manifest.index_reason
+        budget = estimated_bytes("Flat", 3000, dim) - 1  # Flat does not fit: the IVF stays, with many probes
+        assert (
+            publish(index_dir, catalog, memory_budget=budget, flat_max_vectors=SMALL_FLAT_MAX).factory != "IDMap2,Flat"
+        )
