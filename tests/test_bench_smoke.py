@@ -1,0 +1,47 @@
+"""The benchmark suite's smoke run: every benchmark at tiny sizes, so that the benchmark code cannot rot.
+
+Nothing is asserted on time (these machines are noisy and the sizes are tiny); what is checked is that every member
+ran to the end, wrote its JSON, and that the report carries each member's table. The server benchmarks need
+``wrk``: without it they are skipped, unless ``CLIPSEARCH_REQUIRE_WRK=1`` (set by the CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_MEMBERS = ("server", "server_int8", "server_1m")
+
+
+def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
+    skip = []
+    if shutil.which("wrk") is None:
+        if os.environ.get("CLIPSEARCH_REQUIRE_WRK") == "1":
+            pytest.fail("wrk is not installed (scripts/system-deps.sh installs it)")
+        skip = list(SERVER_MEMBERS)
+    command = [sys.executable, "bench/suite.py", "--smoke", "--workdir", str(tmp_path)]
+    if skip:
+        command += ["--skip", ",".join(skip)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    [result_file] = tmp_path.glob("suite-*-smoke.json")
+    results = json.loads(result_file.read_text(encoding="utf-8"))
+    sys.path.insert(0, str(REPO / "bench"))
+    from suite import MEMBERS  # noqa: PLC0415  # bench/ is not a package
+
+    expected = [name for name in MEMBERS if name not in skip]
+    assert list(results["members"]) == expected
+    for name, record in results["members"].items():
+        assert record["exit_status"] == 0 and record["results"], name
+    report = result_file.with_suffix(".md").read_text(encoding="utf-8")
+    for name in expected:
+        assert f"## {name}" in report and "FAILED" not in report
+    assert "| concurrency |" in report or skip  # the server's table
+    assert "end to end img/s" in report
