@@ -130,14 +130,16 @@ def _train(paths: dict[str, Path], recipe: Recipe) -> float:
     return time.monotonic() - started
 
 
-def evaluate_attributes(model_path: Path, split_dir: Path) -> dict[str, float]:
-    """Text->image recall@1/5/10 of attribute queries over ``split_dir``: a hit is an image with those attributes."""
+def evaluate_attributes(model_path: Path, split_dir: Path, precision: str = "fp32") -> dict[str, float]:
+    """Text->image recall@1/5/10 of attribute queries over ``split_dir``: a hit is an image with those attributes.
+
+    ``precision``: as :func:`clip_model.load` (``"int8"`` measures the int8 CPU mode on the same weights)."""
     import clip_model
 
     from . import synthetic
     from .evaluate import encode_dataset, retrieval_metrics
 
-    model, preprocess = clip_model.load(model_path)
+    model, preprocess = clip_model.load(model_path, precision=precision)  # type: ignore[arg-type]
     records = synthetic.load_records(split_dir)
     queries = [synthetic.attribute_query(r, QUERY_FIELDS) for r in records]
     pairs = [replace(pair, caption=query) for pair, query in zip(synthetic.pairs_of(split_dir), queries, strict=True)]
