@@ -4,7 +4,7 @@
 that grows past a threshold switches type). The numbers behind it (``bench/bench_index_types.py``, CLIP-like
 512-d vectors, one FAISS thread on a 2-core machine; ``bench/README.md``):
 
-* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: a query scans 4*dim bytes per vector: p50 1.6-1.8 ms at 20,000 x 512,
+* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: a query scans 4*dim bytes per vector: p50 1.6-2.2 ms at 20,000 x 512,
   5.8-11 ms at 50,000, 16-18 ms at 100,000, 170 ms at 1M (and 2 GB). Below the threshold it is fast enough, exact,
   and needs no training.
 * Above it, ``IVF{nlist},SQ8``: ``nlist`` is the power of two nearest ``IVF_LISTS_PER_SQRT_N * sqrt(n)`` (2048 at
