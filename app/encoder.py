@@ -161,7 +161,7 @@ class Encoder:
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         tokens = clip_model.tokenize(texts, context_length=self.model.context_length, truncate=True)
-        return tokens, [bool(t) for t in (tokens[:, -1] != 0).tolist()]
+        return tokens, (tokens[:, -1] != 0).tolist()
 
     def encode_text_matrix(self, texts: Sequence[str]) -> Vectors:
         """[N, D] float32 unit rows for ``texts`` (see :meth:`encode_texts`)."""
@@ -261,28 +261,26 @@ class Encoder:
     def _search_batch(self, batch: list[_Job], vectors: list[Vectors]) -> None:
         """Finish every job: one FAISS call per index for the jobs that search it, then each job's result."""
         hits: list[list[list[Hit]] | None] = [None] * len(batch)
-        groups: dict[int, list[int]] = {}
+        groups: dict[int, list[tuple[int, SearchRequest]]] = {}  # id(index) -> (job position, its search)
         for i, job in enumerate(batch):
             if job.search is not None:
-                groups.setdefault(id(job.search.index), []).append(i)
+                groups.setdefault(id(job.search.index), []).append((i, job.search))
         for members in groups.values():
-            search = batch[members[0]].search
-            assert search is not None  # noqa: S101
-            k = max(batch[i].search.k for i in members)  # type: ignore[union-attr]
-            queries = np.concatenate([vectors[i] for i in members]) if len(members) > 1 else vectors[members[0]]
+            index, k = members[0][1].index, max(search.k for _, search in members)
+            queries = np.concatenate([vectors[i] for i, _ in members])
             started = time.perf_counter()
             try:
-                found = search.index.search(np.ascontiguousarray(queries), k)
+                found = index.search(queries, k)
             except BaseException as exc:  # noqa: BLE001  # handed to the waiting requests, which re-raise it
-                for i in members:
+                for i, _ in members:
                     batch[i].future.set_exception(exc)
                 continue
             self._metrics.search_seconds.labels("images").observe(time.perf_counter() - started)
             self._metrics.search_batch_size.observe(len(queries))
             start = 0
-            for i in members:
+            for i, search in members:
                 rows = len(vectors[i])
-                hits[i] = [row[: batch[i].search.k] for row in found[start : start + rows]]  # type: ignore[union-attr]
+                hits[i] = [row[: search.k] for row in found[start : start + rows]]
                 start += rows
         for job, job_vectors, job_hits in zip(batch, vectors, hits, strict=True):
             if not job.future.done():

@@ -40,7 +40,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_indexer import machine_info as base_machine_info
+from bench_indexer import summary
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -186,10 +187,6 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
 def rss_kb(field: str = "VmRSS") -> int:
@@ -398,29 +395,10 @@ def bench_flat_scaling(
 
 
 def machine_info() -> dict[str, Any]:
+    """``bench_indexer.machine_info`` plus what matters for FAISS: load average and FAISS's compile options."""
     import faiss
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo", encoding="utf-8") as info:
-        mem_kb = int(info.readline().split()[1])
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)),
-        "memory_gb": mem_kb / 2**20,
-        "loadavg": os.getloadavg(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "faiss": faiss.__version__,
-        "faiss_compile_options": faiss.get_compile_options(),
-        "platform": platform.platform(),
-        "env": {name: os.environ[name] for name in ("OMP_NUM_THREADS",) if name in os.environ},
-    }
+    return base_machine_info() | {"loadavg": os.getloadavg(), "faiss_compile_options": faiss.get_compile_options()}
 
 
 def operating_point(result: dict[str, Any]) -> dict[str, Any]:

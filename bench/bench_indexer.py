@@ -548,10 +548,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def print_table(results: dict[str, Any]) -> None:
-    def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
-        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
+    """A summary() as "median (min-max)"."""
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
+
+def print_table(results: dict[str, Any]) -> None:
     if "pipeline" in results:
         p = results["pipeline"]
         print(f"\npipeline: {p['settings']}")
@@ -583,10 +585,6 @@ def print_table(results: dict[str, Any]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     """A short markdown table of ``results`` (for the suite's report)."""
-
-    def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
-        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
     lines = []
     if "pipeline" in results:
         p = results["pipeline"]
