@@ -229,7 +229,9 @@ class Stats(BaseModel):
         json_schema_extra={
             "example": {"ready": True, "model": "ViT-B-32", "weights_sha256": "40d36571...", "embed_dim": 512,
                         "generation": "g-000003", "built_at": 1764614400.0, "images": 12873, "texts": 1000,
-                        "factory": "IDMap2,Flat", "image_root": "/photos", "reason": None, "precision": "fp32"}
+                        "factory": "IVF512,SQ8", "image_root": "/photos", "reason": None, "precision": "fp32",
+                        "index_reason": "100,000 vectors: IVF with 8-bit scalar quantization",
+                        "search_params": {"nprobe": 48}, "recall_at_10": 0.965}
         }
     )  # fmt: skip
 
@@ -245,6 +247,13 @@ class Stats(BaseModel):
     factory: str | None
     image_root: str | None
     precision: Literal["fp32", "int8"] = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
+    index_reason: str | None = Field(None, description="why the indexer chose `factory`")
+    search_params: dict[str, int] = Field(
+        default_factory=dict, description="search-time parameters of the image index (e.g. nprobe), as calibrated"
+    )
+    recall_at_10: float | None = Field(
+        None, description="measured recall@10 of the image index against exact search (1.0 for a flat index)"
+    )
 
 
 class ReindexStatus(BaseModel):

@@ -31,6 +31,8 @@ def test_stats_describe_what_is_served(client: TestClient, indexed: IndexedFolde
     assert stats["images"] == 12 and stats["texts"] == 5 and stats["embed_dim"] == 32
     assert stats["model"] == str(indexed.model) and stats["factory"] == "IDMap2,Flat"
     assert stats["image_root"] == str(indexed.root.resolve()) and stats["built_at"] > 0
+    # a flat index is exact: nothing to tune, recall 1 by construction; the reason comes from the indexer's choice
+    assert stats["search_params"] == {} and stats["recall_at_10"] == 1.0 and stats["index_reason"]
 
 
 def test_not_ready_without_an_index_then_ready_once_one_is_published(indexed: IndexedFolder, tmp_path: Path) -> None:
@@ -52,6 +54,19 @@ def test_not_ready_without_an_index_then_ready_once_one_is_published(indexed: In
         client.app.state.runtime.refresh()  # type: ignore[attr-defined]  # what the watcher thread does
         assert client.get("/readyz").status_code == 200
         assert len(client.get("/api/search", params={"q": "cat"}).json()["results"]) == 1
+
+
+def test_stats_report_the_calibrated_search_parameters_of_an_approximate_index(
+    indexed: IndexedFolder, tmp_path: Path
+) -> None:
+    index_dir = tmp_path / "ivf-index"
+    build = ["build", str(indexed.root), "--index-dir", str(index_dir), "--model", str(indexed.model)]
+    assert clip_index([*build, "--workers", "0", "--factory", "IVF2,Flat"]) == 0
+    with TestClient(create_app(indexed.settings(tmp_path, index_dir=index_dir), watch=False)) as client:
+        stats = client.get("/api/stats").json()
+    assert "IVF2,Flat" in stats["factory"], stats["factory"]
+    assert set(stats["search_params"]) == {"nprobe"} and 1 <= stats["search_params"]["nprobe"] <= 2
+    assert 0.0 <= stats["recall_at_10"] <= 1.0
 
 
 def test_an_index_built_with_other_weights_is_refused(
