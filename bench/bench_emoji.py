@@ -434,6 +434,12 @@ def run_variant(variant: Variant, data: Path, runs: Path) -> dict[str, Any]:
     started = time.perf_counter()
     with torch.inference_mode():
         metrics = {split: evaluate_split(model, preprocess, *paths) for split, paths in splits.items()}
+    eval_seconds = time.perf_counter() - started
+    from bench_int8_quality import compare
+
+    from clip_model.train.evaluate import read_eval_pairs
+
+    int8 = compare(model_path, read_eval_pairs(*splits[EVAL_STYLE]), f"{EVAL_STYLE} style, names")
     report = json.loads((model_path.parent / "bench.json").read_text(encoding="utf-8"))
     final = report["final"]
     return dataclasses.asdict(variant) | {
@@ -441,11 +447,12 @@ def run_variant(variant: Variant, data: Path, runs: Path) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(seconds, 1),
         "train_cpu_seconds": report.get("train_cpu_seconds"),
-        "eval_seconds": round(time.perf_counter() - started, 1),
+        "eval_seconds": round(eval_seconds, 1),
         "final_loss": final.get("loss"),
         "samples_per_s": final.get("samples_per_s"),
         "final_logit_scale": final.get("logit_scale"),
         "metrics": metrics,
+        "int8_vs_fp32": int8,
     }
 
 
@@ -476,6 +483,11 @@ def print_table(results: dict[str, Any]) -> None:
     for v in results["variants"]:
         by_category = v["metrics"][EVAL_STYLE]["text_to_image_recall@1_by_category"]
         print(f"{v['name']} apple t>i R@1 by category: " + ", ".join(f"{k} {x:.2f}" for k, x in by_category.items()))
+    for v in results["variants"]:
+        q = v["int8_vs_fp32"]
+        points = ", ".join(f"{k.replace('_recall', '')} {d:+.2f}" for k, d in q["int8_minus_fp32_points"].items())
+        overlap = ", ".join(f"{k} {x:.3f}" for k, x in q["top10_overlap"].items())
+        print(f"{v['name']} int8 - fp32 recall points on {EVAL_STYLE}: {points}; top-10 overlap {overlap}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -172,24 +172,36 @@ class RssSampler:
             self._thread.join()
 
 
-def _server_env(workdir: Path, precision: str = "fp32") -> dict[str, str]:
-    """This environment without any CLIPSEARCH_* setting of its own, plus the benchmark's."""
+def _server_env(workdir: Path, precision: str = "fp32", extra: Sequence[str] = ()) -> dict[str, str]:
+    """This environment without any CLIPSEARCH_* setting of its own, plus the benchmark's and ``extra``
+    (``NAME=VALUE`` items, e.g. ``CLIPSEARCH_TORCH_THREADS=1``)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("CLIPSEARCH_")}
     env["CLIPSEARCH_CACHE_DIR"] = str(workdir / "server-cache")
     env["CLIPSEARCH_LOG_LEVEL"] = "WARNING"
     env["CLIPSEARCH_PRECISION"] = precision
+    for item in extra:
+        name, _, value = item.partition("=")
+        env[name] = value
     return env
+
+
+def _setting(item: str) -> str:
+    name, sep, _ = item.partition("=")
+    if not sep or not name.startswith("CLIPSEARCH_"):
+        raise argparse.ArgumentTypeError(f"expected CLIPSEARCH_NAME=VALUE, got {item!r}")
+    return item
 
 
 @contextlib.contextmanager
 def running_server(
-    index_dir: Path, workdir: Path, log_path: Path, precision: str = "fp32"
+    index_dir: Path, workdir: Path, log_path: Path, precision: str = "fp32", extra_env: Sequence[str] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``python -m app`` on a free loopback port, yielded once ``/readyz`` is 200; always terminated after."""
     port = free_port()
     command = [sys.executable, "-m", "app", "--index-dir", str(index_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=_server_env(workdir, precision), stdout=log, stderr=log)
+        env = _server_env(workdir, precision, extra_env)
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(process, url, log_path)
@@ -460,6 +472,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="CLIPSEARCH_PRECISION")
     parser.add_argument(
+        "--server-env",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="CLIPSEARCH_NAME=VALUE",
+        help="a server setting (repeatable), e.g. CLIPSEARCH_TORCH_THREADS=1",
+    )
+    parser.add_argument(
         "--vectors-kind", choices=("clip-like", "uniform"), default="clip-like", help="the indexed vectors"
     )
     parser.add_argument(
@@ -479,6 +499,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     index_dir = seeded_index(workdir, args.vectors, vit_model(workdir), args.factory, args.vectors_kind)
     manifest = read_manifest(index_dir, current_generation(index_dir) or "")
+    server_env = _server_env(workdir, args.precision, args.server_env)
     results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     results["settings"] = {
         "vectors": args.vectors, "vectors_kind": args.vectors_kind, "model": MODEL_ARCH, "factory": manifest.factory,
@@ -487,10 +508,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "repeat": args.repeat, "warmup_s": args.warmup, "concurrency": list(args.concurrency),
         "wrk_threads": f"min(concurrency, {WRK_MAX_THREADS})", "wrk_timeout": WRK_TIMEOUT,
         "precision": args.precision,
-        "server_env": {k: v for k, v in _server_env(workdir, args.precision).items() if k.startswith("CLIPSEARCH_")},
+        "server_env": {k: v for k, v in server_env.items() if k.startswith("CLIPSEARCH_")},
     }  # fmt: skip
     log_path = workdir / "server.log"
-    with running_server(index_dir, workdir, log_path, args.precision) as (process, url):
+    with running_server(index_dir, workdir, log_path, args.precision, args.server_env) as (process, url):
         check_search(url)
         sampler = RssSampler(process.pid)
         sampler.start()

@@ -62,6 +62,9 @@ MEMBERS: dict[str, Member] = {
     "indexer_noop": Member("bench_indexer.py", ("--only", "noop"), ("--smoke", "--only", "noop"), "no-op rerun"),
     "server": Member("bench_server.py", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
     "server_int8": Member("bench_server.py", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
+    "int8_quality": Member(
+        "bench_int8_quality.py", ("--demo",), ("--smoke",), "int8 vs fp32 recall and top-10 overlap, demo model"
+    ),
     "server_1m": Member(
         "bench_server.py",
         ("--vectors", "1000000", "--concurrency", "1,8", "--repeat", "1", "--duration", "10"),
