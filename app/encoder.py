@@ -14,7 +14,11 @@ Contracts:
   all its jobs that search the same index go to FAISS in one call with the largest k, and each job gets its own
   rows cut to its own k. A flat scan is memory-bound, so Q queries cost about what one does; an HNSW or IVF search
   runs its queries in parallel. Jobs that only search (cached texts, stored or uploaded embeddings) join any batch.
-* Encoding and searching share the one thread, so torch and FAISS never compete for the cores.
+* Encoding and searching share the one thread, so torch and FAISS never compete for the cores. That thread sets
+  its own torch and FAISS thread counts (``threads``) when it starts: OpenMP thread counts belong to the thread
+  that sets them, and the thread's OpenMP team stays fast only if no other long-lived thread runs parallel torch
+  work (see :mod:`clip_model.threads`: the runtime loads models on short-lived threads and makes one torch thread
+  the default everywhere else).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from indexer.store import Hit, ModelInfo
+from clip_model.threads import set_thread_count
+from indexer.store import Hit, ModelInfo, set_search_threads
 
 from .errors import ServiceBusyError
 from .metrics import Metrics
@@ -95,7 +100,9 @@ class Encoder:
         queue_size: int = 64,
         text_batch_size: int = 64,
         text_cache_size: int = 4096,
+        threads: int = 0,
     ) -> None:
+        """``threads``: torch and FAISS threads of the inference thread (0: leave the process defaults)."""
         self.model = model.eval()
         self.preprocess = preprocess
         self.info = info
@@ -106,8 +113,11 @@ class Encoder:
         self._cache_size = text_cache_size
         self._cache_lock = threading.Lock()
         self._held: _Job | None = None  # a job taken while draining a batch of the other kind
+        self._threads = threads
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-inference", daemon=True)
         self._thread.start()
+        self._started.wait()  # its thread counts are set: the caller may now change the defaults of other threads
 
     @property
     def image_size(self) -> int:
@@ -196,6 +206,10 @@ class Encoder:
         return job.future.result()
 
     def _run(self) -> None:
+        if self._threads:
+            set_thread_count(self._threads)
+            set_search_threads(self._threads)
+        self._started.set()
         while True:
             job = self._held if self._held is not None else self._queue.get()
             self._held = None

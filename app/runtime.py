@@ -24,8 +24,9 @@ import torch
 
 import clip_model
 from clip_model.errors import ClipModelError
+from clip_model.threads import run_in_fresh_thread, set_thread_count, single_threaded_elsewhere
 from indexer.errors import IndexerError
-from indexer.store import ModelInfo, PublishedIndex, current_generation, set_search_threads
+from indexer.store import ModelInfo, PublishedIndex, current_generation
 
 from .encoder import Encoder
 from .errors import NotReadyError
@@ -64,24 +65,29 @@ class Runtime:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
+        self._threads = 0  # torch + FAISS threads of each encoder's inference thread (set by start)
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
     def start(self, watch: bool = True) -> None:
-        """Set thread counts, load a pinned model (its failure is fatal: ClipModelError), load the published index
-        if there is one, and start watching for new generations."""
-        threads = self.settings.torch_threads or torch.get_num_threads()
-        torch.set_num_threads(threads)
-        set_search_threads(threads)
+        """Load a pinned model (its failure is fatal: ClipModelError), load the published index if there is one,
+        and start watching for new generations.
+
+        Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
+        thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
+        self._threads = self.settings.torch_threads or torch.get_num_threads()
         if self.settings.model is not None:
             self._pinned = self._load_encoder(self.settings.model)
         self.refresh()
+        single_threaded_elsewhere()
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
             self._watcher.start()
 
     def close(self) -> None:
         self._stop.set()
+        if self._threads:
+            torch.set_num_threads(self._threads)  # the process default again, as it was before start
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         for timer in self._timers:
@@ -204,6 +210,23 @@ class Runtime:
         return encoder
 
     def _load_encoder(self, name: str) -> Encoder:
+        """Load ``name`` on a short-lived thread (its OpenMP team ends with it) and start its inference thread."""
+
+        def load() -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
+            if self._threads:
+                set_thread_count(self._threads)  # a thread that ends when loaded may use every core
+            return self._load_model(name)
+
+        model, preprocess, info = run_in_fresh_thread(load, name="model-loader")
+        s = self.settings
+        encoder = Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
+                          text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size,
+                          threads=self._threads)  # fmt: skip
+        if self._threads:
+            single_threaded_elsewhere()  # the two threads above made their count the default for new threads
+        return encoder
+
+    def _load_model(self, name: str) -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
         logger.info("loading model %s", name)
         model, preprocess = clip_model.load(name, arch=self.settings.arch)
         path = Path(name).expanduser()
@@ -214,9 +237,7 @@ class Runtime:
         if self.settings.precision == "int8":
             model = clip_model.quantize_int8(model)
             logger.info("model %s quantized to int8", name)
-        s = self.settings
-        return Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
-                       text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size)  # fmt: skip
+        return model, preprocess, info
 
 
 class _MismatchError(Exception):

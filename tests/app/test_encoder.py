@@ -184,3 +184,30 @@ def test_a_failing_index_fails_only_its_own_searches(encoder: Encoder) -> None:
             bad.result()
     blocker.join()
     assert encoder.encode_texts(["bad"])[0].vector.shape == (encoder.info.embed_dim,)  # encoded and cached anyway
+
+
+class ThreadCountIndex(RecordingIndex):
+    """Records, at each search, the thread it runs on and that thread's torch and FAISS thread counts."""
+
+    seen: tuple[str, int, int] | None = None
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        import faiss
+
+        self.seen = (threading.current_thread().name, torch.get_num_threads(), faiss.omp_get_max_threads())
+        return super().search(queries, k)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_inference_thread_sets_its_own_torch_and_faiss_thread_counts(app_model: Path, threads: int) -> None:
+    model, preprocess = clip_model.load(app_model)
+    info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
+    before = torch.get_num_threads()
+    enc = Encoder(model, preprocess, info, Metrics(), threads=threads)
+    try:
+        index = ThreadCountIndex(info.embed_dim)
+        enc.search_text("a cat", SearchRequest(index, 3))
+        assert index.seen == ("clip-inference", threads, threads)
+        assert torch.get_num_threads() == before  # OpenMP counts are per thread: the caller's is untouched
+    finally:
+        enc.close()
