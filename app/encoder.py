@@ -41,6 +41,7 @@ import clip_model
 from clip_model.threads import set_thread_count
 from indexer.store import Hit, ModelInfo, set_search_threads
 
+from .compiled import CompiledText
 from .errors import ServiceBusyError
 from .metrics import Metrics
 
@@ -101,8 +102,10 @@ class Encoder:
         text_batch_size: int = 64,
         text_cache_size: int = 4096,
         threads: int = 0,
+        compile_text: bool = False,
     ) -> None:
-        """``threads``: torch and FAISS threads of the inference thread (0: leave the process defaults)."""
+        """``threads``: torch and FAISS threads of the inference thread (0: leave the process defaults).
+        ``compile_text``: compile the text tower in the background and use it once ready (:mod:`app.compiled`)."""
         self.model = model.eval()
         self.preprocess = preprocess
         self.info = info
@@ -114,10 +117,13 @@ class Encoder:
         self._cache_lock = threading.Lock()
         self._held: _Job | None = None  # a job taken while draining a batch of the other kind
         self._threads = threads
+        self.text_tower = CompiledText(model, threads or torch.get_num_threads())
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-inference", daemon=True)
         self._thread.start()
         self._started.wait()  # its thread counts are set: the caller may now change the defaults of other threads
+        if compile_text:
+            self.text_tower.start()
 
     @property
     def image_size(self) -> int:
@@ -257,7 +263,7 @@ class Encoder:
             with torch.inference_mode():
                 if kind == "text":
                     length = int(inputs.argmax(dim=-1).max()) + 1  # the longest prompt's end-of-text position + 1
-                    features = self.model.encode_text(inputs[:, :length], normalize=True)
+                    features = self.text_tower.encode(inputs[:, :length])
                 else:
                     features = self.model.encode_image(inputs, normalize=True)
             matrix = np.ascontiguousarray(features.float().numpy())

@@ -221,7 +221,7 @@ class Runtime:
         s = self.settings
         encoder = Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
                           text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size,
-                          threads=self._threads)  # fmt: skip
+                          threads=self._threads, compile_text=s.compile_text)  # fmt: skip
         if self._threads:
             single_threaded_elsewhere()  # the two threads above made their count the default for new threads
         return encoder

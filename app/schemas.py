@@ -231,7 +231,8 @@ class Stats(BaseModel):
                         "generation": "g-000003", "built_at": 1764614400.0, "images": 12873, "texts": 1000,
                         "factory": "IVF512,SQ8", "image_root": "/photos", "reason": None, "precision": "fp32",
                         "index_reason": "100,000 vectors: IVF with 8-bit scalar quantization",
-                        "search_params": {"nprobe": 48}, "recall_at_10": 0.965}
+                        "search_params": {"nprobe": 48}, "recall_at_10": 0.965,
+                        "text_encoder": "compiled (in 52 s)"}
         }
     )  # fmt: skip
 
@@ -247,6 +248,9 @@ class Stats(BaseModel):
     factory: str | None
     image_root: str | None
     precision: Literal["fp32", "int8"] = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
+    text_encoder: str | None = Field(
+        None, description="how text queries are encoded: eager, or compiled (CLIPSEARCH_COMPILE_TEXT), and why"
+    )
     index_reason: str | None = Field(None, description="why the indexer chose `factory`")
     search_params: dict[str, int] = Field(
         default_factory=dict, description="search-time parameters of the image index (e.g. nprobe), as calibrated"

@@ -248,7 +248,7 @@ class SearchService:
             images=manifest.counts.get("images", 0), texts=manifest.counts.get("texts", 0), factory=manifest.factory,
             image_root=str(state.image_root) if state.image_root else None, precision=self.settings.precision,
             index_reason=manifest.index_reason or None, search_params=manifest.search_params,
-            recall_at_10=manifest.recall_at_10,
+            recall_at_10=manifest.recall_at_10, text_encoder=state.encoder.text_tower.status,
         )  # fmt: skip
 
     # --- helpers -------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ READY_TIMEOUT_S = 120.0
 READY_POLL_S = 0.25
 STOP_TIMEOUT_S = 15.0
 HTTP_TIMEOUT_S = 30.0
+COMPILE_TIMEOUT_S = 600.0  # most seconds the server may take to compile its text tower in the background
 RSS_SAMPLE_S = 0.5
 FILES_PER_DIR = 1000
 FAKE_WIDTH, FAKE_HEIGHT = 3000, 2000
@@ -249,6 +250,24 @@ def check_search(url: str) -> None:
             if len(results) != K:
                 raise RuntimeError(f"GET {response.url}: {len(results)} results, expected {K}")
     print(f"server: {SANITY_QUERIES} sanity queries answered 200 with {K} results each", flush=True)
+
+
+def wait_for_text_encoder(url: str, timeout_s: float = COMPILE_TIMEOUT_S) -> str:
+    """Wait until /api/stats says the text tower is no longer compiling; its final status (a failed compile raises,
+    so a run meant to measure the compiled tower cannot measure the eager one instead)."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
+        while True:
+            status = str(client.get("/api/stats").json().get("text_encoder") or "")
+            if "compiling" not in status:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the text tower was still compiling after {timeout_s:.0f} s")
+            time.sleep(1.0)
+    if "failed" in status:
+        raise RuntimeError(f"text tower: {status}")
+    print(f"server: text encoder {status}", flush=True)
+    return status
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -513,6 +532,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     log_path = workdir / "server.log"
     with running_server(index_dir, workdir, log_path, args.precision, args.server_env) as (process, url):
         check_search(url)
+        results["settings"]["text_encoder"] = wait_for_text_encoder(url)
         sampler = RssSampler(process.pid)
         sampler.start()
         idle_rss_kb = proc_status_kb(process.pid, "VmRSS")
