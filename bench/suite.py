@@ -62,6 +62,12 @@ MEMBERS: dict[str, Member] = {
     "indexer_noop": Member("bench_indexer.py", ("--only", "noop"), ("--smoke", "--only", "noop"), "no-op rerun"),
     "server": Member("bench_server.py", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
     "server_int8": Member("bench_server.py", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
+    "server_int8_compiled": Member(
+        "bench_server.py",
+        ("--precision", "int8", "--server-env", "CLIPSEARCH_COMPILE_TEXT=1"),
+        ("--smoke", "--precision", "int8"),  # the smoke run skips the ~1 min compile of ViT-B/32's text tower
+        "int8 with the text tower compiled in the background (the fastest server settings)",
+    ),
     "int8_quality": Member(
         "bench_int8_quality.py", ("--demo",), ("--smoke",), "int8 vs fp32 recall and top-10 overlap, demo model"
     ),

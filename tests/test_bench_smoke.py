@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SERVER_MEMBERS = ("server", "server_int8", "server_1m")
+SERVER_MEMBERS = ("server", "server_int8", "server_int8_compiled", "server_1m")
 
 
 def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
