@@ -164,7 +164,7 @@ def set_search_params(index: FaissIndex, params: dict[str, int]) -> None:
 
 
 def set_threads(threads: int) -> None:
-    """OpenMP threads FAISS uses per search (a server sharing its cores with torch sets this explicitly)."""
+    """OpenMP threads of the FAISS searches the calling thread makes (a per-thread OpenMP setting)."""
     faiss.omp_set_num_threads(int(threads))
 
 

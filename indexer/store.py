@@ -854,7 +854,8 @@ def _digest(path: Path) -> FileDigest:
 
 
 def set_search_threads(threads: int) -> None:
-    """Threads each FAISS search may use (process-wide)."""
+    """Threads each FAISS search made from the calling thread may use: OpenMP counts belong to the thread that sets
+    them (and threads that never set one use one per core), so the server's inference thread sets its own."""
     _faiss_io.set_threads(threads)
 
 
