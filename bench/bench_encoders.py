@@ -68,6 +68,8 @@ TINY = {  # --smoke
     "text": {"width": 64, "heads": 2, "layers": 2},
 }
 PROMPT = "a photo of a dog"
+QUALITY_COUNTS = ("one", "two", "three", "four", "five", "six", "seven", "many")  # x QUALITY_THINGS: 64 prompts
+QUALITY_THINGS = ("dogs", "cats", "red cars", "old houses", "mountains", "boats", "children", "birds")
 HF_ATTENTION = "sdpa"  # transformers' default with torch >= 2.1, spelled out: the same kernel as ours
 PARITY_TOLERANCE = 1e-4  # max abs difference of features, fp32
 IDENTITY_TOLERANCE = 1e-5  # max abs difference, real length vs padded to the context
@@ -259,8 +261,12 @@ def bench_text(
         for name, values in latencies.items():
             per_rep[name]["p50"].append(statistics.median(values))
             per_rep[name]["p99"].append(statistics.quantiles(values, n=100, method="inclusive")[P99])
+    prompts = clip_model.tokenize([f"a photo of {n} {thing}" for n in QUALITY_COUNTS for thing in QUALITY_THINGS])
+    prompts = prompts[:, : int(prompts.argmax(dim=-1).max()) + 1]  # [64, L]: distinct prompts at their real length
     return {
         "prompt": PROMPT,
+        "int8_centred_cosine_min": centred_cosine_min(int8.encode_text(prompts), ours.encode_text(prompts)),
+        "int8_centred_cosine_prompts": len(prompts),
         "tokens": length,
         "context_length": padded.shape[1],
         "identity_max_abs_diff": identity,
@@ -342,7 +348,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"- {arch}: parity with HF: image {parity['image']:.1e}, text {parity['text']:.1e}; text identity "
             f"({t['tokens']} vs {t['context_length']} tokens): fp32 {t['identity_max_abs_diff']['fp32']:.1e}, "
-            f"int8 {t['identity_max_abs_diff']['int8']:.1e} ({'ok' if t['identity_ok'] else 'FAILED'})"
+            f"int8 {t['identity_max_abs_diff']['int8']:.1e} ({'ok' if t['identity_ok'] else 'FAILED'}); int8 text "
+            f"min centred cosine to fp32 over {t['int8_centred_cosine_prompts']} prompts "
+            f"{t['int8_centred_cosine_min']:.4f}"
         )
     return "\n".join(lines) + "\n"
 
