@@ -14,8 +14,9 @@ Contracts:
 * After warm-up no call compiles: they run under ``fail_on_recompile``; a shape the graphs do not cover runs eager
   (logged once). A failed compile (no C++ compiler, an inductor error, a failed check) leaves the eager tower in
   place; the reason is in :attr:`CompiledText.status` (shown by ``/api/stats``) and the log.
-* Inductor fixes each kernel's OpenMP thread count when it compiles, so the compile thread uses the inference
-  thread's count (``threads``).
+* Inductor fixes each generated kernel's OpenMP thread count when it compiles: it is set to the inference
+  thread's count (``threads``, inductor's ``cpp.threads``), while the compile thread itself keeps the default of
+  new threads (one, in the server) and leaves that default alone (:mod:`clip_model.threads`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from clip_model.threads import set_thread_count
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ class CompiledText:
         try:
             if shutil.which("c++") is None and shutil.which("g++") is None:
                 raise RuntimeError("no C++ compiler on PATH (inductor needs one: install g++)")
-            set_thread_count(self._threads)
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # weights become constants: folded layouts, no per-call reads of them
+            inductor_config.cpp.threads = self._threads  # the kernels' OpenMP threads, as the inference thread has
             compiled = torch.compile(self.eager, dynamic=True)
             tokens = clip_model.tokenize(WARMUP_PROMPTS)
             length = int(tokens.argmax(dim=-1).max()) + 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import clip_model
 from app import compiled as compiled_module
 from app.compiled import CompiledText
+from clip_model.threads import run_in_fresh_thread
 
 SHAPES = [(1, 2), (1, 9), (1, 77), (2, 5), (7, 13), (64, 77)]  # (texts, tokens)
 
@@ -31,8 +32,10 @@ def test_compiled_tower_matches_eager_at_every_shape_without_recompiling(
     model, _ = clip_model.load(app_model, precision=precision)  # type: ignore[arg-type]
     text = CompiledText(model.eval(), threads=1)
     assert not text.ready and text.status.startswith("eager")
+    default = run_in_fresh_thread(torch.get_num_threads)
     text.start().join(timeout=600)
     assert text.ready, text.status
+    assert run_in_fresh_thread(torch.get_num_threads) == default  # new threads' default is left alone
     assert text.status.startswith("compiled")
     with caplog.at_level(logging.WARNING, logger="app.compiled"), torch.inference_mode():
         for batch, length in SHAPES:
