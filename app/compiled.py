@@ -14,9 +14,9 @@ Contracts:
 * After warm-up no call compiles: they run under ``fail_on_recompile``; a shape the graphs do not cover runs eager
   (logged once). A failed compile (no C++ compiler, an inductor error, a failed check) leaves the eager tower in
   place; the reason is in :attr:`CompiledText.status` (shown by ``/api/stats``) and the log.
-* Inductor fixes each generated kernel's OpenMP thread count when it compiles: it is set to the inference
-  thread's count (``threads``, inductor's ``cpp.threads``), while the compile thread itself keeps the default of
-  new threads (one, in the server) and leaves that default alone (:mod:`clip_model.threads`).
+* The graphs are guarded on the calling thread's torch thread count and inductor fixes each kernel's OpenMP
+  thread count when it compiles, so the compile thread runs with the inference thread's count (``threads``), set
+  for itself only: the default of new threads (one, in the server) stays (:mod:`clip_model.threads`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+from clip_model.threads import set_own_thread_count
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class CompiledText:
         return thread
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] int64 (cut to the batch's real length) -> [B, D] float32 unit rows."""
+        """tokens [B, L] int64 (cut to the batch's real length) -> [B, D] float32 unit rows. Call it from a thread
+        whose torch thread count is ``threads`` (the inference thread): the graphs are guarded on it."""
         compiled = self._compiled
         if compiled is None:
             return self.eager(tokens)
@@ -93,8 +95,8 @@ class CompiledText:
                 raise RuntimeError("no C++ compiler on PATH (inductor needs one: install g++)")
             import torch._inductor.config as inductor_config
 
+            set_own_thread_count(self._threads)  # the count the graphs are guarded on and the kernels use
             inductor_config.freezing = True  # weights become constants: folded layouts, no per-call reads of them
-            inductor_config.cpp.threads = self._threads  # the kernels' OpenMP threads, as the inference thread has
             compiled = torch.compile(self.eager, dynamic=True)
             tokens = clip_model.tokenize(WARMUP_PROMPTS)
             length = int(tokens.argmax(dim=-1).max()) + 1

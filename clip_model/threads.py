@@ -19,6 +19,9 @@ So a server that encodes on one inference thread must keep every other long-live
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +29,8 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+TORCH_OPENMP = "libgomp.so.1"  # the OpenMP runtime torch's CPU wheels load (found by its soname once loaded)
 
 
 def run_in_fresh_thread(fn: Callable[[], T], name: str = "torch-oneoff") -> T:
@@ -57,6 +62,31 @@ def set_thread_count(threads: int) -> None:
     does), which would undo a ``torch.set_num_threads`` made before then; asking first makes the setting stick."""
     torch.get_num_threads()
     torch.set_num_threads(threads)
+
+
+def set_own_thread_count(threads: int) -> None:
+    """Set only the calling thread's torch thread count: the default for new threads stays as it is.
+
+    ``torch.set_num_threads`` also changes that default; this sets the thread's OpenMP count directly (what
+    ``torch.get_num_threads`` then returns on this thread). Where torch does not run on libgomp, it falls back to
+    ``torch.set_num_threads`` (logged) and the default changes too."""
+    torch.get_num_threads()  # torch's per-thread initialisation first, so that it does not undo the setting
+    omp = _torch_openmp()
+    if omp is None:
+        set_thread_count(threads)
+        return
+    omp.omp_set_num_threads(int(threads))
+
+
+@functools.cache
+def _torch_openmp() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(TORCH_OPENMP)
+    except OSError as exc:
+        logger.warning(
+            "no %s (%s): thread counts set with torch.set_num_threads, for new threads too", TORCH_OPENMP, exc
+        )
+        return None
 
 
 def single_threaded_elsewhere() -> None:

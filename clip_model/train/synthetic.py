@@ -54,9 +54,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (150, 150, 150)}
-# circumradius as a fraction of the image side; at 0.15 a small hexagon (19 px across at 64 px) was mistaken for a
-# circle by the demo model
-SIZES: dict[str, float] = {"small": 0.18, "large": 0.25}
+SIZES: dict[str, float] = {"small": 0.15, "large": 0.25}  # circumradius as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # shape centre (x, y) as fractions of the image side
     "top left": (0.28, 0.28),
     "top right": (0.72, 0.28),
@@ -96,9 +94,9 @@ POSITION_JITTER = 0.03  # +- fraction of the image side the centre moves
 SIZE_JITTER = 0.1  # +- relative change of the radius
 ROTATION_JITTER_DEG = 15.0  # +- rotation of every shape but the circle
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
-CROSS_ARM_RATIO = 0.22  # half-width of a cross arm / its length (at 0.34 a small cross was a notched square)
+CROSS_ARM_RATIO = 0.34  # half-width of a cross arm / its length
 TRIANGLE_SCALE = 1.15  # equilateral triangles look small at the same circumradius; enlarge them a little
-GENERATOR_VERSION = 4  # bump when the drawing or the captions change, so cached folders are regenerated
+GENERATOR_VERSION = 3  # bump when the drawing or the captions change, so cached folders are regenerated
 SPEC_FILE = ".spec.json"
 CAPTIONS_FILE = CAPTION_FILES[0]  # captions.jsonl
 IMAGE_DIR = "images"

@@ -30,7 +30,7 @@ def test_compiled_tower_matches_eager_at_every_shape_without_recompiling(
     app_model: Path, precision: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, _ = clip_model.load(app_model, precision=precision)  # type: ignore[arg-type]
-    text = CompiledText(model.eval(), threads=1)
+    text = CompiledText(model.eval(), threads=torch.get_num_threads())  # the count of the thread that will call it
     assert not text.ready and text.status.startswith("eager")
     default = run_in_fresh_thread(torch.get_num_threads)
     text.start().join(timeout=600)
