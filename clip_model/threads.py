@@ -14,7 +14,9 @@ So a server that encodes on one inference thread must keep every other long-live
   that ends when it is done, which frees its team;
 - :func:`single_threaded_elsewhere` sets torch's default to one thread for every thread that has not run torch
   yet (request handlers, watchers), after the inference thread has set its own with :func:`set_thread_count`
-  (``torch.set_num_threads`` sets the calling thread's OpenMP count and the default for new threads).
+  (``torch.set_num_threads`` sets the calling thread's OpenMP count and the default for new threads);
+- :func:`set_own_thread_count` sets a thread's count without touching that default (a background compile that
+  must match the inference thread's count while the server runs).
 """
 
 from __future__ import annotations
