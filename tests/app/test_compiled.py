@@ -4,6 +4,7 @@ compile while serving, and a failed compile leaves the eager tower serving with 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import clip_model
 from app import compiled as compiled_module
 from app.compiled import CompiledText
-from clip_model.threads import run_in_fresh_thread
+from clip_model.threads import run_in_fresh_thread, single_threaded_elsewhere
 
 SHAPES = [(1, 2), (1, 9), (1, 77), (2, 5), (7, 13), (64, 77)]  # (texts, tokens)
 
@@ -72,3 +73,32 @@ def test_a_call_the_compiled_graphs_refuse_runs_eager_and_is_logged(
         assert torch.equal(text.encode(_tokens(3, 4)), text.eager(_tokens(3, 4)))
         text.encode(_tokens(3, 4))
     assert len([r for r in caplog.records if "does not cover" in r.getMessage()]) == 1  # once per shape
+
+
+def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
+    app_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # as the server runs it: the inference thread on 2 threads, every other thread (the compiler's too) on 1
+    from app.encoder import Encoder
+    from app.metrics import Metrics
+    from indexer.store import ModelInfo
+
+    model, preprocess = clip_model.load(app_model)
+    info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
+    original = torch.get_num_threads()
+    encoder = Encoder(model, preprocess, info, Metrics(), threads=2, compile_text=True, text_cache_size=0)
+    single_threaded_elsewhere()
+    try:
+        for _ in range(600):
+            if encoder.text_tower.ready or "failed" in encoder.text_tower.status:
+                break
+            time.sleep(0.5)
+        assert encoder.text_tower.ready, encoder.text_tower.status
+        with caplog.at_level(logging.WARNING, logger="app.compiled"):
+            vectors = [e.vector for e in encoder.encode_texts(["a cat", "two dogs in the snow", "red"])]
+            vectors += [encoder.encode_texts(["a single query"])[0].vector]
+        assert all(abs(float((v**2).sum()) - 1) < 1e-4 for v in vectors)
+        assert not [r for r in caplog.records if "does not cover" in r.getMessage()]  # the graphs served them
+    finally:
+        encoder.close()
+        torch.set_num_threads(original)
