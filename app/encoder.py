@@ -38,7 +38,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from clip_model.threads import set_thread_count
+from clip_model.threads import set_own_thread_count
 from indexer.store import Hit, ModelInfo, set_search_threads
 
 from .compiled import CompiledText
@@ -121,7 +121,7 @@ class Encoder:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-inference", daemon=True)
         self._thread.start()
-        self._started.wait()  # its thread counts are set: the caller may now change the defaults of other threads
+        self._started.wait()  # its thread counts are set before the first job (and before any compile starts)
         if compile_text:
             self.text_tower.start()
 
@@ -213,7 +213,7 @@ class Encoder:
 
     def _run(self) -> None:
         if self._threads:
-            set_thread_count(self._threads)
+            set_own_thread_count(self._threads)  # this thread only: the default of new threads stays
             set_search_threads(self._threads)
         self._started.set()
         while True:

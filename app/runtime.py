@@ -24,7 +24,7 @@ import torch
 
 import clip_model
 from clip_model.errors import ClipModelError
-from clip_model.threads import run_in_fresh_thread, set_thread_count, single_threaded_elsewhere
+from clip_model.threads import run_in_fresh_thread, set_own_thread_count, single_threaded_elsewhere
 from indexer.errors import IndexerError
 from indexer.store import ModelInfo, PublishedIndex, current_generation
 
@@ -66,6 +66,7 @@ class Runtime:
         self._watcher: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
         self._threads = 0  # torch + FAISS threads of each encoder's inference thread (set by start)
+        self._default_threads = 0  # torch's default before start, restored by close
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -75,11 +76,12 @@ class Runtime:
 
         Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
         thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
-        self._threads = self.settings.torch_threads or torch.get_num_threads()
+        self._default_threads = torch.get_num_threads()
+        self._threads = self.settings.torch_threads or self._default_threads
+        single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
         if self.settings.model is not None:
             self._pinned = self._load_encoder(self.settings.model)
         self.refresh()
-        single_threaded_elsewhere()
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
             self._watcher.start()
@@ -87,7 +89,7 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         if self._threads:
-            torch.set_num_threads(self._threads)  # the process default again, as it was before start
+            torch.set_num_threads(self._default_threads)  # the process default again, as it was before start
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         for timer in self._timers:
@@ -214,7 +216,7 @@ class Runtime:
 
         def load() -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
             if self._threads:
-                set_thread_count(self._threads)  # a thread that ends when loaded may use every core
+                set_own_thread_count(self._threads)  # a thread that ends when loaded may use every core
             return self._load_model(name)
 
         model, preprocess, info = run_in_fresh_thread(load, name="model-loader")
@@ -222,8 +224,6 @@ class Runtime:
         encoder = Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
                           text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size,
                           threads=self._threads, compile_text=s.compile_text)  # fmt: skip
-        if self._threads:
-            single_threaded_elsewhere()  # the two threads above made their count the default for new threads
         return encoder
 
     def _load_model(self, name: str) -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:

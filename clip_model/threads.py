@@ -13,10 +13,10 @@ So a server that encodes on one inference thread must keep every other long-live
 - :func:`run_in_fresh_thread` runs one-off torch work (loading, fingerprinting, quantizing a model) on a thread
   that ends when it is done, which frees its team;
 - :func:`single_threaded_elsewhere` sets torch's default to one thread for every thread that has not run torch
-  yet (request handlers, watchers), after the inference thread has set its own with :func:`set_thread_count`
-  (``torch.set_num_threads`` sets the calling thread's OpenMP count and the default for new threads);
-- :func:`set_own_thread_count` sets a thread's count without touching that default (a background compile that
-  must match the inference thread's count while the server runs).
+  yet (request handlers, watchers, timers);
+- :func:`set_own_thread_count` gives the threads that should run parallel torch work (a model loader, the
+  inference thread, a background compile matching its count) their count without touching that default;
+  :func:`set_thread_count` is ``torch.set_num_threads`` made to stick, and sets the default too.
 """
 
 from __future__ import annotations
@@ -94,6 +94,5 @@ def _torch_openmp() -> ctypes.CDLL | None:
 def single_threaded_elsewhere() -> None:
     """Make one torch thread the default for the calling thread and every thread that starts using torch later.
 
-    Call it once the threads that should run parallel torch work have set their own count (a thread keeps the
-    count it had when it first ran torch, or the one it last passed to ``torch.set_num_threads``)."""
+    A thread keeps the count it had when it first ran torch, or the one it set for itself since."""
     torch.set_num_threads(1)

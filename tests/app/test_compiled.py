@@ -86,8 +86,8 @@ def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
     model, preprocess = clip_model.load(app_model)
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
     original = torch.get_num_threads()
+    single_threaded_elsewhere()  # Runtime.start does this first
     encoder = Encoder(model, preprocess, info, Metrics(), threads=2, compile_text=True, text_cache_size=0)
-    single_threaded_elsewhere()
     try:
         for _ in range(600):
             if encoder.text_tower.ready or "failed" in encoder.text_tower.status:
