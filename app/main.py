@@ -54,9 +54,10 @@ def create_app(settings: Settings | None = None, *, watch: bool = True) -> FastA
         runtime = Runtime(settings, metrics)
         try:
             runtime.start(watch=watch)
-        except ClipModelError as exc:
-            logger.error("cannot start: %s", exc)
-            runtime.close()
+        except BaseException as exc:
+            if isinstance(exc, ClipModelError):
+                logger.error("cannot start: %s", exc)
+            runtime.close()  # whatever stopped the start: its threads end and torch's default thread count returns
             raise
         app.state.runtime = runtime
         app.state.service = SearchService(runtime, settings)

@@ -24,7 +24,12 @@ import torch
 
 import clip_model
 from clip_model.errors import ClipModelError
-from clip_model.threads import run_in_fresh_thread, set_own_thread_count, single_threaded_elsewhere
+from clip_model.threads import (
+    default_thread_count,
+    run_in_fresh_thread,
+    set_own_thread_count,
+    single_threaded_elsewhere,
+)
 from indexer.errors import IndexerError
 from indexer.store import ModelInfo, PublishedIndex, current_generation
 
@@ -72,11 +77,11 @@ class Runtime:
 
     def start(self, watch: bool = True) -> None:
         """Load a pinned model (its failure is fatal: ClipModelError), load the published index if there is one,
-        and start watching for new generations.
+        and start watching for new generations. Call :meth:`close` after a failed start too.
 
         Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
         thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
-        self._default_threads = torch.get_num_threads()
+        self._default_threads = default_thread_count()  # not this thread's own count, which may differ
         self._threads = self.settings.torch_threads or self._default_threads
         single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
         if self.settings.model is not None:

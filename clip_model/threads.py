@@ -12,6 +12,7 @@ So a server that encodes on one inference thread must keep every other long-live
 
 - :func:`run_in_fresh_thread` runs one-off torch work (loading, fingerprinting, quantizing a model) on a thread
   that ends when it is done, which frees its team;
+- :func:`default_thread_count` reads that default (what a new thread gets), to put it back later;
 - :func:`single_threaded_elsewhere` sets torch's default to one thread for every thread that has not run torch
   yet (request handlers, watchers, timers);
 - :func:`set_own_thread_count` gives the threads that should run parallel torch work (a model loader, the
@@ -89,6 +90,14 @@ def _torch_openmp() -> ctypes.CDLL | None:
             "no %s (%s): thread counts set with torch.set_num_threads, for new threads too", TORCH_OPENMP, exc
         )
         return None
+
+
+def default_thread_count() -> int:
+    """The torch thread count a thread gets when it first runs torch (the process default).
+
+    ``torch.get_num_threads`` answers for the calling thread, whose own count may differ from the default; a
+    fresh thread reads the default."""
+    return run_in_fresh_thread(torch.get_num_threads, name="torch-default-probe")
 
 
 def single_threaded_elsewhere() -> None:

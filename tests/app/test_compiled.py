@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import clip_model
 from app import compiled as compiled_module
 from app.compiled import CompiledText
-from clip_model.threads import run_in_fresh_thread, single_threaded_elsewhere
+from clip_model.threads import default_thread_count, run_in_fresh_thread, single_threaded_elsewhere
 
 SHAPES = [(1, 2), (1, 9), (1, 77), (2, 5), (7, 13), (64, 77)]  # (texts, tokens)
 
@@ -85,7 +85,7 @@ def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
 
     model, preprocess = clip_model.load(app_model)
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
-    original = torch.get_num_threads()
+    original = default_thread_count()
     single_threaded_elsewhere()  # Runtime.start does this first
     encoder = Encoder(model, preprocess, info, Metrics(), threads=2, compile_text=True, text_cache_size=0)
     try:

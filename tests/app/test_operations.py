@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from app.encoder import SearchRequest
 from app.logs import JsonFormatter, RequestIdFilter
 from app.main import create_app
-from clip_model.threads import run_in_fresh_thread
+from clip_model.threads import default_thread_count, run_in_fresh_thread
 from indexer.cli import main as clip_index
 from indexer.store import GENERATIONS_DIR, IMAGES_FILE, current_generation
 from tests.app.conftest import IndexedFolder, build_folder, write_image
@@ -80,6 +80,7 @@ def test_only_the_inference_thread_runs_torch_on_several_threads(indexed: Indexe
     def fresh_thread_count() -> int:
         return run_in_fresh_thread(torch.get_num_threads)
 
+    default = fresh_thread_count()
     with TestClient(create_app(indexed.settings(tmp_path, torch_threads=2), watch=False)) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         assert fresh_thread_count() == 1  # request handlers, the watcher, timers: one torch thread
@@ -88,7 +89,7 @@ def test_only_the_inference_thread_runs_torch_on_several_threads(indexed: Indexe
         runtime.state.encoder.search_vectors(query, SearchRequest(index, 1))
         assert index.seen == ("clip-inference", 2, 2)
         assert client.get("/api/search", params={"q": "cat"}).status_code == 200
-    assert fresh_thread_count() == 2  # closed: the default is back
+    assert fresh_thread_count() == default  # closed: the default is back
 
 
 def test_an_index_built_with_other_weights_is_refused(
@@ -105,8 +106,10 @@ def test_an_index_built_with_other_weights_is_refused(
 
 def test_a_missing_pinned_model_stops_the_server_from_starting(indexed: IndexedFolder, tmp_path: Path) -> None:
     settings = indexed.settings(tmp_path, model=str(tmp_path / "missing.safetensors"))
+    default = default_thread_count()
     with pytest.raises(Exception, match="missing.safetensors"), TestClient(create_app(settings, watch=False)):
         pass
+    assert default_thread_count() == default  # a start that failed gives torch's default back (no close follows)
 
 
 def test_a_corrupt_generation_is_not_served(indexed: IndexedFolder, tmp_path: Path) -> None:
