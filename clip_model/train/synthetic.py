@@ -11,6 +11,8 @@ Invariants:
   same arguments give byte-identical PNG and JSONL files.
 - Visible: every colour is at least :data:`MIN_CONTRAST` (Euclidean RGB distance) from every background it is drawn
   on, and the shape's centre pixel always lies inside the shape.
+- Distinct: no two shapes' silhouettes overlap by more than 0.65 (intersection over union, same size and place), and
+  a small shape stays smaller than a large one under any jitter.
 - Shapes are drawn at :data:`SUPERSAMPLE` x the output size and box-downsampled, which anti-aliases the edges.
 
 Layout written by :func:`generate` (readable by :func:`clip_model.train.data.read_pairs`)::
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 Split = Literal["train", "test", "heldout"]
 SPLITS: tuple[str, ...] = get_args(Split)
 
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -54,7 +56,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (150, 150, 150)}
-SIZES: dict[str, float] = {"small": 0.15, "large": 0.25}  # circumradius as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.18, "large": 0.25}  # circumradius as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # shape centre (x, y) as fractions of the image side
     "top left": (0.28, 0.28),
     "top right": (0.72, 0.28),
@@ -66,7 +68,7 @@ POSITIONS: dict[str, tuple[float, float]] = {  # shape centre (x, y) as fraction
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("purple", "star"),
     ("green", "triangle"),
-    ("orange", "hexagon"),
+    ("orange", "diamond"),
     ("blue", "cross"),
 )
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
@@ -94,9 +96,10 @@ POSITION_JITTER = 0.03  # +- fraction of the image side the centre moves
 SIZE_JITTER = 0.1  # +- relative change of the radius
 ROTATION_JITTER_DEG = 15.0  # +- rotation of every shape but the circle
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
-CROSS_ARM_RATIO = 0.34  # half-width of a cross arm / its length
+CROSS_ARM_RATIO = 0.22  # half-width of a cross arm / its length (0.34 read as a notched square when small)
 TRIANGLE_SCALE = 1.15  # equilateral triangles look small at the same circumradius; enlarge them a little
-GENERATOR_VERSION = 3  # bump when the drawing or the captions change, so cached folders are regenerated
+DIAMOND_WIDTH_RATIO = 0.6  # half-width / half-height of the diamond: a tall rhombus, not a tilted square
+GENERATOR_VERSION = 5  # bump when the drawing or the captions change, so cached folders are regenerated
 SPEC_FILE = ".spec.json"
 CAPTIONS_FILE = CAPTION_FILES[0]  # captions.jsonl
 IMAGE_DIR = "images"
@@ -228,8 +231,8 @@ def _polygon(shape: str, center: tuple[float, float], r: float, rotation: float)
         points = _ring(4, r, math.pi / 4)
     elif shape == "triangle":
         points = _ring(3, r * TRIANGLE_SCALE, -math.pi / 2)
-    elif shape == "hexagon":
-        points = _ring(6, r, 0.0)
+    elif shape == "diamond":
+        points = [(0.0, -r), (r * DIAMOND_WIDTH_RATIO, 0.0), (0.0, r), (-r * DIAMOND_WIDTH_RATIO, 0.0)]
     elif shape == "star":
         outer, inner = _ring(5, r, -math.pi / 2), _ring(5, r * STAR_INNER_RATIO, -math.pi / 2 + math.pi / 5)
         points = [p for pair in zip(outer, inner, strict=True) for p in pair]

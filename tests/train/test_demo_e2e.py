@@ -4,8 +4,10 @@ server for "a red circle"; finally run the README's demo command, which reuses t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +15,28 @@ import httpx
 import pytest
 
 from clip_model.train import synthetic
-from clip_model.train.demo import FAST, build_demo, demo_paths
+from clip_model.train.demo import FAST, demo_paths
 from indexer.cli import main as clip_index
 from tests.app.conftest import REPO, free_port, start_server, stop_server, wait_until_ready
 
-TEST_RECALL_AT_1 = 0.8  # attribute queries over new images of combinations seen in training
-HELDOUT_RECALL_AT_1 = 0.5  # colour-shape combinations never seen in training
+# the issue's floors are 0.8 and 0.5; the fast recipe reaches 1.0 on both for seeds 0, 1 and 2, so a drop below
+# these stricter ones is a regression, not a CPU summing in another order
+TEST_RECALL_AT_1 = 0.9  # attribute queries over new images of combinations seen in training
+HELDOUT_RECALL_AT_1 = 0.8  # colour-shape combinations never seen in training
 TOP = 5
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """(cache dir holding demo/, report) of the fast recipe, trained once for the module."""
+    """(cache dir holding demo/, report) of the fast recipe, trained once for the module by the documented command.
+
+    In a process of its own, as users run it: in this one, threads that earlier tests left running torch would
+    share the cores with the training (slower, and a different thread count sums in another order)."""
     cache = tmp_path_factory.mktemp("cache")
-    return cache, build_demo(cache / "demo", FAST)
+    command = [sys.executable, "-m", "clip_model.train", "demo", "--fast", "--out", str(cache / "demo")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cache, json.loads(demo_paths(cache / "demo", FAST)["report"].read_text(encoding="utf-8"))
 
 
 def test_demo_model_retrieves_by_attributes(demo: tuple[Path, dict[str, Any]]) -> None:
