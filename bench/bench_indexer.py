@@ -237,7 +237,6 @@ def encode_rate(loaded: Any, crops: Sequence[np.ndarray], batch_size: int, threa
 
 def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One ``build_index`` into a fresh ``index_dir``; images/s over the whole call, plus start-up diagnostics."""
-    import torch
 
     from indexer.build import BuildOptions, build_index
 
@@ -250,16 +249,11 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
         batch_size=args.batch_size,
         precision=args.precision,
         draft=not args.no_draft,
+        threads=args.threads,
     )
     stamps: list[float] = []
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
-        stats = build_index(options, progress=lambda done, total: stamps.append(time.perf_counter()))
-    finally:
-        torch.set_num_threads(previous)
+    stats = build_index(options, progress=lambda done, total: stamps.append(time.perf_counter()))
     elapsed = time.perf_counter() - started
     if stats.encoded != len(stamps) or stats.skipped:
         raise RuntimeError(f"expected every photo encoded, got {stats.as_dict()}")
@@ -274,7 +268,7 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
 
 
 def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from indexer.build import load_model
+    from indexer.build import default_encode_threads, load_model
     from indexer.scan import iter_images
 
     root = photo_folder(workdir, args.images, *args.size)
@@ -323,7 +317,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "size": "x".join(map(str, args.size)),
         "batch_size": args.batch_size,
         "workers": args.workers,
-        "main_threads": args.threads or "torch default",
+        "encode_threads": args.threads or default_encode_threads(args.precision, args.workers),
         "draft": not args.no_draft,
         "precision": args.precision,
         "model": MODEL_ARCH if args.model == "vit" else "tiny",
@@ -630,7 +624,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("pipeline", "noop", "draft"), default=None, help="run one benchmark")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: build.default_workers)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: pipeline.DEFAULT_BATCH_SIZE")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads during build_index (0: leave as is)")
+    parser.add_argument("--threads", type=int, default=0, help="build_index encode threads (0: its default)")
     parser.add_argument("--no-draft", action="store_true", help="pipeline benchmark without JPEG draft")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--model", choices=("vit", "tiny"), default="vit", help="pipeline and draft model")
@@ -649,7 +643,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     from indexer.build import default_workers
     from indexer.pipeline import DEFAULT_BATCH_SIZE
 
-    args.workers = default_workers() if args.workers is None else args.workers
+    args.workers = default_workers(args.precision) if args.workers is None else args.workers
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft}

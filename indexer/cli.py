@@ -100,7 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
     build.add_argument(
-        "--workers", type=int, default=default_workers(), help="decode worker processes (0 decodes in the main process)"
+        "--workers",
+        type=int,
+        default=None,
+        help="decode worker processes (0 decodes in the main process). Default: all cores but one for fp32, half of "
+        "them for int8, whose encoder is as fast as the decoding",
+    )
+    build.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("TORCH_THREADS", "0") or 0),
+        help="torch threads for encoding; 0: every core for fp32, the cores the workers leave for int8 "
+        "($CLIPSEARCH_TORCH_THREADS)",
     )
     build.add_argument(
         "--no-draft",
@@ -190,8 +201,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         root=args.root, index_dir=args.index_dir, model=args.model, arch=args.arch, extensions=extensions,
         exclude=tuple(args.exclude), factory=args.factory, memory_budget=args.memory_budget,
-        batch_size=args.batch_size, workers=args.workers, draft=args.draft, rebuild=args.rebuild,
-        precision=args.precision,
+        batch_size=args.batch_size, workers=default_workers(args.precision) if args.workers is None else args.workers,
+        draft=args.draft, rebuild=args.rebuild, precision=args.precision, threads=args.threads,
     )  # fmt: skip
     reporter = _ProgressReporter()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 
 import clip_model
-from indexer.build import BuildOptions, build_index
+from clip_model.threads import default_thread_count
+from indexer.build import BuildOptions, LoadedModel, build_index, default_encode_threads, default_workers
 from indexer.cli import main as cli_main
 from indexer.errors import IndexerError, IndexLockedError, ModelMismatchError
 from indexer.scan import extension_of, supported_extensions
@@ -116,6 +118,43 @@ def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
     assert stats.encoded == 1 and stats.unchanged == 4
     with pytest.raises(IndexerError, match="precision"):
         build(root, index_dir, tiny_model, precision="int4")
+
+
+@pytest.mark.parametrize(
+    ("cores", "precision", "workers", "threads"),
+    [(2, "fp32", 1, 2), (2, "int8", 1, 1), (8, "fp32", 7, 8), (8, "int8", 4, 4), (1, "int8", 1, 1)],
+)
+def test_cores_are_split_between_decoding_and_encoding_by_precision(
+    monkeypatch: pytest.MonkeyPatch, cores: int, precision: str, workers: int, threads: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_workers(precision) == workers
+    assert default_encode_threads(precision, workers) == threads
+    assert default_encode_threads(precision, 0) == cores  # decoding in this process: it waits while encoding
+
+
+@pytest.mark.parametrize(("precision", "threads", "expected"), [("int8", 0, 1), ("fp32", 0, 2), ("int8", 2, 2)])
+def test_the_build_encodes_on_its_thread_count_and_gives_the_callers_back(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, threads: int, expected: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    seen: list[int] = []
+    encode = LoadedModel.encode
+
+    def counting_encode(self: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        seen.append(torch.get_num_threads())
+        return encode(self, batch)
+
+    monkeypatch.setattr(LoadedModel, "encode", counting_encode)
+    write_photos(tmp_path / "photos", 3)
+    default, own = default_thread_count(), torch.get_num_threads()
+    options = BuildOptions(tmp_path / "photos", tmp_path / "index", str(tiny_model), workers=1, precision=precision,
+                           threads=threads)  # fmt: skip
+    assert build_index(options).encoded == 3
+    assert seen and set(seen) == {expected}
+    assert torch.get_num_threads() == own and default_thread_count() == default
+    with pytest.raises(IndexerError, match="threads"):
+        build_index(replace(options, threads=-1))
 
 
 def test_search_returns_exact_nearest_neighbours(tiny_model: Path, tmp_path: Path) -> None:
