@@ -54,10 +54,8 @@ def create_app(settings: Settings | None = None, *, watch: bool = True) -> FastA
         runtime = Runtime(settings, metrics)
         try:
             runtime.start(watch=watch)
-        except BaseException as exc:
-            if isinstance(exc, ClipModelError):
-                logger.error("cannot start: %s", exc)
-            runtime.close()  # whatever stopped the start: its threads end and torch's default thread count returns
+        except ClipModelError as exc:  # the runtime has closed itself
+            logger.error("cannot start: %s", exc)
             raise
         app.state.runtime = runtime
         app.state.service = SearchService(runtime, settings)

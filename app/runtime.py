@@ -77,19 +77,24 @@ class Runtime:
 
     def start(self, watch: bool = True) -> None:
         """Load a pinned model (its failure is fatal: ClipModelError), load the published index if there is one,
-        and start watching for new generations. Call :meth:`close` after a failed start too.
+        and start watching for new generations. A start that raises has closed what it had started (torch's
+        default thread count is back).
 
         Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
         thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
         self._default_threads = default_thread_count()  # not this thread's own count, which may differ
         self._threads = self.settings.torch_threads or self._default_threads
         single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
-        if self.settings.model is not None:
-            self._pinned = self._load_encoder(self.settings.model)
-        self.refresh()
-        if watch:
-            self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
-            self._watcher.start()
+        try:
+            if self.settings.model is not None:
+                self._pinned = self._load_encoder(self.settings.model)
+            self.refresh()
+            if watch:
+                self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
+                self._watcher.start()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._stop.set()

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--threads",
         type=int,
-        default=int(_env("TORCH_THREADS", "0") or 0),
+        default=_env("TORCH_THREADS", "0"),  # a string default goes through type=int too: bad values get its error
         help="torch threads for encoding; 0: every core for fp32, the cores the workers leave for int8 "
         "($CLIPSEARCH_TORCH_THREADS)",
     )

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from app.encoder import SearchRequest
 from app.logs import JsonFormatter, RequestIdFilter
 from app.main import create_app
-from clip_model.threads import default_thread_count, run_in_fresh_thread
+from clip_model.threads import default_thread_count
 from indexer.cli import main as clip_index
 from indexer.store import GENERATIONS_DIR, IMAGES_FILE, current_generation
 from tests.app.conftest import IndexedFolder, build_folder, write_image
@@ -77,19 +76,16 @@ def test_only_the_inference_thread_runs_torch_on_several_threads(indexed: Indexe
     # a second long-lived OpenMP team would make the inference thread's spin-wait sleep instead (clip_model.threads)
     from tests.app.test_encoder import ThreadCountIndex
 
-    def fresh_thread_count() -> int:
-        return run_in_fresh_thread(torch.get_num_threads)
-
-    default = fresh_thread_count()
+    default = default_thread_count()
     with TestClient(create_app(indexed.settings(tmp_path, torch_threads=2), watch=False)) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        assert fresh_thread_count() == 1  # request handlers, the watcher, timers: one torch thread
+        assert default_thread_count() == 1  # request handlers, the watcher, timers: one torch thread
         index = ThreadCountIndex(runtime.state.encoder.info.embed_dim)
         query = np.eye(1, index.vectors.shape[1], dtype=np.float32)  # [1, D] unit row
         runtime.state.encoder.search_vectors(query, SearchRequest(index, 1))
         assert index.seen == ("clip-inference", 2, 2)
         assert client.get("/api/search", params={"q": "cat"}).status_code == 200
-    assert fresh_thread_count() == default  # closed: the default is back
+    assert default_thread_count() == default  # closed: the default is back
 
 
 def test_an_index_built_with_other_weights_is_refused(

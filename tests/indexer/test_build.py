@@ -261,3 +261,12 @@ def test_cli_build_info_verify_texts(tiny_model: Path, tmp_path: Path, capsys: p
 def test_cli_reports_failures_with_exit_code_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     code = cli_main(["build", str(tmp_path / "missing"), "--index-dir", str(tmp_path / "i"), "--model", "x.pt"])
     assert code == 1 and "does not exist" in caplog.text
+
+
+def test_a_thread_count_that_is_not_a_number_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLIPSEARCH_TORCH_THREADS", "two")
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["build", str(tmp_path), "--index-dir", str(tmp_path / "index")])
+    assert stopped.value.code == 2 and "--threads: invalid int value: 'two'" in capsys.readouterr().err
