@@ -19,10 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 from PIL import Image
 
-from ..preprocess import Preprocess
+from ..errors import ImageDecodeError
+from ..preprocess import UINT8_MAX, Preprocess, resize_and_center_crop, to_rgb
 from ..tokenizer import tokenize
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -147,3 +149,44 @@ class PairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             pixels = self.preprocess(image)
         tokens = tokenize([pair.caption], context_length=self.context_length, truncate=True)[0]
         return pixels, tokens
+
+
+def preloaded_bytes(pairs: Sequence[Pair], image_size: int) -> int:
+    """The memory :class:`PreloadedPairDataset` holds for ``pairs`` at ``image_size``: uint8 pixels (tokens aside)."""
+    return len(pairs) * 3 * image_size * image_size
+
+
+class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """:class:`PairDataset` with every image decoded once, up front, and kept in memory as uint8.
+
+    Items are bit-identical to ``PairDataset(pairs, preprocess, context_length)``'s: the pixels are the same
+    ``to_rgb`` + ``resize_and_center_crop`` output, normalized through a per-channel table of the same float32 steps
+    as :func:`clip_model.preprocess.image_to_array`, and the captions are tokenized the same way. For a training set
+    small enough to hold (:func:`preloaded_bytes`), this removes the per-step decoding, and with it the loader
+    processes that compete with the training threads for the cores. A broken image fails here, before training.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], preprocess: Preprocess, context_length: int = 77) -> None:
+        size = preprocess.image_size
+        self.pixels = torch.empty((len(pairs), 3, size, size), dtype=torch.uint8)  # [N, 3, R, R]
+        for index, pair in enumerate(pairs):
+            try:
+                with Image.open(pair.image) as image:
+                    rgb = resize_and_center_crop(to_rgb(image), size)
+            except (OSError, ImageDecodeError) as exc:  # Pillow's UnidentifiedImageError is an OSError
+                raise DatasetError(f"cannot read training image {pair.image}: {exc}") from exc
+            self.pixels[index] = torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
+        levels = np.arange(UINT8_MAX + 1, dtype=np.float32) / np.float32(UINT8_MAX)  # [256]
+        mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(3, 1)
+        std = np.asarray(preprocess.std, dtype=np.float32).reshape(3, 1)
+        self.table = torch.from_numpy((levels - mean) / std)  # [3, 256] float32: channel c, uint8 level v
+        captions = [pair.caption for pair in pairs]
+        self.tokens = tokenize(captions, context_length=context_length, truncate=True)  # [N, context_length]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.pixels[index]  # [3, R, R] uint8
+        image = torch.gather(self.table, 1, pixels.reshape(3, -1).long()).view(pixels.shape)  # [3, R, R] float32
+        return image, self.tokens[index]

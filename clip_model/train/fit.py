@@ -14,6 +14,9 @@ Contracts:
   scheduler, loss scaler, step and RNG states are restored, and the data order is a function of the step.
 * Text batches are cut to their longest caption (end-of-text position + 1) before encoding. The causal mask makes
   each end-of-text feature independent of the padding after it, so this only saves time.
+* A training set whose uint8 pixels fit in ``preload_mb`` MiB is decoded once, before the first step, and served
+  from memory (:class:`~clip_model.train.data.PreloadedPairDataset`, bit-identical items, no loader processes);
+  a larger one is decoded per step by ``num_workers`` processes. Either way the run is the same.
 * Only rank 0 writes files and logs progress. Output layout of ``out_dir``::
 
       model.safetensors        final CLIP weights + architecture (clip_model.load reads it); no SigLIP logit_bias
@@ -53,7 +56,7 @@ from ..factory import create_model, load
 from ..loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
 from ..model import CLIP
 from ..preprocess import Preprocess
-from .data import DatasetError, Pair, PairDataset, read_pairs
+from .data import DatasetError, Pair, PairDataset, PreloadedPairDataset, preloaded_bytes, read_pairs
 from .evaluate import encode_dataset, retrieval_metrics, zero_shot_accuracy
 from .schedule import param_groups, warmup_cosine
 from .state import TrainingState, capture_rng, latest_state, load_state, restore_rng, save_state
@@ -74,12 +77,15 @@ RECALL_KS = (1, 5, 10)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)  # one template keeps evaluation cheap
 ZERO_SHOT_METRIC = "zero_shot_accuracy_photo"  # the name clip-train eval gives this template's accuracy
 EVAL_BATCH_SIZE = 128  # images or captions encoded per forward pass during evaluation
+MIB = 1 << 20
 SPLIT_SEED = 0  # the held-out split does not change with --seed
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 OPTIONS_FILE = "options.json"
 CHECKPOINT_DIR = "checkpoints"
-RESUME_IGNORED_OPTIONS = frozenset({"resume", "stop_after", "num_workers", "log_every", "eval_every", "save_every"})
+RESUME_IGNORED_OPTIONS = frozenset(
+    {"resume", "stop_after", "num_workers", "preload_mb", "log_every", "eval_every", "save_every"}
+)
 
 
 class FitError(ClipModelError, ValueError):
@@ -108,7 +114,8 @@ class FitOptions:
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp16 + loss scaling; fp32 on CPU
     grad_checkpointing: bool = False
     seed: int = 0
-    num_workers: int = 2  # DataLoader worker processes per training process
+    num_workers: int = 2  # DataLoader worker processes per training process (none when the images are preloaded)
+    preload_mb: int = 1024  # decode the training images once into memory when they fit in this many MiB; 0: never
     resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
     stop_after: int | None = None  # end this invocation after this step (checkpoint saved) without changing the plan
     device: str | None = None  # default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
@@ -172,7 +179,7 @@ def _check_options(o: FitOptions) -> None:
     problems = [f"{k} must be >= 1, got {v}" for k, v in _fields(o, "steps", "batch_size", "log_every") if v < 1]
     problems += [
         f"{k} must be >= 0, got {v}"
-        for k, v in _fields(o, "warmup_steps", "eval_every", "save_every", "num_workers", "weight_decay")
+        for k, v in _fields(o, "warmup_steps", "eval_every", "save_every", "num_workers", "preload_mb", "weight_decay")
         if v < 0
     ]
     if not o.lr > 0:
@@ -218,10 +225,11 @@ def _fit(options: FitOptions, world: _World, device: torch.device) -> FitResult:
     if world.is_main:
         _prepare_out_dir(out, options, trainer.step)
     sampler = StepBatchSampler(len(train_pairs), options.batch_size, options.seed, trainer.step, stop, world)
+    dataset = _training_dataset(train_pairs, preprocess, model.context_length, options.preload_mb)
     loader = DataLoader(
-        PairDataset(train_pairs, preprocess, model.context_length),
+        dataset,
         batch_sampler=sampler,
-        num_workers=options.num_workers,
+        num_workers=0 if isinstance(dataset, PreloadedPairDataset) else options.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(options.seed),  # leaves the global RNG untouched
     )
@@ -234,6 +242,20 @@ def _fit(options: FitOptions, world: _World, device: torch.device) -> FitResult:
         dist.barrier()  # every rank returns once rank 0's files exist
     checkpoint = latest_state(out / CHECKPOINT_DIR)
     return FitResult(trainer.step, record, out, model_path, out / METRICS_FILE, checkpoint)
+
+
+def _training_dataset(
+    pairs: Sequence[Pair], preprocess: Preprocess, context_length: int, preload_mb: int
+) -> PairDataset | PreloadedPairDataset:
+    """The pairs preloaded into memory when their pixels fit in ``preload_mb`` MiB, else decoded per step."""
+    needed = preloaded_bytes(pairs, preprocess.image_size)
+    if needed > preload_mb * MIB:
+        logger.info("decoding images per step: %.0f MiB of pixels exceed --preload-mb %d", needed / MIB, preload_mb)
+        return PairDataset(pairs, preprocess, context_length)
+    started = time.perf_counter()
+    dataset = PreloadedPairDataset(pairs, preprocess, context_length)
+    logger.info("preloaded %d images (%.0f MiB) in %.1f s", len(pairs), needed / MIB, time.perf_counter() - started)
+    return dataset
 
 
 def _resume_state(options: FitOptions, out: Path) -> TrainingState | None:
@@ -449,8 +471,8 @@ class _Trainer:
             model.set_grad_checkpointing(True)
         module = ContrastiveModule(model, options.loss, dtype).to(device)
         optimizer = torch.optim.AdamW(
-            param_groups(module, options.weight_decay), lr=options.lr, betas=ADAM_BETAS, eps=ADAM_EPS
-        )
+            param_groups(module, options.weight_decay), lr=options.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
+        )  # fused: one kernel over all parameters (on CPU, 9 ms instead of 46 ms a step for the demo model)
         scheduler = warmup_cosine(optimizer, options.warmup_steps, options.steps)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         trainer = cls(options, world, module, module, optimizer, scheduler, scaler)
@@ -682,6 +704,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: FitOptions) -> N
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of initialization and data order")
     parser.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers, help="loader processes")
+    parser.add_argument(
+        "--preload-mb",
+        type=int,
+        default=d.preload_mb,
+        help="decode the training images once into memory when their pixels fit in this many MiB (then no loader "
+        "processes); 0: decode per step",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--stop-after", type=int, help="end this invocation after step N (resume later)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ...; default: cuda when available, else cpu")

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import clip_model
-from clip_model.train.data import DatasetError, PairDataset, read_labelled, read_pairs
+from clip_model.train.data import (
+    DatasetError,
+    PairDataset,
+    PreloadedPairDataset,
+    preloaded_bytes,
+    read_labelled,
+    read_pairs,
+)
 
 
 def image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> Path:
@@ -83,3 +91,44 @@ def test_pair_dataset_yields_preprocessed_pixels_and_tokens(tmp_path: Path) -> N
     with Image.open(tmp_path / "a.png") as source:
         assert torch.equal(pixels, preprocess(source))
     assert torch.equal(tokens, clip_model.tokenize(["a red box"])[0])
+
+
+def varied_images(root: Path) -> None:
+    """Images that take every path of the preprocessing: sizes, modes, alpha, palette, 16-bit, EXIF rotation."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "wide.png")
+    Image.fromarray(noise).transpose(Image.Transpose.TRANSPOSE).save(root / "tall.jpg", quality=90)
+    Image.fromarray(np.dstack([noise, noise[..., :1]])).save(root / "alpha.png")
+    Image.fromarray(noise).convert("P").save(root / "palette.png")
+    Image.fromarray(noise[..., 0].astype(np.uint16) * 257).save(root / "deep.png")  # 16-bit grey
+    rotated = Image.fromarray(noise)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    rotated.save(root / "rotated.jpg", exif=exif, quality=90)
+    Image.fromarray(noise[:8, :9]).save(root / "small.webp")  # smaller than the model's input: upsampled
+    names = sorted(p.name for p in root.iterdir())
+    lines = ["path,caption"] + [f"{name},caption number {i} of {name}" for i, name in enumerate(names)]
+    (root / "captions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_preloaded_items_are_bit_identical_to_decoding_each_time(tmp_path: Path) -> None:
+    varied_images(tmp_path)
+    pairs = read_pairs(tmp_path)
+    preprocess = clip_model.Preprocess(32, mean=(0.5, 0.25, 0.125), std=(0.3, 0.2, 0.1))
+    each_time, preloaded = PairDataset(pairs, preprocess, 20), PreloadedPairDataset(pairs, preprocess, 20)
+    assert len(preloaded) == len(each_time) == 7
+    for index in range(len(pairs)):
+        (pixels, tokens), (expected_pixels, expected_tokens) = preloaded[index], each_time[index]
+        assert pixels.dtype == torch.float32 and pixels.shape == (3, 32, 32)
+        assert torch.equal(pixels, expected_pixels), pairs[index].image.name  # exactly: same float32 steps
+        assert torch.equal(tokens, expected_tokens)
+    assert preloaded_bytes(pairs, 32) == preloaded.pixels.numel() == 7 * 3 * 32 * 32
+
+
+def test_a_broken_image_fails_the_preload_naming_the_file(tmp_path: Path) -> None:
+    image(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "captions.csv").write_text("path,caption\ngood.png,fine\nbroken.jpg,broken\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"cannot read training image .*broken\.jpg"):
+        PreloadedPairDataset(read_pairs(tmp_path), clip_model.Preprocess(32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import socket
@@ -113,6 +114,23 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000016.pt", "step-000020.pt"]
+
+
+def test_preloaded_images_train_exactly_as_images_decoded_each_step(
+    straight: Path, shapes_data: Path, tiny_arch_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="clip_model.train.fit"):
+        fit(options(shapes_data, tiny_arch_file, tmp_path, preload_mb=0, num_workers=1))
+    assert "decoding images per step" in caplog.text
+    assert "images (" not in caplog.text  # no "preloaded N images (M MiB)"
+    per_step, preloaded = records(tmp_path), records(straight)  # straight: the default, which preloads
+    assert [r["loss"] for r in per_step] == [r["loss"] for r in preloaded]
+    final, expected = load_file(tmp_path / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clip_model.train.fit"):
+        fit(options(shapes_data, tiny_arch_file, tmp_path / "again", steps=1))
+    assert f"preloaded {SHAPES_COUNT} images" in caplog.text
 
 
 def test_training_checkpoint_reads_weights_only_and_loads_as_a_model(straight: Path) -> None:
@@ -250,6 +268,8 @@ def test_bad_inputs_fail_with_clear_errors(
         fit(options(shapes_data, tiny_arch_file, tmp_path / "c", batch_size=128))
     with pytest.raises(FitError, match="steps must be >= 1"):
         fit(options(shapes_data, tiny_arch_file, tmp_path / "d", steps=0))
+    with pytest.raises(FitError, match="preload_mb must be >= 0, got -1"):
+        fit(options(shapes_data, tiny_arch_file, tmp_path / "d", preload_mb=-1))
     with pytest.raises(FitError, match="--resume: no training checkpoint"):
         fit(options(shapes_data, tiny_arch_file, tmp_path / "e", resume=True))
     with pytest.raises(FitError, match="already holds training checkpoints"):
