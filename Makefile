@@ -1,5 +1,5 @@
 # make serve IMAGES=~/Pictures [ARGS="--model /models/ViT-B-32.pt --port 8080"]: index a folder and serve it
-# make demo [ARGS="--fast --port 8080"]: offline demo: train (or reuse) the shapes model, index its images, serve
+# make demo [ARGS="--port 8080"]: offline demo: train (or reuse) the shapes model, index its images, serve
 # make test [ARGS="tests/app -k search"]: build .venv, lint, type-check, run the whole test suite
 # make bench [ARGS="--only server,encoders --workdir /var/tmp/bench"]: the benchmark suite (bench/suite.py)
 # make bench-smoke: every benchmark at tiny sizes (what CI runs through tests/test_bench_smoke.py)

@@ -1,7 +1,7 @@
 """int8 vs fp32 retrieval quality on a model the project trains: recall@1/5/10 both ways, top-10 overlap, cosine.
 
 Random weights say nothing about retrieval quality, so this runs on trained weights: ``--demo`` trains (or reuses,
-from the demo cache) the fast demo model and evaluates on its test split; ``--model PATH --data DIR`` evaluates any
+from the demo cache) the demo model and evaluates on its test split; ``--model PATH --data DIR`` evaluates any
 checkpoint on any captioned folder (what ``clip-train eval`` reads). ``bench_emoji.py`` calls :func:`compare` on
 the emoji model it trains. For each precision (``clip_model.load(..., precision=...)`` on the same file):
 
@@ -93,11 +93,11 @@ def compare(model_path: Path, pairs: Sequence[Pair], name: str) -> dict[str, Any
 
 
 def demo_reports(out_dir: Path | None) -> tuple[Path, list[dict[str, Any]]]:
-    """Train or reuse the fast demo model; compare on its test split with full captions and attribute queries."""
+    """Train or reuse the demo model; compare on its test split with full captions and attribute queries."""
     from clip_model.train import demo, synthetic
 
-    report = demo.build_demo(out_dir or demo.default_demo_dir(), demo.FAST)
-    split = demo.demo_paths(out_dir or demo.default_demo_dir(), demo.FAST)["test"]
+    report = demo.build_demo(out_dir or demo.default_demo_dir(), demo.Recipe())
+    split = demo.demo_paths(out_dir or demo.default_demo_dir(), demo.Recipe())["test"]
     pairs = synthetic.pairs_of(split)
     queries = [synthetic.attribute_query(r, demo.QUERY_FIELDS) for r in synthetic.load_records(split)]
     attribute_pairs = [replace(p, caption=q) for p, q in zip(pairs, queries, strict=True)]
@@ -140,7 +140,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--demo", action="store_true", help="the fast demo model (trained here, ~8 min, or reused)")
+    source.add_argument("--demo", action="store_true", help="the demo model (trained here, ~8 min, or reused)")
     source.add_argument("--model", type=Path, help="a checkpoint clip_model.load accepts (with --data)")
     source.add_argument("--smoke", action="store_true", help="tiny random model, to check the script (seconds)")
     parser.add_argument("--data", type=Path, help="captioned folder (folder + captions.jsonl/csv or .txt files)")
