@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageDecodeError
-from ..preprocess import UINT8_MAX, Preprocess, resize_and_center_crop, to_rgb
+from ..preprocess import UINT8_MAX, Preprocess, image_to_array, resize_and_center_crop, to_rgb
 from ..tokenizer import tokenize
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -160,10 +160,11 @@ class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Te
     """:class:`PairDataset` with every image decoded once, up front, and kept in memory as uint8.
 
     Items are bit-identical to ``PairDataset(pairs, preprocess, context_length)``'s: the pixels are the same
-    ``to_rgb`` + ``resize_and_center_crop`` output, normalized through a per-channel table of the same float32 steps
-    as :func:`clip_model.preprocess.image_to_array`, and the captions are tokenized the same way. For a training set
-    small enough to hold (:func:`preloaded_bytes`), this removes the per-step decoding, and with it the loader
-    processes that compete with the training threads for the cores. A broken image fails here, before training.
+    ``to_rgb`` + ``resize_and_center_crop`` output, normalized through a per-channel table that
+    :func:`clip_model.preprocess.image_to_array` itself computes for every uint8 level, and the captions are
+    tokenized the same way. For a training set small enough to hold (:func:`preloaded_bytes`), this removes the
+    per-step decoding, and with it the loader processes that compete with the training threads for the cores. A
+    broken image fails here, before training.
     """
 
     def __init__(self, pairs: Sequence[Pair], preprocess: Preprocess, context_length: int = 77) -> None:
@@ -176,10 +177,9 @@ class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Te
             except (OSError, ImageDecodeError) as exc:  # Pillow's UnidentifiedImageError is an OSError
                 raise DatasetError(f"cannot read training image {pair.image}: {exc}") from exc
             self.pixels[index] = torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
-        levels = np.arange(UINT8_MAX + 1, dtype=np.float32) / np.float32(UINT8_MAX)  # [256]
-        mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(3, 1)
-        std = np.asarray(preprocess.std, dtype=np.float32).reshape(3, 1)
-        self.table = torch.from_numpy((levels - mean) / std)  # [3, 256] float32: channel c, uint8 level v
+        levels = np.repeat(np.arange(UINT8_MAX + 1, dtype=np.uint8), 3).reshape(1, UINT8_MAX + 1, 3)  # every level
+        table = image_to_array(Image.fromarray(levels, "RGB"), preprocess.mean, preprocess.std)  # [3, 1, 256]
+        self.table = torch.from_numpy(table.reshape(3, UINT8_MAX + 1))  # [3, 256] float32: channel c, uint8 level v
         captions = [pair.caption for pair in pairs]
         self.tokens = tokenize(captions, context_length=context_length, truncate=True)  # [N, context_length]
 
