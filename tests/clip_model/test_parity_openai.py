@@ -1,8 +1,10 @@
 """Parity with OpenAI's reference model code on random weights, for all nine OpenAI architectures.
 
 The reference model's weights reach our model through the public loader twice: as a plain state dict file
-(how OpenCLIP and most fine-tunes ship) and as a TorchScript archive made by ``torch.jit.trace`` +
-``torch.jit.save`` (how OpenAI ships), read by the restricted reader. Outputs must agree to 1e-4 (max abs, fp32).
+(how OpenCLIP and most fine-tunes ship), for all nine, and as a TorchScript archive made by ``torch.jit.trace`` +
+``torch.jit.save`` (how OpenAI ships), read by the restricted reader, for the five smaller ones: the reader does
+not depend on the architecture (both families, and a 288 px input with RN50x4, are among the five), and tracing
+the four large ones took ~100 s of the CI's time. Outputs must agree to 1e-4 (max abs, fp32).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ OPENAI_ARCHS = (
 # Tracing OpenAI's code warns about its Python control flow; the traced graph is only used for these inputs.
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 LARGE_ARCHS = {"RN50x16", "RN50x64", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu"}
+TORCHSCRIPT_ARCHS = tuple(name for name in OPENAI_ARCHS if name not in LARGE_ARCHS)
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Reference:
     text_features: torch.Tensor
 
 
-@pytest.fixture(scope="module", params=OPENAI_ARCHS)
+@pytest.fixture(scope="module")
 def reference(request: pytest.FixtureRequest) -> Iterator[Reference]:
     name = request.param
     cfg = get_config(name)
@@ -61,6 +64,7 @@ def assert_same_outputs(ours: clip_model.CLIP, ref: Reference) -> None:
     assert text_diff <= TOLERANCE, f"{ref.name} encode_text differs by {text_diff:.3g}"
 
 
+@pytest.mark.parametrize("reference", OPENAI_ARCHS, indirect=True)
 def test_state_dict_file_gives_reference_outputs(reference: Reference, tmp_path: Path) -> None:
     path = tmp_path / f"{reference.name}.pt"
     torch.save(reference.model.state_dict(), path)
@@ -70,6 +74,7 @@ def test_state_dict_file_gives_reference_outputs(reference: Reference, tmp_path:
     assert_same_outputs(model, reference)
 
 
+@pytest.mark.parametrize("reference", TORCHSCRIPT_ARCHS, indirect=True)
 def test_torchscript_archive_gives_reference_outputs(reference: Reference, tmp_path: Path) -> None:
     path = tmp_path / f"{reference.name}.pt"
     traced = torch.jit.trace(reference.model, (reference.images, reference.tokens), check_trace=False)
