@@ -9,7 +9,8 @@ at once: ``--workdir DIR/<member>`` holds its cached inputs and ``--out`` its JS
 ``bench/results/suite-<date>[-tag].json`` (machine, the command of each member, its wall time, exit status and
 results) and ``suite-<date>[-tag].md`` (each member's own ``markdown(results)`` table). ``--smoke`` runs every
 member at tiny sizes (no targets asserted on time; results in the workdir, not in bench/results/), so that the
-benchmark code cannot rot: the CI runs it (``tests/test_bench_smoke.py``).
+benchmark code cannot rot: the CI runs it (``tests/test_bench_smoke.py``). A member whose smoke command is an
+earlier member's is not run twice: its record is that member's, marked ``same_smoke_run_as``.
 
 A member that fails does not stop the others; the suite exits 1 if any failed.
 """
@@ -160,8 +161,16 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         "smoke": args.smoke,
         "members": {},
     }
+    smoke_runs: dict[tuple[str, ...], str] = {}  # a smoke command already run -> the member that ran it
     for name in names:
-        results["members"][name] = run_member(name, MEMBERS[name], args.smoke, workdir)
+        member = MEMBERS[name]
+        same = smoke_runs.get((member.script, *member.smoke_args)) if args.smoke else None
+        if same is not None:  # e.g. server_int8_compiled, whose smoke run skips the compile: server_int8's own
+            results["members"][name] = {**results["members"][same], "same_smoke_run_as": same}
+            print(f"== {name}: the same smoke command as {same}, not run again", flush=True)
+            continue
+        results["members"][name] = run_member(name, member, args.smoke, workdir)
+        smoke_runs[(member.script, *member.smoke_args)] = name
     results["seconds"] = time.perf_counter() - started
     stem = "-".join(filter(None, ["suite", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag]))
     out_dir = workdir if args.smoke else RESULTS_DIR

@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from clip_model.threads import set_own_thread_count
+from clip_model.threads import run_in_fresh_thread, set_own_thread_count
 
 from .decode import Decoded, DecodeFailure, DecodeSpec
 from .errors import IndexerError, ModelMismatchError
@@ -43,6 +43,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
+MAX_ENCODE_STREAMS = 4  # each stream holds a batch's activations: ~0.5 GB for ViT-L/14 at batch 32
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
 DEFAULT_FACTORY = AUTO  # the index type by collection size (indexer.index_choice)
 Progress = Callable[[int, int], None]  # (files done, files to process)
@@ -65,7 +66,8 @@ class BuildOptions:
     draft: bool = True
     rebuild: bool = False
     precision: str = "fp32"  # "int8": CPU int8 linear layers (clip_model.quantize_int8); the fingerprint stays fp32's
-    threads: int = 0  # torch threads for loading and encoding; 0: default_encode_threads(precision, workers)
+    threads: int = 0  # torch threads for loading and encoding; 0: default_encode_threads()
+    streams: int = 0  # batches encoded at once, the threads split between them; 0: default_streams(threads)
 
 
 @dataclass
@@ -149,20 +151,32 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
     """Bring ``options.index_dir`` up to date with ``options.root`` and publish a new generation."""
     if not options.root.is_dir():
         raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
-    if options.threads < 0:
-        raise IndexerError(f"threads must be 0 (automatic) or more, got {options.threads}")
-    threads = options.threads or default_encode_threads(options.precision, options.workers)
+    if options.threads < 0 or options.streams < 0:
+        raise IndexerError(
+            f"threads and streams must be 0 (automatic) or more, got {options.threads} and {options.streams}"
+        )
+    threads = options.threads or default_encode_threads()
+    streams = min(options.streams or default_streams(threads), threads)
+    logger.info("encoding in %d stream(s) of %d torch thread(s) beside %d decode worker(s)", streams,
+                threads // streams, options.workers)  # fmt: skip
     previous = torch.get_num_threads()
-    set_own_thread_count(threads)  # loading and encoding run on this thread (the decode workers are processes)
+    set_own_thread_count(threads // streams)  # a single stream encodes on this thread (decode workers are processes)
     try:
-        return _build(options, progress)
+        return _build(options, progress, threads, streams)
     finally:
         set_own_thread_count(previous)  # the caller's count again; the process default was never touched
 
 
-def _build(options: BuildOptions, progress: Progress | None) -> BuildStats:
+def _build(options: BuildOptions, progress: Progress | None, threads: int, streams: int) -> BuildStats:
     started = time.monotonic()
-    loaded = load_model(options.model, options.arch, options.precision)  # first: a failed load leaves no directory
+
+    def load() -> LoadedModel:
+        set_own_thread_count(threads)
+        return load_model(options.model, options.arch, options.precision)
+
+    # first: a failed load leaves no directory. On a thread that ends with it, so that its OpenMP team does not
+    # stay beside the encoding ones (clip_model.threads).
+    loaded = run_in_fresh_thread(load, name="load-model")
     options.index_dir.mkdir(parents=True, exist_ok=True)
     with WriterLock(options.index_dir), Catalog.open(options.index_dir, create=True) as catalog:
         if options.rebuild:
@@ -171,7 +185,7 @@ def _build(options: BuildOptions, progress: Progress | None) -> BuildStats:
         if catalog.model() is None:
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
-        stats = _update(catalog, loaded, options, progress)
+        stats = _update(catalog, loaded, options, progress, streams)
         published = current_generation(options.index_dir)
         unchanged = not stats.changes_vectors and not options.rebuild and not _asks_for_other_index(catalog, options)
         if published is not None and unchanged:
@@ -198,7 +212,9 @@ def _asks_for_other_index(catalog: Catalog, options: BuildOptions) -> bool:
     return requested != manifest.requested_factory or (requested == AUTO and budget != manifest.memory_budget)
 
 
-def _update(catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None) -> BuildStats:
+def _update(
+    catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None, streams: int
+) -> BuildStats:
     stats = BuildStats()
     known = catalog.files()
     changed: list[ScannedFile] = []
@@ -231,6 +247,7 @@ def _update(catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progre
     results = encode_files(
         options.root, changed, loaded.decode_spec(options.draft), loaded.encode,
         workers=options.workers, batch_size=options.batch_size, needs_encoding=needs_encoding,
+        streams=streams, stream_threads=torch.get_num_threads(),  # build_index set it to threads // streams
     )  # fmt: skip
     reasons: Counter[str] = Counter()
     done = 0
@@ -287,23 +304,30 @@ def _record(
 
 
 def default_workers(precision: str = "fp32") -> int:
-    """Decode worker processes for a build: the cores are split between decoding (worker processes) and encoding
-    (torch threads in this process) by what each costs per image.
+    """Decode worker processes for a build, by what decoding costs beside encoding per image.
 
     fp32: encoding costs several times what decoding a draft-scaled photo does (ViT-B/32 on 3000x2000 JPEGs:
-    17 vs 63 images/s on 2 cores), so the encoder takes every core and the workers fill its gaps: all cores but
-    one. int8: the two cost about the same (80 vs 83 images/s), so each gets half the cores; sharing them instead
-    leaves more OpenMP threads than cores, and every parallel op then waits for a preempted thread."""
+    ~18 vs ~75 images/s on 2 cores), so the workers only fill the encoder's gaps: all cores but one. int8: the two
+    cost about the same (~55 vs ~75 images/s), so half the cores. The encoder's streams use every core besides
+    (:func:`default_encode_threads`): they are single-threaded on small machines and wait at no barrier, so the
+    scheduler can share cores between them and the workers."""
     cores = os.cpu_count() or 2
     if precision == "int8":
         return max(1, cores // 2)
     return max(1, cores - 1)
 
 
-def default_encode_threads(precision: str, workers: int) -> int:
-    """Torch threads for encoding, the other half of :func:`default_workers`' split: fp32 every core, int8 the
-    cores the decode workers leave (at least one)."""
-    cores = os.cpu_count() or 2
-    if precision == "int8":
-        return max(1, cores - workers)
-    return cores
+def default_encode_threads() -> int:
+    """Torch threads for encoding, split into :func:`default_streams`: one per core.
+
+    Measured on 2 cores, 2,000 3000x2000 JPEGs, ViT-B/32 (``bench/bench_indexer.py``): int8 with 1 decode worker
+    and 2 streams of one thread 30.9 images/s end to end, with 1 worker and one stream of one thread (each stage
+    on its own core, the default before) 27.9."""
+    return os.cpu_count() or 2
+
+
+def default_streams(threads: int) -> int:
+    """Batches encoded at once by ``threads`` torch threads: the most streams, up to ``MAX_ENCODE_STREAMS``, that
+    split the threads evenly (see ``indexer.pipeline``: single-threaded streams scale, one batch over several
+    threads waits at every op's barrier). 2 threads: 2 streams of 1; 8: 4 of 2; 7: one of 7."""
+    return max(s for s in range(1, min(threads, MAX_ENCODE_STREAMS) + 1) if threads % s == 0)

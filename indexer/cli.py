@@ -110,8 +110,15 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=_env("TORCH_THREADS", "0"),  # a string default goes through type=int too: bad values get its error
-        help="torch threads for encoding; 0: every core for fp32, the cores the workers leave for int8 "
-        "($CLIPSEARCH_TORCH_THREADS)",
+        help="torch threads for encoding, split between the streams; 0: one per core ($CLIPSEARCH_TORCH_THREADS)",
+    )
+    build.add_argument(
+        "--streams",
+        type=int,
+        default=_env("ENCODE_STREAMS", "0"),
+        help="batches encoded at once, the torch threads split between them; 0: as many as split them evenly, up "
+        "to 4 (single-threaded streams scale better than one batch over several threads) "
+        "($CLIPSEARCH_ENCODE_STREAMS)",
     )
     build.add_argument(
         "--no-draft",
@@ -203,6 +210,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude), factory=args.factory, memory_budget=args.memory_budget,
         batch_size=args.batch_size, workers=default_workers(args.precision) if args.workers is None else args.workers,
         draft=args.draft, rebuild=args.rebuild, precision=args.precision, threads=args.threads,
+        streams=args.streams,
     )  # fmt: skip
     reporter = _ProgressReporter()
     try:

@@ -40,6 +40,12 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
     assert list(results["members"]) == expected
     for name, record in results["members"].items():
         assert record["exit_status"] == 0 and record["results"], name
+        same = record.get("same_smoke_run_as")  # a smoke command is run once, whichever members share it
+        assert same is None or (MEMBERS[same].smoke_args, MEMBERS[same].script) == (
+            MEMBERS[name].smoke_args, MEMBERS[name].script,
+        ), name  # fmt: skip
+    ran = [record["command"] for record in results["members"].values() if "same_smoke_run_as" not in record]
+    assert len(ran) == len({tuple(c[:-4]) for c in ran})  # no smoke command twice (the last 4: workdir, out)
     report = result_file.with_suffix(".md").read_text(encoding="utf-8")
     for name in expected:
         assert f"## {name}" in report and "FAILED" not in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from PIL import Image
 
 import clip_model
 from clip_model.threads import default_thread_count
-from indexer.build import BuildOptions, LoadedModel, build_index, default_encode_threads, default_workers
+from indexer.build import (
+    BuildOptions,
+    LoadedModel,
+    build_index,
+    default_encode_threads,
+    default_streams,
+    default_workers,
+)
 from indexer.cli import main as cli_main
 from indexer.errors import IndexerError, IndexLockedError, ModelMismatchError
 from indexer.scan import extension_of, supported_extensions
@@ -121,40 +129,53 @@ def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
 
 
 @pytest.mark.parametrize(
-    ("cores", "precision", "workers", "threads"),
-    [(2, "fp32", 1, 2), (2, "int8", 1, 1), (8, "fp32", 7, 8), (8, "int8", 4, 4), (1, "int8", 1, 1)],
+    ("cores", "precision", "workers", "streams"),
+    [(2, "fp32", 1, 2), (2, "int8", 1, 2), (8, "fp32", 7, 4), (8, "int8", 4, 4), (1, "int8", 1, 1), (7, "fp32", 6, 1)],
 )
-def test_cores_are_split_between_decoding_and_encoding_by_precision(
-    monkeypatch: pytest.MonkeyPatch, cores: int, precision: str, workers: int, threads: int
+def test_cores_go_to_decode_workers_by_precision_and_every_core_to_the_encoder_streams(
+    monkeypatch: pytest.MonkeyPatch, cores: int, precision: str, workers: int, streams: int
 ) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_workers(precision) == workers
-    assert default_encode_threads(precision, workers) == threads
-    assert default_encode_threads(precision, 0) == cores  # decoding in this process: it waits while encoding
+    assert default_encode_threads() == cores
+    assert default_streams(cores) == streams and cores % streams == 0
 
 
-@pytest.mark.parametrize(("precision", "threads", "expected"), [("int8", 0, 1), ("fp32", 0, 2), ("int8", 2, 2)])
-def test_the_build_encodes_on_its_thread_count_and_gives_the_callers_back(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, threads: int, expected: int
-) -> None:
+@pytest.mark.parametrize(
+    ("precision", "threads", "streams", "expected"),
+    [
+        ("int8", 0, 0, {("encode", 1)}),  # 2 cores: two streams of one thread
+        ("fp32", 0, 0, {("encode", 1)}),
+        ("fp32", 2, 1, {("build", 2)}),  # one stream: the build's own thread, with every thread
+        ("int8", 1, 0, {("build", 1)}),
+        ("fp32", 4, 2, {("encode", 2)}),
+    ],
+)
+def test_the_build_encodes_in_its_streams_on_their_thread_counts_and_gives_the_callers_back(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, threads: int, streams: int,
+    expected: set[tuple[str, int]],
+) -> None:  # fmt: skip
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    seen: list[int] = []
+    seen: list[tuple[str, int]] = []
     encode = LoadedModel.encode
+    build_thread = threading.current_thread()
 
     def counting_encode(self: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        seen.append(torch.get_num_threads())
+        on_build_thread = threading.current_thread() is build_thread
+        seen.append(("build" if on_build_thread else threading.current_thread().name[:6], torch.get_num_threads()))
         return encode(self, batch)
 
     monkeypatch.setattr(LoadedModel, "encode", counting_encode)
-    write_photos(tmp_path / "photos", 3)
+    write_photos(tmp_path / "photos", 9)
     default, own = default_thread_count(), torch.get_num_threads()
     options = BuildOptions(tmp_path / "photos", tmp_path / "index", str(tiny_model), workers=1, precision=precision,
-                           threads=threads)  # fmt: skip
-    assert build_index(options).encoded == 3
-    assert seen and set(seen) == {expected}
+                           threads=threads, streams=streams, batch_size=2)  # fmt: skip
+    assert build_index(options).encoded == 9
+    assert set(seen) == expected
     assert torch.get_num_threads() == own and default_thread_count() == default
-    with pytest.raises(IndexerError, match="threads"):
-        build_index(replace(options, threads=-1))
+    for bad in ({"threads": -1}, {"streams": -1}):
+        with pytest.raises(IndexerError, match="threads and streams"):
+            build_index(replace(options, **bad))  # type: ignore[arg-type]
 
 
 def test_search_returns_exact_nearest_neighbours(tiny_model: Path, tmp_path: Path) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
-from indexer.decode import Decoded, DecodeFailure, DecodeSpec, decode_file
+from indexer.decode import Decoded, DecodeFailure, DecodeSpec, decode_file, normalize_batch
 from indexer.pipeline import Encoded, encode_files
 from indexer.scan import ScannedFile, iter_images
 from tests.indexer.conftest import write_photos
@@ -46,3 +50,47 @@ def test_a_file_that_crashes_its_decoder_is_skipped_and_the_rest_indexed(tmp_pat
     failures = [r for r in results if isinstance(r, DecodeFailure)]
     assert [(f.path, f.reason) for f in failures] == [("poison.jpg", "corrupt: crashed the decoder")]
     assert len([r for r in results if isinstance(r, Encoded)]) == 29
+
+
+def test_streams_encode_batches_at_once_on_their_own_threads_and_keep_each_vector_with_its_file(
+    tmp_path: Path,
+) -> None:
+    write_photos(tmp_path, 45)
+    files = list(iter_images(tmp_path))
+    calls: list[tuple[str, int]] = []
+    running, most_running, lock = 0, 0, threading.Lock()
+
+    def slow_encoder(batch: np.ndarray) -> np.ndarray:
+        nonlocal running, most_running
+        with lock:
+            running += 1
+            most_running = max(most_running, running)
+            calls.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.05)  # long enough for the other streams to start theirs
+        with lock:
+            running -= 1
+        return mean_pixel_encoder(batch)
+
+    results = list(encode_files(tmp_path, files, SPEC, slow_encoder, workers=0, batch_size=4, streams=3,
+                                stream_threads=2))  # fmt: skip
+    encoded = [r for r in results if isinstance(r, Encoded)]
+    assert sorted(r.decoded.path for r in encoded) == [f.path for f in files]
+    for result in encoded:  # each vector is its own image's, whichever stream encoded it
+        pixels = normalize_batch(result.decoded.pixels[None], SPEC.mean, SPEC.std)
+        assert result.embedding is not None and np.allclose(result.embedding, mean_pixel_encoder(pixels)[0])
+    assert len(calls) == 12 and most_running == 3
+    assert {name.startswith("encode") for name, _ in calls} == {True}
+    assert {threads for _, threads in calls} == {2}
+
+
+def test_an_encoder_error_in_a_stream_reaches_the_caller(tmp_path: Path) -> None:
+    write_photos(tmp_path, 20)
+
+    def failing_encoder(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("out of memory in the encoder")
+
+    results = encode_files(tmp_path, list(iter_images(tmp_path)), SPEC, failing_encoder, workers=0, batch_size=4,
+                           streams=2)  # fmt: skip
+    with pytest.raises(RuntimeError, match="out of memory in the encoder"):
+        list(results)
+    assert not [t for t in threading.enumerate() if t.name.startswith("encode")]  # the stream threads are gone
