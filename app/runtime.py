@@ -247,6 +247,8 @@ class Runtime:
         if self.settings.precision == "int8":
             model = clip_model.quantize_int8(model)
             logger.info("model %s quantized to int8", name)
+        else:
+            model = clip_model.pack_for_cpu(model)  # float32 all the same, through oneDNN's packed matmuls
         return model, preprocess, info
 
 

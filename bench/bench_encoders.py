@@ -7,8 +7,10 @@ OpenAI's quick-GELU configs) and batch size (``--batches``, default 1 and 32):
 - Parity first: a ``transformers.CLIPModel`` is built at random, converted to ours with
   :func:`clip_model.hf_convert.convert_hf_state_dict`, and both must give the same image and text features to
   ``PARITY_TOLERANCE`` before anything is timed (else the run stops).
-- images/s of ``encode_image`` against ``CLIPModel.get_image_features`` (HF fp32, SDPA attention): ours fp32,
-  ours int8 (:func:`clip_model.quantize_int8`), and both ours compiled (``torch.compile(dynamic=False)`` with
+- images/s of ``encode_image`` against ``CLIPModel.get_image_features`` (HF fp32, SDPA attention): ours fp32
+  (plain ``nn.Linear`` layers), ours fp32 packed (:func:`clip_model.pack_for_cpu`: what the indexer and the server
+  run in fp32; its max abs difference to the plain model is recorded), ours int8 (:func:`clip_model.quantize_int8`),
+  and both ours compiled (``torch.compile(dynamic=False)`` with
   ``torch._inductor.config.freezing = True``, ``--compile-mode`` for e.g. ``max-autotune-no-cudagraphs``), with
   each compile's first-call latency and compile time (first call minus a steady call), cold: inductor's kernel
   cache is an empty temporary folder unless ``TORCHINDUCTOR_CACHE_DIR`` is set (a warm cache cuts it severalfold).
@@ -191,7 +193,12 @@ def frozen_inductor() -> Iterator[None]:
 
 
 def bench_image_batch(
-    ours: clip_model.CLIP, int8: clip_model.CLIP, reference: transformers.CLIPModel, batch: int, settings: Settings
+    ours: clip_model.CLIP,
+    packed: clip_model.CLIP,
+    int8: clip_model.CLIP,
+    reference: transformers.CLIPModel,
+    batch: int,
+    settings: Settings,
 ) -> dict[str, Any]:
     """images/s of every variant at one batch size, ratios to HF fp32, compile costs, int8 centred cosine."""
     size = ours.image_size
@@ -199,9 +206,11 @@ def bench_image_batch(
     variants: dict[str, Callable[[], object]] = {
         "hf_fp32": lambda: reference.get_image_features(pixel_values=images),
         "ours_fp32": lambda: ours.encode_image(images),
+        "ours_fp32_packed": lambda: packed.encode_image(images),
         "ours_int8": lambda: int8.encode_image(images),
     }
     out: dict[str, Any] = {"compile": {}}
+    out["packed_max_abs_diff"] = (packed.encode_image(images) - ours.encode_image(images)).abs().max().item()
     compiled_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if batch in settings.compile_batches:
         torch._dynamo.reset()  # fresh caches: every (model, batch) compiles under the same conditions
@@ -231,7 +240,11 @@ def bench_image_batch(
 
 
 def bench_text(
-    ours: clip_model.CLIP, int8: clip_model.CLIP, reference: transformers.CLIPModel, settings: Settings
+    ours: clip_model.CLIP,
+    packed: clip_model.CLIP,
+    int8: clip_model.CLIP,
+    reference: transformers.CLIPModel,
+    settings: Settings,
 ) -> dict[str, Any]:
     """Single-query latency at the full context and at the prompt's real length; the identity check."""
     padded = clip_model.tokenize([PROMPT], context_length=ours.context_length)  # [1, 77]
@@ -239,11 +252,14 @@ def bench_text(
     cut = padded[:, :length]
     identity = {
         "fp32": (ours.encode_text(cut) - ours.encode_text(padded)).abs().max().item(),
+        "fp32_packed": (packed.encode_text(cut) - packed.encode_text(padded)).abs().max().item(),
         "int8": (int8.encode_text(cut) - int8.encode_text(padded)).abs().max().item(),
     }
     variants: dict[str, Callable[[], object]] = {
         f"ours_fp32_{padded.shape[1]}": lambda: ours.encode_text(padded),
         f"ours_fp32_{length}": lambda: ours.encode_text(cut),
+        f"ours_fp32_packed_{padded.shape[1]}": lambda: packed.encode_text(padded),
+        f"ours_fp32_packed_{length}": lambda: packed.encode_text(cut),
         f"ours_int8_{padded.shape[1]}": lambda: int8.encode_text(padded),
         f"ours_int8_{length}": lambda: int8.encode_text(cut),
         f"hf_fp32_{padded.shape[1]}": lambda: reference.get_text_features(input_ids=padded),
@@ -282,6 +298,7 @@ def bench_arch(config: CLIPConfig, settings: Settings) -> dict[str, Any]:
     ours, reference = model_pair(config)
     parity = check_parity(ours, reference)
     int8 = clip_model.quantize_int8(ours)
+    packed = clip_model.pack_for_cpu(ours)  # what the indexer and the server run in fp32
     out: dict[str, Any] = {
         "parity_max_abs_diff": parity,
         "hf_attn_implementation": reference.config._attn_implementation,
@@ -289,9 +306,9 @@ def bench_arch(config: CLIPConfig, settings: Settings) -> dict[str, Any]:
     out["image"] = {}
     for batch in settings.batches:
         print(f"  image batch {batch}", flush=True)
-        out["image"][str(batch)] = bench_image_batch(ours, int8, reference, batch, settings)
+        out["image"][str(batch)] = bench_image_batch(ours, packed, int8, reference, batch, settings)
     print("  text", flush=True)
-    out["text"] = bench_text(ours, int8, reference, settings)
+    out["text"] = bench_text(ours, packed, int8, reference, settings)
     return out
 
 
@@ -348,6 +365,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"- {arch}: parity with HF: image {parity['image']:.1e}, text {parity['text']:.1e}; text identity "
             f"({t['tokens']} vs {t['context_length']} tokens): fp32 {t['identity_max_abs_diff']['fp32']:.1e}, "
+            f"fp32 packed {t['identity_max_abs_diff'].get('fp32_packed', float('nan')):.1e}, "
             f"int8 {t['identity_max_abs_diff']['int8']:.1e} ({'ok' if t['identity_ok'] else 'FAILED'}); int8 text "
             f"min centred cosine to fp32 over {t['int8_centred_cosine_prompts']} prompts "
             f"{t['int8_centred_cosine_min']:.4f}"

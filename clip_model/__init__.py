@@ -5,6 +5,7 @@ Typical use::
     import clip_model
     model, preprocess = clip_model.load("ViT-B-32")               # registry name, or a checkpoint path
     # clip_model.load(..., precision="int8"): int8 linear layers for CPU inference
+    # clip_model.pack_for_cpu(model): float32 CPU inference with oneDNN-packed linear layers (faster, same results)
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
     text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
 """
@@ -24,6 +25,7 @@ from .errors import (
 )
 from .factory import available_models, create_model, load, preprocess_for
 from .model import CLIP
+from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
 from .quantize import is_quantized, quantize_int8
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
@@ -58,9 +60,11 @@ __all__ = [
     "get_config",
     "get_tokenizer",
     "infer_config",
+    "is_packed",
     "is_quantized",
     "list_configs",
     "load",
+    "pack_for_cpu",
     "preprocess_for",
     "prompt_templates",
     "quantize_int8",

@@ -38,11 +38,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .model import CLIP
-from .transformer import ResidualAttentionBlock, SelfAttention
+from .transformer import ProjectedSelfAttention, ResidualAttentionBlock, SelfAttention
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never produced, so negation cannot overflow
 MIN_SCALE = 1e-12  # scale of an all-zero row or channel, so that 0 / scale stays 0
@@ -108,22 +107,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8SelfAttention(nn.Module):
+class Int8SelfAttention(ProjectedSelfAttention):
     """:class:`~clip_model.transformer.SelfAttention` with int8 ``in_proj`` and ``out_proj``; same forward contract."""
 
     def __init__(self, attn: SelfAttention) -> None:
-        super().__init__()
-        self.heads = attn.heads
-        self.in_proj = Int8Linear(attn.in_proj_weight, attn.in_proj_bias)
-        self.out_proj = Int8Linear.from_linear(attn.out_proj)
-
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:  # x: [B, L, W] -> [B, L, W]
-        B, L, W = x.shape  # batch, sequence length, width
-        qkv = self.in_proj(x)  # [B, L, 3W]
-        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # each [B, H, L, W/H]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
-        projected: torch.Tensor = self.out_proj(out.transpose(1, 2).reshape(B, L, W))
-        return projected
+        in_proj = Int8Linear(attn.in_proj_weight, attn.in_proj_bias)
+        super().__init__(attn.heads, in_proj, Int8Linear.from_linear(attn.out_proj))
 
 
 class Int8MLP(nn.Module):

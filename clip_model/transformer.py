@@ -67,6 +67,28 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
 
 
+class ProjectedSelfAttention(nn.Module):
+    """:class:`SelfAttention`'s computation with its two projections as modules: the inference copies of a model
+    (int8 in :mod:`.quantize`, oneDNN-packed in :mod:`.packed`) put their own linear layers in.
+
+    ``in_proj``: ``[..., W] -> [..., 3W]`` (q, k, v stacked in that order); ``out_proj``: ``[..., W] -> [..., W]``.
+    """
+
+    def __init__(self, heads: int, in_proj: nn.Module, out_proj: nn.Module) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:  # x: [B, L, W] -> [B, L, W]
+        B, L, W = x.shape  # batch, sequence length, width
+        qkv = self.in_proj(x)  # [B, L, 3W]
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # each [B, H, L, W/H]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
+        projected: torch.Tensor = self.out_proj(out.transpose(1, 2).reshape(B, L, W))
+        return projected
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 

@@ -192,6 +192,11 @@ def test_stored_embedding_by_id(
     np.testing.assert_allclose(body["embedding"], vectors[list(ids).index(image_id)], atol=1e-6)
 
 
+def test_an_fp32_server_encodes_with_packed_layers(client: TestClient) -> None:
+    encoder = client.app.state.runtime.state.encoder  # type: ignore[attr-defined]
+    assert clip_model.is_packed(encoder.model) and not clip_model.is_quantized(encoder.model)
+
+
 def test_repeated_text_queries_hit_the_cache(client: TestClient) -> None:
     client.get("/api/search", params={"q": "a cached query"})
     client.get("/api/search", params={"q": "a cached query"})
@@ -208,6 +213,7 @@ def test_an_int8_server_serves_the_fp32_index_with_the_int8_library_encoders(
     with TestClient(create_app(settings, watch=False)) as int8_client:
         stats = int8_client.get("/api/stats").json()
         assert stats["ready"] and stats["precision"] == "int8"  # the index's fp32 fingerprint was accepted
+        assert clip_model.is_quantized(int8_client.app.state.runtime.state.encoder.model)  # type: ignore[attr-defined]
         body = int8_client.post("/api/embed/text", json={"texts": ["a photo of a cat"]}).json()
         with torch.no_grad():
             expected = int8.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)[0].numpy()

@@ -23,6 +23,7 @@ from indexer.build import (
     default_encode_threads,
     default_streams,
     default_workers,
+    load_model,
 )
 from indexer.cli import main as cli_main
 from indexer.errors import IndexerError, IndexLockedError, ModelMismatchError
@@ -98,6 +99,11 @@ def test_stored_embedding_equals_the_library_encoding_of_the_file(tiny_model: Pa
             expected = model.encode_image(preprocess(Image.open(path))[None], normalize=True)[0].numpy()
         stored = index.embedding(ids[path.name])
         assert stored is not None and np.allclose(stored, expected, atol=1e-5)
+
+
+def test_fp32_builds_encode_with_packed_layers_and_int8_builds_with_int8_ones(tiny_model: Path) -> None:
+    assert clip_model.is_packed(load_model(str(tiny_model)).model)
+    assert clip_model.is_quantized(load_model(str(tiny_model), precision="int8").model)
 
 
 def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
