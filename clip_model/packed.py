@@ -20,13 +20,13 @@ and returns the model as it is (the same results, BLAS speed).
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 
 import torch
 from torch import nn
 
+from .inference_copy import check_float32_cpu, swapped_copy
 from .model import CLIP
 from .transformer import ProjectedSelfAttention, SelfAttention
 
@@ -101,23 +101,11 @@ def pack_for_cpu(model: CLIP) -> CLIP:
     Raises:
         ValueError: ``model`` is not on the CPU, or not float32.
     """
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"cpu"}:
-        raise ValueError(f"packed linear layers run on the CPU only; the model is on {', '.join(sorted(devices))}")
-    if model.dtype != torch.float32:
-        raise ValueError(f"pack a float32 model, not {model.dtype}")
+    check_float32_cpu(model, "packing linear layers")
     if not packing_available():
         logger.warning("this torch has no oneDNN linear layers: the float32 model runs as it is (BLAS matmuls)")
         return model.eval()
-    memo: dict[int, object] = {}  # share the weights being replaced instead of copying them first
-    for module in model.modules():
-        if isinstance(module, nn.Linear | SelfAttention):
-            memo.update({id(p): p for p in module.parameters(recurse=False)})
-    packed = copy.deepcopy(model, memo)
-    with torch.no_grad():
-        _pack_children(packed)
-    packed.requires_grad_(False)
-    return packed.eval()
+    return swapped_copy(model, _pack_children, "packing linear layers")
 
 
 def is_packed(model: nn.Module) -> bool:

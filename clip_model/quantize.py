@@ -35,11 +35,10 @@ The quantized model is for inference only (no autograd through ``_int_mm``) and 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from .inference_copy import swapped_copy
 from .model import CLIP
 from .transformer import ProjectedSelfAttention, ResidualAttentionBlock, SelfAttention
 
@@ -165,21 +164,7 @@ def quantize_int8(model: CLIP) -> CLIP:
     Raises:
         ValueError: ``model`` is not on the CPU, or not float32.
     """
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"cpu"}:
-        raise ValueError(f"int8 quantization runs on the CPU only; the model is on {', '.join(sorted(devices))}")
-    if model.dtype != torch.float32:
-        raise ValueError(f"quantize a float32 model, not {model.dtype}")
-    # Share the Linear weights with ``model`` instead of copying them: they are replaced right away.
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Linear | SelfAttention):
-            memo.update({id(p): p for p in module.parameters(recurse=False)})
-    quantized = copy.deepcopy(model, memo)
-    with torch.no_grad():
-        _quantize_children(quantized)
-    quantized.requires_grad_(False)
-    return quantized.eval()
+    return swapped_copy(model, _quantize_children, "int8 quantization")
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -31,6 +31,8 @@ def test_compiled_tower_matches_eager_at_every_shape_without_recompiling(
     app_model: Path, precision: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, _ = clip_model.load(app_model, precision=precision)  # type: ignore[arg-type]
+    if precision == "fp32":
+        model = clip_model.pack_for_cpu(model)  # what the server compiles in fp32: the packed linear layers
     text = CompiledText(model.eval(), threads=torch.get_num_threads())  # the count of the thread that will call it
     assert not text.ready and text.status.startswith("eager")
     default = run_in_fresh_thread(torch.get_num_threads)
@@ -84,6 +86,7 @@ def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
     from indexer.store import ModelInfo
 
     model, preprocess = clip_model.load(app_model)
+    model = clip_model.pack_for_cpu(model)  # as the fp32 server loads it
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
     original = default_thread_count()
     single_threaded_elsewhere()  # Runtime.start does this first

@@ -16,7 +16,7 @@ from clip_model.packed import PackedLinear, PackedSelfAttention, pack_for_cpu
 from clip_model.transformer import SelfAttention
 from tests.clip_model.reference_models import random_images, random_tokens
 from tests.clip_model.test_model import tiny_config
-from tests.clip_model.test_quantize import random_model
+from tests.clip_model.test_quantize import linear_layers_and_blocks, random_model
 
 TOLERANCE = 1e-5  # max abs difference of unit features, packed vs float (measured <= 1e-6: summation order only)
 
@@ -33,12 +33,7 @@ def test_every_linear_layer_is_packed_and_the_float_model_keeps_its_own(
 ) -> None:
     model, packed = pair
     assert not any(isinstance(m, nn.Linear | SelfAttention) for m in packed.modules())
-    blocks = len(model.transformer.resblocks)
-    if model.config.vision.is_resnet:
-        expected = 4 * blocks + 4  # text blocks: in_proj, out_proj, c_fc, c_proj; attention pool: q, k, v, c
-    else:
-        blocks += len(model.visual.transformer.resblocks)
-        expected = 4 * blocks
+    expected, blocks = linear_layers_and_blocks(model)
     assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == expected
     assert sum(isinstance(m, PackedSelfAttention) for m in packed.modules()) == blocks
     assert clip_model.is_packed(packed) and not clip_model.is_packed(model)
@@ -74,8 +69,10 @@ def test_threads_share_one_packed_model(pair: tuple[clip_model.CLIP, clip_model.
 
 def test_only_float32_cpu_models_are_packed() -> None:
     model = random_model(tiny_config())
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 model, not torch.float64"):
         pack_for_cpu(model.to(torch.float64))
+    with pytest.raises(ValueError, match="CPU only; the model is on meta"):
+        pack_for_cpu(random_model(tiny_config()).to("meta"))
 
 
 def test_without_onednn_the_float_model_runs_and_the_log_says_so(

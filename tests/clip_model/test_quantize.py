@@ -64,15 +64,20 @@ def pair(request: pytest.FixtureRequest) -> tuple[clip_model.CLIP, clip_model.CL
     return model, quantize_int8(model)
 
 
+def linear_layers_and_blocks(model: clip_model.CLIP) -> tuple[int, int]:
+    """(linear layers an inference copy swaps, transformer blocks) of ``model``: 4 a block (in_proj, out_proj, c_fc,
+    c_proj), plus q, k, v, c of a ResNet's attention pool."""
+    blocks = len(model.transformer.resblocks)
+    if model.config.vision.is_resnet:
+        return 4 * blocks + 4, blocks
+    blocks += len(model.visual.transformer.resblocks)
+    return 4 * blocks, blocks
+
+
 def test_every_linear_layer_becomes_int8(pair: tuple[clip_model.CLIP, clip_model.CLIP]) -> None:
     model, quantized = pair
     assert not any(isinstance(m, nn.Linear | SelfAttention) for m in quantized.modules())
-    blocks = len(model.transformer.resblocks)
-    if model.config.vision.is_resnet:
-        expected = 4 * blocks + 4  # text blocks: in_proj, out_proj, c_fc, c_proj; attention pool: q, k, v, c
-    else:
-        blocks += len(model.visual.transformer.resblocks)
-        expected = 4 * blocks
+    expected, blocks = linear_layers_and_blocks(model)
     assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == expected
     assert sum(isinstance(m, Int8SelfAttention) for m in quantized.modules()) == blocks
     assert sum(isinstance(m, Int8MLP) for m in quantized.modules()) == blocks
