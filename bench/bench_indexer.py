@@ -1,12 +1,13 @@
 """Indexer speed: end-to-end images/s against its two ceilings, the no-op rerun, and the JPEG draft's cosine.
 
 Run from the repository root: ``.venv/bin/python bench/bench_indexer.py [--images 2000] [--only pipeline]``.
-Three benchmarks, each repeated ``--repeat`` times (medians with min-max are reported):
+Benchmarks, each repeated ``--repeat`` times (medians with min-max are reported):
 
 - ``pipeline``: on ``--images`` generated photo-like JPEGs of ``--size`` with a random-weight ViT-B/32, measured in
   one run, per repetition: (a) decode+preprocess alone (``indexer.decode.decode_file`` in a warm pool of spawned
   worker processes, one per core; and in this process, for reference), (b) encode alone (``encode_image`` on
-  normalized batches already in memory, torch using one thread per core), (c) ``build_index`` end to end into a
+  normalized batches already in memory, with every core: one batch at a time over all threads, and in the
+  pipeline's default streams; the faster is the ceiling), (c) ``build_index`` end to end into a
   fresh index directory, images/s over the whole call. The bound is ``1 / (1/decode + 1/encode)``: the two stages
   share the cores. Target: end to end >= ``RATIO_TARGET`` of the bound.
 - ``noop``: ``python -m indexer build`` over ``--noop-files`` unchanged 64x64 JPEGs, in a fresh process,
@@ -16,6 +17,8 @@ Three benchmarks, each repeated ``--repeat`` times (medians with min-max are rep
 - ``draft``: embeddings with JPEG draft (DCT scaling) on vs off for ``DRAFT_SAMPLE`` photos: cosine, and cosine
   after subtracting the exact batch's mean embedding (random weights map every image to nearly one direction);
   decode images/s with draft on vs off.
+- ``full`` (only with ``--only full``): a whole first build over the ``--noop-files`` 64x64 JPEGs with the ViT
+  (``--precision``), as ``python -m indexer build`` in a child: images/s and its peak RSS.
 
 Generated photos, models and the no-op folder and index are cached in ``--workdir`` between runs; all runs are
 warm-cache (files in the page cache). Results: a table on stdout and JSON in ``bench/results/`` (or ``--out``).
@@ -486,6 +489,26 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def bench_full(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """A whole first build over ``--noop-files`` small files with the ViT (``--precision``), as a user runs it
+    (``python -m indexer build`` in a child): seconds, images/s and the child's peak RSS. Only with ``--only full``:
+    100,000 files take ~30 min in int8 on 2 cores."""
+    root = small_folder(workdir, args.noop_files)
+    model = vit_model(workdir) if args.noop_model == "vit" else tiny_model(workdir)
+    index_dir = workdir / f"index-full-n{args.noop_files}-{args.noop_model}-{args.precision}"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    cli = [sys.executable, "-m", "indexer", "build", str(root), "--index-dir", str(index_dir), "--model", str(model),
+           "--precision", args.precision]  # fmt: skip
+    elapsed, _, peak_mb = _child(cli)
+    stats = _last_stats(index_dir)
+    if stats.get("encoded") != args.noop_files:
+        raise RuntimeError(f"expected {args.noop_files} files encoded, got {stats}")
+    print(f"  {args.noop_files} files in {elapsed:.0f} s ({args.noop_files / elapsed:.1f} images/s), peak RSS "
+          f"{peak_mb:.0f} MB", flush=True)  # fmt: skip
+    return {"files": args.noop_files, "model": model.name, "precision": args.precision, "seconds": elapsed,
+            "images_per_s": args.noop_files / elapsed, "peak_rss_mb": peak_mb, "stats": stats}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------------------ draft
 
 
@@ -570,6 +593,10 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  bound 1/(1/decode + 1/encode)           {mm(p['bound'])} images/s")
         print(f"  end to end (build_index)                {mm(p['end_to_end'])} images/s")
         print(f"  ratio to the bound (target >= {RATIO_TARGET})     {mm(p['ratio'], '.3f')}")
+    if "full" in results:
+        f = results["full"]
+        print(f"\nfull build over {f['files']} files ({f['model']}, {f['precision']}): {f['seconds']:.0f} s, "
+              f"{f['images_per_s']:.1f} images/s, peak RSS {f['peak_rss_mb']:.0f} MB")  # fmt: skip
     if "noop" in results:
         n = results["noop"]
         print(
@@ -635,7 +662,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="vit",
         help="model of the no-op rerun: ViT-B/32 (its catalog is seeded, not encoded) or the tiny test model",
     )
-    parser.add_argument("--only", choices=("pipeline", "noop", "draft"), default=None, help="run one benchmark")
+    parser.add_argument(
+        "--only",
+        choices=("pipeline", "noop", "draft", "full"),
+        default=None,
+        help="run one benchmark (full: a whole build over --noop-files files, only when asked)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: build.default_workers)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: pipeline.DEFAULT_BATCH_SIZE")
     parser.add_argument("--threads", type=int, default=0, help="build_index encode threads (0: its default)")
@@ -661,9 +693,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     args.workers = default_workers(args.precision) if args.workers is None else args.workers
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
-    benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft}
+    benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft, "full": bench_full}
     for name, bench in benches.items():
-        if args.only in (None, name):
+        if args.only == name or (args.only is None and name != "full"):  # the full build only when asked
             print(f"{name}:", flush=True)
             results[name] = bench(args, workdir)
     print_table(results)
