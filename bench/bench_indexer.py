@@ -175,6 +175,11 @@ def vit_model(workdir: Path) -> Path:
     return saved_model(workdir, f"{MODEL_ARCH}-seed0", lambda: clip_model.create_model(MODEL_ARCH, seed=0)[0])
 
 
+def noop_model(args: argparse.Namespace, workdir: Path) -> Path:
+    """The model of the no-op and full-build benchmarks (``--noop-model``): ViT-B/32 (random weights) or tiny."""
+    return vit_model(workdir) if args.noop_model == "vit" else tiny_model(workdir)
+
+
 def pipeline_model(args: argparse.Namespace, workdir: Path) -> Path:
     """The model of the pipeline and draft benchmarks: ViT-B/32 (random weights), or the tiny one (``--smoke``)."""
     return tiny_model(workdir) if args.model == "tiny" else vit_model(workdir)
@@ -447,7 +452,7 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from indexer.build import BuildOptions, build_index, default_workers
 
     root = small_folder(workdir, args.noop_files)
-    model = vit_model(workdir) if args.noop_model == "vit" else tiny_model(workdir)
+    model = noop_model(args, workdir)
     index_dir = workdir / f"index-small-n{args.noop_files}-{args.noop_model}"
     started = time.perf_counter()  # the first build, or an update bringing a cached index up to date
     if args.noop_model == "vit" and not index_dir.exists():
@@ -494,7 +499,7 @@ def bench_full(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     (``python -m indexer build`` in a child): seconds, images/s and the child's peak RSS. Only with ``--only full``:
     100,000 files take ~30 min in int8 on 2 cores."""
     root = small_folder(workdir, args.noop_files)
-    model = vit_model(workdir) if args.noop_model == "vit" else tiny_model(workdir)
+    model = noop_model(args, workdir)
     index_dir = workdir / f"index-full-n{args.noop_files}-{args.noop_model}-{args.precision}"
     shutil.rmtree(index_dir, ignore_errors=True)
     cli = [sys.executable, "-m", "indexer", "build", str(root), "--index-dir", str(index_dir), "--model", str(model),
@@ -503,8 +508,6 @@ def bench_full(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stats = _last_stats(index_dir)
     if stats.get("encoded") != args.noop_files:
         raise RuntimeError(f"expected {args.noop_files} files encoded, got {stats}")
-    print(f"  {args.noop_files} files in {elapsed:.0f} s ({args.noop_files / elapsed:.1f} images/s), peak RSS "
-          f"{peak_mb:.0f} MB", flush=True)  # fmt: skip
     return {"files": args.noop_files, "model": model.name, "precision": args.precision, "seconds": elapsed,
             "images_per_s": args.noop_files / elapsed, "peak_rss_mb": peak_mb, "stats": stats}  # fmt: skip
 
@@ -594,9 +597,7 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  end to end (build_index)                {mm(p['end_to_end'])} images/s")
         print(f"  ratio to the bound (target >= {RATIO_TARGET})     {mm(p['ratio'], '.3f')}")
     if "full" in results:
-        f = results["full"]
-        print(f"\nfull build over {f['files']} files ({f['model']}, {f['precision']}): {f['seconds']:.0f} s, "
-              f"{f['images_per_s']:.1f} images/s, peak RSS {f['peak_rss_mb']:.0f} MB")  # fmt: skip
+        print(f"\n{full_summary(results['full'])}")
     if "noop" in results:
         n = results["noop"]
         print(
@@ -615,6 +616,13 @@ def print_table(results: dict[str, Any]) -> None:
         )
         rates = d["decode_images_per_s_1proc"]
         print(f"  decode, 1 process: draft {mm(rates['draft'])} images/s, no draft {mm(rates['no_draft'])} images/s")
+
+
+def full_summary(full: dict[str, Any]) -> str:
+    """One line for the full-build result (stdout table and markdown report)."""
+    return (f"Whole first build over {full['files']} files ({full['model']}, {full['precision']}): "
+            f"{full['seconds']:.0f} s, {full['images_per_s']:.1f} images/s, "
+            f"indexer peak RSS {full['peak_rss_mb']:.0f} MB.")  # fmt: skip
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -641,6 +649,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"No-op rerun over {n['files']} files ({n['model']}): {mm(n['total_s'])} s (target < {n['target_s']:g} s),"
             f" indexer peak RSS {mm(n['peak_rss_mb'], '.0f')} MB."
         )
+    if "full" in results:
+        lines.append(full_summary(results["full"]))
     return "\n".join(lines) + "\n"
 
 
