@@ -16,7 +16,8 @@ Layout (the contract)::
                              search, measured at publish on recall_queries queries; 1.0 for Flat)
 
 Catalog tables: ``meta(key, value)`` (model provenance, ``index_type``: "auto" or a factory string,
-``memory_budget``: bytes or empty); ``images`` (one row per file: path relative to the image root in POSIX form,
+``memory_budget``: bytes or empty); ``images`` (one row per file: path relative to the image root in the stored
+form of :mod:`indexer.paths`,
 size, mtime_ns, content_hash, width, height, status 'ok'|'skipped', error, embedding, updated_at); ``texts``;
 ``runs``. Ids are AUTOINCREMENT, so a deleted image's id is never given to another one while an older generation
 that still holds it is being served.
@@ -47,14 +48,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _faiss_io
+from . import _faiss_io, paths
 from ._faiss_io import FaissIndex
 from .errors import (
     EmbeddingError,
@@ -659,10 +660,7 @@ class Catalog:
 
 
 def _check_path(path: str) -> str:
-    parts = PurePosixPath(path).parts
-    if not path or "\\" in path or PurePosixPath(path).is_absolute() or ".." in parts:
-        raise ValueError(f"image paths must be POSIX paths relative to the image root without '..', got {path!r}")
-    return path
+    return paths.check_stored(path)
 
 
 def _check_norms(matrix: Vectors) -> None:
