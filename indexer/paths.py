@@ -78,4 +78,3 @@ def stored_bytes(stored: str) -> bytes:
 def display(stored: str) -> str:
     """One line of text for logs and terminal listings: control characters (newline, tab, ...) shown as escapes."""
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in stored)
-

@@ -66,6 +66,7 @@ from .errors import (
     ModelMismatchError,
 )
 from .index_choice import AUTO, FLAT_MAX_VECTORS, build_calibrated, choose_index
+from .paths import file_path as file_path  # the app reaches the on-disk format only through this module
 
 logger = logging.getLogger(__name__)
 
