@@ -17,6 +17,11 @@ class IndexFormatError(IndexerError):
     checksum does not match, a truncated FAISS file."""
 
 
+class GenerationRetiredError(IndexerError):
+    """A reader asked about a generation whose superseded catalog rows were dropped by later publishes: it must load
+    the published generation (the app answers 503 and reloads)."""
+
+
 class IndexLockedError(IndexerError):
     """Another writer holds an index directory's lock; the message names its pid and the directory."""
 

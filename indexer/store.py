@@ -3,7 +3,7 @@
 Layout (the contract)::
 
     <index_dir>/
-      catalog.sqlite3        SQLite, WAL mode, PRAGMA user_version = FORMAT_VERSION: the record of truth
+      catalog.sqlite3        SQLite, WAL mode, PRAGMA user_version = CATALOG_VERSION: the record of truth
       .lock                  writer lock (fcntl.flock), holds the writer's pid
       CURRENT                text: name of the published generation, e.g. "g-000003"; replaced atomically
       generations/g-000003/  immutable once published
@@ -16,11 +16,20 @@ Layout (the contract)::
                              search, measured at publish on recall_queries queries; 1.0 for Flat)
 
 Catalog tables: ``meta(key, value)`` (model provenance, ``index_type``: "auto" or a factory string,
-``memory_budget``: bytes or empty); ``images`` (one row per file: path relative to the image root in the stored
-form of :mod:`indexer.paths`,
-size, mtime_ns, content_hash, width, height, status 'ok'|'skipped', error, embedding, updated_at); ``texts``;
-``runs``. Ids are AUTOINCREMENT, so a deleted image's id is never given to another one while an older generation
-that still holds it is being served.
+``memory_budget``: bytes or empty, ``oldest_generation``); ``images`` (one row per file, the latest version: path
+relative to the image root in the stored form of :mod:`indexer.paths`, size, mtime_ns, content_hash, width, height,
+status 'ok'|'skipped', error, embedding, updated_at, gen); ``image_versions`` (superseded versions that a kept
+generation still shows: the same columns plus until_gen); ``texts``; ``text_versions`` (deleted texts a kept
+generation still holds); ``runs``. Ids are AUTOINCREMENT, so a deleted image's id is never given to another one.
+
+One answer, one generation: a build commits rows long before it publishes, and a server keeps serving the
+generation it loaded, so the catalog records which generation shows which version of a row. ``images.gen`` is the
+number of the first generation that shows the row (NULL: written since the last publish, shown by none yet). A
+writer that changes or deletes a row some generation shows first copies it into ``image_versions`` with
+``until_gen`` NULL; publishing generation N sets every NULL ``gen`` and ``until_gen`` to N in the same transaction
+that reads the vectors N holds. Generation g therefore shows the versions with ``gen <= g < until_gen`` (a NULL
+``until_gen`` counting as infinite): exactly the rows its FAISS files were built from. Versions no kept generation
+shows are dropped at publish, and ``oldest_generation`` records from which generation on lookups still resolve.
 
 Invariants:
 
@@ -59,6 +68,7 @@ from . import _faiss_io, paths
 from ._faiss_io import FaissIndex
 from .errors import (
     EmbeddingError,
+    GenerationRetiredError,
     IndexerError,
     IndexFormatError,
     IndexLockedError,
@@ -70,7 +80,8 @@ from .paths import file_path as file_path  # the app reaches the on-disk format 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # of the catalog (PRAGMA user_version) and of manifest.json
+FORMAT_VERSION = 1  # of manifest.json
+CATALOG_VERSION = 2  # of the catalog (PRAGMA user_version); version 1 is upgraded in place by a writer
 CATALOG_FILE = "catalog.sqlite3"
 LOCK_FILE = ".lock"
 CURRENT_FILE = "CURRENT"
@@ -91,6 +102,7 @@ VERIFY_SAMPLE_SIZE = 1000  # vectors compared between FAISS and the catalog by v
 SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's lock
 SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
 HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads when hashing a file
+OLDEST_GENERATION_KEY = "oldest_generation"  # meta: generations before this number can no longer be resolved
 OPEN_ATTEMPTS = 3  # PublishedIndex.open retries when a publish swaps CURRENT while it reads
 GENERATION_RE = re.compile(r"g-(\d{6,})")
 
@@ -119,8 +131,32 @@ CREATE TABLE texts (
 );
 CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL, finished_at REAL, root TEXT, stats TEXT);
 """
+# Generation bookkeeping (see "One answer, one generation" in the module docstring). Added to version 1 catalogs by
+# _upgrade_from_1, where the existing rows get gen 0: visible to every generation.
+_SCHEMA_GENERATIONS = """
+ALTER TABLE images ADD COLUMN gen INTEGER;
+CREATE TABLE image_versions (
+    id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    content_hash TEXT,
+    width INTEGER,
+    height INTEGER,
+    status TEXT NOT NULL,
+    error TEXT,
+    embedding BLOB,
+    gen INTEGER NOT NULL,
+    until_gen INTEGER
+);
+CREATE INDEX image_versions_id ON image_versions (id);
+CREATE INDEX images_pending ON images (id) WHERE gen IS NULL;
+CREATE TABLE text_versions (id INTEGER NOT NULL, text TEXT NOT NULL, until_gen INTEGER);
+CREATE INDEX text_versions_id ON text_versions (id);
+"""
 _FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
+_VERSIONED_COLUMNS = f"{_IMAGE_COLUMNS}, embedding, gen"  # what image_versions keeps of an images row
 
 Vectors = npt.NDArray[np.float32]
 Ids = npt.NDArray[np.int64]
@@ -327,7 +363,8 @@ class Catalog:
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False, readonly: bool = False) -> Catalog:
         """Open ``<index_dir>/catalog.sqlite3``; ``create`` makes the directory and schema. IndexNotFoundError if
-        there is none (and not ``create``), IndexFormatError if it is not a catalog of FORMAT_VERSION."""
+        there is none (and not ``create``), IndexFormatError if it is not a catalog of CATALOG_VERSION (a writer
+        upgrades version 1 in place)."""
         index_dir = Path(index_dir)
         path = index_dir / CATALOG_FILE
         if create and not readonly:
@@ -353,20 +390,41 @@ class Catalog:
         return catalog
 
     def _check_version(self, create: bool) -> None:
-        with self.transaction() if create else contextlib.nullcontext():
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0 and create:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-                self._conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
-                self._set_meta({"format_version": str(FORMAT_VERSION), "index_type": DEFAULT_FACTORY})
-            elif version != FORMAT_VERSION:
-                hint = ": upgrade clip-search to read it" if version > FORMAT_VERSION else ""
-                raise IndexFormatError(
-                    f"{self.index_dir / CATALOG_FILE} has catalog format version {version}; "
-                    f"this code reads format version {FORMAT_VERSION}{hint}"
-                )
+        version = self._user_version()
+        if not self.readonly and ((version == 0 and create) or version == 1):
+            with self.transaction():
+                version = self._user_version()  # as of the write lock: another writer may have done it
+                if version == 0:
+                    self._run_script(_SCHEMA + _SCHEMA_GENERATIONS)
+                    self._conn.execute(f"PRAGMA user_version = {CATALOG_VERSION}")
+                    self._set_meta({"format_version": str(CATALOG_VERSION), "index_type": DEFAULT_FACTORY})
+                elif version == 1:
+                    self._upgrade_from_1()
+            return
+        if version != CATALOG_VERSION:
+            hint = ": upgrade clip-search to read it" if version > CATALOG_VERSION else ""
+            if version == 1:
+                hint = ": run `clip-index build` on it once to upgrade it"
+            raise IndexFormatError(
+                f"{self.index_dir / CATALOG_FILE} has catalog format version {version}; "
+                f"this code reads format version {CATALOG_VERSION}{hint}"
+            )
+
+    def _user_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _upgrade_from_1(self) -> None:
+        """Version 1 -> 2: generation bookkeeping; every existing row becomes visible to every generation."""
+        self._run_script(_SCHEMA_GENERATIONS)
+        self._conn.execute("UPDATE images SET gen = 0")
+        self._conn.execute(f"PRAGMA user_version = {CATALOG_VERSION}")
+        self._set_meta({"format_version": str(CATALOG_VERSION)})
+        logger.info("upgraded %s to catalog format version %d", self.index_dir / CATALOG_FILE, CATALOG_VERSION)
+
+    def _run_script(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self._conn.execute(statement)
 
     def close(self) -> None:
         self._conn.close()
@@ -440,7 +498,9 @@ class Catalog:
         generation still resolves, but are marked stale (content_hash NULL, mtime_ns -1) so that change detection
         re-encodes every file; texts are deleted, as their embeddings belong to the old model."""
         with self.transaction():
+            self._keep_published("1", ())
             self._conn.execute("UPDATE images SET content_hash = NULL, mtime_ns = -1, updated_at = ?", (time.time(),))
+            self._keep_published_texts("1", ())
             dropped = self._conn.execute("DELETE FROM texts").rowcount
             self._write_model(info)
         if dropped:
@@ -508,33 +568,39 @@ class Catalog:
         """Insert or update the row for ``path`` (an existing path keeps its id). ``embedding`` [D] float32 unit-norm.
         Returns the id."""
         blob = _vector_bytes(embedding, self._require_dim())
-        row = self._conn.execute(
-            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, embedding, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', NULL, ?, ?) ON CONFLICT (path) DO UPDATE SET "
-            "size = excluded.size, mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, "
-            "width = excluded.width, height = excluded.height, status = 'ok', error = NULL, "
-            "embedding = excluded.embedding, updated_at = excluded.updated_at RETURNING id",
-            (_check_path(path), size, mtime_ns, content_hash, width, height, blob, time.time()),
-        ).fetchone()
+        with self.transaction():
+            self._keep_published("path = ?", (_check_path(path),))
+            row = self._conn.execute(
+                "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, embedding, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', NULL, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, "
+                "width = excluded.width, height = excluded.height, status = 'ok', error = NULL, "
+                "embedding = excluded.embedding, updated_at = excluded.updated_at RETURNING id",
+                (path, size, mtime_ns, content_hash, width, height, blob, time.time()),
+            ).fetchone()
         return int(row[0])
 
     def add_skipped(self, path: str, size: int, mtime_ns: int, content_hash: str | None, error: str) -> int:
         """Record a file that could not be indexed, with the reason; it holds no embedding. Returns the id."""
-        row = self._conn.execute(
-            "INSERT INTO images (path, size, mtime_ns, content_hash, status, error, updated_at) "
-            "VALUES (?, ?, ?, ?, 'skipped', ?, ?) ON CONFLICT (path) DO UPDATE SET size = excluded.size, "
-            "mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, width = NULL, height = NULL, "
-            "status = 'skipped', error = excluded.error, embedding = NULL, updated_at = excluded.updated_at "
-            "RETURNING id",
-            (_check_path(path), size, mtime_ns, content_hash, error, time.time()),
-        ).fetchone()
+        with self.transaction():
+            self._keep_published("path = ?", (_check_path(path),))
+            row = self._conn.execute(
+                "INSERT INTO images (path, size, mtime_ns, content_hash, status, error, updated_at) "
+                "VALUES (?, ?, ?, ?, 'skipped', ?, ?) ON CONFLICT (path) DO UPDATE SET size = excluded.size, "
+                "mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, width = NULL, height = NULL, "
+                "status = 'skipped', error = excluded.error, embedding = NULL, updated_at = excluded.updated_at "
+                "RETURNING id",
+                (path, size, mtime_ns, content_hash, error, time.time()),
+            ).fetchone()
         return int(row[0])
 
     def move(self, image_id: int, new_path: str, size: int, mtime_ns: int) -> None:
         """A rename (same content hash): the row keeps its id and embedding. A row already at ``new_path`` is
         replaced."""
         with self.transaction():
-            self._conn.execute("DELETE FROM images WHERE path = ? AND id != ?", (_check_path(new_path), image_id))
+            self._keep_published("path = ? AND id != ?", (_check_path(new_path), image_id))
+            self._conn.execute("DELETE FROM images WHERE path = ? AND id != ?", (new_path, image_id))
+            self._keep_published("id = ?", (image_id,))
             self._conn.execute(
                 "UPDATE images SET path = ?, size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
                 (new_path, size, mtime_ns, time.time(), image_id),
@@ -542,16 +608,37 @@ class Catalog:
 
     def touch(self, image_id: int, size: int, mtime_ns: int) -> None:
         """The file's metadata changed but its content did not."""
-        self._conn.execute(
-            "UPDATE images SET size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
-            (size, mtime_ns, time.time(), image_id),
-        )
+        with self.transaction():
+            self._keep_published("id = ?", (image_id,))
+            self._conn.execute(
+                "UPDATE images SET size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
+                (size, mtime_ns, time.time(), image_id),
+            )
 
     def delete(self, ids: Iterable[int]) -> int:
         """Delete image rows; returns how many existed."""
+        deleted = 0
         with self.transaction():
-            cursor = self._conn.executemany("DELETE FROM images WHERE id = ?", ((int(i),) for i in ids))
-        return cursor.rowcount
+            for image_id in ids:
+                self._keep_published("id = ?", (int(image_id),))
+                deleted += self._conn.execute("DELETE FROM images WHERE id = ?", (int(image_id),)).rowcount
+        return deleted
+
+    def _keep_published(self, where: str, params: Sequence[Any]) -> None:
+        """Before the image rows matching ``where`` change or go: copy the versions that published generations show
+        into image_versions (shown until the next publish) and mark the rows pending. Call inside a transaction."""
+        self._conn.execute(
+            f"INSERT INTO image_versions ({_VERSIONED_COLUMNS}, until_gen) "
+            f"SELECT {_VERSIONED_COLUMNS}, NULL FROM images WHERE gen IS NOT NULL AND ({where})",
+            params,
+        )
+        self._conn.execute(f"UPDATE images SET gen = NULL WHERE gen IS NOT NULL AND ({where})", params)
+
+    def _keep_published_texts(self, where: str, params: Sequence[Any]) -> None:
+        """Before texts matching ``where`` are deleted: keep their text for the generations that hold them."""
+        self._conn.execute(
+            f"INSERT INTO text_versions (id, text, until_gen) SELECT id, text, NULL FROM texts WHERE {where}", params
+        )
 
     def embeddings(self) -> tuple[Ids, Vectors]:
         """(ids [N] int64, vectors [N, D] float32 unit rows) of every ok image, ordered by id. Memory: N*D*4 bytes."""
@@ -564,6 +651,78 @@ class Catalog:
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of the given ids that exist (missing ids are absent from the result)."""
         return {row[0]: ImageRecord(*row) for row in self._select_ids(f"SELECT {_IMAGE_COLUMNS} FROM images", ids)}
+
+    # --- generations: what a published generation shows -------------------------------------------------------
+
+    def stamp_generation(self, number: int) -> None:
+        """Make every pending change part of generation ``number``: rows written since the last publish become
+        visible from it, and the versions they superseded stop being visible at it. Called by publish, in the
+        transaction that reads what the generation will hold."""
+        self._conn.execute("UPDATE images SET gen = ? WHERE gen IS NULL", (number,))
+        self._conn.execute("UPDATE image_versions SET until_gen = ? WHERE until_gen IS NULL", (number,))
+        self._conn.execute("UPDATE text_versions SET until_gen = ? WHERE until_gen IS NULL", (number,))
+
+    def forget_before(self, number: int) -> None:
+        """Drop the superseded versions no generation from ``number`` on shows; generations before ``number`` can
+        no longer be resolved (their lookups raise GenerationRetiredError)."""
+        with self.transaction():
+            self._conn.execute("DELETE FROM image_versions WHERE until_gen <= ?", (number,))
+            self._conn.execute("DELETE FROM text_versions WHERE until_gen <= ?", (number,))
+            self._set_meta({OLDEST_GENERATION_KEY: str(number)})
+
+    def images_at(self, ids: Sequence[int], generation: int) -> dict[int, ImageRecord]:
+        """Records of ``ids`` as generation number ``generation`` shows them (ids it does not show are absent)."""
+        select = (
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE gen <= :g AND id IN ({{ids}}) UNION ALL "
+            f"SELECT {_IMAGE_COLUMNS} FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
+            "AND id IN ({ids})"
+        )
+        with self.snapshot():
+            self._require_generation(generation)
+            return {row[0]: ImageRecord(*row) for row in self._select_at(select, ids, generation)}
+
+    def embedding_at(self, image_id: int, generation: int) -> Vectors | None:
+        """The [D] float32 vector of an ok image as generation number ``generation`` shows it, or None."""
+        select = (
+            "SELECT embedding FROM images WHERE gen <= :g AND id IN ({ids}) UNION ALL "
+            "SELECT embedding FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
+            "AND id IN ({ids})"
+        )
+        with self.snapshot():
+            self._require_generation(generation)
+            rows = self._select_at(select, [image_id], generation)
+        blob = rows[0][0] if rows else None
+        return None if blob is None else _vector_from_bytes(blob, self._require_dim(), image_id)
+
+    def texts_at(self, ids: Sequence[int], generation: int) -> dict[int, str]:
+        """The texts of ``ids`` that generation number ``generation`` holds (a text never changes under its id, so
+        a deleted one is looked up among the kept versions)."""
+        select = (
+            "SELECT id, text FROM texts WHERE id IN ({ids}) UNION ALL "
+            "SELECT id, text FROM text_versions WHERE (until_gen IS NULL OR until_gen > :g) AND id IN ({ids})"
+        )
+        with self.snapshot():
+            self._require_generation(generation)
+            return dict(self._select_at(select, ids, generation))
+
+    def _require_generation(self, generation: int) -> None:
+        oldest = int(self._get_meta(OLDEST_GENERATION_KEY) or 0)
+        if generation < oldest:
+            raise GenerationRetiredError(
+                f"generation {generation} of {self.index_dir} was retired by later publishes (the catalog keeps "
+                f"generations from {oldest} on): reload the published generation"
+            )
+
+    def _select_at(self, select: str, ids: Sequence[int], generation: int) -> list[Any]:
+        """``select`` with ``{ids}`` placeholders and ``:g`` = ``generation``, over ``ids`` in chunks."""
+        unique = list(dict.fromkeys(int(i) for i in ids))
+        rows: list[Any] = []
+        for start in range(0, len(unique), SQL_IDS_PER_QUERY):
+            chunk = unique[start : start + SQL_IDS_PER_QUERY]
+            params = {"g": generation, **{f"i{n}": item for n, item in enumerate(chunk)}}
+            statement = select.format(ids=",".join(f":i{n}" for n in range(len(chunk))))
+            rows += self._conn.execute(statement, params).fetchall()
+        return rows
 
     def counts(self) -> dict[str, int]:
         """{"ok": n, "skipped": n, "texts": n}."""
@@ -596,9 +755,12 @@ class Catalog:
         return len(texts)
 
     def delete_texts(self, ids: Iterable[int]) -> int:
+        deleted = 0
         with self.transaction():
-            cursor = self._conn.executemany("DELETE FROM texts WHERE id = ?", ((int(i),) for i in ids))
-        return cursor.rowcount
+            for text_id in ids:
+                self._keep_published_texts("id = ?", (int(text_id),))
+                deleted += self._conn.execute("DELETE FROM texts WHERE id = ?", (int(text_id),)).rowcount
+        return deleted
 
     def texts(self, ids: Sequence[int]) -> dict[int, str]:
         return dict(self._select_ids("SELECT id, text FROM texts", ids))
@@ -736,7 +898,13 @@ def _publish_locked(
     if model is None:
         raise IndexerError(f"{index_dir / CATALOG_FILE} records no model: call Catalog.set_model() before publishing")
     created_at = time.time()
-    with catalog.snapshot():
+    previous = current_generation(index_dir)
+    generations = index_dir / GENERATIONS_DIR
+    generations.mkdir(exist_ok=True)
+    _remove_dirs(generations, lambda name: name.startswith(TEMP_PREFIX))
+    name = _next_generation_name(generations, previous)
+    with catalog.transaction():  # what the generation holds, and the catalog's record of it, in one step
+        catalog.stamp_generation(generation_number(name))
         image_ids, image_vectors = catalog.embeddings()
         text_ids, text_vectors = catalog.text_embeddings()
     started = time.monotonic()
@@ -763,11 +931,6 @@ def _publish_locked(
         catalog.set_factory(requested)
     if budget != catalog.memory_budget():
         catalog.set_memory_budget(budget)
-    previous = current_generation(index_dir)
-    generations = index_dir / GENERATIONS_DIR
-    generations.mkdir(exist_ok=True)
-    _remove_dirs(generations, lambda name: name.startswith(TEMP_PREFIX))
-    name = _next_generation_name(generations, previous)
     counts = {"images": int(indexes[IMAGES_FILE].ntotal), "texts": int(indexes[TEXTS_FILE].ntotal)}
     manifest = Manifest(
         FORMAT_VERSION, name, created_at, model.name, model.weights_sha256, model.embed_dim, model.preprocess,
@@ -781,8 +944,17 @@ def _publish_locked(
     _replace_current(index_dir, name)
     keep = {name, previous}
     _remove_dirs(generations, lambda entry: GENERATION_RE.fullmatch(entry) is not None and entry not in keep)
+    catalog.forget_before(generation_number(previous or name))
     logger.info("published %s in %s: %d images, %d texts (%s)", name, index_dir, *counts.values(), factory)
     return manifest
+
+
+def generation_number(name: str) -> int:
+    """The number of a generation name: "g-000007" -> 7."""
+    match = GENERATION_RE.fullmatch(name)
+    if match is None:
+        raise IndexFormatError(f"{name[:40]!r} is not a generation name like 'g-000001'")
+    return int(match.group(1))
 
 
 def _next_generation_name(generations: Path, previous: str | None) -> str:
@@ -942,6 +1114,7 @@ class PublishedIndex:
         self._images = indexes[IMAGES_FILE]
         self._texts = indexes[TEXTS_FILE]
         self._catalog = catalog
+        self._generation = generation_number(manifest.generation)
         self._lock = threading.Lock()
 
     @classmethod
@@ -999,13 +1172,15 @@ class PublishedIndex:
         ]
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
-        """Catalog records of ``ids``; ids absent from the catalog (deleted since publish) are absent here."""
+        """Records of ``ids`` as this generation shows them, whatever the catalog holds now; ids the generation does
+        not show are absent. GenerationRetiredError once later publishes dropped what this generation showed."""
         with self._lock:
-            return self._catalog.images(ids)
+            return self._catalog.images_at(ids, self._generation)
 
     def texts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Texts of ``ids`` this generation holds, as :meth:`images`."""
         with self._lock:
-            return self._catalog.texts(ids)
+            return self._catalog.texts_at(ids, self._generation)
 
     def last_run(self) -> dict[str, Any] | None:
         """The catalog's latest indexer run (``root`` is the image folder it indexed), as ``Catalog.last_run``."""
@@ -1013,13 +1188,12 @@ class PublishedIndex:
             return self._catalog.last_run()
 
     def embedding(self, image_id: int) -> Vectors | None:
-        """The [D] float32 unit vector of an image: from FAISS if stored exactly there, else from the catalog."""
+        """The [D] float32 unit vector of an image this generation holds (None if it holds none): from FAISS if
+        stored exactly there, else from the catalog's version of the image for this generation."""
         if not _faiss_io.is_lossy(self.manifest.factory):
-            vector = _faiss_io.reconstruct(self._images, image_id)
-            if vector is not None:
-                return vector
+            return _faiss_io.reconstruct(self._images, image_id)
         with self._lock:
-            return self._catalog.embedding(image_id)
+            return self._catalog.embedding_at(image_id, self._generation)
 
 
 # --- verification -----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 from indexer import store
 from indexer.errors import (
     EmbeddingError,
+    GenerationRetiredError,
     IndexBuildError,
     IndexFormatError,
     IndexLockedError,
@@ -231,8 +232,8 @@ def test_catalog_open_errors(tmp_path: Path) -> None:
     with pytest.raises(IndexFormatError, match="not a readable SQLite catalog"):
         Catalog.open(tmp_path / "junk", readonly=True)
     with Catalog.open(tmp_path / "future", create=True) as catalog:
-        catalog._conn.execute("PRAGMA user_version = 2")
-    with pytest.raises(IndexFormatError, match="format version 2; this code reads format version 1"):
+        catalog._conn.execute("PRAGMA user_version = 3")
+    with pytest.raises(IndexFormatError, match="format version 3; this code reads format version 2: upgrade"):
         Catalog.open(tmp_path / "future", readonly=True)
 
 
@@ -340,7 +341,8 @@ def test_republish_keeps_two_generations_and_open_readers_keep_working(index_dir
     generations = sorted(p.name for p in (index_dir / store.GENERATIONS_DIR).iterdir())
     assert generations == ["g-000003", "g-000004"]
     assert reader.search(query, 5) == before  # g-000001 is gone from disk, but was loaded into memory
-    assert reader.images([before[0][0].id])
+    with pytest.raises(GenerationRetiredError, match="reload the published generation"):
+        reader.images([before[0][0].id])  # the catalog no longer keeps what g-000001 showed
     reader.close()
     with PublishedIndex.open(index_dir) as index:
         assert index.manifest.counts["images"] == 230
@@ -590,9 +592,73 @@ def test_verify_treats_later_catalog_changes_as_info(index_dir: Path) -> None:
         add_images(catalog, unit_vectors(5, seed=8), prefix="later")
         catalog.delete([1, 2])
     assert verify(index_dir) == []
+
+
+# --- one answer, one generation ---------------------------------------------------------------------------------
+
+
+def _view(index: PublishedIndex, ids: list[int]) -> dict[int, tuple[str, int, int | None, str, bytes | None]]:
+    """What a reader says about ``ids``: (path, size, width, status, embedding bytes) of each id it shows."""
+    records = index.images(ids)
+    return {
+        i: (r.path, r.size, r.width, r.status, None if (v := index.embedding(i)) is None else v.tobytes())
+        for i, r in records.items()
+    }
+
+
+@pytest.mark.parametrize("factory", [None, "IDMap2,SQ8"], ids=["exact", "lossy"])
+def test_a_generation_shows_the_rows_it_was_built_from(tmp_path: Path, factory: str | None) -> None:
+    index_dir = tmp_path / "index"
+    make_index(index_dir, factory=factory)
+    ids = list(range(1, 9))
+    first = PublishedIndex.open(index_dir)
+    shown_by_first = _view(first, ids)
+    assert sorted(shown_by_first) == ids and first.texts([1]) == {1: "text 0"}
+    with Catalog.open(index_dir) as catalog:
+        catalog.delete([1])
+        catalog.move(2, "moved/b.jpg", 1001, 5)
+        catalog.touch(3, 999, 6)
+        catalog.add_image("img/00004.jpg", 7, 8, "new-hash", 640, 480, unit_vectors(1, seed=40)[0])  # id 5 rewritten
+        catalog.add_skipped("img/00005.jpg", 9, 9, None, "truncated: now broken")  # id 6 no longer decodes
+        new_id = catalog.add_image("new.jpg", 1, 1, "n", 10, 10, unit_vectors(1, seed=41)[0])
+        catalog.delete_texts([1])
+        pending = PublishedIndex.open(index_dir)  # opened mid-build: still g-000001
+        assert _view(first, [*ids, new_id]) == _view(pending, [*ids, new_id]) == shown_by_first
+        assert first.texts([1]) == {1: "text 0"}
+        publish(index_dir, catalog, factory)
+        second = PublishedIndex.open(index_dir)
+        assert _view(first, [*ids, new_id]) == shown_by_first  # a server still on g-000001 answers as before
+        shown_by_second = _view(second, [*ids, new_id])
+        assert 1 not in shown_by_second and second.texts([1]) == {}
+        assert shown_by_second[2][:2] == ("moved/b.jpg", 1001) and shown_by_second[3][1] == 999
+        assert shown_by_second[5][2] == 640 and shown_by_second[5][4] != shown_by_first[5][4]
+        assert shown_by_second[6][3] == "skipped" and shown_by_second[6][4] is None
+        assert shown_by_second[new_id][0] == "new.jpg"
+        assert {i: v for i, v in shown_by_second.items() if i in (4, 7, 8)} == {i: shown_by_first[i] for i in (4, 7, 8)}
+        catalog.delete([7])
+        publish(index_dir, catalog, factory)  # g-000003: g-000001 is retired, g-000002 still kept
+    assert _view(second, [*ids, new_id]) == shown_by_second
+    with pytest.raises(GenerationRetiredError):
+        first.images([4])
+    for reader in (first, pending, second):
+        reader.close()
+    with sqlite3.connect(index_dir / store.CATALOG_FILE) as conn:  # only what g-000002 still shows is kept
+        assert conn.execute("SELECT DISTINCT id FROM image_versions").fetchall() == [(7,)]
+    assert verify(index_dir) == []
+
+
+def test_a_version_1_catalog_is_upgraded_by_a_writer_and_refused_by_readers(index_dir: Path) -> None:
+    with sqlite3.connect(index_dir / store.CATALOG_FILE) as conn:  # back to the version 1 layout
+        conn.executescript(
+            "DROP TABLE image_versions; DROP TABLE text_versions; DROP INDEX images_pending; "
+            "ALTER TABLE images DROP COLUMN gen; PRAGMA user_version = 1;"
+        )
+    with pytest.raises(IndexFormatError, match="run `clip-index build` on it once to upgrade it"):
+        PublishedIndex.open(index_dir)
+    Catalog.open(index_dir).close()
     with PublishedIndex.open(index_dir) as index:
-        assert index.images([1, 3]).keys() == {3}  # the app drops hits whose rows are gone
-        assert index.embedding(205) is not None  # newer than the generation: from the catalog
+        assert len(index.images(list(range(1, 204)))) == 203  # every row of before: shown by every generation
+    assert verify(index_dir) == []
 
 
 def test_verify_reports_catalog_rows_missing_from_faiss_and_vice_versa(index_dir: Path) -> None:
