@@ -1,16 +1,26 @@
-"""Folder scan: extension allowlist, hidden names, exclude globs, order, symlink policy and unreadable directories."""
+"""Folder scan: extension allowlist, hidden names, exclude globs, order, symlink policy, unreadable directories,
+stored-form paths and the entries passed over with a reason."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import stat
 from pathlib import Path
 
 import pytest
 from PIL import features
 
-from indexer import scan
-from indexer.scan import DEFAULT_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, iter_images, supported_extensions
+from indexer import paths, scan
+from indexer.scan import (
+    DEFAULT_EXTENSIONS,
+    HEIF_EXTENSIONS,
+    PassedOver,
+    ScannedFile,
+    iter_images,
+    supported_extensions,
+)
 
 JPG = frozenset({"jpg"})
 
@@ -211,3 +221,129 @@ def test_is_a_lazy_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_enable_heif_reports_whether_pillow_heif_is_installed() -> None:
     assert scan.enable_heif() == (importlib.util.find_spec("pillow_heif") is not None)
+
+
+def scan_with_skips(root: Path, **options: object) -> tuple[list[str], dict[str, PassedOver]]:
+    """(yielded stored paths, passed-over entries by stored path), checking that on_skip sees each entry once."""
+    passed: list[PassedOver] = []
+    found = [f.path for f in iter_images(root, on_skip=passed.append, **options)]  # type: ignore[arg-type]  # options mirror the signature
+    assert len({p.path for p in passed}) == len(passed)
+    return found, {p.path: p for p in passed}
+
+
+def test_entries_that_look_like_images_but_are_not_files_are_passed_over_with_a_reason(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    touch(root, "real.jpg", "dir/inner.jpg", "album.jpg/inside.png")
+    touch(outside, "secret.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "broken.jpg").symlink_to(root / "missing.jpg")
+    (root / "self.jpg").symlink_to(root / "self.jpg")
+    (root / "ping.png").symlink_to(root / "pong.png")
+    (root / "pong.png").symlink_to(root / "ping.png")
+    (root / "outside.jpg").symlink_to(outside / "secret.jpg")
+    (root / "dirlink.jpg").symlink_to(root / "dir", target_is_directory=True)
+    (root / "pipelink.jpg").symlink_to(root / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(root / "sock.png"))
+        found, passed = scan_with_skips(root, extensions=frozenset({"jpg", "png"}))
+    assert found == ["album.jpg/inside.png", "dir/inner.jpg", "real.jpg"]  # a directory x.jpg is still descended
+    reasons = {path: entry.reason for path, entry in passed.items()}
+    assert reasons == {
+        "album.jpg": "not a regular file: a directory",
+        "broken.jpg": f"dangling symlink: its target {root / 'missing.jpg'} does not exist",
+        "dirlink.jpg": "not a regular file: a symlink to a directory",
+        "outside.jpg": f"symlink outside the folder: it points to {outside / 'secret.jpg'}",
+        "ping.png": "symlink loop: following it never reaches a file",
+        "pipe.jpg": "not a regular file: a FIFO",
+        "pipelink.jpg": "not a regular file: a symlink to a FIFO",
+        "pong.png": "symlink loop: following it never reaches a file",
+        "self.jpg": "symlink loop: following it never reaches a file",
+        "sock.png": "not a regular file: a socket",
+    }
+    assert all(reason.split(":")[0] in scan.PASSED_OVER_CATEGORIES for reason in reasons.values())
+    link = (root / "outside.jpg").lstat()
+    assert (passed["outside.jpg"].size, passed["outside.jpg"].mtime_ns) == (link.st_size, link.st_mtime_ns)
+
+
+def test_a_device_is_passed_over(tmp_path: Path) -> None:
+    try:
+        os.mknod(tmp_path / "null.jpg", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device needs CAP_MKNOD")
+    found, passed = scan_with_skips(tmp_path, extensions=JPG)
+    assert found == [] and passed["null.jpg"].reason == "not a regular file: a character device"
+
+
+def test_only_candidate_images_are_passed_over(tmp_path: Path) -> None:
+    touch(tmp_path, "keep.jpg")
+    os.mkfifo(tmp_path / "pipe.txt")  # not an image extension
+    (tmp_path / ".hidden.jpg").symlink_to(tmp_path / "missing.jpg")  # hidden
+    (tmp_path / "excluded.jpg").symlink_to(tmp_path / "missing.jpg")  # excluded
+    (tmp_path / "photos").mkdir()  # a directory without an image extension
+    (tmp_path / "skipdir.jpg").mkdir()  # an excluded directory
+    found, passed = scan_with_skips(tmp_path, extensions=JPG, exclude=["excluded.jpg", "skipdir.jpg/"])
+    assert found == ["keep.jpg"] and passed == {}
+
+
+def test_a_file_that_vanishes_after_the_listing_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    touch(tmp_path, "a.jpg", "gone.jpg")
+    listed = scan._sorted_entries
+
+    def listing_then_delete(path: str) -> list[os.DirEntry[str]]:
+        entries = listed(path)
+        (tmp_path / "gone.jpg").unlink(missing_ok=True)
+        return entries
+
+    monkeypatch.setattr(scan, "_sorted_entries", listing_then_delete)
+    found, passed = scan_with_skips(tmp_path, extensions=JPG)
+    assert found == ["a.jpg"]
+    assert passed["gone.jpg"] == PassedOver("gone.jpg", 0, 0, "missing: it disappeared while the folder was scanned")
+
+
+def test_an_error_examining_one_entry_passes_it_over_and_the_scan_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    touch(tmp_path, "a.jpg", "bad.jpg", "c.jpg")
+    examine = scan._examine
+
+    def failing_examine(entry: os.DirEntry[str], stored: str, real_root: str) -> object:
+        if stored == "bad.jpg":
+            raise RuntimeError("boom")
+        return examine(entry, stored, real_root)
+
+    monkeypatch.setattr(scan, "_examine", failing_examine)
+    found, passed = scan_with_skips(tmp_path, extensions=JPG)
+    assert found == ["a.jpg", "c.jpg"]
+    assert passed["bad.jpg"].reason == "unreadable: RuntimeError: boom"
+    assert "bad.jpg" in caplog.text
+
+
+def test_odd_names_are_yielded_in_the_stored_form(tmp_path: Path) -> None:
+    names = [b"a\\b.png", b"caf\xe9.png", b"line\nbreak.png", b"sub\xff/x.png"]
+    for name in names:
+        path = os.path.join(os.fsencode(tmp_path), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(b"x")
+    found = [f.path for f in iter_images(tmp_path, frozenset({"png"}))]
+    assert sorted(found) == sorted(["a\\\\b.png", "caf\\xe9.png", "line\nbreak.png", "sub\\xff/x.png"])
+    assert sorted(os.fsencode(paths.file_path(Path("."), p)) for p in found) == sorted(names)
+
+
+def test_an_unreadable_directory_is_reported_in_the_stored_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    touch(tmp_path, "a.jpg")
+    locked = os.path.join(os.fsencode(tmp_path), b"locked\xff")
+    os.mkdir(locked)
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if os.fsencode(path) == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    errors: list[str] = []
+    assert scanned_paths(tmp_path, extensions=JPG, on_error=lambda p, e: errors.append(p)) == ["a.jpg"]
+    assert errors == ["locked\\xff"]
