@@ -2,6 +2,11 @@
 
 Each class's weight is the mean of its prompts' unit text embeddings, renormalized to unit length (prompt
 ensembling, as in the CLIP paper). Classifying is a scaled cosine similarity followed by a softmax.
+
+A prompt template is literal text around exactly one empty field ``{}`` that the class name fills; ``{{`` and ``}}``
+stand for literal braces. Templates are parsed (:func:`split_template`), never passed to ``str.format``: a field
+with a name, index, attribute, conversion or format spec (``{0}``, ``{x}``, ``{.__class__}``, ``{!r}``,
+``{:>200000000}``) is refused, so a prompt is never longer than its template plus the class name.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
+from string import Formatter
 
 import torch
 
@@ -18,6 +24,11 @@ from .model import CLIP
 TEMPLATE_SETS = ("imagenet_80", "imagenet_7")  # the CLIP paper's 80 ImageNet prompts and its 7-prompt subset
 DEFAULT_TEMPLATE_SET = "imagenet_80"
 TEXT_BATCH_SIZE = 256  # prompts encoded per forward pass while building a classifier
+MAX_TEMPLATE_CHARS = 1000  # longest prompt template, in characters
+# The template rule of split_template as a regular expression (for API schemas and form validation in clients):
+# literal characters or escaped braces around exactly one "{}". Both must accept exactly the same strings.
+TEMPLATE_PATTERN = r"^(?:[^{}]|\{\{|\}\})*\{\}(?:[^{}]|\{\{|\}\})*$"
+TEMPLATE_EXAMPLE_CHARS = 60  # how much of a refused template its error message quotes
 
 Tokenize = Callable[[Sequence[str]], torch.Tensor]
 
@@ -60,15 +71,53 @@ def build_zero_shot_classifier(
     return ensemble_prompts(torch.cat(chunks), len(classnames))
 
 
+def split_template(template: str) -> tuple[str, str]:
+    """The literal text before and after the one ``{}`` of a prompt template, braces unescaped.
+
+    Raises ValueError, quoting the template, unless it has at most ``MAX_TEMPLATE_CHARS`` characters and exactly one
+    replacement field written ``{}`` (no name, index, attribute, conversion or format spec; ``{{``/``}}`` for braces).
+    """
+    quoted = repr(template[:TEMPLATE_EXAMPLE_CHARS]) + ("..." if len(template) > TEMPLATE_EXAMPLE_CHARS else "")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"template {quoted} is {len(template)} characters, the limit is {MAX_TEMPLATE_CHARS}")
+    try:
+        parts = list(Formatter().parse(template))
+    except ValueError as exc:  # a single '{' or '}', or a field left open
+        raise ValueError(f"template {quoted} is not valid: {exc}; write '{{{{' or '}}}}' for a literal brace") from None
+    fields = [i for i, (_, field, _, _) in enumerate(parts) if field is not None]
+    # Rebuilding the text with every field spelled "{}" gives the template back only if its one field was "{}".
+    rebuilt = "".join(_escape(literal) + ("{}" if field is not None else "") for literal, field, _, _ in parts)
+    if len(fields) != 1 or rebuilt != template:
+        raise ValueError(
+            f"template {quoted} must contain exactly one '{{}}' for the class name and no other '{{...}}' field "
+            "(no names, indexes, attributes, conversions or format specs); write '{{{{' or '}}}}' for a literal brace"
+        )
+    before = "".join(literal for literal, _, _, _ in parts[: fields[0] + 1])
+    after = "".join(literal for literal, _, _, _ in parts[fields[0] + 1 :])
+    return before, after
+
+
+def _escape(literal: str) -> str:
+    return literal.replace("{", "{{").replace("}", "}}")
+
+
+def check_template(template: str) -> str:
+    """``template`` itself if :func:`split_template` accepts it; its ValueError otherwise."""
+    split_template(template)
+    return template
+
+
 def zero_shot_prompts(classnames: Sequence[str], templates: Sequence[str] | None = None) -> list[str]:
-    """The C x T prompts of a classifier, class-major (C blocks of T prompts). ValueError for an empty label set or
-    a template without exactly one ``{}``; ``templates`` defaults to the 80 ImageNet templates."""
+    """The C x T prompts of a classifier, class-major (C blocks of T prompts), each a template with its ``{}``
+    replaced by the class name. ValueError for an empty label set, no templates or a template
+    :func:`split_template` refuses; ``templates`` defaults to the 80 ImageNet templates."""
     if not classnames:
         raise ValueError("classnames is empty: give at least one label")
     templates = tuple(templates) if templates is not None else prompt_templates()
-    if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError("each template must contain exactly one '{}' for the class name")
-    return [t.format(name) for name in classnames for t in templates]
+    if not templates:
+        raise ValueError("templates is empty: give at least one, or None for the default set")
+    pieces = [split_template(t) for t in templates]
+    return [before + name + after for name in classnames for before, after in pieces]
 
 
 def ensemble_prompts(prompt_embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
