@@ -9,11 +9,13 @@ at the end as a new generation: readers keep the last published one until then.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,12 @@ import torch
 import clip_model
 from clip_model.threads import run_in_fresh_thread, set_own_thread_count
 
+from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec
 from .errors import IndexerError, ModelMismatchError
 from .index_choice import AUTO
 from .pipeline import DEFAULT_BATCH_SIZE, Encoded, encode_files
-from .scan import ScannedFile, iter_images
+from .scan import PassedOver, ScannedFile, iter_images
 from .store import (
     Catalog,
     FileRecord,
@@ -47,6 +50,7 @@ MAX_ENCODE_STREAMS = 4  # each stream holds a batch's activations: ~0.5 GB for V
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
 DEFAULT_FACTORY = AUTO  # the index type by collection size (indexer.index_choice)
 Progress = Callable[[int, int], None]  # (files done, files to process)
+Result = PassedOver | Encoded | DecodeFailure  # one file's outcome, recorded by _record
 
 
 @dataclass(frozen=True)
@@ -213,30 +217,74 @@ def _asks_for_other_index(catalog: Catalog, options: BuildOptions) -> bool:
     return requested != manifest.requested_factory or (requested == AUTO and budget != manifest.memory_budget)
 
 
+@dataclass
+class _Scan:
+    """The scan against the catalog: what needs work, what was seen, and where the scan could not look."""
+
+    changed: list[ScannedFile] = field(default_factory=list)  # new or changed files: decoded
+    passed: list[PassedOver] = field(default_factory=list)  # new or changed passed-over entries: recorded
+    seen: set[str] = field(default_factory=set)  # every stored path found, files and passed-over entries
+    unreadable: list[str] = field(default_factory=list)  # "dir/" prefixes of folders that could not be listed
+    unchanged: int = 0
+    passed_over: int = 0
+
+
+def _scan(options: BuildOptions, catalog: Catalog, known: dict[str, FileRecord]) -> _Scan:
+    """Scan ``options.root`` and sort what it finds by whether the catalog already holds it as it is."""
+    scan = _Scan()
+    skip_reasons = dict(catalog.skipped())
+
+    def note_unreadable(path: str, error: OSError) -> None:
+        scan.unreadable.append(path.rstrip("/") + "/")  # its files are not gone, just out of reach
+
+    def note_passed(entry: PassedOver) -> None:
+        scan.seen.add(entry.path)
+        scan.passed_over += 1
+        record = known.get(entry.path)
+        if (
+            record is not None
+            and record.status == "skipped"
+            and (record.size, record.mtime_ns) == (entry.size, entry.mtime_ns)
+            and skip_reasons.get(entry.path) == entry.reason
+        ):
+            scan.unchanged += 1
+        else:
+            scan.passed.append(entry)
+
+    for scanned in iter_images(options.root, options.extensions, options.exclude, on_error=note_unreadable,
+                               on_skip=note_passed):  # fmt: skip
+        scan.seen.add(scanned.path)
+        record = known.get(scanned.path)
+        if record is not None and (record.size, record.mtime_ns) == (scanned.size, scanned.mtime_ns):
+            scan.unchanged += 1  # skipped files too: retried only when they change
+        else:
+            scan.changed.append(scanned)
+    return scan
+
+
+@dataclass
+class _Changes:
+    """What recording one run's results reads and updates, beside the catalog."""
+
+    known: dict[str, FileRecord]  # the catalog's rows before the run, by stored path
+    vanished: dict[str, FileRecord]  # rows of paths the scan did not see: deleted at the end
+    reusable: dict[str, FileRecord]  # ok rows among ``vanished``, by content hash: a new path with one is a rename
+    stats: BuildStats
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
 def _update(
     catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None, streams: int
 ) -> BuildStats:
-    stats = BuildStats()
     known = catalog.files()
-    changed: list[ScannedFile] = []
-    seen: set[str] = set()
-    unreadable: list[str] = []  # folders that could not be listed: their files are not gone, just out of reach
-
-    def note_unreadable(path: str, error: OSError) -> None:
-        unreadable.append(path.rstrip("/") + "/")
-
-    for scanned in iter_images(options.root, options.extensions, options.exclude, on_error=note_unreadable):
-        seen.add(scanned.path)
-        record = known.get(scanned.path)
-        if record is not None and (record.size, record.mtime_ns) == (scanned.size, scanned.mtime_ns):
-            stats.unchanged += 1  # skipped files too: retried only when they change
-        else:
-            changed.append(scanned)
-    stats.scanned = len(seen)
-    vanished = {path: rec for path, rec in known.items() if path not in seen and not path.startswith(tuple(unreadable))}
+    scan = _scan(options, catalog, known)
+    vanished = {path: rec for path, rec in known.items() if path not in scan.seen
+                and not path.startswith(tuple(scan.unreadable))}  # fmt: skip
     reusable = {rec.content_hash: rec for rec in vanished.values() if rec.status == "ok" and rec.content_hash}
-    logger.info("%d files: %d unchanged, %d new or changed, %d gone", len(seen), stats.unchanged, len(changed),
-                len(vanished))  # fmt: skip
+    changes = _Changes(known, vanished, reusable, BuildStats(scanned=len(scan.seen), unchanged=scan.unchanged))
+    logger.info("%d files: %d unchanged, %d new or changed, %d gone; %d passed over (%d new or changed)",
+                len(scan.seen), scan.unchanged, len(scan.changed), len(vanished), scan.passed_over,
+                len(scan.passed))  # fmt: skip
 
     def needs_encoding(decoded: Decoded) -> bool:
         previous = known.get(decoded.path)
@@ -245,45 +293,69 @@ def _update(
         )
         return not same_content and decoded.content_hash not in reusable
 
-    results = encode_files(
-        options.root, changed, loaded.decode_spec(options.draft), loaded.encode,
+    encoded = encode_files(
+        options.root, scan.changed, loaded.decode_spec(options.draft), loaded.encode,
         workers=options.workers, batch_size=options.batch_size, needs_encoding=needs_encoding,
         streams=streams, stream_threads=torch.get_num_threads(),  # build_index set it to threads // streams
     )  # fmt: skip
-    reasons: Counter[str] = Counter()
-    done = 0
+    results: Iterator[Result] = itertools.chain(scan.passed, encoded)
+    total, done = len(scan.passed) + len(scan.changed), 0
     while True:
         with catalog.transaction():
             for result in results:
-                _record(catalog, result, known, vanished, reusable, stats, reasons)
+                _record_file(catalog, result, changes)
                 done += 1
                 if progress is not None:
-                    progress(done, len(changed))
+                    progress(done, total)
                 if done % COMMIT_EVERY_N_FILES == 0:
                     break
             else:
-                stats.deleted = catalog.delete(rec.id for rec in vanished.values())
+                changes.stats.deleted = catalog.delete(rec.id for rec in vanished.values())
                 break
-    stats.skipped_reasons = dict(reasons)
-    return stats
+    changes.stats.skipped_reasons = dict(changes.reasons)
+    return changes.stats
 
 
-def _record(
-    catalog: Catalog,
-    result: Encoded | DecodeFailure,
-    known: dict[str, FileRecord],
-    vanished: dict[str, FileRecord],
-    reusable: dict[str, FileRecord],
-    stats: BuildStats,
-    reasons: Counter[str],
+def _record_file(catalog: Catalog, result: Result, changes: _Changes) -> None:
+    """``_record``, where an error about this file's data records it as skipped: the per-file skip boundary."""
+    try:
+        _record(catalog, result, changes)
+    except sqlite3.Error:
+        raise  # the catalog failed, not this file: the run stops (committed work is kept)
+    except Exception as exc:  # one file never stops a build
+        path, size, mtime_ns, content_hash = _identity(result)
+        logger.warning("skipping %s: recording it failed", paths.display(path), exc_info=True)
+        _skip(catalog, changes, path, size, mtime_ns, content_hash, f"unrecordable: {type(exc).__name__}: {exc}")
+
+
+def _identity(result: Result) -> tuple[str, int, int, str | None]:
+    """(stored path, size, mtime_ns, content hash or None) of one result."""
+    if isinstance(result, Encoded):
+        decoded = result.decoded
+        return decoded.path, decoded.size, decoded.mtime_ns, decoded.content_hash
+    return result.path, result.size, result.mtime_ns, result.content_hash if isinstance(result, DecodeFailure) else None
+
+
+def _skip(
+    catalog: Catalog, changes: _Changes, path: str, size: int, mtime_ns: int, content_hash: str | None, reason: str
 ) -> None:
+    """Record ``path`` as skipped with ``reason`` (made valid UTF-8: exception messages may hold surrogates)."""
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+    catalog.add_skipped(path, size, mtime_ns, content_hash, reason)
+    changes.stats.skipped += 1
+    changes.reasons[reason.split(":")[0]] += 1
+
+
+def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
     """Write one file's outcome to the catalog and count it."""
-    if isinstance(result, DecodeFailure):
-        catalog.add_skipped(result.path, result.size, result.mtime_ns, result.content_hash, result.reason)
-        stats.skipped += 1
-        reasons[result.reason.split(":")[0]] += 1
+    if isinstance(result, PassedOver):
+        _skip(catalog, changes, result.path, result.size, result.mtime_ns, None, result.reason)
         return
-    decoded, previous = result.decoded, known.get(result.decoded.path)
+    if isinstance(result, DecodeFailure):
+        _skip(catalog, changes, result.path, result.size, result.mtime_ns, result.content_hash, result.reason)
+        return
+    stats = changes.stats
+    decoded, previous = result.decoded, changes.known.get(result.decoded.path)
     if result.embedding is not None:
         catalog.add_image(decoded.path, decoded.size, decoded.mtime_ns, decoded.content_hash, decoded.width,
                           decoded.height, result.embedding)  # fmt: skip
@@ -296,11 +368,12 @@ def _record(
         catalog.touch(previous.id, decoded.size, decoded.mtime_ns)
         stats.touched += 1
     else:  # needs_encoding said this content belongs to a vanished file: a rename or move
-        source = reusable.pop(decoded.content_hash)
-        vanished.pop(source.path, None)
+        source = changes.reusable[decoded.content_hash]
         if previous is not None:  # the new path held other content before: that row is replaced
             catalog.delete([previous.id])
         catalog.move(source.id, decoded.path, decoded.size, decoded.mtime_ns)
+        del changes.reusable[decoded.content_hash]  # once moved, and not before: a failed move leaves it be
+        changes.vanished.pop(source.path, None)
         stats.renamed += 1
 
 

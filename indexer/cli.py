@@ -21,8 +21,10 @@ from typing import Any
 from clip_model.errors import ClipModelError
 from clip_model.malloc import tune_malloc
 
+from . import paths
 from .build import DEFAULT_FACTORY, BuildOptions, build_index, default_workers
 from .errors import IndexerError
+from .lifetime import exit_with_launcher
 from .pipeline import DEFAULT_BATCH_SIZE
 from .scan import supported_extensions
 
@@ -136,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what is in an index: model, counts, last run, skipped files")
     _index_dir_argument(info)
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    info.add_argument(
+        "--all", action="store_true", help=f"list every skipped file (default: the first {SKIPPED_SHOWN} by path)"
+    )
     info.set_defaults(func=_cmd_info)
 
     verify = sub.add_parser("verify", help="check the published index against its manifest and the catalog")
@@ -230,7 +235,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .report import index_info
 
-    info = index_info(args.index_dir, skipped_limit=SKIPPED_SHOWN)
+    info = index_info(args.index_dir, skipped_limit=None if args.all else SKIPPED_SHOWN)
     sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.json else _format_info(info))
     return 0
 
@@ -276,14 +281,16 @@ def _format_info(info: dict[str, Any]) -> str:
         stats = run.get("stats") or {}
         counts = ", ".join(f"{stats.get(k, 0)} {k}" for k in ("scanned", "added", "modified", "renamed", "deleted"))
         lines.append(
-            f"last run: {run.get('root')} finished {_when(run.get('finished_at'))}: {counts}, "
+            f"last run: {paths.display(str(run.get('root')))} finished {_when(run.get('finished_at'))}: {counts}, "
             f"{stats.get('skipped', 0)} skipped, {stats.get('encoded', 0)} encoded "
             f"({stats.get('images_per_second', 0.0):.1f} images/s)"
         )
     skipped: list[tuple[str, str]] = info.get("skipped_files") or []
-    if skipped:
+    if skipped:  # one line each, whatever the name holds (a newline in a name cannot forge a line)
         lines.append("skipped files (path: reason):")
-        lines += [f"  {path}: {reason}" for path, reason in skipped]
+        lines += [f"  {paths.display(path)}: {paths.display(reason)}" for path, reason in skipped]
+    if len(skipped) < info.get("images_skipped", 0):
+        lines.append(f"  ... and {info['images_skipped'] - len(skipped)} more: `clip-index info --all` lists them")
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tune_malloc()  # activation buffers stay in the heap between encoder calls (clip_model.malloc)
     try:
+        exit_with_launcher()  # a launcher that passed a lifeline ends this run by dying (indexer.lifetime)
         return int(args.func(args))
     except (IndexerError, ClipModelError) as exc:
         logger.error("%s", exc)

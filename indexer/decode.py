@@ -2,6 +2,8 @@
 
 Contract of ``decode_file(root, scanned, spec)``:
 
+- ``scanned.path`` is in the stored form of :mod:`indexer.paths`; the file opened is ``paths.file_path(root, path)``
+  and results carry the stored form unchanged. Logs show it through ``paths.display`` (one line, whatever the name).
 - The file is read once, in full, unless ``fstat`` says it exceeds ``spec.max_bytes``; ``content_hash`` is the
   sha256 of exactly the bytes decoded, and ``size``/``mtime_ns`` describe the file as it was read.
 - The image's pixel count is checked against ``spec.max_pixels`` from its header, before any pixel is decoded.
@@ -38,6 +40,7 @@ from PIL import Image, UnidentifiedImageError, features
 
 from clip_model.preprocess import UINT8_MAX, Preprocess, resize_and_center_crop, to_rgb
 
+from . import paths
 from .scan import AVIF_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, enable_heif, extension_of
 
 logger = logging.getLogger(__name__)
@@ -123,11 +126,12 @@ class _Rejected(Exception):
 
 
 def decode_file(root: Path, scanned: ScannedFile, spec: DecodeSpec) -> Decoded | DecodeFailure:
-    """Read, hash, check and decode ``root / scanned.path`` into model-input pixels; never raises for a bad file."""
-    path = root / scanned.path
+    """Read, hash, check and decode the file ``scanned.path`` (stored form) names under ``root`` into model-input
+    pixels; never raises for a bad file."""
+    shown = paths.display(scanned.path)
     size, mtime_ns, content_hash = scanned.size, scanned.mtime_ns, None
     try:
-        with open(path, "rb") as file:
+        with open(paths.file_path(root, scanned.path), "rb") as file:
             stat = os.fstat(file.fileno())
             size, mtime_ns = stat.st_size, stat.st_mtime_ns
             if size > spec.max_bytes:
@@ -145,8 +149,8 @@ def decode_file(root: Path, scanned: ScannedFile, spec: DecodeSpec) -> Decoded |
         reason = str(rejected)
     except Exception as exc:  # the per-file skip boundary: whatever goes wrong skips this file only
         reason = _failure_reason(exc, scanned.path, read=content_hash is not None)
-        logger.debug("decoding %s failed", path, exc_info=True)
-    logger.debug("skipping %s: %s", path, reason)
+        logger.debug("decoding %s failed", shown, exc_info=True)
+    logger.debug("skipping %s: %s", shown, reason)
     return DecodeFailure(scanned.path, size, mtime_ns, content_hash, reason)
 
 
@@ -174,7 +178,7 @@ def _decode_pixels(data: bytes, relative: str, spec: DecodeSpec) -> tuple[int, i
             crop = resize_and_center_crop(upright, spec.image_size)
             pixels = np.array(crop, dtype=np.uint8)  # [R, R, 3], owned and C-contiguous
     for warning in caught:
-        logger.debug("%s: %s", relative, warning.message)
+        logger.debug("%s: %s", paths.display(relative), warning.message)
     return width, height, pixels
 
 

@@ -13,8 +13,10 @@ from .errors import IndexNotFoundError
 from .store import Catalog, current_generation, read_manifest
 
 
-def index_info(index_dir: Path, skipped_limit: int = 20) -> dict[str, Any]:
-    """A JSON-ready summary of ``index_dir``; ``skipped_files`` lists at most ``skipped_limit`` (path, reason)."""
+def index_info(index_dir: Path, skipped_limit: int | None = 20) -> dict[str, Any]:
+    """A JSON-ready summary of ``index_dir``; ``skipped_files`` lists (stored path, reason) by path, at most
+    ``skipped_limit`` of them (None: all). Paths are in the stored form of :mod:`indexer.paths` (valid UTF-8, lossless);
+    show them with ``paths.display``."""
     if not index_dir.is_dir():
         raise IndexNotFoundError(f"no index directory at {index_dir}")
     with Catalog.open(index_dir, readonly=True) as catalog:

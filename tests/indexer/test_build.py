@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 import clip_model
 from clip_model.threads import default_thread_count
+from indexer import cli
 from indexer.build import (
     BuildOptions,
     LoadedModel,
@@ -297,3 +299,80 @@ def test_a_thread_count_that_is_not_a_number_is_a_usage_error(
     with pytest.raises(SystemExit) as stopped:
         cli_main(["build", str(tmp_path), "--index-dir", str(tmp_path / "index")])
     assert stopped.value.code == 2 and "--threads: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_an_error_recording_one_file_skips_it_with_a_reason_and_the_build_goes_on(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 3)
+    add_image = Catalog.add_image
+
+    def failing_add_image(self: Catalog, path: str, *args: Any) -> int:
+        if path == "photo_00001.jpg":
+            raise ValueError("this row is refused")
+        return add_image(self, path, *args)
+
+    monkeypatch.setattr(Catalog, "add_image", failing_add_image)
+    stats: Any = build(root, index_dir, tiny_model)
+    assert (stats.added, stats.skipped, stats.skipped_reasons) == (2, 1, {"unrecordable": 1})
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        assert catalog.skipped() == [("photo_00001.jpg", "unrecordable: ValueError: this row is refused")]
+    assert "photo_00001.jpg" in caplog.text and PublishedIndex.open(index_dir).manifest.counts["images"] == 2
+
+    def broken_catalog(self: Catalog, path: str, *args: Any) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Catalog, "add_image", broken_catalog)
+    write_photos(root, 1, start=10)
+    with pytest.raises(sqlite3.OperationalError):  # the catalog's failure is no file's: the run stops
+        build(root, index_dir, tiny_model)
+
+
+def test_an_indexed_file_replaced_by_a_link_outside_the_folder_leaves_the_index(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 3)
+    write_photo(tmp_path / "outside" / "secret.jpg", seed=50)
+    build(root, index_dir, tiny_model)
+    (root / "photo_00000.jpg").unlink()
+    (root / "photo_00000.jpg").symlink_to(tmp_path / "outside" / "secret.jpg")
+    stats: Any = build(root, index_dir, tiny_model)
+    assert (stats.skipped, stats.skipped_reasons, stats.encoded) == (1, {"symlink outside the folder": 1}, 0)
+    assert PublishedIndex.open(index_dir).manifest.counts["images"] == 2
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        assert catalog.files()["photo_00000.jpg"].status == "skipped"
+    assert verify(index_dir) == []
+
+
+def test_a_dangling_link_is_indexed_once_its_target_appears(tiny_model: Path, tmp_path: Path) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 1)
+    (root / "later.jpg").symlink_to(root / "target.jpg")
+    assert build(root, index_dir, tiny_model).skipped == 1
+    assert build(root, index_dir, tiny_model).skipped == 0  # unchanged: not recorded again
+    write_photo(root / "target.jpg", seed=7)  # the link itself is untouched: its lstat is the same
+    stats: Any = build(root, index_dir, tiny_model)
+    assert (stats.modified, stats.added, stats.skipped) == (1, 1, 0)  # later.jpg now indexed, target.jpg new
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        assert catalog.skipped() == [] and catalog.files()["later.jpg"].status == "ok"
+
+
+def test_info_says_how_many_skipped_files_it_leaves_out_and_all_lists_them(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 1)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (root / name).write_bytes(b"")
+    build(root, index_dir, tiny_model)
+    monkeypatch.setattr(cli, "SKIPPED_SHOWN", 2)
+    capsys.readouterr()
+    assert cli_main(["info", "--index-dir", str(index_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "  a.jpg: empty file" in shown and "  c.jpg" not in shown
+    assert "  ... and 1 more: `clip-index info --all` lists them" in shown
+    assert cli_main(["info", "--index-dir", str(index_dir), "--all"]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"  {name}: empty file" in shown for name in ("a.jpg", "b.jpg", "c.jpg")) and "more" not in shown

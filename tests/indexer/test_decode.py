@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import logging
 import multiprocessing
+import os
 import struct
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +22,7 @@ from PIL import Image
 
 from clip_model.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clip_model.preprocess import Preprocess, resize_and_center_crop, to_rgb
-from indexer import decode
+from indexer import decode, paths
 from indexer.decode import (
     DEFAULT_MAX_BYTES,
     DRAFT_MARGIN,
@@ -329,3 +331,21 @@ def test_decode_file_works_in_spawned_worker_processes(tmp_path: Path) -> None:
             np.testing.assert_array_equal(here.pixels, there.pixels)
         else:
             assert here == there
+
+
+@pytest.mark.parametrize("name", [b"a\\b.png", b"caf\xe9.png", b"new\nline.png", b"\\xe9.png"])
+def test_decode_opens_the_file_its_stored_path_names(
+    tmp_path: Path, name: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), name)))
+    Image.new("RGB", (9, 9), (200, 10, 10)).save(real, format="PNG")
+    stored = paths.to_stored(os.fsdecode(name))
+    stat = real.stat()
+    result = decode_file(tmp_path, ScannedFile(stored, stat.st_size, stat.st_mtime_ns), SPEC)
+    assert isinstance(result, Decoded) and result.path == stored
+    assert result.content_hash == hashlib.sha256(real.read_bytes()).hexdigest()
+    real.write_bytes(b"")
+    caplog.set_level(logging.DEBUG, logger="indexer.decode")
+    failure = decode_file(tmp_path, ScannedFile(stored, 0, 0), SPEC)
+    assert isinstance(failure, DecodeFailure) and (failure.path, failure.reason) == (stored, "empty file")
+    assert f"skipping {paths.display(stored)}: empty file" in caplog.messages  # one line, whatever the name
