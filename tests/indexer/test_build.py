@@ -376,3 +376,29 @@ def test_info_says_how_many_skipped_files_it_leaves_out_and_all_lists_them(
     assert cli_main(["info", "--index-dir", str(index_dir), "--all"]) == 0
     shown = capsys.readouterr().out
     assert all(f"  {name}: empty file" in shown for name in ("a.jpg", "b.jpg", "c.jpg")) and "more" not in shown
+
+
+def test_rows_under_a_folder_that_cannot_be_listed_are_kept(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    locked = Path(os.fsdecode(os.path.join(os.fsencode(root), b"locked\xe9")))
+    write_photos(root, 1)
+    write_photos(locked, 2)
+    assert build(root, index_dir, tiny_model).added == 3
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats: Any = build(root, index_dir, tiny_model)
+    assert (stats.deleted, stats.scanned) == (0, 1)  # out of reach, not gone
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        assert sorted(catalog.files()) == [
+            "locked\\xe9/photo_00000.jpg",
+            "locked\\xe9/photo_00001.jpg",
+            "photo_00000.jpg",
+        ]
