@@ -2,9 +2,13 @@
 
 Incremental by construction: a file whose (size, mtime) match its catalog row is not read again; a changed file
 whose content hash did not change is only touched; a new path whose content hash belongs to a file that vanished
-is a rename and keeps its embedding; rows of vanished files are deleted. Rows are committed every
-``COMMIT_EVERY_N_FILES`` files, so a killed run loses at most that much work, and the FAISS index is published only
-at the end as a new generation: readers keep the last published one until then.
+is a rename and keeps its embedding; rows of vanished files are deleted. Paths are in the stored form of
+:mod:`indexer.paths`. Entries the scan passes over (``indexer.scan.PassedOver``: links leaving the folder, dangling
+or looping, FIFOs, directories named like images, ...) are skipped rows with their reason, written again only when
+their size, mtime or reason changes, and deleted when they go. One file never stops a build: decoding and recording
+are per-file skip boundaries (an error there skips that file with a reason); the catalog's own errors stop the run.
+Rows are committed every ``COMMIT_EVERY_N_FILES`` files, so a killed run loses at most that much work, and the FAISS
+index is published only at the end as a new generation: readers keep the last published one until then.
 """
 
 from __future__ import annotations
