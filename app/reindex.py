@@ -3,11 +3,15 @@
 The server never writes the index itself; the indexer takes the index's writer lock and publishes a new
 generation, which the runtime's watcher then picks up. One reindex at a time per server (a second is a 409; a
 second indexer started elsewhere is refused by the indexer's own lock, and its message lands in ``log_tail``).
+The indexer ends with the server, however the server ends (SIGKILL included): it inherits the read end of a pipe
+whose write end only the server holds, and exits when that closes (the indexer's ``$CLIPSEARCH_LIFELINE_FD``,
+see ``indexer/lifetime.py``); its decode workers end with it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +25,7 @@ from .schemas import ReindexStatus
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 50
+LIFELINE_FD_ENV = "CLIPSEARCH_LIFELINE_FD"  # indexer.lifetime.LIFELINE_FD_ENV (the app may not import it)
 
 
 def indexer_command(
@@ -52,22 +57,32 @@ class Reindexer:
             if self._process is not None and self._process.poll() is None:
                 raise ConflictError(f"a reindex is already running (pid {self._process.pid})")
             self._log.clear()
-            self._process = subprocess.Popen(
-                list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                errors="replace",
-            )  # fmt: skip
+            lifeline, keep_alive = os.pipe()  # close-on-exec: only the child gets ``lifeline``, by pass_fds
+            try:
+                self._process = subprocess.Popen(
+                    list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    text=True, errors="replace", pass_fds=(lifeline,),
+                    env={**os.environ, LIFELINE_FD_ENV: str(lifeline)},
+                )  # fmt: skip
+            except BaseException:
+                os.close(keep_alive)
+                raise
+            finally:
+                os.close(lifeline)
             self._status = ReindexStatus(
                 state="running", pid=self._process.pid, started_at=time.time(), command=list(command)
             )
             logger.info("reindex started (pid %d): %s", self._process.pid, " ".join(command))
-            threading.Thread(target=self._follow, args=(self._process,), name="reindex", daemon=True).start()
+            threading.Thread(target=self._follow, args=(self._process, keep_alive), name="reindex", daemon=True).start()
             return self.status()
 
-    def _follow(self, process: subprocess.Popen[str]) -> None:
+    def _follow(self, process: subprocess.Popen[str], keep_alive: int) -> None:
+        """Collect ``process``'s output until it exits, then close its lifeline's write end ``keep_alive``."""
         assert process.stdout is not None  # noqa: S101  # Popen was given stdout=PIPE
         for line in process.stdout:
             self._log.append(line.rstrip("\n"))
         code = process.wait()
+        os.close(keep_alive)
         with self._lock:
             self._status = self._status.model_copy(
                 update={"state": "succeeded" if code == 0 else "failed", "exit_code": code, "finished_at": time.time()}

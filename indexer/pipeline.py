@@ -1,9 +1,10 @@
 """The encoding pipeline: decode + preprocess in worker processes, batched inference in this process.
 
-Files go out to a pool of spawned workers (``indexer.decode.decode_file``); at most ``max_in_flight`` are
-outstanding at any time, so memory stays bounded whatever the folder size. Decoded images come back as uint8
-crops, are normalized and stacked into batches here, and encoded by ``encoder`` while the workers keep decoding
-the next ones. Results are yielded in completion order, one per input file.
+Files go out to a pool of spawned workers (``indexer.decode.decode_file``) that end with this process, however it
+ends (``indexer.lifetime``); at most ``max_in_flight`` are outstanding at any time, so memory stays bounded whatever
+the folder size. Decoded images come back as uint8 crops, are normalized and stacked into batches here, and encoded
+by ``encoder`` while the workers keep decoding the next ones. Results are yielded in completion order, one per
+input file.
 
 ``streams`` > 1 encodes that many batches at once, each on a thread of its own with ``stream_threads`` torch
 threads, instead of one batch at a time on the calling thread with all of its threads. Independent single-threaded
@@ -16,10 +17,9 @@ A stream holds its batch's activations, so memory grows with the count.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ import numpy.typing as npt
 from clip_model.threads import set_own_thread_count
 
 from .decode import Decoded, DecodeFailure, DecodeSpec, decode_file, normalize_batch
+from .lifetime import worker_pool
 from .scan import ScannedFile
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,7 @@ def _decode_in_pool(
     root: Path, files: Iterator[ScannedFile], spec: DecodeSpec, workers: int, max_in_flight: int, decode: Decode
 ) -> Generator[Decoded | DecodeFailure, None, list[ScannedFile]]:
     """Decode ``files`` in a pool until they run out (returns []) or a worker dies (returns the files in flight)."""
-    context = multiprocessing.get_context("spawn")  # fork after torch started its thread pools can deadlock
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with worker_pool(workers) as pool:  # spawned (a fork after torch started its threads can deadlock)
         in_flight: deque[tuple[ScannedFile, Future[Decoded | DecodeFailure]]] = deque()
         exhausted = False
         while in_flight or not exhausted:
@@ -189,8 +189,7 @@ def _decode_in_pool(
 
 def _decode_isolated(root: Path, scanned: ScannedFile, spec: DecodeSpec, decode: Decode) -> Decoded | DecodeFailure:
     """Decode one file in a process of its own; a crash there is this file's fault."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with worker_pool(1) as pool:
         try:
             return pool.submit(decode, root, scanned, spec).result()
         except BrokenProcessPool:

@@ -40,6 +40,20 @@ def test_every_file_comes_out_once_in_order(tmp_path: Path) -> None:
     assert all(r.embedding is not None and r.embedding.shape == (3,) for r in results if isinstance(r, Encoded))
 
 
+def test_decode_workers_outlive_the_thread_that_started_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Workers spawn on the thread that first asks for a file; they must not die when it ends (a parent-death
+    signal tied to that thread would kill them, and every file in flight would be retried one by one)."""
+    write_photos(tmp_path, 40)
+    results = encode_files(tmp_path, list(iter_images(tmp_path)), SPEC, mean_pixel_encoder, workers=2, batch_size=8)
+    first: list[Encoded | DecodeFailure] = []
+    thread = threading.Thread(target=lambda: first.append(next(results)))  # starts the pool on a thread that ends
+    thread.start()
+    thread.join()
+    rest = list(results)
+    assert len(first + rest) == 40 and all(isinstance(r, Encoded) for r in first + rest)
+    assert "a decode worker died" not in caplog.text
+
+
 def test_a_file_that_crashes_its_decoder_is_skipped_and_the_rest_indexed(tmp_path: Path) -> None:
     write_photos(tmp_path, 30)
     (tmp_path / "photo_00007.jpg").rename(tmp_path / "poison.jpg")
