@@ -154,7 +154,7 @@ class Runtime:
             return self._fail(name, str(exc))
         try:
             encoder = self._encoder_for(index.manifest.model)
-            image_root = self.settings.image_root or _indexed_root(index)
+            image_root = self.settings.image_root or index.image_root()
         except (ClipModelError, _MismatchError, OSError) as exc:
             index.close()
             return self._fail(index.manifest.generation, f"cannot serve generation {index.manifest.generation}: {exc}")
@@ -255,8 +255,3 @@ class Runtime:
 class _MismatchError(Exception):
     """The index's embeddings come from other weights than the model the server can use."""
 
-
-def _indexed_root(index: PublishedIndex) -> Path | None:
-    run = index.last_run()
-    root = run.get("root") if run else None
-    return Path(root) if root else None

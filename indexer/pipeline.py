@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from clip_model.threads import set_own_thread_count
 
+from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec, decode_file, normalize_batch
 from .lifetime import worker_pool
 from .scan import ScannedFile
@@ -193,5 +194,5 @@ def _decode_isolated(root: Path, scanned: ScannedFile, spec: DecodeSpec, decode:
         try:
             return pool.submit(decode, root, scanned, spec).result()
         except BrokenProcessPool:
-            logger.warning("skipping %s: it crashed the image decoder", scanned.path)
+            logger.warning("skipping %s: it crashed the image decoder", paths.display(scanned.path))
             return DecodeFailure(scanned.path, scanned.size, scanned.mtime_ns, None, "corrupt: crashed the decoder")

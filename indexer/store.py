@@ -770,7 +770,9 @@ class Catalog:
         return self._matrix("texts", "")
 
     def start_run(self, root: str) -> int:
-        cursor = self._conn.execute("INSERT INTO runs (started_at, root) VALUES (?, ?)", (time.time(), str(root)))
+        """Record a run over the image folder ``root`` (absolute; stored in the form of :mod:`indexer.paths`)."""
+        stored = paths.to_stored(str(root))
+        cursor = self._conn.execute("INSERT INTO runs (started_at, root) VALUES (?, ?)", (time.time(), stored))
         return int(cursor.lastrowid or 0)
 
     def finish_run(self, run_id: int, stats: Mapping[str, Any]) -> None:
@@ -779,7 +781,8 @@ class Catalog:
         )
 
     def last_run(self) -> dict[str, Any] | None:
-        """The latest run, JSON-ready: {id, started_at, finished_at, root, stats}; times in Unix seconds."""
+        """The latest run, JSON-ready: {id, started_at, finished_at, root, stats}; times in Unix seconds, ``root`` in
+        the stored form (:meth:`image_root` gives the folder itself)."""
         cursor = self._conn.execute(
             "SELECT id, started_at, finished_at, root, stats FROM runs ORDER BY id DESC LIMIT 1"
         )
@@ -789,6 +792,11 @@ class Catalog:
         run = dict(zip(("id", "started_at", "finished_at", "root", "stats"), row, strict=True))
         run["stats"] = None if run["stats"] is None else json.loads(run["stats"])
         return run
+
+    def image_root(self) -> Path | None:
+        """The image folder of the latest run, or None before any run."""
+        run = self.last_run()
+        return None if run is None else Path(paths.from_stored(run["root"]))
 
     def _select_ids(self, select: str, ids: Sequence[int]) -> list[Any]:
         unique = list(dict.fromkeys(int(i) for i in ids))
@@ -1183,9 +1191,14 @@ class PublishedIndex:
             return self._catalog.texts_at(ids, self._generation)
 
     def last_run(self) -> dict[str, Any] | None:
-        """The catalog's latest indexer run (``root`` is the image folder it indexed), as ``Catalog.last_run``."""
+        """The catalog's latest indexer run, as ``Catalog.last_run``."""
         with self._lock:
             return self._catalog.last_run()
+
+    def image_root(self) -> Path | None:
+        """The image folder the latest indexer run indexed, or None before any run."""
+        with self._lock:
+            return self._catalog.image_root()
 
     def embedding(self, image_id: int) -> Vectors | None:
         """The [D] float32 unit vector of an image this generation holds (None if it holds none): from FAISS if

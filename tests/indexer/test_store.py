@@ -739,3 +739,14 @@ def _env() -> dict[str, str]:
 def _spawn(script: Path, *args: Path | str) -> subprocess.Popen[bytes]:
     command = [sys.executable, str(script), *map(str, args)]
     return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE)
+
+
+def test_a_run_over_a_folder_whose_name_is_not_utf8_records_it_losslessly(index_dir: Path) -> None:
+    root = os.fsdecode(b"/photos/caf\xe9\\2024")
+    with Catalog.open(index_dir) as catalog:
+        catalog.finish_run(catalog.start_run(root), {"added": 0})
+        run = catalog.last_run()
+        assert run is not None and run["root"] == "/photos/caf\\xe9\\\\2024"  # readable text, JSON-ready
+        json.dumps(run)
+    with PublishedIndex.open(index_dir) as index:
+        assert index.image_root() == Path(root)
