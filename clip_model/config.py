@@ -150,7 +150,7 @@ def _infer_vision(state_dict: dict[str, torch.Tensor]) -> VisionConfig:
     width = _shape(state_dict, "visual.layer1.0.conv1.weight")[0]
     pos_tokens = _shape(state_dict, "visual.attnpool.positional_embedding")[0]
     grid = round((pos_tokens - 1) ** 0.5)
-    return VisionConfig(image_size=grid * 32, layers=blocks, width=width, heads=width * 32 // HEAD_WIDTH)  # type: ignore[arg-type]  # blocks has 4 entries, checked above
+    return VisionConfig(image_size=grid * 32, layers=blocks, width=width, heads=width * 32 // HEAD_WIDTH)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], activation: Activation | None = None) -> CLIPConfig:

@@ -53,10 +53,9 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             towers.append(self.visual.transformer)
         else:
-            pool = self.visual.attnpool
-            std = pool.c_proj.in_features**-0.5
-            for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-                nn.init.normal_(linear.weight, std=std)
+            std = self.visual.get_parameter("attnpool.c_proj.weight").shape[1] ** -0.5  # c_proj's in_features
+            for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+                nn.init.normal_(self.visual.get_parameter(f"attnpool.{name}.weight"), std=std)
             for name, param in self.visual.named_parameters():
                 if name.endswith("bn3.weight") and name.startswith("layer"):
                     nn.init.zeros_(param)  # each residual block starts as the identity
@@ -64,10 +63,10 @@ class CLIP(nn.Module):
             width, depth = tower.width, len(tower.resblocks)
             proj_std, attn_std, fc_std = width**-0.5 * (2 * depth) ** -0.5, width**-0.5, (2 * width) ** -0.5
             for block in tower.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+                nn.init.normal_(block.get_parameter("attn.in_proj_weight"), std=attn_std)
+                nn.init.normal_(block.get_parameter("attn.out_proj.weight"), std=proj_std)
+                nn.init.normal_(block.get_parameter("mlp.c_fc.weight"), std=fc_std)
+                nn.init.normal_(block.get_parameter("mlp.c_proj.weight"), std=proj_std)
         nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
 
     @property

@@ -71,7 +71,7 @@ class PackedSelfAttention(ProjectedSelfAttention):
 @functools.cache
 def packing_available() -> bool:
     """Whether this torch can pack and run a linear layer through oneDNN on this CPU (checked once, on a tiny one)."""
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         return False
     try:
         layer = PackedLinear(torch.ones(2, 3), torch.zeros(2))

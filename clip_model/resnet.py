@@ -52,7 +52,8 @@ class Bottleneck(nn.Module):
         out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu3(out + shortcut)
+        activated: torch.Tensor = self.relu3(out + shortcut)
+        return activated
 
 
 class AttentionPool2d(nn.Module):
@@ -76,11 +77,18 @@ class AttentionPool2d(nn.Module):
         k = self.k_proj(x).view(B, L, self.heads, D).transpose(1, 2)  # [B, H, L, D]
         v = self.v_proj(x).view(B, L, self.heads, D).transpose(1, 2)  # [B, H, L, D]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, D]
-        return self.c_proj(out.transpose(1, 2).reshape(B, C))
+        pooled: torch.Tensor = self.c_proj(out.transpose(1, 2).reshape(B, C))
+        return pooled
 
 
 class ModifiedResNet(nn.Module):
     """``[B, 3, R, R]`` images -> ``[B, output_dim]`` features (not normalized)."""
+
+    # registered by ``setattr`` in ``__init__``, one per entry of ``cfg.layers``
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, cfg: VisionConfig, output_dim: int) -> None:
         super().__init__()
@@ -112,4 +120,5 @@ class ModifiedResNet(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))  # [B, width, R/4, R/4]
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # [B, 32*width, R/32, R/32]
-        return self.attnpool(x)
+        pooled: torch.Tensor = self.attnpool(x)
+        return pooled

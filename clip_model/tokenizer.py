@@ -67,7 +67,8 @@ _FAST_PATH_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")  # \x26 is "&"
 def _clean_full(text: str) -> str:
     """OpenAI's cleaning, step by step: ftfy, double HTML unescape, strip, whitespace collapse, lower-case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+    collapsed: str = _WHITESPACE_RUN.sub(" ", text)  # ``regex`` ships no type information
+    return collapsed.strip().lower()
 
 
 def clean_text(text: str) -> str:

@@ -64,7 +64,8 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # each [B, H, L, W/H]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
+        projected: torch.Tensor = self.out_proj(out.transpose(1, 2).reshape(B, L, W))
+        return projected
 
 
 class ProjectedSelfAttention(nn.Module):
@@ -109,7 +110,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:  # x: [B, L, W]
         x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+        out: torch.Tensor = x + self.mlp(self.ln_2(x))
+        return out
 
 
 class Transformer(nn.Module):

@@ -34,4 +34,5 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, grid*grid + 1, W]
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj  # [B, output_dim]
+        features: torch.Tensor = self.ln_post(x[:, 0]) @ self.proj  # [B, output_dim]
+        return features

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy --strict --follow-imports=silent indexer app clip_model/train
+.venv/bin/mypy --strict --follow-imports=silent indexer app clip_model
 .venv/bin/python -m pytest "$@"
