@@ -136,9 +136,12 @@ def load_model(name: str, arch: str | None = None, precision: str = "fp32") -> L
     path = Path(name).expanduser()
     info = ModelInfo.of(
         str(path.resolve()) if path.exists() else name,  # a path stays valid from any working directory
-        clip_model.weights_sha256(model), model.config.embed_dim, preprocess.image_size, preprocess.mean,
+        clip_model.weights_sha256(model),
+        model.config.embed_dim,
+        preprocess.image_size,
+        preprocess.mean,
         preprocess.std,
-    )  # fmt: skip
+    )
     # the CPU inference copy: int8 linear layers, or float32 ones packed for oneDNN (same results, faster)
     model = clip_model.quantize_int8(model) if precision == "int8" else clip_model.pack_for_cpu(model)
     return LoadedModel(model, info)
@@ -166,8 +169,12 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
         )
     threads = options.threads or default_encode_threads()
     streams = min(options.streams or default_streams(threads), threads)
-    logger.info("encoding in %d stream(s) of %d torch thread(s) beside %d decode worker(s)", streams,
-                threads // streams, options.workers)  # fmt: skip
+    logger.info(
+        "encoding in %d stream(s) of %d torch thread(s) beside %d decode worker(s)",
+        streams,
+        threads // streams,
+        options.workers,
+    )
     previous = torch.get_num_threads()
     set_own_thread_count(threads // streams)  # a single stream encodes on this thread (decode workers are processes)
     try:
@@ -255,8 +262,9 @@ def _scan(options: BuildOptions, catalog: Catalog, known: dict[str, FileRecord])
         else:
             scan.passed.append(entry)
 
-    for scanned in iter_images(options.root, options.extensions, options.exclude, on_error=note_unreadable,
-                               on_skip=note_passed):  # fmt: skip
+    for scanned in iter_images(
+        options.root, options.extensions, options.exclude, on_error=note_unreadable, on_skip=note_passed
+    ):
         scan.seen.add(scanned.path)
         record = known.get(scanned.path)
         if record is not None and (record.size, record.mtime_ns) == (scanned.size, scanned.mtime_ns):
@@ -282,13 +290,22 @@ def _update(
 ) -> BuildStats:
     known = catalog.files()
     scan = _scan(options, catalog, known)
-    vanished = {path: rec for path, rec in known.items() if path not in scan.seen
-                and not path.startswith(tuple(scan.unreadable))}  # fmt: skip
+    vanished = {
+        path: rec
+        for path, rec in known.items()
+        if path not in scan.seen and not path.startswith(tuple(scan.unreadable))
+    }
     reusable = {rec.content_hash: rec for rec in vanished.values() if rec.status == "ok" and rec.content_hash}
     changes = _Changes(known, vanished, reusable, BuildStats(scanned=len(scan.seen), unchanged=scan.unchanged))
-    logger.info("%d files: %d unchanged, %d new or changed, %d gone; %d passed over (%d new or changed)",
-                len(scan.seen), scan.unchanged, len(scan.changed), len(vanished), scan.passed_over,
-                len(scan.passed))  # fmt: skip
+    logger.info(
+        "%d files: %d unchanged, %d new or changed, %d gone; %d passed over (%d new or changed)",
+        len(scan.seen),
+        scan.unchanged,
+        len(scan.changed),
+        len(vanished),
+        scan.passed_over,
+        len(scan.passed),
+    )
 
     def needs_encoding(decoded: Decoded) -> bool:
         previous = known.get(decoded.path)
@@ -298,10 +315,16 @@ def _update(
         return not same_content and decoded.content_hash not in reusable
 
     encoded = encode_files(
-        options.root, scan.changed, loaded.decode_spec(options.draft), loaded.encode,
-        workers=options.workers, batch_size=options.batch_size, needs_encoding=needs_encoding,
-        streams=streams, stream_threads=torch.get_num_threads(),  # build_index set it to threads // streams
-    )  # fmt: skip
+        options.root,
+        scan.changed,
+        loaded.decode_spec(options.draft),
+        loaded.encode,
+        workers=options.workers,
+        batch_size=options.batch_size,
+        needs_encoding=needs_encoding,
+        streams=streams,
+        stream_threads=torch.get_num_threads(),  # build_index set it to threads // streams
+    )
     results: Iterator[Result] = itertools.chain(scan.passed, encoded)
     total, done = len(scan.passed) + len(scan.changed), 0
     while True:
@@ -361,8 +384,15 @@ def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
     stats = changes.stats
     decoded, previous = result.decoded, changes.known.get(result.decoded.path)
     if result.embedding is not None:
-        catalog.add_image(decoded.path, decoded.size, decoded.mtime_ns, decoded.content_hash, decoded.width,
-                          decoded.height, result.embedding)  # fmt: skip
+        catalog.add_image(
+            decoded.path,
+            decoded.size,
+            decoded.mtime_ns,
+            decoded.content_hash,
+            decoded.width,
+            decoded.height,
+            result.embedding,
+        )
         stats.encoded += 1
         if previous is None:
             stats.added += 1

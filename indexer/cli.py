@@ -172,8 +172,13 @@ def _bytes(text: str) -> int:
 
 
 def _index_dir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index-dir", type=Path, default=_env("INDEX_DIR"), required=_env("INDEX_DIR") is None,
-                        help="index directory ($CLIPSEARCH_INDEX_DIR)")  # fmt: skip
+    parser.add_argument(
+        "--index-dir",
+        type=Path,
+        default=_env("INDEX_DIR"),
+        required=_env("INDEX_DIR") is None,
+        help="index directory ($CLIPSEARCH_INDEX_DIR)",
+    )
 
 
 class _ProgressReporter:
@@ -211,24 +216,39 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.extensions:
         extensions = frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
     options = BuildOptions(
-        root=args.root, index_dir=args.index_dir, model=args.model, arch=args.arch, extensions=extensions,
-        exclude=tuple(args.exclude), factory=args.factory, memory_budget=args.memory_budget,
-        batch_size=args.batch_size, workers=default_workers(args.precision) if args.workers is None else args.workers,
-        draft=args.draft, rebuild=args.rebuild, precision=args.precision, threads=args.threads,
+        root=args.root,
+        index_dir=args.index_dir,
+        model=args.model,
+        arch=args.arch,
+        extensions=extensions,
+        exclude=tuple(args.exclude),
+        factory=args.factory,
+        memory_budget=args.memory_budget,
+        batch_size=args.batch_size,
+        workers=default_workers(args.precision) if args.workers is None else args.workers,
+        draft=args.draft,
+        rebuild=args.rebuild,
+        precision=args.precision,
+        threads=args.threads,
         streams=args.streams,
-    )  # fmt: skip
+    )
     reporter = _ProgressReporter()
     try:
         stats = build_index(options, progress=reporter)
     finally:
         reporter.close()
+    summary = {
+        **stats.as_dict(),
+        "root": args.root,
+        "index_dir": args.index_dir,
+        "reasons": stats.skipped_reasons or "",
+    }
     logger.info(
-        "indexed %s into %s: %d files, %d unchanged, %d added, %d modified, %d renamed, %d deleted, %d skipped %s; "
-        "%d encoded in %.1fs (%.1f images/s); published %s",
-        args.root, args.index_dir, stats.scanned, stats.unchanged, stats.added, stats.modified, stats.renamed,
-        stats.deleted, stats.skipped, stats.skipped_reasons or "", stats.encoded, stats.seconds,
-        stats.images_per_second, stats.generation,
-    )  # fmt: skip
+        "indexed %(root)s into %(index_dir)s: %(scanned)d files, %(unchanged)d unchanged, %(added)d added, "
+        "%(modified)d modified, %(renamed)d renamed, %(deleted)d deleted, %(skipped)d skipped %(reasons)s; "
+        "%(encoded)d encoded in %(seconds).1fs (%(images_per_second).1f images/s); published %(generation)s",
+        summary,
+    )
     return 0
 
 

@@ -255,8 +255,12 @@ def calibrate(
     if recall < target:
         logger.warning(
             "%s reaches recall@%d %.3f at most (%s), below the target %.3f: consider another index type",
-            factory, k, recall, _faiss_io.get_search_params(index) or "no search parameters", target,
-        )  # fmt: skip
+            factory,
+            k,
+            recall,
+            _faiss_io.get_search_params(index) or "no search parameters",
+            target,
+        )
     return Calibration(_faiss_io.get_search_params(index), recall, len(query_vectors))
 
 

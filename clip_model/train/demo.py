@@ -102,8 +102,10 @@ def build_demo(out_dir: Path, recipe: Recipe) -> dict[str, Any]:
         return dict(json.loads(paths["report"].read_text(encoding="utf-8")))
     started = time.monotonic()
     splits: tuple[tuple[Literal["train", "test", "heldout"], int], ...] = (
-        ("train", recipe.train_images), ("test", recipe.test_images), ("heldout", recipe.heldout_images),
-    )  # fmt: skip
+        ("train", recipe.train_images),
+        ("test", recipe.test_images),
+        ("heldout", recipe.heldout_images),
+    )
     for offset, (split, count) in enumerate(splits):
         size = recipe.arch()["vision"]["image_size"]
         synthetic.generate(paths[split], count, split=split, seed=recipe.seed * 10 + offset, image_size=size)
@@ -129,12 +131,20 @@ def _train(paths: dict[str, Path], recipe: Recipe) -> float:
 
     started = time.monotonic()
     options = FitOptions(
-        data=paths["train"], model=str(paths["config"]), out_dir=paths["run"], steps=recipe.steps,
-        batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-        warmup_steps=recipe.warmup_steps, seed=recipe.seed,
-        val_data=paths["test"], eval_every=0, save_every=max(recipe.steps // 4, 1),
+        data=paths["train"],
+        model=str(paths["config"]),
+        out_dir=paths["run"],
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps,
+        seed=recipe.seed,
+        val_data=paths["test"],
+        eval_every=0,
+        save_every=max(recipe.steps // 4, 1),
         resume=latest_state(paths["run"] / "checkpoints") is not None,
-    )  # fmt: skip
+    )
     result = fit(options)
     result.model_path.replace(paths["model"])
     return time.monotonic() - started
