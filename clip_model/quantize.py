@@ -144,7 +144,7 @@ def _quantize_children(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, ResidualAttentionBlock):
             setattr(child, "attn", Int8SelfAttention(child.attn))  # noqa: B010  # the float attribute type differs
-            setattr(child, "mlp", Int8MLP(child.mlp))  # noqa: B010
+            setattr(child, "mlp", Int8MLP(child.mlp))  # noqa: B010  # as above
         elif isinstance(child, SelfAttention):
             setattr(module, name, Int8SelfAttention(child))
         elif isinstance(child, nn.Linear):

@@ -47,7 +47,7 @@ def run_in_fresh_thread(fn: Callable[[], T], name: str = "torch-oneoff") -> T:
     def target() -> None:
         try:
             box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001  # re-raised in the caller's thread below
+        except BaseException as exc:  # re-raised in the caller's thread below
             error.append(exc)
 
     thread = threading.Thread(target=target, name=name, daemon=True)

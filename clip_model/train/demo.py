@@ -20,9 +20,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..download import default_cache_dir
+
+if TYPE_CHECKING:
+    from ..factory import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +153,7 @@ def _train(paths: dict[str, Path], recipe: Recipe) -> float:
     return time.monotonic() - started
 
 
-def evaluate_attributes(model_path: Path, split_dir: Path, precision: str = "fp32") -> dict[str, float]:
+def evaluate_attributes(model_path: Path, split_dir: Path, precision: Precision = "fp32") -> dict[str, float]:
     """Text->image recall@1/5/10 of attribute queries over ``split_dir``: a hit is an image with those attributes.
 
     ``precision``: as :func:`clip_model.load` (``"int8"`` measures the int8 CPU mode on the same weights)."""
@@ -159,7 +162,7 @@ def evaluate_attributes(model_path: Path, split_dir: Path, precision: str = "fp3
     from . import synthetic
     from .evaluate import encode_dataset, retrieval_metrics
 
-    model, preprocess = clip_model.load(model_path, precision=precision)  # type: ignore[arg-type]
+    model, preprocess = clip_model.load(model_path, precision=precision)
     records = synthetic.load_records(split_dir)
     queries = [synthetic.attribute_query(r, QUERY_FIELDS) for r in records]
     pairs = [replace(pair, caption=query) for pair, query in zip(synthetic.pairs_of(split_dir), queries, strict=True)]

@@ -86,7 +86,7 @@ def _tokens() -> torch.Tensor:
 
 def _features(output: object) -> torch.Tensor:
     """transformers 5 returns a model output from get_*_features; 4.x returned the tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]  # either version
 
 
 def _save_bin(model: nn.Module, folder: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:

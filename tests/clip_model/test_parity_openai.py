@@ -10,7 +10,7 @@ the four large ones took ~100 s of the CI's time. Outputs must agree to 1e-4 (ma
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +109,7 @@ def test_fp16_archive_loads_as_float32(tmp_path: Path) -> None:
         pytest.param(lambda m: m.ln_final.bias.data.add_(1e-3), id="perturbed-weight"),
     ],
 )
-def test_parity_check_detects_a_broken_model(break_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_parity_check_detects_a_broken_model(break_model: Callable[[nn.Module], object], tmp_path: Path) -> None:
     cfg = get_config("ViT-B-32-quickgelu")
     ref = reference_clip(cfg)
     images, tokens = random_images(cfg), random_tokens()

@@ -326,4 +326,4 @@ def test_preprocess_attributes_and_repr() -> None:
 )
 def test_preprocess_rejects_bad_arguments(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     with pytest.raises(ValueError):
-        Preprocess(size, mean, std)  # type: ignore[arg-type]
+        Preprocess(size, mean, std)  # type: ignore[arg-type]  # bad on purpose

@@ -179,7 +179,7 @@ def test_registry_is_read_lazily_and_once() -> None:
 def test_weights_are_frozen() -> None:
     weights = get_pretrained("RN50")
     with pytest.raises(AttributeError):
-        weights.sha256 = None  # type: ignore[misc]
+        weights.sha256 = None  # type: ignore[misc]  # assigning a frozen field on purpose
 
 
 def test_registry_file_has_notice_and_only_known_fields() -> None:

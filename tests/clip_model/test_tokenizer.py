@@ -241,9 +241,9 @@ def test_fast_path_gate_is_needed() -> None:
 
 def test_encode_rejects_non_str(ours: tok.Tokenizer) -> None:
     with pytest.raises(TypeError, match="bytes"):
-        ours.encode(b"a cat")  # type: ignore[arg-type]
+        ours.encode(b"a cat")  # type: ignore[arg-type]  # bad on purpose
     with pytest.raises(TypeError):
-        ours(["a cat", None])  # type: ignore[list-item]
+        ours(["a cat", None])  # type: ignore[list-item]  # bad on purpose
 
 
 def test_get_tokenizer_is_cached_and_explicit_path_works(ours: tok.Tokenizer) -> None:
