@@ -90,7 +90,7 @@ def split_template(template: str) -> tuple[str, str]:
     if len(fields) != 1 or rebuilt != template:
         raise ValueError(
             f"template {quoted} must contain exactly one '{{}}' for the class name and no other '{{...}}' field "
-            "(no names, indexes, attributes, conversions or format specs); write '{{{{' or '}}}}' for a literal brace"
+            "(no names, indexes, attributes, conversions or format specs); write '{{' or '}}' for a literal brace"
         )
     before = "".join(literal for literal, _, _, _ in parts[: fields[0] + 1])
     after = "".join(literal for literal, _, _, _ in parts[fields[0] + 1 :])

@@ -70,7 +70,7 @@ def test_the_shipped_template_sets_follow_the_rule() -> None:
             split_template(template)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, database=None)
 @given(st.text(alphabet="{}!:.[]0xr a\n", max_size=12))
 def test_the_schema_pattern_accepts_exactly_what_the_parser_accepts(template: str) -> None:
     try:
