@@ -40,25 +40,49 @@ KeyQuery = Annotated[
 ]
 
 
-def _matches(given: str | None, *keys: SecretStr | None) -> bool:
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of any str: surrogate escapes (from os.environ) back to their bytes, other surrogates as is."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def header_bytes(value: str) -> bytes:
+    """The bytes a header value arrived as: ASGI servers give them latin-1 decoded, one character per byte."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # not from an ASGI header (a direct call): its UTF-8 form
+        return _utf8(value)
+
+
+def _matches(given: bytes | None, *keys: SecretStr | None) -> bool:
+    """Whether ``given`` is the UTF-8 form of one of ``keys``, compared in constant time. Bytes, not str:
+    ``compare_digest`` refuses str with non-ASCII characters, and a header may hold any bytes."""
     if given is None:
         return False
-    return any(key is not None and secrets.compare_digest(given, key.get_secret_value()) for key in keys)
+    return any(key is not None and secrets.compare_digest(given, _utf8(key.get_secret_value())) for key in keys)
+
+
+def _sent_key(header: str | None, query: str | None) -> bytes | None:
+    if header is not None:
+        return header_bytes(header)
+    return _utf8(query) if query is not None else None
 
 
 def require_read_key(settings: SettingsDep, header: KeyHeader = None, query: KeyQuery = None) -> None:
-    """With ``CLIPSEARCH_API_KEY`` set, the request must carry it (or the admin key)."""
+    """With ``CLIPSEARCH_API_KEY`` set, the request must carry it (or the admin key), in the header or the query."""
     if settings.api_key is None:
         return
-    if not _matches(header or query, settings.api_key, settings.admin_api_key):
+    if not _matches(_sent_key(header or None, query), settings.api_key, settings.admin_api_key):
         raise UnauthorizedError(f"this server needs an API key: send it in the {API_KEY_HEADER} header")
 
 
 def require_admin_key(settings: SettingsDep, header: KeyHeader = None) -> None:
-    """Admin endpoints are off unless ``CLIPSEARCH_ADMIN_API_KEY`` is set, and then need that key."""
+    """Admin endpoints are off unless ``CLIPSEARCH_ADMIN_API_KEY`` is set, and then need that key (header only)."""
     if settings.admin_api_key is None:
         raise ForbiddenError("admin endpoints are disabled: set CLIPSEARCH_ADMIN_API_KEY to enable them")
-    if not _matches(header, settings.admin_api_key):
+    if not _matches(_sent_key(header, None), settings.admin_api_key):
         raise UnauthorizedError(f"this endpoint needs the admin API key in the {API_KEY_HEADER} header")
 
 

@@ -6,8 +6,11 @@ the pixel count is checked from the header before any pixel is decoded, truncate
 DCT scale that keeps both sides >= 2x the model's input, as the indexer does, so an upload of an indexed file
 embeds like the file did.
 
-Files are served by catalog id only; the resolved path must lie inside the image root (symlinks out of it and
-``..`` are refused). Thumbnails are made once per (file, size, mtime) and cached as JPEG files.
+Files are served by catalog id only; the catalog's stored path maps to the file through ``indexer.store.file_path``
+and the resolved path must lie inside the image root (symlinks out of it and ``..`` are refused). Thumbnails are
+made once per (file, size, mtime) and cached as JPEG files. An indexed file that no longer decodes (replaced by
+something else, truncated, unreadable, or with more pixels than the server decodes) is a StaleFileError (409) that
+says to re-run the indexer; one that is gone is a NotFoundError (404).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from clip_model.errors import ImageDecodeError
 from clip_model.preprocess import to_rgb
+from indexer.store import file_path
 
-from .errors import InvalidImageError, NotFoundError, PayloadTooLargeError, UnsupportedImageError
+from .errors import InvalidImageError, NotFoundError, PayloadTooLargeError, StaleFileError, UnsupportedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ DRAFT_MARGIN = 2  # drafted JPEG sides stay >= DRAFT_MARGIN * the model's input 
 THUMBNAIL_QUALITY = 85
 THUMBNAIL_FORMAT_SUFFIX = ".jpg"
 DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError, ImageDecodeError)
+# Every way Pillow reports a file it cannot (or will not) decode; UnidentifiedImageError is an OSError
+FILE_DECODE_ERRORS = (Image.DecompressionBombError, *DECODE_ERRORS)
+REINDEX_HINT = "if the file changed since it was indexed, run the indexer to update the index"
 
 
 @lru_cache(maxsize=1)
@@ -77,31 +84,51 @@ def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Image.Image:
         raise PayloadTooLargeError(
             f"image is {width} x {height} = {width * height} pixels, the limit is {max_pixels}: send a smaller one"
         )
-    if image.format in ("JPEG", "MPO"):
-        image.draft(image.mode, (DRAFT_MARGIN * image_size, DRAFT_MARGIN * image_size))
     try:
+        if image.format in ("JPEG", "MPO"):
+            image.draft(image.mode, (DRAFT_MARGIN * image_size, DRAFT_MARGIN * image_size))
         return to_rgb(image)
     except DECODE_ERRORS as exc:
         raise InvalidImageError(f"cannot decode the image (truncated or corrupt?): {exc}") from None
 
 
-def resolve_image_path(image_root: Path, relative: str) -> Path:
-    """The file of a catalog path, which must exist inside ``image_root`` (after resolving symlinks)."""
+def resolve_image_path(image_root: Path, stored: str) -> Path:
+    """The file of a catalog path (its stored form), which must exist inside ``image_root`` (after resolving
+    symlinks). NotFoundError when it is gone or lies outside; StaleFileError for a stored form this version cannot
+    read (a catalog from another version)."""
     root = image_root.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = file_path(root, stored).resolve()
+    except ValueError as exc:
+        raise StaleFileError(f"cannot map the catalog path to a file ({exc}): run the indexer to rebuild") from None
     if not candidate.is_relative_to(root):
-        logger.warning("refusing to serve %s: it resolves outside the image root %s", relative, root)
-        raise NotFoundError(f"the file of {relative!r} lies outside the image folder")
+        logger.warning("refusing to serve %r: it resolves outside the image root %s", stored, root)
+        raise NotFoundError(f"the file of {stored!r} lies outside the image folder")
     if not candidate.is_file():
-        raise NotFoundError(f"{relative!r} is no longer in the image folder (run the indexer to update the index)")
+        raise NotFoundError(f"{stored!r} is no longer in the image folder (run the indexer to update the index)")
     return candidate
 
 
-class ThumbnailCache:
-    """JPEG thumbnails on disk, keyed by the source file's path, size, mtime and the thumbnail side."""
+def stat_readable(path: Path) -> os.stat_result:
+    """``path``'s stat, once it is known to be a readable regular file: NotFoundError if it went away meanwhile,
+    StaleFileError if it cannot be read (permissions)."""
+    try:
+        stat = path.stat()
+        readable = os.access(path, os.R_OK)
+    except OSError:
+        raise NotFoundError(f"{path.name!r} is no longer in the image folder (run the indexer)") from None
+    if not readable:
+        raise StaleFileError(f"cannot read {path.name!r} (permission denied): fix its permissions or re-index")
+    return stat
 
-    def __init__(self, directory: Path) -> None:
+
+class ThumbnailCache:
+    """JPEG thumbnails on disk, keyed by the source file's path, size, mtime and the thumbnail side; sources with
+    more than ``max_pixels`` pixels to decode (after JPEG drafting) are refused."""
+
+    def __init__(self, directory: Path, max_pixels: int) -> None:
         self.directory = directory
+        self.max_pixels = max_pixels
 
     @staticmethod
     def key(source: Path, side: int) -> str:
@@ -111,11 +138,15 @@ class ThumbnailCache:
         return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
     def get(self, source: Path, side: int) -> tuple[Path, str]:
-        """(path of the cached thumbnail, its key) for ``source`` at ``side`` pixels, made now if missing."""
-        key = self.key(source, side)
+        """(path of the cached thumbnail, its key) for ``source`` at ``side`` pixels, made now if missing.
+        NotFoundError if the source went away, StaleFileError if it no longer decodes (see :func:`make_thumbnail`)."""
+        try:
+            key = self.key(source, side)
+        except OSError:
+            raise NotFoundError(f"{source.name!r} is no longer in the image folder (run the indexer)") from None
         path = self.directory / key[:2] / f"{key}{THUMBNAIL_FORMAT_SUFFIX}"
         if not path.is_file():
-            self._write(path, make_thumbnail(source, side))
+            self._write(path, make_thumbnail(source, side, self.max_pixels))
         return path, key
 
     @staticmethod
@@ -131,15 +162,25 @@ class ThumbnailCache:
             raise
 
 
-def make_thumbnail(source: Path, side: int) -> bytes:
-    """JPEG bytes of ``source`` upright, fitted inside ``side`` x ``side`` (aspect kept, never enlarged)."""
+def make_thumbnail(source: Path, side: int, max_pixels: int) -> bytes:
+    """JPEG bytes of ``source`` upright, fitted inside ``side`` x ``side`` (aspect kept, never enlarged).
+
+    Raises StaleFileError (the message says to re-run the indexer) when the file cannot be read or decoded, or
+    would decode to more than ``max_pixels`` pixels (JPEGs are drafted first, so only their reduced size counts).
+    """
     try:
         with Image.open(source) as image:
             image.draft("RGB", (side, side))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise StaleFileError(
+                    f"cannot make a thumbnail of {source.name!r}: it is {width} x {height} pixels, more than the "
+                    f"server decodes ({max_pixels}, CLIPSEARCH_MAX_IMAGE_PIXELS); {REINDEX_HINT}"
+                )
             upright = to_rgb(image)
             thumb = ImageOps.contain(upright, (side, side)) if max(upright.size) > side else upright
             out = io.BytesIO()
             thumb.save(out, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-    except (UnidentifiedImageError, *DECODE_ERRORS) as exc:
-        raise InvalidImageError(f"cannot make a thumbnail of {source.name}: {exc}") from None
+    except FILE_DECODE_ERRORS as exc:
+        raise StaleFileError(f"cannot make a thumbnail of {source.name!r} ({exc}): {REINDEX_HINT}") from None
     return out.getvalue()

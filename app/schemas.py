@@ -1,13 +1,19 @@
 """Request and response bodies of the REST API (pydantic models; they are the OpenAPI schema at /docs).
 
 Scores are cosine similarities in [-1, 1] between unit vectors, best first. Image URLs are relative to the server.
+
+Numbers are strict: an integer field takes a JSON integer only (``true``, ``1.0`` and ``"1"`` are 422s), a number
+field a finite JSON number (not a boolean or a string); path and query integers are plain decimal digits.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
 
 MAX_K = 1000
 MAX_ID = 2**53 - 1  # image ids are SQLite rowids; capped where JSON numbers stay exact (JavaScript's safe integers)
@@ -16,8 +22,28 @@ MAX_TEMPLATES = 80  # prompt templates per request: the size of the default set
 MAX_PARTS = 16  # parts of one combined query
 MAX_TEXTS_PER_REQUEST = 256  # texts embedded by one /api/embed/text call
 TEXT_FIELD_MAX = 1000  # characters; the settings may lower it (max_text_chars)
-K_FIELD = Field(20, ge=1, le=MAX_K, description="how many results, 1..1000")
-MIN_SCORE_FIELD = Field(None, ge=-1.0, le=1.0, description="drop results scoring below this cosine similarity")
+K_FIELD = Field(20, ge=1, le=MAX_K, strict=True, description="how many results, 1..1000")
+MIN_SCORE_FIELD = Field(
+    None,
+    ge=-1.0,
+    le=1.0,
+    strict=True,
+    allow_inf_nan=False,
+    description="drop results scoring below this cosine similarity",
+)
+DECIMAL_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000", " 7" and "٧"
+
+
+def _decimal_integer(value: object) -> object:
+    """Path and query integers arrive as text: only plain decimal digits are one ("1.0", "1e3", "true" are not)."""
+    if isinstance(value, str) and not DECIMAL_INTEGER.fullmatch(value):
+        raise ValueError("must be a plain decimal integer, such as 7")
+    return value
+
+
+# Metadata for path and query integers, after the parameter (so the schema keeps its bounds):
+# Annotated[int, Query(ge=1), DecimalInteger]
+DecimalInteger = BeforeValidator(_decimal_integer)
 
 
 class ImageHit(BaseModel):
@@ -57,6 +83,16 @@ class SearchResponse(BaseModel):
 # pydantic's, Python's) agrees on what matches
 NOT_BLANK = r"[^ \t\n\r\f\v]"
 QueryText = Annotated[str, Field(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]
+# A zero-shot prompt template: clip_model.zeroshot's rule, validated by its parser and stated in the schema as a pattern
+Template = Annotated[
+    str,
+    Field(min_length=2, max_length=MAX_TEMPLATE_CHARS, json_schema_extra={"pattern": TEMPLATE_PATTERN}),
+    AfterValidator(check_template),
+]
+WEIGHT_FIELD = Field(
+    1.0, ge=-10.0, le=10.0, strict=True, allow_inf_nan=False, description="multiplies the part's unit embedding"
+)
+IMAGE_ID_FIELD = Field(ge=0, le=MAX_ID, strict=True, description="an indexed image, by id")
 
 
 class TextPart(BaseModel):
@@ -65,7 +101,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"text": "sunset", "weight": 1.0}})
 
     text: QueryText = Field(description="a text to embed")
-    weight: float = Field(1.0, ge=-10.0, le=10.0, description="multiplies the part's unit embedding")
+    weight: float = WEIGHT_FIELD
 
 
 class ImagePart(BaseModel):
@@ -73,8 +109,8 @@ class ImagePart(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"image_id": 7, "weight": 0.5}})
 
-    image_id: int = Field(ge=0, le=MAX_ID, description="an indexed image, by id")
-    weight: float = Field(1.0, ge=-10.0, le=10.0, description="multiplies the part's unit embedding")
+    image_id: int = IMAGE_ID_FIELD
+    weight: float = WEIGHT_FIELD
 
 
 QueryPart = TextPart | ImagePart
@@ -122,16 +158,23 @@ class DescribeRequest(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"example": {"image_id": 7, "candidates": ["a cat", "a dog"], "k": 5}})
 
-    image_id: int = Field(ge=0, le=MAX_ID)
+    image_id: int = IMAGE_ID_FIELD
     candidates: list[QueryText] | None = Field(
         None, min_length=1, max_length=MAX_LABELS, description="rank these texts; default: the indexed text corpus"
     )
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)
 
 
 class LabelScore(BaseModel):
     label: str
     probability: float = Field(ge=0.0, le=1.0)
+
+
+LABELS_DESCRIPTION = "class names, all different"
+TEMPLATES_DESCRIPTION = (
+    "prompt templates: text with exactly one '{}' for the class name ('{{' and '}}' for literal braces, no other "
+    "'{...}' field); default: the CLIP paper's 80 ImageNet prompts, ensembled"
+)
 
 
 class ClassifyRequest(BaseModel):
@@ -141,13 +184,12 @@ class ClassifyRequest(BaseModel):
         json_schema_extra={"example": {"image_id": 7, "labels": ["cat", "dog", "beach"], "templates": None}}
     )
 
-    image_id: int = Field(ge=0, le=MAX_ID)
-    labels: list[QueryText] = Field(min_length=1, max_length=MAX_LABELS, description="class names")
-    templates: list[QueryText] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_TEMPLATES,
-        description="prompt templates, each with one '{}'; default: the CLIP paper's 80 ImageNet prompts, ensembled",
+    image_id: int = IMAGE_ID_FIELD
+    labels: list[QueryText] = Field(
+        min_length=1, max_length=MAX_LABELS, json_schema_extra={"uniqueItems": True}, description=LABELS_DESCRIPTION
+    )
+    templates: list[Template] | None = Field(
+        None, min_length=1, max_length=MAX_TEMPLATES, description=TEMPLATES_DESCRIPTION
     )
 
 

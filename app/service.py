@@ -8,6 +8,7 @@ Vectors: every query vector is float32 [D], L2-normalized; scores are inner prod
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from indexer.store import Hit, ImageRecord
 
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
-from .imaging import ThumbnailCache, decode_upload, resolve_image_path
+from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .runtime import Runtime, Served
 from .schemas import (
     ClassifyResponse,
@@ -51,7 +52,7 @@ class SearchService:
     def __init__(self, runtime: Runtime, settings: Settings) -> None:
         self.runtime = runtime
         self.settings = settings
-        self.thumbnails = ThumbnailCache(settings.cache_dir / "thumbnails")
+        self.thumbnails = ThumbnailCache(settings.cache_dir / "thumbnails", settings.max_image_pixels)
 
     # --- text / image -> images ----------------------------------------------------------------------------------
 
@@ -166,13 +167,16 @@ class SearchService:
         labels = self._check_texts(labels, "labels")
         if len(set(labels)) != len(labels):
             raise BadRequestError("labels must be distinct")
-        if templates is not None and len(templates) > self.settings.max_templates:
-            raise BadRequestError(f"at most {self.settings.max_templates} templates per request")
-        try:
+        if templates is not None:
+            if len(templates) > self.settings.max_templates:
+                raise BadRequestError(f"at most {self.settings.max_templates} templates per request")
+            templates = [self._check_text(t) for t in templates]
+        try:  # clip_model owns the template rule (the schema checks it too): a refused template is the client's error
             prompts = clip_model.zero_shot_prompts(labels, templates)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
-        embeddings = torch.from_numpy(state.encoder.encode_text_matrix([self._check_text(p) for p in prompts]))
+        # each prompt is at most a label plus a template, both within max_text_chars
+        embeddings = torch.from_numpy(state.encoder.encode_text_matrix(prompts))
         classifier = clip_model.ensemble_prompts(embeddings, len(labels))  # [D, C]
         logit_scale = state.encoder.model.logit_scale.detach()
         probs = clip_model.zero_shot_probabilities(torch.from_numpy(image)[None], classifier, logit_scale)[0]
@@ -211,8 +215,20 @@ class SearchService:
             sha256=record.content_hash, url=_file_url(record.id), thumbnail_url=_thumbnail_url(record.id),
         )  # fmt: skip
 
-    def image_file(self, image_id: int) -> Path:
-        """The file of an indexed image, inside the image root (NotFoundError otherwise)."""
+    def image_file(self, image_id: int) -> tuple[Path, os.stat_result]:
+        """The file of an indexed image, inside the image root, and its stat: NotFoundError if it is gone or lies
+        outside, StaleFileError if it cannot be read."""
+        path = self._image_path(image_id)
+        return path, stat_readable(path)
+
+    def thumbnail(self, image_id: int, size: int | None) -> tuple[Path, str]:
+        """(cached JPEG path, cache key usable as an ETag) of an indexed image's thumbnail. NotFoundError as for
+        :meth:`image_file`; StaleFileError if the file no longer decodes (changed since it was indexed)."""
+        wanted = size or self.settings.thumbnail_size
+        side = next((s for s in THUMBNAIL_SIZES if s >= wanted), THUMBNAIL_SIZES[-1])
+        return self.thumbnails.get(self._image_path(image_id), side)
+
+    def _image_path(self, image_id: int) -> Path:
         state = self.runtime.require()
         record = self._record(state, image_id)
         if state.image_root is None:
@@ -220,12 +236,6 @@ class SearchService:
                 "the server does not know the image folder (no indexer run recorded): set CLIPSEARCH_IMAGE_ROOT"
             )
         return resolve_image_path(state.image_root, record.path)
-
-    def thumbnail(self, image_id: int, size: int | None) -> tuple[Path, str]:
-        """(cached JPEG path, cache key usable as an ETag) of an indexed image's thumbnail."""
-        wanted = size or self.settings.thumbnail_size
-        side = next((s for s in THUMBNAIL_SIZES if s >= wanted), THUMBNAIL_SIZES[-1])
-        return self.thumbnails.get(self.image_file(image_id), side)
 
     # --- operations ----------------------------------------------------------------------------------------------
 

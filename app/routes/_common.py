@@ -7,10 +7,12 @@ from typing import Any
 from ..schemas import ErrorResponse
 
 _ERRORS: dict[int, str] = {
+    400: "the body cannot be parsed as multipart form data (no boundary, broken framing, too many or too large parts)",
     401: "missing or wrong API key",
     403: "switched off by the server's settings",
     404: "unknown image id, or its file is gone",
-    409: "conflicts with what the server is doing (a reindex already runs)",
+    409: "conflicts with the server's state: a reindex already runs (admin), or the indexed file no longer reads as "
+    "an image (changed since it was indexed: run the indexer)",
     413: "body over the upload limit, or an image with too many pixels",
     415: "not an image, or a format the server does not accept",
     422: "invalid parameters or undecodable image",
@@ -25,4 +27,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 QUERY_ERRORS = errors(401, 422, 503)
 ID_ERRORS = errors(401, 404, 422, 503)
-UPLOAD_ERRORS = errors(401, 413, 415, 422, 503)
+# routes that read a JSON body: the body limit applies (413)
+TEXTS_BODY_ERRORS = errors(401, 413, 422, 503)
+ID_BODY_ERRORS = errors(401, 404, 413, 422, 503)
+UPLOAD_ERRORS = errors(400, 401, 413, 415, 422, 503)

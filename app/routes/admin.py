@@ -10,13 +10,14 @@ from ..deps import AdminAccess, ReindexerDep, ServiceDep, SettingsDep
 from ..errors import ConflictError
 from ..reindex import indexer_command
 from ..schemas import ReindexStatus
+from ..strict_json import StrictJSONRoute
 from ._common import errors
 
-router = APIRouter(prefix="/api/admin", tags=["admin"], dependencies=[AdminAccess])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/api/admin", tags=["admin"], dependencies=[AdminAccess])
 
 
 @router.post(
-    "/reindex", response_model=ReindexStatus, status_code=202, responses=errors(401, 403, 409), summary="Reindex"
+    "/reindex", response_model=ReindexStatus, status_code=202, responses=errors(401, 403, 409, 422), summary="Reindex"
 )
 def start_reindex(
     service: ServiceDep,

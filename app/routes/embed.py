@@ -6,13 +6,14 @@ from fastapi import APIRouter
 
 from ..deps import ReadAccess, ServiceDep
 from ..schemas import EmbeddingResponse, EmbedTextRequest
-from ._common import QUERY_ERRORS, UPLOAD_ERRORS
+from ..strict_json import StrictJSONRoute
+from ._common import TEXTS_BODY_ERRORS, UPLOAD_ERRORS
 from .search import Upload
 
-router = APIRouter(prefix="/api/embed", tags=["embeddings"], dependencies=[ReadAccess])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/api/embed", tags=["embeddings"], dependencies=[ReadAccess])
 
 
-@router.post("/text", response_model=EmbeddingResponse, responses=QUERY_ERRORS, summary="Texts -> embeddings")
+@router.post("/text", response_model=EmbeddingResponse, responses=TEXTS_BODY_ERRORS, summary="Texts -> embeddings")
 def embed_text(request: EmbedTextRequest, service: ServiceDep) -> EmbeddingResponse:
     """One unit-norm row per text, in the order given (texts over the context are cut; see `truncated`)."""
     return service.embed_texts(request.texts)

@@ -5,6 +5,7 @@ Files are looked up by catalog id only, never by a client-supplied path (see ``a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,17 +14,19 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from ..deps import ReadAccess, ServiceDep, SettingsDep
-from ..schemas import MAX_ID, ImageEmbedding, ImageInfo, SearchResponse
-from ._common import ID_ERRORS
+from ..schemas import MAX_ID, DecimalInteger, ImageEmbedding, ImageInfo, SearchResponse
+from ..strict_json import StrictJSONRoute
+from ._common import ID_ERRORS, errors
 from .search import K, MinScore
 
-router = APIRouter(prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
 
-ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="image id from a search result")]
+ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="image id from a search result"), DecimalInteger]
 FILE_MAX_AGE_S = 3600
 THUMBNAIL_MAX_AGE_S = 86400
 _IMAGE_RESPONSES = {
     **ID_ERRORS,
+    **errors(409),
     200: {"content": {"image/*": {}}, "description": "the image"},
     304: {"description": "not modified (If-None-Match matched the ETag)"},
 }
@@ -33,11 +36,13 @@ def _cache_control(settings: SettingsDep, max_age: int) -> str:
     return f"{'private' if settings.api_key else 'public'}, max-age={max_age}"
 
 
-def _conditional(request: Request, path: Path, etag: str, cache_control: str, media_type: str | None) -> Response:
+def _conditional(
+    request: Request, path: Path, etag: str, cache_control: str, media_type: str | None, stat: os.stat_result | None
+) -> Response:
     headers = {"ETag": etag, "Cache-Control": cache_control}
     if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, headers=headers, media_type=media_type)
+    return FileResponse(path, headers=headers, media_type=media_type, stat_result=stat)
 
 
 @router.get("/{image_id}", response_model=ImageInfo, responses=ID_ERRORS, summary="Image metadata")
@@ -49,10 +54,9 @@ def image_info(image_id: ImageId, service: ServiceDep) -> ImageInfo:
 @router.get("/{image_id}/file", response_class=FileResponse, responses=_IMAGE_RESPONSES, summary="The image file")
 def image_file(image_id: ImageId, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     """The original file, with an ETag (size + mtime) for conditional requests. Example: `GET /api/images/7/file`"""
-    path = service.image_file(image_id)
-    stat = path.stat()
+    path, stat = service.image_file(image_id)
     etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
-    return _conditional(request, path, etag, _cache_control(settings, FILE_MAX_AGE_S), None)
+    return _conditional(request, path, etag, _cache_control(settings, FILE_MAX_AGE_S), None, stat)
 
 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse, responses=_IMAGE_RESPONSES, summary="Thumbnail")
@@ -62,12 +66,14 @@ def thumbnail(
     service: ServiceDep,
     settings: SettingsDep,
     size: Annotated[
-        int | None, Query(ge=16, le=1024, description="side in pixels, rounded up to 64, 128, 256, 512 or 1024")
+        int | None,
+        Query(ge=16, le=1024, description="side in pixels, rounded up to 64, 128, 256, 512 or 1024"),
+        DecimalInteger,
     ] = None,
 ) -> Response:
     """A JPEG fitted in `size` x `size`, generated once and cached. Example: `GET /api/images/7/thumbnail?size=256`"""
     path, key = service.thumbnail(image_id, size)
-    return _conditional(request, path, f'"{key}"', _cache_control(settings, THUMBNAIL_MAX_AGE_S), "image/jpeg")
+    return _conditional(request, path, f'"{key}"', _cache_control(settings, THUMBNAIL_MAX_AGE_S), "image/jpeg", None)
 
 
 @router.get("/{image_id}/similar", response_model=SearchResponse, responses=ID_ERRORS, summary="More like this")

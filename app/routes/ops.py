@@ -8,8 +8,10 @@ from fastapi.responses import JSONResponse
 from ..deps import ReadAccess, ServiceDep
 from ..metrics import CONTENT_TYPE, Metrics
 from ..schemas import ReadyResponse, Stats
+from ..strict_json import StrictJSONRoute
+from ._common import errors
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=StrictJSONRoute, tags=["operations"])
 
 
 @router.get("/livez", summary="Liveness")
@@ -31,7 +33,7 @@ def readyz(service: ServiceDep) -> Response:
     return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
 
 
-@router.get("/api/stats", response_model=Stats, dependencies=[ReadAccess], tags=["operations"], summary="Index stats")
+@router.get("/api/stats", response_model=Stats, dependencies=[ReadAccess], responses=errors(401), summary="Index stats")
 def stats(service: ServiceDep) -> Stats:
     """Model, weights checksum, generation, when it was built, and how many images and texts it holds."""
     return service.stats()

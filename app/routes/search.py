@@ -7,13 +7,23 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 
 from ..deps import ReadAccess, ServiceDep
-from ..schemas import K_FIELD, MAX_K, MIN_SCORE_FIELD, NOT_BLANK, TEXT_FIELD_MAX, CombinedQuery, SearchResponse
-from ._common import ID_ERRORS, QUERY_ERRORS, UPLOAD_ERRORS
+from ..schemas import (
+    K_FIELD,
+    MAX_K,
+    MIN_SCORE_FIELD,
+    NOT_BLANK,
+    TEXT_FIELD_MAX,
+    CombinedQuery,
+    DecimalInteger,
+    SearchResponse,
+)
+from ..strict_json import StrictJSONRoute
+from ._common import ID_BODY_ERRORS, QUERY_ERRORS, UPLOAD_ERRORS
 
-router = APIRouter(prefix="/api/search", tags=["search"], dependencies=[ReadAccess])
+router = APIRouter(route_class=StrictJSONRoute, prefix="/api/search", tags=["search"], dependencies=[ReadAccess])
 
-K = Annotated[int, Query(ge=1, le=MAX_K, description=K_FIELD.description)]
-MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description=MIN_SCORE_FIELD.description)]
+K = Annotated[int, Query(ge=1, le=MAX_K, description=K_FIELD.description), DecimalInteger]
+MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_FIELD.description)]
 QueryText = Annotated[
     str,
     Query(
@@ -24,7 +34,10 @@ QueryText = Annotated[
         examples=["a dog on a beach"],
     ),
 ]
-Upload = Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF image")]
+# minLength: an empty file is no image (refused with a 422), and the schema says so
+Upload = Annotated[
+    UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF image", json_schema_extra={"minLength": 1})
+]
 
 
 @router.get("", response_model=SearchResponse, responses=QUERY_ERRORS, summary="Text -> images")
@@ -45,7 +58,7 @@ def search_image(file: Upload, service: ServiceDep, k: K = 20, min_score: MinSco
     return service.search_upload(file.file.read(), k, min_score)
 
 
-@router.post("/combined", response_model=SearchResponse, responses=ID_ERRORS, summary="Weighted query arithmetic")
+@router.post("/combined", response_model=SearchResponse, responses=ID_BODY_ERRORS, summary="Weighted query arithmetic")
 def search_combined(query: CombinedQuery, service: ServiceDep) -> SearchResponse:
     """Images closest to a weighted sum of unit embeddings of texts and indexed images, e.g. "beach" + "sunset"
     - 0.5 "people". Parts with negative weights push results away from them."""

@@ -7,11 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query
 
 from ..deps import ReadAccess, ServiceDep
-from ..schemas import MAX_K, MAX_LABELS, NOT_BLANK, TEXT_FIELD_MAX, DescribeRequest, TextsResponse
-from ._common import ID_ERRORS, UPLOAD_ERRORS
+from ..schemas import MAX_K, MAX_LABELS, NOT_BLANK, TEXT_FIELD_MAX, DecimalInteger, DescribeRequest, TextsResponse
+from ..strict_json import StrictJSONRoute
+from ._common import ID_BODY_ERRORS, UPLOAD_ERRORS
 from .search import Upload
 
-router = APIRouter(prefix="/api/describe", tags=["image to text"], dependencies=[ReadAccess])
+router = APIRouter(
+    route_class=StrictJSONRoute, prefix="/api/describe", tags=["image to text"], dependencies=[ReadAccess]
+)
 
 Candidates = Annotated[
     list[Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]] | None,
@@ -19,7 +22,7 @@ Candidates = Annotated[
 ]
 
 
-@router.post("", response_model=TextsResponse, responses=ID_ERRORS, summary="Indexed image -> texts")
+@router.post("", response_model=TextsResponse, responses=ID_BODY_ERRORS, summary="Indexed image -> texts")
 def describe(request: DescribeRequest, service: ServiceDep) -> TextsResponse:
     """Top-k texts for an indexed image, by its stored embedding."""
     return service.describe_indexed(request.image_id, request.candidates, request.k)
@@ -30,7 +33,7 @@ def describe_upload(
     file: Upload,
     service: ServiceDep,
     candidates: Candidates = None,
-    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    k: Annotated[int, Query(ge=1, le=MAX_K), DecimalInteger] = 10,
 ) -> TextsResponse:
     """Top-k texts for an uploaded image. Example:
     `curl -F file=@cat.jpg -F candidates='a cat' -F candidates='a dog' 'http://localhost:8000/api/describe/upload'`

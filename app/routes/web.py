@@ -7,9 +7,11 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from ..strict_json import StrictJSONRoute
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=StrictJSONRoute, include_in_schema=False)
 
 
 @router.get("/")
