@@ -66,11 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_malloc()  # steadier encode times: activation buffers stay in the heap between calls
 
+    from .http_protocols import PROTOCOLS
     from .main import create_app
 
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, limit_concurrency=settings.limit_concurrency,
-        log_config=None, timeout_graceful_shutdown=10,
+        log_config=None, timeout_graceful_shutdown=10, http=PROTOCOLS[settings.http_parser],
     )  # fmt: skip
     server = uvicorn.Server(config)
     try:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     limit_concurrency: int = Field(256, ge=1, description="open connections before uvicorn answers 503")
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools", description="uvicorn's HTTP/1.1 parser: httptools (C, the default) or the pure-Python h11"
+    )
 
     api_key: SecretStr | None = Field(None, description="if set, every /api request needs it (X-API-Key header)")
     admin_api_key: SecretStr | None = Field(None, description="if set, admin endpoints need it; else they are off")

@@ -3,6 +3,7 @@ to over raw sockets where HTTP clients would be too polite (chunked bodies over 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -99,3 +100,43 @@ def test_clip_serve_explains_what_is_missing(tmp_path: Path, indexed: IndexedFol
     )  # fmt: skip
     assert missing_model.returncode == 1
     assert "cannot start" in missing_model.stderr and "nope.pt" in missing_model.stderr
+
+
+UNPARSEABLE = {
+    "Content-Length that is no number": b"POST /api/embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "header line without a colon": b"GET /livez HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "two Content-Lengths that differ": (
+        b"POST /livez HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    ),
+}
+
+
+def json_error(answer: bytes) -> dict[str, object]:
+    """The JSON body of a 400 the HTTP layer answered (status, content type and length checked)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    assert status_of(answer) == 400, answer[:300]
+    assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body), headers
+    detail = json.loads(body)
+    assert isinstance(detail, dict) and "invalid HTTP request" in detail["detail"]
+    return detail
+
+
+def test_the_http_layer_refuses_unparseable_requests_with_json(
+    live_server: LiveServer, indexed: IndexedFolder, tmp_path: Path
+) -> None:
+    """uvicorn's parsers (httptools by default, h11 as the alternative) answer before the app runs: their 400s
+    are JSON like every other error."""
+    long_url = b"GET /api/search?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    for name, request in {**UNPARSEABLE, "100 KB URL": long_url}.items():
+        json_error(raw_request(live_server.url, request, []))
+        assert httpx.get(f"{live_server.url}/livez").status_code == 200, name
+    h11 = start_server(indexed.index_dir, tmp_path, {"CLIPSEARCH_HTTP_PARSER": "h11"})
+    try:
+        for request in UNPARSEABLE.values():
+            json_error(raw_request(h11.url, request, []))
+        assert httpx.get(f"{h11.url}/livez").status_code == 200
+    finally:
+        stop_server(h11)
+    assert "Traceback" not in h11.logs() + live_server.logs()
