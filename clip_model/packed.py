@@ -7,11 +7,9 @@ kernels inductor uses when it freezes a model) instead of re-reading a row-major
 Everything else is the float model's own. The arithmetic stays float32: outputs agree with the float model to
 float rounding (another summation order), the encoders keep their contracts.
 
-Measured (2 threads, AMD EPYC with AVX-512, torch 2.13 CPU, random weights; ``bench/bench_encoders.py`` has the
-model-level numbers): one ``[257, 1024] x [1024, 4096]`` layer (ViT-L/14 MLP, one image) 19.2 ms through
-``F.linear`` (MKL), 11.6 ms packed; ``[1600, 1024] x [1024, 3072]`` 74 vs 47 ms. Whole image towers, ours packed
-over ``transformers`` fp32 with the same weights: ViT-B/32 1.56x at batch 1 and 1.19x at batch 32, ViT-L/14 1.36x
-at batch 1 (the plain float model: 0.96x, 0.90x, 0.98x).
+Why: the large MLP and attention matrices are the bulk of a tower's work, and a packed layer multiplies them
+faster than ``F.linear`` (MKL) does; a packed image tower is faster than ``transformers`` float32 on the same
+weights, where the plain float model is not (see bench/README.md, "encoders").
 
 The packed copy is for inference only (the packed weights take no gradient) and CPU only; its state dict lacks
 the packed weights: save the float model. Where this torch has no oneDNN, :func:`pack_for_cpu` says so in the log

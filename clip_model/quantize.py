@@ -13,23 +13,14 @@ Activations: symmetric int8 with one scale per token (row), computed at every ca
 ``out = acc * token_scale * channel_scale + bias`` in float32. Outputs keep the encoders' contracts:
 ``encode_image``/``encode_text`` return float32 ``[B, embed_dim]``, unit-norm with ``normalize=True``.
 
-Measured (1 thread, Intel Xeon with AVX-512 VNNI + AMX int8, torch 2.13 CPU; random weights):
-
-- one ``[1600, 768] x [768, 3072]`` layer (ViT-B/32 MLP, batch 32): float32 52 ms; ``torch._int_mm`` alone 6.2 ms,
-  with per-token quantize + dequantize 10 ms; ``torch.ao.quantization.quantize_dynamic`` (fbgemm, per-tensor
-  activations) 16.8 ms, 17.1 ms with per-channel weights; bfloat16 ``F.linear`` 9.4 ms (AMX only; int8 also has
-  VNNI kernels on CPUs without AMX).
-- ViT-B/32 image tower, whole model, batch 32 (batch 1), medians of 5 interleaved runs on a shared machine:
-  this module 2.5x (2.4x) faster than float32; ``quantize_dynamic`` on the same layers (q/k/v split out as an
-  ``nn.Linear``) 1.9-2.0x (2.9x). Before rows were processed in chunks (``CHUNK_ROWS_PER_THREAD``) this module
-  was at 2.2-2.4x: the element-wise quantize/dequantize passes over [M, out] tensors cost about as much as the
-  int8 matmuls. fbgemm fuses them, which is why it wins at batch 1; ``torch.compile`` fuses ours (see
-  ``bench/bench_encoders.py``: 3.1x at batch 32, 3.5x at batch 1 over HF float32 at 1 thread).
-  Accuracy, 32 random images on scrambled random weights, min centred cosine to float32: this module 0.9949,
-  ``quantize_dynamic`` 0.9827 (per-tensor activations) and 0.9825 (with per-channel weights).
-
-Per-token scales won on accuracy and, from batch 8 up, on speed; ``torch.ao.quantization`` is also deprecated
-in torch 2.13 (its quantized tensor types are to be removed) and cannot see the fused ``in_proj`` matrix.
+Why this method: against ``torch.ao.quantization.quantize_dynamic`` (fbgemm, per-tensor activations, with or
+without per-channel weights), per-token scales are closer to float32 and, from batch 8 up, faster; fbgemm fuses its
+element-wise quantize/dequantize passes, which is why it wins at batch 1, and ``torch.compile`` fuses ours.
+bfloat16 ``F.linear`` needs AMX, while int8 also has VNNI kernels on CPUs without AMX. ``torch.ao.quantization``
+is also deprecated in torch 2.13 (its quantized tensor types are to be removed) and cannot see the fused
+``in_proj`` matrix. Left unchunked, the element-wise passes over ``[M, out]`` tensors cost about as much as the
+int8 matmuls, hence ``CHUNK_ROWS_PER_THREAD``. The towers' speed against float32 is the bench's "encoders"
+member, retrieval quality against float32 its "int8_quality" member (see bench/README.md).
 The quantized model is for inference only (no autograd through ``_int_mm``) and CPU only.
 """
 
@@ -47,8 +38,8 @@ MIN_SCALE = 1e-12  # scale of an all-zero row or channel, so that 0 / scale stay
 # Rows per step in eager mode, per torch thread: a chunk's activations ([128, 3072] float32 = 1.5 MiB a thread)
 # stay in the L2 cache from quantize through matmul, dequantize and (in Int8MLP) the activation and the next
 # layer's quantize. Rows are independent and the int32 products exact, so chunking changes no bit of the result.
-# Measured at 1 thread on a ViT-B/32 MLP at batch 32: 116 ms whole, 61 ms in chunks of 128 rows (256: 60, 512: 81,
-# 64: 72); the whole image tower 1.45 s whole, 1.22-1.27 s in chunks of 128 or 256.
+# 128 and 256 rows are the fastest chunks on a ViT-B/32 MLP at batch 32 (64 and 512 are slower, the whole batch
+# slowest).
 CHUNK_ROWS_PER_THREAD = 128
 
 
@@ -96,7 +87,7 @@ class Int8Linear(nn.Module):
         token_scale = peak.clamp_min_(MIN_SCALE).div_(INT8_MAX)  # [M, 1]; no abs(): one temporary less
         qrows = (rows / token_scale).round_().to(torch.int8)  # |rows / scale| <= 127 by construction
         acc = torch._int_mm(qrows, self.qweight.t())  # [M, out] int32, exact
-        out = acc.float() if out is None else out.copy_(acc)  # copy_ then mul_ beats one mixed-dtype mul by 30%
+        out = acc.float() if out is None else out.copy_(acc)  # copy_ then mul_ beats one mixed-dtype mul
         out.mul_(token_scale)
         if self.bias is None:
             return out.mul_(self.weight_scale)

@@ -3,10 +3,9 @@
 torch's CPU kernels run their parallel loops on OpenMP (libgomp in the CPU wheels). Each Python thread that runs a
 parallel loop gets its own team of OpenMP worker threads, which lives as long as that Python thread. libgomp lets
 idle workers spin (and so wake at once for the next loop) only while the process has no more OpenMP threads than
-CPUs; beyond that every worker sleeps on a futex between loops and each element-wise op pays a wake-up. Measured
-with 2 torch threads on 2 cores (Intel Xeon, torch 2.13 CPU): one int8 ViT-B/32 text query took 9.4 ms on the
-main thread but 24.8 ms on a second thread once the main thread had loaded the model (its team stayed alive); a
-200k-element multiply went from 14 to 119 us. Eight queries: 18.9 vs 59 ms.
+CPUs; beyond that every worker sleeps on a futex between loops and each element-wise op pays a wake-up. On a
+small model the wake-ups outweigh the arithmetic: once the main thread has loaded a model (its team stays alive),
+a text query encoded on a second thread is several times slower than on the main thread.
 
 So a server that encodes on one inference thread must keep every other long-lived thread from starting a team:
 

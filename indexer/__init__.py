@@ -1,1 +1,1 @@
-"""Offline indexer: image folder -> index directory (built in the indexer issue)."""
+"""Offline indexer: image folder -> index directory."""

@@ -26,11 +26,10 @@ IDMAP_PREFIX = "IDMap2,"
 HNSW_EF_SEARCH = 128  # HNSW candidate list length at query time (faiss default 16 loses recall at k=100)
 HNSW_MAX_EF_SEARCH = 4096  # the most calibration may raise efSearch to
 # Exact (flat) search scans the database once per query when queries x dim < this many floats, and uses one
-# matrix product per block of queries (BLAS) otherwise. FAISS 1.15 raised it from 20 queries to 128,000 floats
-# (250 queries of 512-d), so a batch of 8-64 queries costs 8-64 full scans. Measured at 100,000 x 512, one thread
-# (bench/bench_index_types.py, ms per batch of 1 / 8 / 32 / 64): default 17.8 / 140 / 534 / 1055, this value
-# 16.5 / 41.8 / 62 / 84, always BLAS (1) 36 / 41 / 61 / 82. One query is 2x faster as a scan, 3+ as a product (2
-# break even), so only 1-2 queries of 512-d (1 of 768-d or 1024-d) scan. With 2 threads and 1 query FAISS splits
+# matrix product per block of queries (BLAS) otherwise. With FAISS's default (128,000 floats since 1.15: 250
+# queries of 512-d) a batch of 8-64 queries costs 8-64 full scans. One query is faster as a scan, three or more as
+# a product (two break even), so only 1-2 queries of 512-d (1 of 768-d or 1024-d) scan (see bench/README.md,
+# "index_types", which times the three thresholds). With 2 threads and 1 query FAISS splits
 # the database between threads whatever this value is. Process-wide; set on import, so that the indexer and the
 # server (which imports this module through indexer.store) both get it.
 BLAS_THRESHOLD_FLOATS = 1536

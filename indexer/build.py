@@ -414,9 +414,9 @@ def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
 def default_workers(precision: str = "fp32") -> int:
     """Decode worker processes for a build, by what decoding costs beside encoding per image.
 
-    fp32: encoding costs several times what decoding a draft-scaled photo does (ViT-B/32 on 3000x2000 JPEGs:
-    ~18 vs ~75 images/s on 2 cores), so the workers only fill the encoder's gaps: all cores but one. int8: the two
-    cost about the same (~55 vs ~75 images/s), so half the cores. The encoder's streams use every core besides
+    fp32: encoding a photo costs several times what decoding it draft-scaled does, so the workers only fill the
+    encoder's gaps: all cores but one. int8: the two cost about the same, so half the cores (see bench/README.md,
+    "indexer" and "indexer_int8", which report both rates). The encoder's streams use every core besides
     (:func:`default_encode_threads`): they are single-threaded on small machines and wait at no barrier, so the
     scheduler can share cores between them and the workers."""
     cores = os.cpu_count() or 2
@@ -428,9 +428,8 @@ def default_workers(precision: str = "fp32") -> int:
 def default_encode_threads() -> int:
     """Torch threads for encoding, split into :func:`default_streams`: one per core.
 
-    Measured on 2 cores, 2,000 3000x2000 JPEGs, ViT-B/32 (``bench/bench_indexer.py``): int8 with 1 decode worker
-    and 2 streams of one thread 30.9 images/s end to end, with 1 worker and one stream of one thread (each stage
-    on its own core, the default before) 27.9."""
+    Every core, shared with the decode workers: end to end this beats keeping a core for the encoder alone (the
+    end-to-end rate: bench/README.md, "indexer_int8")."""
     return os.cpu_count() or 2
 
 

@@ -1,20 +1,19 @@
 """Which FAISS index a collection gets, and the search-time knob that makes it meet the recall target.
 
 ``choose_index(n, dim, memory_budget)`` is the rule, a pure function re-applied at every publish (a collection
-that grows past a threshold switches type). The numbers behind it (``bench/bench_index_types.py``, CLIP-like
-512-d vectors, one FAISS thread on a 2-core machine; ``bench/README.md``):
+that grows past a threshold switches type). Its thresholds follow the bench's "index_types" member (CLIP-like
+512-d vectors, one FAISS thread; see bench/README.md, "index_types"):
 
-* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: a query scans 4*dim bytes per vector: p50 1.6-2.2 ms at 20,000 x 512,
-  5.8-11 ms at 50,000, 16-18 ms at 100,000, 170 ms at 1M (and 2 GB). Below the threshold it is fast enough, exact,
-  and needs no training.
+* ``Flat`` (exact) up to ``FLAT_MAX_VECTORS``: a query scans 4*dim bytes per vector, so its time grows with the
+  collection. Below the threshold it is fast enough, exact, and needs no training.
 * Above it, ``IVF{nlist},SQ8``: ``nlist`` is the power of two nearest ``IVF_LISTS_PER_SQRT_N * sqrt(n)`` (2048 at
   1M), with at least ``IVF_MIN_POINTS_PER_LIST`` vectors per list; the coarse quantizer trains on a seeded sample
-  of ``_faiss_io.TRAIN_POINTS_PER_LIST`` vectors per list. At 1M: built in 45 s on one core (4096 lists: 128 s,
-  for 1.2 instead of 1.9 ms per query), 515 MB (Flat: 1,961 MB), recall@10 0.966 at the calibrated nprobe=12 with
-  p50 1.9 ms. HNSW32 reaches the same recall at 0.4 ms but takes 347 s to build (at every publish) and 2.2 GB;
-  SQfp16 codes double the memory for a higher recall ceiling (0.997 vs 0.98) that the 0.95 target does not need.
+  of ``_faiss_io.TRAIN_POINTS_PER_LIST`` vectors per list. More lists would build longer for a modestly faster
+  query. SQ8 codes take about a quarter of Flat's memory and reach the recall target at a small nprobe. HNSW32
+  answers faster at the same recall but takes several times as long to build (at every publish) and more memory
+  than Flat; SQfp16 codes double the memory for a higher recall ceiling that the target does not need.
 * Under a memory budget that SQ8 does not fit, smaller codes (SQ6, SQ4, 4-bit fast-scan PQ), which may not reach
-  the target (PQ256x4fs: recall@10 ~0.5-0.74 at any nprobe): the calibration then records what they reach.
+  the target (PQ256x4fs stays well below it at any nprobe): the calibration then records what they reach.
   Collections too small for IVF lists use the same codes without lists.
 * Vectors without cluster structure (uniform random, the ANN worst case) need nearly every IVF list; when the
   calibrated nprobe exceeds ``MAX_PROBE_SHARE`` of the lists, :func:`build_calibrated` publishes Flat instead.
@@ -41,8 +40,8 @@ from ._faiss_io import FaissIndex
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"  # the factory "string" that asks for choose_index
-FLAT_MAX_VECTORS = 20_000  # exact search up to here: ~2 ms per query on one core at 512-d
-IVF_LISTS_PER_SQRT_N = 2  # 1M vectors: 2048 lists, trained in ~30 s on one core (4*sqrt(n): 4x that)
+FLAT_MAX_VECTORS = 20_000  # exact search up to here (its query time: bench/README.md, "index_types")
+IVF_LISTS_PER_SQRT_N = 2  # 1M vectors: 2048 lists (more lists: a longer build for a modestly faster query)
 IVF_MIN_LISTS = 16  # fewer lists than this is no index: exhaustive codes instead
 IVF_MAX_LISTS = 16_384  # training cost grows with nlist^2; past ~10M vectors use a bigger machine or IVF-PQ
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
@@ -50,7 +49,7 @@ PQ_MIN_VECTORS = 16 * IVF_MIN_POINTS_PER_LIST  # 4-bit PQ trains 16 centroids pe
 TARGET_RECALL = 0.95  # recall@10 against exact search that a published index must reach
 RECALL_MARGIN = 0.01  # calibrate to TARGET_RECALL + this, for the sampling error of the measurement
 RECALL_K = 10
-RECALL_QUERIES = 200  # queries of the recall measurement (exact search over 1M x 512 for 200 queries: ~10 s)
+RECALL_QUERIES = 200  # queries of the recall measurement (their exact answers are recomputed at every publish)
 QUERY_NOISE = 0.5  # query = normalize(v + QUERY_NOISE * g / sqrt(dim)), g ~ N(0, I): cos(query, v) ~ 0.9
 RECALL_SEED = 0
 GROUND_TRUTH_CHUNK = 65_536  # catalog rows per exact-score matrix product (200 x 65536 float32 = 52 MB)
@@ -60,8 +59,8 @@ KNOB_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 # direct map entry (8)
 OVERHEAD_BYTES_PER_VECTOR = 72
 # an auto-chosen IVF that needs more than this share of its lists to reach the target scans most of the collection
-# anyway (vectors without cluster structure, e.g. uniform random): exact Flat is then about as fast (1M uniform
-# 512-d: nprobe 2048 of 2048 214 ms, Flat 205 ms; half the lists: 66 ms) and is used instead, budget permitting
+# anyway (vectors without cluster structure, e.g. uniform random): exact Flat is then about as fast, and is used
+# instead, budget permitting
 MAX_PROBE_SHARE = 0.5
 
 

@@ -9,8 +9,8 @@ input file.
 ``streams`` > 1 encodes that many batches at once, each on a thread of its own with ``stream_threads`` torch
 threads, instead of one batch at a time on the calling thread with all of its threads. Independent single-threaded
 streams scale where one batch over several threads does not: every parallel op ends in a barrier, and an op over a
-chunk of a small model is too short to pay for it (measured on 2 cores, ViT-B/32, batch 32: int8 34 images/s with
-one stream of 2 threads, 49 with 2 streams of one thread, 27.5 with one thread; fp32 17.5 vs 18.9 vs 10.0).
+chunk of a small model is too short to pay for it (see bench/README.md, "indexer" and "indexer_int8": one stream
+over every thread against the default streams).
 A stream holds its batch's activations, so memory grows with the count.
 """
 

@@ -472,7 +472,7 @@ class _Trainer:
         module = ContrastiveModule(model, options.loss, dtype).to(device)
         optimizer = torch.optim.AdamW(
             param_groups(module, options.weight_decay), lr=options.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
-        )  # fused: one kernel over all parameters (on CPU, 9 ms instead of 46 ms a step for the demo model)
+        )  # fused: one kernel over all parameters instead of several per tensor, a large share of a small model's step
         scheduler = warmup_cosine(optimizer, options.warmup_steps, options.steps)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         trainer = cls(options, world, module, module, optimizer, scheduler, scaler)
