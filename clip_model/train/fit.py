@@ -387,15 +387,6 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield order[first : first + self.local].tolist()
 
 
-def batch_indices(num_pairs: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices into the training pairs of the global batch of optimizer step ``step`` (0-based)."""
-    per_epoch = num_pairs // batch_size
-    if per_epoch < 1:
-        raise DatasetError(f"batch size {batch_size} is larger than the {num_pairs} training pairs")
-    epoch, batch = divmod(step, per_epoch)
-    return _epoch_order(num_pairs, seed, epoch)[batch * batch_size : (batch + 1) * batch_size].tolist()
-
-
 def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch))
 

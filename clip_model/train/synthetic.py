@@ -129,9 +129,9 @@ class ShapeRecord:
     def attributes(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in ATTRIBUTES}
 
-    def to_pair(self, caption: str | None = None) -> Pair:
-        """A :class:`~clip_model.train.data.Pair` with this record's caption (or ``caption``) and shape label."""
-        return Pair(self.path, self.caption if caption is None else caption, self.label)
+    def to_pair(self) -> Pair:
+        """A :class:`~clip_model.train.data.Pair` with this record's caption and shape label."""
+        return Pair(self.path, self.caption, self.label)
 
 
 def combinations(split: Split) -> list[tuple[str, str]]:
@@ -172,11 +172,6 @@ def attribute_query(record: ShapeRecord | Mapping[str, str], fields: Sequence[st
     if "background" in fields:
         text += f" on a {values['background']} background"
     return _ARTICLE.sub("an ", text)
-
-
-def query_pairs(records: Sequence[ShapeRecord], fields: Sequence[str] = ("size", "color", "shape")) -> list[Pair]:
-    """The records as pairs captioned with :func:`attribute_query` (shared captions, for attribute retrieval)."""
-    return [record.to_pair(attribute_query(record, fields)) for record in records]
 
 
 def render(

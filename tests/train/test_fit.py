@@ -29,7 +29,8 @@ from clip_model.train.fit import (
     ContrastiveModule,
     FitError,
     FitOptions,
-    batch_indices,
+    StepBatchSampler,
+    _World,
     fit,
     split_pairs,
     trim_tokens,
@@ -174,7 +175,8 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(shapes_data: Path, tmp_p
     path = clip_model.save_checkpoint(pretrained, tmp_path / "pretrained.safetensors")
     result = fit(options(shapes_data, path, tmp_path / "run", steps=2))
     pairs = read_pairs(shapes_data)
-    batch = [PairDataset(pairs, preprocess)[i] for i in batch_indices(len(pairs), BATCH, seed=0, step=0)]
+    first_batch = next(iter(StepBatchSampler(len(pairs), BATCH, seed=0, start=0, stop=1, world=_World())))
+    batch = [PairDataset(pairs, preprocess)[i] for i in first_batch]
     images, tokens = torch.stack([b[0] for b in batch]), trim_tokens(torch.stack([b[1] for b in batch]))
     with torch.no_grad():
         image_features = F.normalize(pretrained.encode_image(images), dim=-1)
@@ -247,11 +249,19 @@ def test_schedule_warms_up_linearly_then_decays_along_a_cosine_to_zero() -> None
     assert seen == pytest.approx([0.5 * lr_factor(s, warmup, total) for s in range(12)])
 
 
+def global_batches(seed: int, start: int, stop: int, world: _World | None = None) -> list[list[int]]:
+    """The batches of steps ``[start, stop)`` over ``SHAPES_COUNT`` pairs, as ``fit`` draws them."""
+    return list(StepBatchSampler(SHAPES_COUNT, BATCH, seed, start, stop, world or _World()))
+
+
 def test_data_order_is_a_function_of_seed_and_step_and_the_split_of_nothing_else() -> None:
-    first = [batch_indices(SHAPES_COUNT, BATCH, seed=0, step=s) for s in range(4)]  # one epoch
+    first = global_batches(seed=0, start=0, stop=4)  # one epoch
     assert sorted(i for batch in first for i in batch) == list(range(SHAPES_COUNT))
-    assert batch_indices(SHAPES_COUNT, BATCH, seed=0, step=4) != first[0]  # a new permutation each epoch
-    assert batch_indices(SHAPES_COUNT, BATCH, seed=1, step=0) != first[0]
+    assert global_batches(seed=0, start=4, stop=5)[0] != first[0]  # a new permutation each epoch
+    assert global_batches(seed=1, start=0, stop=1)[0] != first[0]
+    assert global_batches(seed=0, start=2, stop=6) == [*first[2:], *global_batches(seed=0, start=4, stop=6)]  # resume
+    halves = [global_batches(seed=0, start=0, stop=4, world=_World(rank, 2)) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*halves, strict=True)] == first  # each rank takes its slice of the global batch
     pairs = [Pair(Path(f"{i}.png"), f"caption {i}") for i in range(40)]
     train, val = split_pairs(pairs, 0.25)
     assert len(val) == 10 and len(train) == 30 and split_pairs(pairs, 0.25) == (train, val)
