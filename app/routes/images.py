@@ -5,6 +5,7 @@ Files are looked up by catalog id only, never by a client-supplied path (see ``a
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,9 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from ..deps import ReadAccess, ServiceDep, SettingsDep
-from ..schemas import MAX_ID, DecimalInteger, ImageEmbedding, ImageInfo, SearchResponse
+from ..schemas import MAX_ID, DecimalInteger, ErrorResponse, ImageEmbedding, ImageInfo, SearchResponse
 from ..strict_json import StrictJSONRoute
 from ._common import ID_ERRORS, errors
 from .search import K, MinScore
@@ -28,8 +30,40 @@ _IMAGE_RESPONSES = {
     **ID_ERRORS,
     **errors(409),
     200: {"content": {"image/*": {}}, "description": "the image"},
+    206: {
+        "content": {"image/*": {}, "multipart/byteranges": {}},
+        "description": "the byte ranges a Range header asked",
+    },
     304: {"description": "not modified (If-None-Match matched the ETag)"},
+    400: {"model": ErrorResponse, "description": "malformed Range header"},
+    416: {"model": ErrorResponse, "description": "Range beyond the end of the file (Content-Range gives its size)"},
 }
+RANGE_REFUSALS = {400, 416}
+
+
+class ImageFileResponse(FileResponse):
+    """A FileResponse whose refusals of a Range header (400 malformed, 416 unsatisfiable), which Starlette sends as
+    plain text, have a JSON ``{"detail": ...}`` body like every other error (their other headers are kept)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal: Message | None = None
+
+        async def json_refusals(message: Message) -> None:
+            nonlocal refusal
+            if message["type"] == "http.response.start" and message["status"] in RANGE_REFUSALS:
+                refusal = message  # held back until its body says why
+                return
+            if refusal is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            reason = message.get("body", b"").decode("utf-8", "replace") or "the Range asks for bytes past the end"
+            body = json.dumps({"detail": f"Range header refused: {reason}"}).encode("utf-8")
+            kept = [(k, v) for k, v in refusal["headers"] if k.lower() not in (b"content-type", b"content-length")]
+            headers = [*kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**refusal, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await super().__call__(scope, receive, json_refusals)
 
 
 def _cache_control(settings: SettingsDep, max_age: int) -> str:
@@ -42,7 +76,7 @@ def _conditional(
     headers = {"ETag": etag, "Cache-Control": cache_control}
     if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    return FileResponse(path, headers=headers, media_type=media_type, stat_result=stat)
+    return ImageFileResponse(path, headers=headers, media_type=media_type, stat_result=stat)
 
 
 @router.get("/{image_id}", response_model=ImageInfo, responses=ID_ERRORS, summary="Image metadata")

@@ -364,3 +364,16 @@ def test_a_wrong_method_lists_every_method_of_the_path(hostile: TestClient) -> N
     assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
     assert response.json() == {"detail": "Method Not Allowed"}
     assert hostile.delete("/api/search").headers["allow"] == "GET"
+
+
+def test_range_refusals_are_json_and_ranges_still_work(hostile: TestClient, indexed: IndexedFolder, red: int) -> None:
+    data = indexed.files["red/red_0.jpg"].read_bytes()
+    part = hostile.get(f"/api/images/{red}/file", headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == data[:10]
+    for header, status in [("bytes=abc", 400), ("bytes=9-1", 400), ("pages=1-2", 400), ("bytes=99999999-", 416)]:
+        for url in (f"/api/images/{red}/file", f"/api/images/{red}/thumbnail"):
+            response = hostile.get(url, headers={"Range": header})
+            assert response.status_code == status and response.headers["content-type"] == "application/json", url
+            assert response.json()["detail"].startswith("Range header refused"), response.text
+    beyond = hostile.get(f"/api/images/{red}/file", headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.headers["content-range"] == f"bytes */{len(data)}"
