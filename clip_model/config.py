@@ -93,9 +93,6 @@ class CLIPConfig:
             name=data.get("name"),
         )
 
-    def with_activation(self, activation: Activation) -> CLIPConfig:
-        return dataclasses.replace(self, activation=activation)
-
     def with_preprocess(self, preprocess: PreprocessConfig) -> CLIPConfig:
         return dataclasses.replace(self, preprocess=preprocess)
 
