@@ -1,7 +1,7 @@
 # make serve IMAGES=~/Pictures [ARGS="--model /models/ViT-B-32.pt --port 8080"]: index a folder and serve it
 # make demo [ARGS="--port 8080"]: offline demo: train (or reuse) the shapes model, index its images, serve
 # make test [ARGS="tests/app -k search"]: build .venv, lint, type-check, run the whole test suite
-# make bench [ARGS="--only server,encoders --workdir /var/tmp/bench"]: the benchmark suite (bench/suite.py)
+# make bench [ARGS="--only server,encoders --workdir /var/tmp/bench"]: the benchmark suite (python -m bench.suite)
 # make bench-smoke: every benchmark at tiny sizes (what CI runs through tests/test_bench_smoke.py)
 serve:
 	@test -n "$(IMAGES)" || { echo "usage: make serve IMAGES=/path/to/photos [ARGS='--model ... --port ...']" >&2; exit 2; }
@@ -17,9 +17,9 @@ env:
 	scripts/env.sh
 
 bench: env
-	.venv/bin/python bench/suite.py $(ARGS)
+	.venv/bin/python -m bench.suite $(ARGS)
 
 bench-smoke: env
-	.venv/bin/python bench/suite.py --smoke $(ARGS)
+	.venv/bin/python -m bench.suite --smoke $(ARGS)
 
 .PHONY: serve demo test env bench bench-smoke

@@ -1,6 +1,6 @@
 """Emoji CLIP: a small CLIP trained from scratch on two emoji styles, evaluated on a third style it never saw.
 
-Run from the repository root: ``.venv/bin/python bench/bench_emoji.py --workdir /some/cache [--quick]``.
+Run from the repository root: ``.venv/bin/python -m bench.bench_emoji --workdir /some/cache [--quick]``.
 
 Data: the npm packages ``emoji-datasource-{google,twitter,apple}`` (``EMOJI_VERSION``) ship the same 1,911 emoji
 drawn by three vendors, with one ``emoji.json`` (name, short names, category). ``npm pack`` fetches them into
@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import random
 import resource
 import subprocess
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -52,13 +50,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_indexer import machine_info
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from bench.bench_int8_quality import compare
+from bench.common import new_results, results_file, workdir_or_temporary, write_json
 from clip_model.preprocess import WHITE, to_rgb
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "bench" / "results"
 EMOJI_VERSION = "16.0.0"
 TRAIN_STYLES = ("google", "twitter")
 EVAL_STYLE = "apple"
@@ -126,7 +123,7 @@ VARIANTS = {
         Variant("m-plain-aug4", ARCH_M, steps=480, warmup_steps=80, augment=4),
     )
 }
-DEFAULT_VARIANT = "s-plain-aug4-long"  # the best on apple so far (bench/README.md)
+DEFAULT_VARIANT = "s-plain-aug4-long"  # the best on apple (bench/README.md, "emoji")
 QUICK_STEPS = 60
 AUGMENT_VERSION = 1  # bump when augment_image changes: augmented folders of another version are regenerated
 CHUNK_STEPS = 200  # steps per fit call; each ends in a training checkpoint that the next call resumes from
@@ -435,8 +432,6 @@ def run_variant(variant: Variant, data: Path, runs: Path) -> dict[str, Any]:
     with torch.inference_mode():
         metrics = {split: evaluate_split(model, preprocess, *paths) for split, paths in splits.items()}
     eval_seconds = time.perf_counter() - started
-    from bench_int8_quality import compare
-
     from clip_model.train.evaluate import read_eval_pairs
 
     int8 = compare(model_path, read_eval_pairs(*splits[EVAL_STYLE]), f"{EVAL_STYLE} style, names")
@@ -531,9 +526,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print("data:", flush=True)
     summary = build_datasets(workdir)
     data = summary.pop("root")
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+    results = new_results() | {
         "data": summary,
         "chance": {EVAL_STYLE: chance_levels(data / "apple", data / "apple" / "captions.jsonl")},
         "variants": [],
@@ -542,20 +535,15 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print(f"{variant.name} ({variant.steps} steps):", flush=True)
         results["variants"].append(run_variant(variant, data, workdir / "runs"))
     print_table(results)
-    name = "-".join(filter(None, ["emoji", datetime.date.today().isoformat(), "quick" if args.quick else "", args.tag]))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {RESULTS_DIR / name}.json")
+    path = results_file("emoji", "quick" if args.quick else "", args.tag)
+    write_json(path, results)
+    print(f"\nwrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args, args.workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="bench_emoji_") as tmp:
-        run(args, Path(tmp))
+    with workdir_or_temporary(args.workdir, "bench_emoji_") as workdir:
+        run(args, workdir)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Encoder speed on the CPU: our CLIP towers against Hugging Face ``transformers``, float32, int8 and compiled.
 
-Run from the repository root: ``.venv/bin/python bench/bench_encoders.py [--threads 2] [--repeat 3] [--smoke]``.
+Run from the repository root: ``.venv/bin/python -m bench.bench_encoders [--threads 2] [--repeat 3] [--smoke]``.
 With random weights (identical on both sides), per architecture (``--archs``, default ViT-B/32 and ViT-L/14,
 OpenAI's quick-GELU configs) and batch size (``--batches``, default 1 and 32):
 
@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
 import statistics
 import tempfile
@@ -56,19 +54,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from bench_indexer import RESULTS_DIR, machine_info, summary
 
 import clip_model
+from bench.common import RESULTS_DIR, fill_unset, median_min_max, new_results, results_file, summary, write_json
+from bench.inputs import TINY
 from clip_model.config import CLIPConfig, get_config
 from clip_model.hf_convert import convert_hf_state_dict
 from clip_model.malloc import tune_malloc
 
 ARCHS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}  # openai/clip-vit-*: quick GELU
-TINY = {  # --smoke
-    "embed_dim": 32,
-    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 256},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
 PROMPT = "a photo of a dog"
 QUALITY_COUNTS = ("one", "two", "three", "four", "five", "six", "seven", "many")  # x QUALITY_THINGS: 64 prompts
 QUALITY_THINGS = ("dogs", "cats", "red cars", "old houses", "mountains", "boats", "children", "birds")
@@ -316,7 +310,7 @@ def measure(settings: Settings) -> dict[str, Any]:
     """Run every measurement ``settings`` asks for; returns the results dict (what the JSON file holds)."""
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
-    results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
+    results = new_results()
     results["settings"] = {**settings.__dict__, "transformers": transformers.__version__}
     results["archs"] = {}
     configs = (
@@ -331,17 +325,13 @@ def measure(settings: Settings) -> dict[str, Any]:
     return results
 
 
-def _mm(s: dict[str, Any], fmt: str = ".1f") -> str:
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def _rates(s: dict[str, Any]) -> str:
     """images/s with 3 significant digits, without exponents: 0.477, 23.6, 7136."""
-    return _mm(s, ".0f" if s["min"] >= 100 else ".1f" if s["min"] >= 10 else ".3g")
+    return median_min_max(s, ".0f" if s["min"] >= 100 else ".1f" if s["min"] >= 10 else ".3g")
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The results as markdown tables (also what ``bench/suite.py`` puts in its report)."""
+    """The results as markdown tables (also what ``bench.suite`` puts in its report)."""
     machine, settings = results["machine"], results["settings"]
     lines = [f"{machine['cpu']}, {settings['threads']} threads, torch {machine['torch']}, "
              f"transformers {settings['transformers']}; malloc {results.get('malloc')}", "",
@@ -350,7 +340,7 @@ def markdown(results: dict[str, Any]) -> str:
     for arch, data in results["archs"].items():
         for batch, b in data["image"].items():
             for name, rate in b["images_per_s"].items():
-                ratio = _mm(b["vs_hf_fp32"][name], ".2f") if name in b["vs_hf_fp32"] else "1"
+                ratio = median_min_max(b["vs_hf_fp32"][name], ".2f") if name in b["vs_hf_fp32"] else "1"
                 first = f"{b['compile'][name]['first_call_s']:.1f}" if name in b["compile"] else ""
                 cos = b.get("int8_centred_cosine_min", {}).get(name)
                 cos_text = "" if cos is None else f"{cos:.4f}"
@@ -358,7 +348,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| model | variant | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     for arch, data in results["archs"].items():
         for name, lat in data["text"]["latency_ms"].items():
-            lines.append(f"| {arch} | {name} | {_mm(lat['p50'], '.2f')} | {_mm(lat['p99'], '.2f')} |")
+            p50, p99 = median_min_max(lat["p50"], ".2f"), median_min_max(lat["p99"], ".2f")
+            lines.append(f"| {arch} | {name} | {p50} | {p99} |")
     lines.append("")
     for arch, data in results["archs"].items():
         t, parity = data["text"], data["parity_max_abs_diff"]
@@ -398,9 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.archs) - set(ARCHS)
     if unknown:
         parser.error(f"unknown --archs {sorted(unknown)}; choose from {', '.join(ARCHS)}")
-    for key, value in (SMOKE if args.smoke else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
     return args
 
 
@@ -418,14 +407,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = measure(settings)
     results["malloc"] = malloc
     print("\n" + markdown(results))
-    name = "-".join(
-        filter(None, ["encoders", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag])
-    )
     with tempfile.TemporaryDirectory(prefix="bench_encoders_") as tmp:
         out_dir = (args.workdir or Path(tmp)) if args.smoke else RESULTS_DIR  # smoke: bench/results/ stays untouched
-        path = args.out or out_dir / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        path = results_file("encoders", "smoke" if args.smoke else "", args.tag, out=args.out, folder=out_dir)
+        write_json(path, results)
         print(f"\nwrote {path} ({results['wall_s']:.0f} s in all)")
     return results
 

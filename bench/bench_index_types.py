@@ -1,6 +1,6 @@
 """Index types at scale: Flat vs HNSW vs IVF (SQ8, fp16, 4-bit PQ) and the indexer's auto choice, at 100k and 1M.
 
-Run from the repository root: ``.venv/bin/python bench/bench_index_types.py --workdir /some/cache [--sizes 100000]``
+Run from the repository root: ``.venv/bin/python -m bench.bench_index_types --workdir /some/cache [--sizes 100000]``
 (``--smoke``: tiny sizes, < 60 s, for CI). Three parts:
 
 - ``blas``: exact (IDMap2,Flat) search over 100,000 x 512 CLIP-like vectors for batches of 1, 8, 32 and 64
@@ -19,25 +19,20 @@ Run from the repository root: ``.venv/bin/python bench/bench_index_types.py --wo
   the calibration, and its row shows the knob it picked, the recall it recorded, and the recall and speed on the
   held-out queries.
 
-Data (``make_clip_like``, version ``GENERATOR_VERSION``): CLIP embeddings are not uniform on the sphere, which is
-the worst case for every ANN index; they sit in a narrow cone (mean pairwise cosine ~0.5) with a fast-decaying
-spectrum and topic clusters. The generator draws a Gaussian mixture of ``CLUSTERS`` centres with lognormal
-weights, centres and within-cluster noise both shaped by a per-axis standard deviation ~ 1/sqrt(1 + j) in a random
-rotation, adds a shared mean direction and normalizes: mean pairwise cosine 0.50, nearest-neighbour cosine of a
-query ~0.87 at 20k vectors, top 10 of 512 principal axes carry 42% of the variance. Queries are fresh draws from the
-same mixture, never in the index. Uniform random unit vectors are measured as the worst case. Vectors, queries and
-exact neighbours are cached in ``--workdir`` (2 GB per 1M x 512 data set).
+Data: CLIP-like vectors (:func:`bench.inputs.make_clip_like`: clustered, in a narrow cone, with a fast-decaying
+spectrum, as real CLIP embeddings are) and, as the worst case for every ANN index, unit vectors uniform on the
+sphere (:func:`bench.inputs.make_uniform`). Queries are fresh draws from the same distribution, never in the index.
+Vectors, queries and exact neighbours are cached in ``--workdir`` (2 GB per 1M x 512 data set).
 
 Timings are medians over ``--repeat`` repetitions with min-max. Builds are repeated ``--repeat`` times up to
 200,000 vectors and once above (an HNSW graph over 1M x 512 takes tens of minutes on 2 cores). Results: a markdown
 table on stdout (``markdown(results)``, also the suite's report) and JSON in
-``bench/results/index-types-<date>[-tag].json`` (or ``--out``).
+``bench/results/index-types-<date>[-tag].json`` (or ``--out``; ``--results-dir`` for another folder).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -50,19 +45,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_indexer import machine_info as base_machine_info
-from bench_indexer import summary
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import (
+    REPO,
+    RESULTS_DIR,
+    median_min_max,
+    new_results,
+    proc_status_kb,
+    results_file,
+    summary,
+    workdir_or_temporary,
+    write_json,
+)
+from bench.inputs import (
+    CENTRE_WEIGHT,
+    CLUSTERS,
+    GENERATOR_VERSION,
+    MEAN_WEIGHT,
+    NOISE_WEIGHT,
+    SPECTRUM_POWER,
+    make_clip_like,
+    make_uniform,
+)
 
-RESULTS_DIR = REPO / "bench" / "results"
-GENERATOR_VERSION = 1  # bump when make_clip_like changes: cached vectors of another version are not reused
-CLUSTERS = 3000
-MEAN_WEIGHT, CENTRE_WEIGHT, NOISE_WEIGHT = 1.0, 0.8, 0.6
-SPECTRUM_POWER = 0.5  # per-axis standard deviation ~ (1 + j) ** -SPECTRUM_POWER
-GEN_CHUNK = 100_000  # rows generated per matrix product
 GT_CHUNK = 100_000  # catalog rows per exact-score product
 K = 10
 TARGET_RECALL = 0.95
@@ -98,47 +103,6 @@ def factory_for(kind: str, n: int, dim: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-
-
-def make_clip_like(n: int, dim: int, seed: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [n, dim], queries [n_queries, dim]) float32 unit rows from the CLIP-like mixture (module doc).
-
-    The mixture (rotation, spectrum, mean, centres, weights) depends on ``dim`` and ``seed`` only; vectors and
-    queries are independent draws from it, so a prefix of the vectors is a sample of the same distribution."""
-    rng = np.random.default_rng(seed)
-    rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
-    spectrum = (1.0 + np.arange(dim)) ** -SPECTRUM_POWER
-    spectrum = (spectrum / np.linalg.norm(spectrum)).astype(np.float32)  # total variance 1
-    mean = rng.standard_normal(dim).astype(np.float32)
-    mean /= np.linalg.norm(mean)
-    centres = (rng.standard_normal((CLUSTERS, dim)).astype(np.float32) * spectrum) @ rotation.T
-    weights = rng.lognormal(0.0, 1.0, CLUSTERS)
-    weights /= weights.sum()
-
-    def draw(count: int, draw_rng: np.random.Generator) -> np.ndarray:
-        out = np.empty((count, dim), dtype=np.float32)
-        for start in range(0, count, GEN_CHUNK):
-            m = min(GEN_CHUNK, count - start)
-            labels = draw_rng.choice(CLUSTERS, size=m, p=weights)
-            noise = (draw_rng.standard_normal((m, dim)).astype(np.float32) * spectrum) @ rotation.T
-            x = MEAN_WEIGHT * mean + CENTRE_WEIGHT * centres[labels] + NOISE_WEIGHT * noise
-            out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return out
-
-    return draw(n, np.random.default_rng(seed + 1)), draw(n_queries, np.random.default_rng(seed + 2))
-
-
-def make_uniform(n: int, dim: int, seed: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors uniform on the sphere (normalized Gaussians): no structure for an index to exploit."""
-
-    def draw(count: int, rng: np.random.Generator) -> np.ndarray:
-        out = np.empty((count, dim), dtype=np.float32)
-        for start in range(0, count, GEN_CHUNK):
-            x = rng.standard_normal((min(GEN_CHUNK, count - start), dim)).astype(np.float32)
-            out[start : start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return out
-
-    return draw(n, np.random.default_rng(seed + 1)), draw(n_queries, np.random.default_rng(seed + 2))
 
 
 def dataset_files(workdir: Path, dataset: str, n: int, dim: int, n_queries: int) -> dict[str, Path]:
@@ -187,14 +151,6 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
-
-
-def rss_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def reset_peak_rss() -> None:
@@ -286,7 +242,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"kind": kind, "factory": factory, "n": n, "dim": dim}
     build_times, index = [], None
     reset_peak_rss()
-    rss_before, peak_before = rss_kb(), rss_kb("VmHWM")
+    rss_before, peak_before = proc_status_kb("self", "VmRSS"), proc_status_kb("self", "VmHWM")
     builds = repeat if n <= CHEAP_BUILD_MAX else 1
     built = None
     for build in range(builds):
@@ -299,8 +255,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             index = _faiss_io.build_index(ids, vectors, dim, factory)
         build_times.append(time.perf_counter() - started)
         if build == 0:
-            result["rss_delta_mb"] = (rss_kb() - rss_before) / 1024
-            result["rss_peak_delta_mb"] = (rss_kb("VmHWM") - max(rss_before, peak_before)) / 1024
+            result["rss_delta_mb"] = (proc_status_kb("self", "VmRSS") - rss_before) / 1024
+            result["rss_peak_delta_mb"] = (proc_status_kb("self", "VmHWM") - max(rss_before, peak_before)) / 1024
     result["build_s"] = summary(build_times)
     with tempfile.TemporaryDirectory(dir=spec["workdir"]) as tmp:
         path = Path(tmp) / "index.faiss"
@@ -333,7 +289,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`child` in a fresh interpreter (its RSS is the index's alone); its last stdout line is JSON."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    command = [sys.executable, "-m", "bench.bench_index_types", "--child", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:
         return {"kind": spec["kind"], "n": spec["n"], "error": done.stderr.strip().splitlines()[-5:]}
@@ -394,11 +350,11 @@ def bench_flat_scaling(
 # ---------------------------------------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    """``bench_indexer.machine_info`` plus what matters for FAISS: load average and FAISS's compile options."""
+def faiss_machine_info() -> dict[str, Any]:
+    """What matters for FAISS beside :func:`bench.common.machine_info`: the load average and FAISS's compile options."""
     import faiss
 
-    return base_machine_info() | {"loadavg": os.getloadavg(), "faiss_compile_options": faiss.get_compile_options()}
+    return {"loadavg": os.getloadavg(), "faiss_compile_options": faiss.get_compile_options()}
 
 
 def operating_point(result: dict[str, Any]) -> dict[str, Any]:
@@ -413,9 +369,6 @@ def operating_point(result: dict[str, Any]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     """The markdown tables of ``results`` (printed at the end of a run, and the suite's report section)."""
 
-    def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
-        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
     lines: list[str] = []
     threads = results["settings"]["threads"]
     blas = results.get("blas")
@@ -426,7 +379,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("|---|---|" + "---|" * len(batches))
         for count, settings in blas["ms"].items():
             for name, per_batch in settings.items():
-                cells = " | ".join(mm(per_batch[str(b)], ".1f") for b in batches)
+                cells = " | ".join(median_min_max(per_batch[str(b)], ".1f") for b in batches)
                 lines.append(f"| {count} | {name} ({blas['thresholds'][name]}) | {cells} |")
         lines.append("")
     scaling = results.get("flat_scaling")
@@ -435,7 +388,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| vectors | " + " | ".join(f"{t} thread(s)" for t in threads) + " |")
         lines.append("|---|" + "---|" * len(threads))
         for n, per in scaling.items():
-            lines.append(f"| {int(n):,} | " + " | ".join(mm(per[f"{t}t"]["p50_ms"]) for t in threads) + " |")
+            lines.append(
+                f"| {int(n):,} | " + " | ".join(median_min_max(per[f"{t}t"]["p50_ms"]) for t in threads) + " |"
+            )
         lines.append("")
     if not results.get("indexes"):
         return "\n".join(lines)
@@ -457,9 +412,9 @@ def markdown(results: dict[str, Any]) -> str:
         single1, single_n = point[f"single_{t1}t"], point[f"single_{tn}t"]
         cells = [
             row["dataset"], f"{row['n']:,}", row["kind"], row["factory"].removeprefix("IDMap2,"),
-            mm(row["build_s"], ".1f"), f"{row['index_mb']:.1f}",
+            median_min_max(row["build_s"], ".1f"), f"{row['index_mb']:.1f}",
             f"{row['rss_delta_mb']:.0f} ({row['rss_peak_delta_mb']:.0f})", params, f"{point['recall']:.3f}",
-            mm(single1["p50_ms"]), f"{single1['p99_ms']['median']:.2f}", mm(single_n["p50_ms"]),
+            median_min_max(single1["p50_ms"]), f"{single1['p99_ms']['median']:.2f}", median_min_max(single_n["p50_ms"]),
             f"{single_n['p99_ms']['median']:.2f}", f"{point[f'batch{BATCH}_qps_{tn}t']['median']:.0f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -512,9 +467,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     datasets = [d for d in args.datasets.split(",") if d]
     flat_max = index_choice.FLAT_MAX_VECTORS if args.flat_max is None else args.flat_max
     skip = {tuple(s.split(":")) for s in args.skip.split(",") if s}
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+    results = new_results()
+    results["machine"] |= faiss_machine_info()
+    results |= {
         "settings": {"sizes": sizes, "dim": args.dim, "queries": args.queries, "datasets": datasets,
                      "repeat": args.repeat, "threads": threads, "build_threads": args.build_threads,
                      "flat_max": flat_max, "generator": {"version": GENERATOR_VERSION, "clusters": CLUSTERS,
@@ -559,17 +514,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         print(f"  {row['factory']}: build {row['build_s']['median']:.1f} s, {point.get('params')}, "
                               f"recall {point.get('recall', 0):.3f} ({row['wall_s']:.0f} s)", flush=True)  # fmt: skip
     print("\n" + markdown(results))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.out}")
-    elif not args.no_write:
-        name = "-".join(
-            filter(None, ["index-types", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag])
+    if args.out is not None or not args.no_write:
+        path = results_file(
+            "index-types", "smoke" if args.smoke else "", args.tag, out=args.out, folder=args.results_dir
         )
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        (args.results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.results_dir / name}.json")
+        write_json(path, results)
+        print(f"\nwrote {path}")
     return results
 
 
@@ -579,11 +529,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return {}
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return run(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="bench_index_types_") as tmp:
-        return run(args, Path(tmp))
+    with workdir_or_temporary(args.workdir, "bench_index_types_") as workdir:
+        return run(args, workdir)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Indexer speed: end-to-end images/s against its two ceilings, the no-op rerun, and the JPEG draft's cosine.
 
-Run from the repository root: ``.venv/bin/python bench/bench_indexer.py [--images 2000] [--only pipeline]``.
+Run from the repository root: ``.venv/bin/python -m bench.bench_indexer [--images 2000] [--only pipeline]``.
 Benchmarks, each repeated ``--repeat`` times (medians with min-max are reported):
 
 - ``pipeline``: on ``--images`` generated photo-like JPEGs of ``--size`` with a random-weight ViT-B/32, measured in
@@ -30,12 +30,10 @@ torch and the indexer are imported inside functions, so that the ``--noop-profil
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,17 +49,21 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "bench" / "results"
+from bench.common import (
+    REPO,
+    RESULTS_DIR,
+    median_min_max,
+    new_results,
+    results_file,
+    summary,
+    workdir_or_temporary,
+    write_json,
+)
+from bench.inputs import MODEL_ARCH, tiny_model, vit_model
+
 CORPUS_VERSION = 1  # bump when make_photo changes: cached photos of another version are not reused
 PHOTO_QUALITY = 90
 PHOTO_SUBSAMPLING = 2  # Pillow's code for 4:2:0 chroma subsampling, what cameras write
-MODEL_ARCH = "ViT-B-32-quickgelu"
-TINY = {  # tests/indexer/conftest.py's tiny CLIP: the initial no-op index builds in about a minute
-    "embed_dim": 32,
-    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
 NOOP_SIDE = 64  # pixels, no-op corpus images
 FILES_PER_DIR = 1000
 SINGLE_PROCESS_IMAGES = 300  # photos decoded in this process for the single-core decode rate
@@ -70,7 +72,6 @@ DRAFT_SAMPLE = 50
 RATIO_TARGET = 0.85
 NOOP_TARGET_S = 10.0
 SMOKE_IMAGES, SMOKE_SIZE, SMOKE_NOOP_FILES = 60, (640, 480), FILES_PER_DIR  # --smoke: seconds, not minutes
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS")
 
 
 # ---------------------------------------------------------------------------------------------------------- corpus
@@ -160,21 +161,6 @@ def small_folder(workdir: Path, count: int) -> Path:
     return root
 
 
-def saved_model(workdir: Path, name: str, make: Callable[[], Any]) -> Path:
-    import clip_model
-
-    path = workdir / f"{name}.safetensors"
-    if not path.exists():
-        clip_model.save_checkpoint(make().eval(), path)
-    return path
-
-
-def vit_model(workdir: Path) -> Path:
-    import clip_model
-
-    return saved_model(workdir, f"{MODEL_ARCH}-seed0", lambda: clip_model.create_model(MODEL_ARCH, seed=0)[0])
-
-
 def noop_model(args: argparse.Namespace, workdir: Path) -> Path:
     """The model of the no-op and full-build benchmarks (``--noop-model``): ViT-B/32 (random weights) or tiny."""
     return vit_model(workdir) if args.noop_model == "vit" else tiny_model(workdir)
@@ -185,18 +171,7 @@ def pipeline_model(args: argparse.Namespace, workdir: Path) -> Path:
     return tiny_model(workdir) if args.model == "tiny" else vit_model(workdir)
 
 
-def tiny_model(workdir: Path) -> Path:
-    import clip_model
-    from clip_model.config import CLIPConfig
-
-    return saved_model(workdir, "tiny-seed0", lambda: clip_model.create_model(CLIPConfig.from_dict(TINY), seed=0)[0])
-
-
 # -------------------------------------------------------------------------------------------------------- pipeline
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
 def decode_rate_pool(root: Path, files: Sequence[Any], spec: Any, workers: int) -> tuple[float, list[Any]]:
@@ -466,7 +441,7 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             flush=True,
         )
     cli = [sys.executable, "-m", "indexer", "build", str(root), "--index-dir", str(index_dir), "--model", str(model)]
-    profile = [sys.executable, str(Path(__file__).resolve()), "--noop-profile", str(root), str(index_dir), str(model)]
+    profile = [sys.executable, "-m", "bench.bench_indexer", "--noop-profile", str(root), str(index_dir), str(model)]
     totals, startups, phases, peaks = [], [], [], []
     for rep in range(args.repeat):
         elapsed, _, peak_mb = _child(cli)
@@ -548,64 +523,31 @@ def bench_draft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------- main
 
 
-def machine_info() -> dict[str, Any]:
-    import faiss
-    import PIL
-    import torch
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo", encoding="utf-8") as info:
-        mem_kb = int(info.readline().split()[1])
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)),
-        "memory_gb": mem_kb / 2**20,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "faiss": faiss.__version__,
-        "platform": platform.platform(),
-        "env": {name: os.environ[name] for name in MALLOC_ENV if name in os.environ},
-    }
-
-
-def mm(s: dict[str, Any], fmt: str = ".2f") -> str:
-    """A summary() as "median (min-max)"."""
-    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
-
 def print_table(results: dict[str, Any]) -> None:
     if "pipeline" in results:
         p = results["pipeline"]
         print(f"\npipeline: {p['settings']}")
-        print(f"  decode+preprocess, {results['machine']['nproc']} worker processes  {mm(p['decode_pool'])} images/s")
-        print(f"  decode+preprocess, 1 process            {mm(p['decode_single'])} images/s")
-        print(f"  encode alone (the faster of the two)    {mm(p['encode'])} images/s")
+        processes = f"{results['machine']['nproc']} worker processes"
+        print(f"  decode+preprocess, {processes}  {median_min_max(p['decode_pool'])} images/s")
+        print(f"  decode+preprocess, 1 process            {median_min_max(p['decode_single'])} images/s")
+        print(f"  encode alone (the faster of the two)    {median_min_max(p['encode'])} images/s")
         if "encode_streams" in p:
-            print(f"    one batch at a time, every core       {mm(p['encode_one_stream'])} images/s")
+            print(f"    one batch at a time, every core       {median_min_max(p['encode_one_stream'])} images/s")
             streams = f"{p['settings']['ceiling_streams']} streams"
-            print(f"    {streams:34s}    {mm(p['encode_streams'])} images/s")
-        print(f"  bound 1/(1/decode + 1/encode)           {mm(p['bound'])} images/s")
-        print(f"  end to end (build_index)                {mm(p['end_to_end'])} images/s")
-        print(f"  ratio to the bound (target >= {RATIO_TARGET})     {mm(p['ratio'], '.3f')}")
+            print(f"    {streams:34s}    {median_min_max(p['encode_streams'])} images/s")
+        print(f"  bound 1/(1/decode + 1/encode)           {median_min_max(p['bound'])} images/s")
+        print(f"  end to end (build_index)                {median_min_max(p['end_to_end'])} images/s")
+        print(f"  ratio to the bound (target >= {RATIO_TARGET})     {median_min_max(p['ratio'], '.3f')}")
     if "full" in results:
         print(f"\n{full_summary(results['full'])}")
     if "noop" in results:
         n = results["noop"]
         print(
-            f"\nno-op rerun over {n['files']} files ({n.get('model')}): {mm(n['total_s'])} s "
-            f"(target < {NOOP_TARGET_S} s), peak RSS {mm(n['peak_rss_mb'], '.0f')} MB"
+            f"\nno-op rerun over {n['files']} files ({n.get('model')}): {median_min_max(n['total_s'])} s "
+            f"(target < {NOOP_TARGET_S} s), peak RSS {median_min_max(n['peak_rss_mb'], '.0f')} MB"
         )
         for key, value in n["breakdown_s"].items():
-            print(f"  {key:28s} {mm(value)} s")
+            print(f"  {key:28s} {median_min_max(value)} s")
     if "draft" in results:
         d = results["draft"]
         print(
@@ -615,7 +557,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"max {d['crop_abs_diff_levels']['max']} levels"
         )
         rates = d["decode_images_per_s_1proc"]
-        print(f"  decode, 1 process: draft {mm(rates['draft'])} images/s, no draft {mm(rates['no_draft'])} images/s")
+        print(
+            f"  decode, 1 process: draft {median_min_max(rates['draft'])} images/s, "
+            f"no draft {median_min_max(rates['no_draft'])} images/s"
+        )
 
 
 def full_summary(full: dict[str, Any]) -> str:
@@ -639,15 +584,16 @@ def markdown(results: dict[str, Any]) -> str:
             "| decode ceiling img/s | encode ceiling img/s | bound img/s | end to end img/s | ratio (target >= "
             f"{RATIO_TARGET}) |",
             "| --- | --- | --- | --- | --- |",
-            f"| {mm(p['decode_pool'])} | {mm(p['encode'])} | {mm(p['bound'])} | {mm(p['end_to_end'])} "
-            f"| {mm(p['ratio'], '.3f')} |",
+            "| "
+            + " | ".join(median_min_max(p[key]) for key in ("decode_pool", "encode", "bound", "end_to_end"))
+            + f" | {median_min_max(p['ratio'], '.3f')} |",
             "",
         ]
     if "noop" in results:
         n = results["noop"]
         lines.append(
-            f"No-op rerun over {n['files']} files ({n['model']}): {mm(n['total_s'])} s (target < {n['target_s']:g} s),"
-            f" indexer peak RSS {mm(n['peak_rss_mb'], '.0f')} MB."
+            f"No-op rerun over {n['files']} files ({n['model']}): {median_min_max(n['total_s'])} s "
+            f"(target < {n['target_s']:g} s), indexer peak RSS {median_min_max(n['peak_rss_mb'], '.0f')} MB."
         )
     if "full" in results:
         lines.append(full_summary(results["full"]))
@@ -702,17 +648,15 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     args.workers = default_workers(args.precision) if args.workers is None else args.workers
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
+    results = new_results()
     benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft, "full": bench_full}
     for name, bench in benches.items():
         if args.only == name or (args.only is None and name != "full"):  # the full build only when asked
             print(f"{name}:", flush=True)
             results[name] = bench(args, workdir)
     print_table(results)
-    name = "-".join(filter(None, ["indexer", datetime.date.today().isoformat(), args.only, args.tag]))
-    path = args.out or (workdir if args.smoke else RESULTS_DIR) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    path = results_file("indexer", args.only, args.tag, out=args.out, folder=workdir if args.smoke else RESULTS_DIR)
+    write_json(path, results)
     print(f"\nwrote {path}")
 
 
@@ -724,12 +668,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from clip_model.malloc import tune_malloc
 
     tune_malloc()  # as clip-index and clip-serve do
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args, args.workdir)
-        return
-    with tempfile.TemporaryDirectory(prefix="bench_indexer_") as tmp:
-        run(args, Path(tmp))
+    with workdir_or_temporary(args.workdir, "bench_indexer_") as workdir:
+        run(args, workdir)
 
 
 if __name__ == "__main__":

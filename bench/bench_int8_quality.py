@@ -2,23 +2,22 @@
 
 Random weights say nothing about retrieval quality, so this runs on trained weights: ``--demo`` trains (or reuses,
 from the demo cache) the demo model and evaluates on its test split; ``--model PATH --data DIR`` evaluates any
-checkpoint on any captioned folder (what ``clip-train eval`` reads). ``bench_emoji.py`` calls :func:`compare` on
-the emoji model it trains. For each precision (``clip_model.load(..., precision=...)`` on the same file):
+checkpoint on any captioned folder (what ``clip-train eval`` reads). :mod:`bench.bench_emoji` calls :func:`compare`
+on the emoji model it trains. For each precision (``clip_model.load(..., precision=...)`` on the same file):
 
 - recall@1/5/10 text->image and image->text over the folder's captions (relevance: caption equality, as
   ``clip-train eval``), and for the demo also over attribute queries ("a small red circle", as its e2e test);
 - top-10 overlap with fp32: for every query, |top-10 of int8 & top-10 of fp32| / 10, averaged, in both directions;
 - the cosine of each int8 embedding to its fp32 one after subtracting the fp32 batch mean (min and median).
 
-Targets (issue 6): recall within 1 point of fp32 and top-10 overlap >= 0.9. Usage::
+Targets: recall within 1 point of fp32 and top-10 overlap >= 0.9. Run from the repository root::
 
-    .venv/bin/python bench/bench_int8_quality.py --demo [--out bench/results/int8-quality-demo.json]
+    .venv/bin/python -m bench.bench_int8_quality --demo [--out bench/results/int8-quality-demo-<date>.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -29,12 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-
-import clip_model  # noqa: E402
-from clip_model.train.data import Pair  # noqa: E402
-from clip_model.train.evaluate import encode_dataset, read_eval_pairs, retrieval_metrics  # noqa: E402
+import clip_model
+from bench.common import write_json
+from bench.inputs import tiny_model
+from clip_model.train.data import Pair
+from clip_model.train.evaluate import encode_dataset, read_eval_pairs, retrieval_metrics
 
 PRECISIONS = ("fp32", "int8")
 OVERLAP_K = 10
@@ -107,8 +105,6 @@ def demo_reports(out_dir: Path | None) -> tuple[Path, list[dict[str, Any]]]:
 
 def smoke_reports(workdir: Path) -> tuple[Path, list[dict[str, Any]]]:
     """A tiny random model on 40 generated shapes: checks the script, says nothing about quality."""
-    from bench_indexer import tiny_model
-
     from clip_model.train import synthetic
 
     split = workdir / "shapes-smoke"
@@ -159,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, reports = args.model, [compare(args.model, read_eval_pairs(args.data), "captions")]
     results = {"model": str(model), "torch_threads": torch.get_num_threads(), "reports": reports}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, results)
     sys.stdout.write(markdown(results) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Folder scan speed: ``indexer.scan.iter_images`` over 100,000 tiny files, median of 3 runs after one warm-up.
 
-Run from the repository root: ``.venv/bin/python bench/bench_scan.py [FOLDER]``. Without a folder, 100,000 one-byte
+Run from the repository root: ``.venv/bin/python -m bench.bench_scan [FOLDER]``. Without a folder, 100,000 one-byte
 files (1,000 per directory, every tenth not an image) are written into a temporary directory first. The runs are
 warm-cache: this measures the scan's own cost (the no-op rerun of the indexer), not a cold disk.
 """

@@ -1,17 +1,17 @@
 """Search server under load: text queries over loopback HTTP, requests/s and latency at several concurrencies.
 
-Run from the repository root: ``.venv/bin/python bench/bench_server.py [--workdir DIR] [--vectors 100000]
+Run from the repository root: ``.venv/bin/python -m bench.bench_server [--workdir DIR] [--vectors 100000]
 [--duration 20] [--concurrency 1,8,32] [--repeat 3] [--smoke]``. Needs ``wrk`` (Debian: ``apt-get install wrk``).
 
 What is measured, per concurrency level C (each repeated ``--repeat`` times after an uncounted warm-up):
 
 - ``wrk -t min(C, 2) -c C`` against ``GET /api/search?q=...&k=10`` of ``python -m app`` (a subprocess, the
   server exactly as ``clip-serve`` runs it) over an index of ``--vectors`` images with ViT-B/32 (random weights;
-  synthetic unit vectors, CLIP-like by default (``--vectors-kind``), catalogued as a finished build leaves them,
-  with the FAISS index type the indexer picks for that size; ``--factory`` forces one). ``bench/wrk_search.lua``
-  sends a distinct query text on every request, so the text-embedding cache never hits and each request pays for
-  one text encode and one FAISS search, both shared with the requests waiting at the same time (one encoder call
-  and one search call per micro-batch).
+  synthetic unit vectors from :mod:`bench.inputs`, CLIP-like by default (``--vectors-kind``), catalogued as a
+  finished build leaves them, with the FAISS index type the indexer picks for that size; ``--factory`` forces
+  one). ``bench/wrk_search.lua`` sends a distinct query text on every request, so the text-embedding cache never
+  hits and each request pays for one text encode and one FAISS search, both shared with the requests waiting at
+  the same time (one encoder call and one search call per micro-batch).
 - requests/s, latency p50/p90/p99/max (wrk's, client side, ms), errors: non-2xx responses plus wrk's socket errors
   (connect, read, write, timeout; wrk's ``status`` errors are a subset of non-2xx and not added twice).
 - From the server's ``/metrics``, read before and after each run: mean text encode time per encoder call, mean
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import hashlib
 import json
 import os
@@ -39,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -48,8 +46,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_indexer import MODEL_ARCH, REPO, RESULTS_DIR, machine_info, summary, vit_model
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.common import (
+    REPO,
+    RESULTS_DIR,
+    fill_unset,
+    median_min_max,
+    new_results,
+    proc_status_kb,
+    results_file,
+    summary,
+    workdir_or_temporary,
+    write_json,
+)
+from bench.inputs import MODEL_ARCH, make_clip_like, make_uniform, vit_model
 
 WRK_SCRIPT = REPO / "bench" / "wrk_search.lua"
 WRK_MAX_THREADS = 2  # wrk threads = min(concurrency, this): the client must not take every core
@@ -83,13 +94,11 @@ def seeded_index(
 ) -> Path:
     """An index directory of ``count`` catalogued images with synthetic unit vectors, built once and cached.
 
-    Like ``bench_indexer.seed_index`` but with no files behind the rows: fake relative paths, sizes, mtimes and
-    content hashes, the model's provenance, then one published generation. ``vectors_kind``: ``clip-like``
-    (``bench_index_types.make_clip_like``: clustered, fast-decaying spectrum, like real CLIP embeddings; what an
+    Like ``bench.bench_indexer.seed_index`` but with no files behind the rows: fake relative paths, sizes, mtimes
+    and content hashes, the model's provenance, then one published generation. ``vectors_kind``: ``clip-like``
+    (:func:`bench.inputs.make_clip_like`: clustered, fast-decaying spectrum, like real CLIP embeddings; what an
     approximate index is calibrated on at publish) or ``uniform`` on the sphere (the worst case for IVF/HNSW).
     """
-    from bench_index_types import make_clip_like, make_uniform
-
     from indexer.build import load_model
     from indexer.store import Catalog, WriterLock, current_generation, publish, read_manifest
 
@@ -129,18 +138,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    """A ``/proc/<pid>/status`` field in kB (VmRSS, VmHWM), 0 once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -397,10 +394,6 @@ def bench_level(wrk: str, url: str, sampler: RssSampler, concurrency: int, args:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def _mm(stats: dict[str, Any], fmt: str = ".1f") -> str:
-    return f"{stats['median']:{fmt}} ({stats['min']:{fmt}}-{stats['max']:{fmt}})"
-
-
 def target_lines(levels: dict[str, dict[str, Any]]) -> list[str]:
     """Each target next to the measured median: 'ok' or 'MISS' (nothing is asserted)."""
 
@@ -434,9 +427,12 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print(header)
     for concurrency, level in results["levels"].items():
+        rps, p50, p99, top = (
+            median_min_max(level[key], ".1f")
+            for key in ("requests_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms")
+        )
         print(
-            f"{concurrency:>4}  {_mm(level['requests_per_s']):>19}  {_mm(level['latency_p50_ms']):>19}"
-            f"  {_mm(level['latency_p99_ms']):>19}  {_mm(level['latency_max_ms']):>22}"
+            f"{concurrency:>4}  {rps:>19}  {p50:>19}  {p99:>19}  {top:>22}"
             f"  {level['errors']['max']:>6g}  {level['encode_ms_mean']['median']:>9.1f}"
             f"  {level['batch_mean']['median']:>5.2f}  {level['search_ms_mean']['median']:>9.2f}"
             f"  {level['search_batch_mean']['median']:>7.2f}"
@@ -461,9 +457,11 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for concurrency, level in results["levels"].items():
+        rps, p50, p99 = (
+            median_min_max(level[key], ".1f") for key in ("requests_per_s", "latency_p50_ms", "latency_p99_ms")
+        )
         lines.append(
-            f"| {concurrency} | {_mm(level['requests_per_s'])} | {_mm(level['latency_p50_ms'])} "
-            f"| {_mm(level['latency_p99_ms'])} | {level['errors']['max']:g} "
+            f"| {concurrency} | {rps} | {p50} | {p99} | {level['errors']['max']:g} "
             f"| {level['encode_ms_mean']['median']:.1f} x {level['batch_mean']['median']:.2f} "
             f"| {level['search_ms_mean']['median']:.2f} x {level['search_batch_mean']['median']:.2f} |"
         )
@@ -505,9 +503,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--factory", default=None, help="FAISS factory of the index (default: the one the indexer picks for the size)"
     )
     args = parser.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
     return args
 
 
@@ -519,7 +515,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     index_dir = seeded_index(workdir, args.vectors, vit_model(workdir), args.factory, args.vectors_kind)
     manifest = read_manifest(index_dir, current_generation(index_dir) or "")
     server_env = _server_env(workdir, args.precision, args.server_env)
-    results: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
+    results = new_results()
     results["settings"] = {
         "vectors": args.vectors, "vectors_kind": args.vectors_kind, "model": MODEL_ARCH, "factory": manifest.factory,
         "search_params": manifest.search_params, "recall_at_10": manifest.recall_at_10, "k": K,
@@ -553,11 +549,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     results["targets"] = {**TARGETS, "report": target_lines(levels)}
     results["wall_s"] = time.perf_counter() - started
     print_table(results)
-    parts = ["server", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag]
     out_dir = workdir if args.smoke else RESULTS_DIR  # a smoke check leaves bench/results/ (and git) untouched
-    path = args.out or out_dir / f"{'-'.join(filter(None, parts))}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    path = results_file("server", "smoke" if args.smoke else "", args.tag, out=args.out, folder=out_dir)
+    write_json(path, results)
     print(f"\nwrote {path} ({results['wall_s']:.0f} s in all)")
 
 
@@ -568,12 +562,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        run(args, args.workdir.resolve())
-        return
-    with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
-        run(args, Path(tmp))
+    with workdir_or_temporary(args.workdir, "bench_server_") as workdir:
+        run(args, workdir)
 
 
 if __name__ == "__main__":

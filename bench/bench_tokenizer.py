@@ -1,6 +1,6 @@
 """Tokenizer speed: 10,000 distinct short prompts, clip_model vs OpenAI's reference, median of 5 runs after warm-up.
 
-Run from the repository root: ``.venv/bin/python bench/bench_tokenizer.py``. The reference (``clip-anytorch``) is
+Run from the repository root: ``.venv/bin/python -m bench.bench_tokenizer``. The reference (``clip-anytorch``) is
 loaded from its file because ``import clip`` needs torchvision; it is skipped if the package is missing.
 """
 

@@ -1,16 +1,17 @@
 """The benchmark suite: every speed benchmark in one command, one JSON result and a short markdown report.
 
-Run from the repository root: ``.venv/bin/python bench/suite.py [--workdir DIR] [--only a,b] [--smoke]``
-(``make bench``; ``make bench-smoke`` for the CI check). Members (each also runs alone, see ``bench/README.md``):
+Run from the repository root: ``.venv/bin/python -m bench.suite [--workdir DIR] [--only a,b] [--smoke]``
+(``make bench``; ``make bench-smoke`` for the CI check). Each member also runs alone, see ``bench/README.md``.
 
-``MEMBERS`` maps a name to a benchmark script and its arguments. Each member runs as its own process (a fresh
-interpreter, allocator and thread pool, as a user's server or indexer would start), one after another, never two
-at once: ``--workdir DIR/<member>`` holds its cached inputs and ``--out`` its JSON. The suite then writes
-``bench/results/suite-<date>[-tag].json`` (machine, the command of each member, its wall time, exit status and
-results) and ``suite-<date>[-tag].md`` (each member's own ``markdown(results)`` table). ``--smoke`` runs every
-member at tiny sizes (no targets asserted on time; results in the workdir, not in bench/results/), so that the
-benchmark code cannot rot: the CI runs it (``tests/test_bench_smoke.py``). A member whose smoke command is an
-earlier member's is not run twice: its record is that member's, marked ``same_smoke_run_as``.
+``MEMBERS`` maps a name to a benchmark module of this package and its arguments. Each member runs as its own
+process (``python -m bench.<module>``: a fresh interpreter, allocator and thread pool, as a user's server or indexer
+would start), one after another, never two at once: ``--workdir DIR/<member>`` holds its cached inputs and
+``--out`` its JSON. The suite then writes ``bench/results/suite-<date>[-tag].json`` (machine, the command of each
+member, its wall time, exit status and results) and ``suite-<date>[-tag].md`` (each member's own
+``markdown(results)`` table). ``--smoke`` runs every member at tiny sizes (no targets asserted on time; results in
+the workdir, not in bench/results/), so that the benchmark code cannot rot: the CI runs it
+(``tests/test_bench_smoke.py``). A member whose smoke command is an earlier member's is not run twice: its record
+is that member's, marked ``same_smoke_run_as``.
 
 A member that fails does not stop the others; the suite exits 1 if any failed.
 """
@@ -18,68 +19,63 @@ A member that fails does not stop the others; the suite exits 1 if any failed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-RESULTS_DIR = BENCH / "results"
-sys.path.insert(0, str(BENCH))
+from bench.common import REPO, RESULTS_DIR, new_results, results_file, workdir_or_temporary, write_json
 
-from bench_indexer import machine_info  # noqa: E402  # bench/ is not a package: its path is added above
+COMMAND_WORDS_SHOWN = 9  # words of a member's command in the report: "-m", the module and the first arguments
 
 
 @dataclass(frozen=True)
 class Member:
-    """One benchmark run: ``script`` in bench/ with ``args`` (``smoke_args`` instead of them under ``--smoke``)."""
+    """One benchmark run: ``python -m bench.<module>`` with ``args`` (``smoke_args`` instead under ``--smoke``)."""
 
-    script: str
+    module: str
     args: tuple[str, ...] = ()
     smoke_args: tuple[str, ...] = ("--smoke",)
     what: str = ""
 
 
 MEMBERS: dict[str, Member] = {
-    "encoders": Member("bench_encoders.py", what="image/text encoders vs transformers; int8; torch.compile"),
-    "index_types": Member("bench_index_types.py", what="flat vs HNSW vs IVF at 100k and 1M vectors"),
+    "encoders": Member("bench_encoders", what="image/text encoders vs transformers; int8; torch.compile"),
+    "index_types": Member("bench_index_types", what="flat vs HNSW vs IVF at 100k and 1M vectors"),
     "indexer": Member(
-        "bench_indexer.py", ("--only", "pipeline"), ("--smoke", "--only", "pipeline"), "indexing end to end, fp32"
+        "bench_indexer", ("--only", "pipeline"), ("--smoke", "--only", "pipeline"), "indexing end to end, fp32"
     ),
     "indexer_int8": Member(
-        "bench_indexer.py",
+        "bench_indexer",
         ("--only", "pipeline", "--precision", "int8"),
         ("--smoke", "--only", "pipeline", "--precision", "int8"),
         "indexing end to end, int8",
     ),
-    "indexer_noop": Member("bench_indexer.py", ("--only", "noop"), ("--smoke", "--only", "noop"), "no-op rerun"),
+    "indexer_noop": Member("bench_indexer", ("--only", "noop"), ("--smoke", "--only", "noop"), "no-op rerun"),
     "indexer_full": Member(
-        "bench_indexer.py",
+        "bench_indexer",
         ("--only", "full", "--precision", "int8"),
         ("--smoke", "--only", "full", "--precision", "int8"),
         "a whole first build over 100,000 files, int8: images/s and peak RSS (~35 min on 2 cores)",
     ),
-    "server": Member("bench_server.py", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
-    "server_int8": Member("bench_server.py", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
+    "server": Member("bench_server", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
+    "server_int8": Member("bench_server", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
     "server_int8_compiled": Member(
-        "bench_server.py",
+        "bench_server",
         ("--precision", "int8", "--server-env", "CLIPSEARCH_COMPILE_TEXT=1"),
         ("--smoke", "--precision", "int8"),  # the smoke run skips the ~1 min compile of ViT-B/32's text tower
         "int8 with the text tower compiled in the background (the fastest server settings)",
     ),
     "int8_quality": Member(
-        "bench_int8_quality.py", ("--demo",), ("--smoke",), "int8 vs fp32 recall and top-10 overlap, demo model"
+        "bench_int8_quality", ("--demo",), ("--smoke",), "int8 vs fp32 recall and top-10 overlap, demo model"
     ),
     "server_1m": Member(
-        "bench_server.py",
+        "bench_server",
         ("--vectors", "1000000", "--concurrency", "1,8", "--repeat", "1", "--duration", "10"),
         ("--smoke", "--vectors", "3000", "--concurrency", "1"),
         "memory and latency over 1M vectors",
@@ -90,7 +86,7 @@ MEMBERS: dict[str, Member] = {
 def command(member: Member, smoke: bool, workdir: Path, out: Path) -> list[str]:
     """The member's command line (run from the repository root)."""
     args = member.smoke_args if smoke else member.args
-    return [sys.executable, str(BENCH / member.script), *args, "--workdir", str(workdir), "--out", str(out)]
+    return [sys.executable, "-m", f"bench.{member.module}", *args, "--workdir", str(workdir), "--out", str(out)]
 
 
 def run_member(name: str, member: Member, smoke: bool, workdir: Path) -> dict[str, Any]:
@@ -115,14 +111,14 @@ def run_member(name: str, member: Member, smoke: bool, workdir: Path) -> dict[st
 
 
 def member_markdown(name: str, member: Member, record: dict[str, Any]) -> str:
-    """The member's section of the report, from its script's own ``markdown(results)``."""
+    """The member's section of the report, from its module's own ``markdown(results)``."""
     title = f"## {name}: {member.what}" if member.what else f"## {name}"
     if record["results"] is None:
         return f"{title}\n\nFAILED (exit {record['exit_status']}), see `{record['log']}`.\n"
-    module = importlib.import_module(Path(member.script).stem)
+    module = importlib.import_module(f"bench.{member.module}")
     body = module.markdown(record["results"]) if hasattr(module, "markdown") else "(no markdown summary)"
-    return f"{title}\n\n`{' '.join(Path(a).name if a.endswith('.py') else a for a in record['command'][:8])}` " \
-        f"({record['seconds']:.0f} s)\n\n{body.rstrip()}\n"  # fmt: skip
+    shown = " ".join(record["command"][:COMMAND_WORDS_SHOWN])
+    return f"{title}\n\n`python {shown}` ({record['seconds']:.0f} s)\n\n{body.rstrip()}\n"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -161,40 +157,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, workdir: Path) -> int:
     names = [n for n in (args.only or MEMBERS) if n not in args.skip]
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "smoke": args.smoke,
-        "members": {},
-    }
+    results = new_results() | {"smoke": args.smoke, "members": {}}
     smoke_runs: dict[tuple[str, ...], str] = {}  # a smoke command already run -> the member that ran it
     for name in names:
         member = MEMBERS[name]
-        same = smoke_runs.get((member.script, *member.smoke_args)) if args.smoke else None
+        same = smoke_runs.get((member.module, *member.smoke_args)) if args.smoke else None
         if same is not None:  # e.g. server_int8_compiled, whose smoke run skips the compile: server_int8's own
             results["members"][name] = {**results["members"][same], "same_smoke_run_as": same}
             print(f"== {name}: the same smoke command as {same}, not run again", flush=True)
             continue
         results["members"][name] = run_member(name, member, args.smoke, workdir)
-        smoke_runs[(member.script, *member.smoke_args)] = name
+        smoke_runs[(member.module, *member.smoke_args)] = name
     results["seconds"] = time.perf_counter() - started
-    stem = "-".join(filter(None, ["suite", datetime.date.today().isoformat(), "smoke" if args.smoke else "", args.tag]))
-    out_dir = workdir if args.smoke else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out_dir / f"{stem}.md").write_text(report(results), encoding="utf-8")
+    path = results_file("suite", "smoke" if args.smoke else "", args.tag, folder=workdir if args.smoke else RESULTS_DIR)
+    write_json(path, results)
+    path.with_suffix(".md").write_text(report(results), encoding="utf-8")
     failed = [n for n, r in results["members"].items() if r["results"] is None]
-    print(f"\nwrote {out_dir / stem}.json and .md ({results['seconds']:.0f} s); failed: {', '.join(failed) or 'none'}")
+    print(f"\nwrote {path} and .md ({results['seconds']:.0f} s); failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return run(args, args.workdir.resolve())
-    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        return run(args, Path(tmp))
+    with workdir_or_temporary(args.workdir, "bench_suite_") as workdir:
+        return run(args, workdir)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.suite import MEMBERS
+
 REPO = Path(__file__).resolve().parent.parent
 SERVER_MEMBERS = ("server", "server_int8", "server_int8_compiled", "server_1m")
 
@@ -26,24 +28,22 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
         if os.environ.get("CLIPSEARCH_REQUIRE_WRK") == "1":
             pytest.fail("wrk is not installed (scripts/system-deps.sh installs it)")
         skip = list(SERVER_MEMBERS)
-    command = [sys.executable, "bench/suite.py", "--smoke", "--workdir", str(tmp_path)]
+    command = [sys.executable, "-m", "bench.suite", "--smoke", "--workdir", str(tmp_path)]
     if skip:
         command += ["--skip", ",".join(skip)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     [result_file] = tmp_path.glob("suite-*-smoke.json")
     results = json.loads(result_file.read_text(encoding="utf-8"))
-    sys.path.insert(0, str(REPO / "bench"))
-    from suite import MEMBERS  # noqa: PLC0415  # bench/ is not a package
-
     expected = [name for name in MEMBERS if name not in skip]
     assert list(results["members"]) == expected
     for name, record in results["members"].items():
         assert record["exit_status"] == 0 and record["results"], name
         same = record.get("same_smoke_run_as")  # a smoke command is run once, whichever members share it
-        assert same is None or (MEMBERS[same].smoke_args, MEMBERS[same].script) == (
-            MEMBERS[name].smoke_args, MEMBERS[name].script,
-        ), name  # fmt: skip
+        assert same is None or (MEMBERS[same].module, MEMBERS[same].smoke_args) == (
+            MEMBERS[name].module,
+            MEMBERS[name].smoke_args,
+        ), name
     ran = [record["command"] for record in results["members"].values() if "same_smoke_run_as" not in record]
     assert len(ran) == len({tuple(c[:-4]) for c in ran})  # no smoke command twice (the last 4: workdir, out)
     report = result_file.with_suffix(".md").read_text(encoding="utf-8")
