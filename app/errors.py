@@ -179,8 +179,15 @@ async def _unexpected_model_error(request: Request, exc: Exception) -> JSONRespo
     return _error_response(500, f"model error: {exc}")
 
 
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """Registered for Exception, which Starlette calls from its outermost middleware and then re-raises (so the
+    server still logs the traceback): the 500 gets a JSON body instead of plain text."""
+    return _error_response(500, "internal server error: a bug in the server, its log has the details")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mappings above on ``app``."""
+    app.add_exception_handler(Exception, _bug)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(SearchServiceError, _service_error)
