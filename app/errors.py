@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Mount
 
 from clip_model.errors import ClipModelError, ImageDecodeError, TokenizerError
+from indexer.errors import GenerationRetiredError
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,12 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(status, str(exc), headers)
 
 
+async def _generation_retired(request: Request, exc: Exception) -> JSONResponse:
+    """The served generation was retired by later publishes before the server loaded the published one (it does
+    within the reload interval): 503, so the client retries and gets an answer from one generation."""
+    return _error_response(503, f"the index was republished: retry ({exc})", {"Retry-After": "1"})
+
+
 async def _model_input_error(request: Request, exc: Exception) -> JSONResponse:
     """Text or pixels the encoder cannot take (mode it cannot convert, text it cannot tokenize)."""
     return _error_response(422, str(exc))
@@ -191,6 +198,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(SearchServiceError, _service_error)
+    app.add_exception_handler(GenerationRetiredError, _generation_retired)
     app.add_exception_handler(ImageDecodeError, _model_input_error)
     app.add_exception_handler(TokenizerError, _model_input_error)
     app.add_exception_handler(ClipModelError, _unexpected_model_error)

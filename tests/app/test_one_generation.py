@@ -11,10 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 import indexer.build
+from app.main import create_app
+from app.settings import Settings
 from indexer.cli import main as clip_index
-from indexer.store import Catalog
+from indexer.store import Catalog, publish
 from tests.app.conftest import LiveServer, start_server, stop_server, write_image
 
 FIRST = 60  # images of the first generation
@@ -110,3 +113,23 @@ def test_every_answer_during_a_build_comes_from_one_generation(
         for hit in client.get("/api/search", params={"q": "a photo", "k": K}).json()["results"]:
             info = client.get(f"/api/images/{hit['id']}").json()
             assert info["bytes"] == files_on_disk[info["path"]]
+
+
+def test_a_server_on_a_retired_generation_answers_503_until_it_loads_the_published_one(
+    tmp_path: Path, app_model: Path
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    for i in range(3):
+        write_image(photo(root, i), (200, 40, 40), seed=i, size=FIRST_SIZE)
+    index(root, index_dir, app_model)
+    settings = Settings(index_dir=index_dir, cache_dir=tmp_path / "cache")
+    with TestClient(create_app(settings, watch=False)) as client:
+        assert client.get("/api/images/1").status_code == 200
+        for _ in range(2):  # two publishes: the catalog keeps only what the last two generations show
+            with Catalog.open(index_dir) as catalog:
+                publish(index_dir, catalog)
+        response = client.get("/api/images/1")
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert "republished" in response.json()["detail"]
+        client.app.state.runtime.refresh()  # what the watcher does every CLIPSEARCH_RELOAD_INTERVAL_S
+        assert client.get("/api/images/1").json()["path"] == "p000.png"
