@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from bench.inputs import tiny_model
 from clip_model.train.data import Pair
 from clip_model.train.evaluate import encode_dataset, read_eval_pairs, retrieval_metrics
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS: tuple[Literal["fp32"], Literal["int8"]] = ("fp32", "int8")  # what clip_model.load accepts
 OVERLAP_K = 10
 TARGET_RECALL_POINTS = 1.0  # int8 recall within this many points (x100) of fp32
 TARGET_OVERLAP = 0.9
@@ -62,7 +62,7 @@ def compare(model_path: Path, pairs: Sequence[Pair], name: str) -> dict[str, Any
     """fp32 vs int8 on ``pairs`` (see the module docstring); ``name`` labels the query set in the report."""
     encoded, metrics, seconds = {}, {}, {}
     for precision in PRECISIONS:
-        model, preprocess = clip_model.load(model_path, precision=precision)  # type: ignore[arg-type]
+        model, preprocess = clip_model.load(model_path, precision=precision)
         started = time.perf_counter()
         encoded[precision] = encode_dataset(model, preprocess, pairs)
         seconds[precision] = round(time.perf_counter() - started, 2)

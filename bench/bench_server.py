@@ -20,9 +20,8 @@ What is measured, per concurrency level C (each repeated ``--repeat`` times afte
   ``VmHWM`` at the end).
 
 Client and server share this machine's cores (wrk's threads included), so the numbers are a loopback ceiling on
-this hardware, not a network figure. Targets (reported, not asserted; they belong to a later performance issue):
-``TARGETS``. The index is cached in ``--workdir``; results: a table on stdout and JSON in ``bench/results/``
-(``--smoke``: in the workdir).
+this hardware, not a network figure. Targets (reported, not asserted): ``TARGETS``. The index is cached in
+``--workdir``; results: a table on stdout and JSON in ``bench/results/`` (``--smoke``: in the workdir).
 """
 
 from __future__ import annotations
