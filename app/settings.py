@@ -33,42 +33,57 @@ class Settings(BaseSettings):
     index_dir: Path = Field(description="index directory written by `clip-index build`")
     model: str | None = Field(
         None,
-        description="registry name or checkpoint path; default: the model the published index was built with",
+        description="registry name or checkpoint path; default: the model the published index was built with. "
+        "Pinning it refuses indexes of other weights",
     )
     arch: str | None = Field(None, description="architecture config for checkpoint files that do not carry one")
     image_root: Path | None = Field(None, description="image folder; default: the folder of the last indexer run")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="thumbnail cache")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="thumbnail cache",
+        json_schema_extra={"shown_default": "`$XDG_CACHE_HOME/clip-search` or `~/.cache/clip-search`"},
+    )
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on (`0.0.0.0`: every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     limit_concurrency: int = Field(256, ge=1, description="open connections before uvicorn answers 503")
     http_parser: Literal["httptools", "h11"] = Field(
         "httptools", description="uvicorn's HTTP/1.1 parser: httptools (C, the default) or the pure-Python h11"
     )
 
-    api_key: SecretStr | None = Field(None, description="if set, every /api request needs it (X-API-Key header)")
+    api_key: SecretStr | None = Field(
+        None, description="if set, every `/api` request needs it in `X-API-Key` (or `?api_key=` for `<img>` tags)"
+    )
     admin_api_key: SecretStr | None = Field(None, description="if set, admin endpoints need it; else they are off")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS; empty: CORS off"
     )
 
     max_upload_bytes: int = Field(20 * MIB, ge=1024, description="largest request body, counted as it arrives")
-    max_image_pixels: int = Field(90_000_000, ge=1, description="uploads with more pixels are refused (bombs)")
-    max_text_chars: int = Field(1000, ge=1, le=100_000)
-    default_k: int = Field(20, ge=1, le=1000)
+    max_image_pixels: int = Field(
+        90_000_000,
+        ge=1,
+        description="uploads with more pixels are refused as decompression bombs; thumbnails of larger files get 409",
+    )
+    max_text_chars: int = Field(1000, ge=1, le=100_000, description="longest query text, in characters")
+    default_k: int = Field(20, ge=1, le=1000, description="results of a search that does not give `k`")
     max_labels: int = Field(100, ge=1, le=100, description="zero-shot labels (and candidate texts) per request")
     max_templates: int = Field(80, ge=1, le=80, description="zero-shot prompt templates per request")
 
     precision: Literal["fp32", "int8"] = Field(
         "fp32",
-        description="encoder arithmetic: fp32, or int8 (CPU: int8 linear layers, about 2x faster; embeddings stay "
-        "compatible with an fp32-built index, measured in bench/README.md)",
+        description="encoder arithmetic: fp32 (float32 weights through oneDNN-packed matmuls) or int8 (int8 linear "
+        "layers on the CPU: faster, and an fp32-built index still works; see docs/performance.md)",
     )
-    torch_threads: int = Field(0, ge=0, description="torch and FAISS threads; 0 = one per core")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch and FAISS threads of the inference thread (every other thread uses one); 0: one per core",
+    )
     compile_text: bool = Field(
         False,
-        description="compile the text tower with torch.compile in the background (needs a C++ compiler; ~1 min of "
-        "one core at start, eager until then): int8 text queries ~2x faster, see bench/README.md",
+        description="compile the text tower with `torch.compile` in the background (needs a C++ compiler such as "
+        "`g++`; eager until it is done, `/api/stats` shows `text_encoder`); see docs/performance.md",
     )
     inference_queue: int = Field(
         32,
@@ -77,11 +92,15 @@ class Settings(BaseSettings):
     )
     text_batch_size: int = Field(64, ge=1, description="most texts encoded in one call (micro-batching)")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache")
-    thumbnail_size: Literal[64, 128, 256, 512, 1024] = Field(256, description="default thumbnail side in pixels")
+    thumbnail_size: Literal[64, 128, 256, 512, 1024] = Field(
+        256, description="default thumbnail side in pixels (64, 128, 256, 512 or 1024)"
+    )
     reload_interval_s: float = Field(2.0, gt=0, description="how often the published generation is checked")
 
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json` writes one object per line; every line carries the request id (`X-Request-ID`)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -89,6 +108,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+
+def settings_table() -> str:
+    """The settings as the Markdown table docs/serving.md shows (``scripts/settings_doc.py`` writes it there)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "shown_default" in extra:
+            default = str(extra["shown_default"])
+        elif field.is_required():
+            default = "(required)"
+        elif field.default is None or field.default_factory is not None:
+            default = ""
+        else:
+            default = f"`{str(field.default).lower() if isinstance(field.default, bool) else field.default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows) + "\n"
 
 
 @lru_cache

@@ -395,14 +395,14 @@ def test_compose_services() -> None:
     assert server["volumes"] == indexer["volumes"], "both see the same photos and the same index"
 
 
-def test_readme_documents_what_the_container_runs(dockerfile: list[Instruction]) -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_document_what_the_container_runs(dockerfile: list[Instruction]) -> None:
+    readme = (ROOT / "docs" / "deployment.md").read_text()
     cmd = _json_form([ins.args for ins in dockerfile if ins.keyword == "CMD"][-1])
     services = _load_compose(COMPOSE)["services"]
     commands = {" ".join(cmd)} | {" ".join(s["command"]) for s in services.values()}
     assert commands == {"clip-serve", "clip-index build"}
     for command in sorted(commands):
-        assert command in readme, f"the container runs `{command}`, which README.md does not document"
+        assert command in readme, f"the container runs `{command}`, which docs/deployment.md does not document"
 
 
 # --- app.healthcheck -------------------------------------------------------------------------------------------------
