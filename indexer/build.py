@@ -416,7 +416,7 @@ def default_workers(precision: str = "fp32") -> int:
 
     fp32: encoding a photo costs several times what decoding it draft-scaled does, so the workers only fill the
     encoder's gaps: all cores but one. int8: the two cost about the same, so half the cores (see bench/README.md,
-    "indexer" and "indexer_int8", which report both rates). The encoder's streams use every core besides
+    "indexer": the decode and encode ceilings). The encoder's streams use every core besides
     (:func:`default_encode_threads`): they are single-threaded on small machines and wait at no barrier, so the
     scheduler can share cores between them and the workers."""
     cores = os.cpu_count() or 2
@@ -428,8 +428,8 @@ def default_workers(precision: str = "fp32") -> int:
 def default_encode_threads() -> int:
     """Torch threads for encoding, split into :func:`default_streams`: one per core.
 
-    Every core, shared with the decode workers: end to end this beats keeping a core for the encoder alone (the
-    end-to-end rate: bench/README.md, "indexer_int8")."""
+    Every core, shared with the decode workers: end to end this beats keeping a core for the encoder alone (see
+    bench/README.md, "indexer": 2 streams x 1 thread against 1 stream x 1 thread)."""
     return os.cpu_count() or 2
 
 

@@ -9,8 +9,8 @@ input file.
 ``streams`` > 1 encodes that many batches at once, each on a thread of its own with ``stream_threads`` torch
 threads, instead of one batch at a time on the calling thread with all of its threads. Independent single-threaded
 streams scale where one batch over several threads does not: every parallel op ends in a barrier, and an op over a
-chunk of a small model is too short to pay for it (see bench/README.md, "indexer" and "indexer_int8": one stream
-over every thread against the default streams).
+chunk of a small model is too short to pay for it (the "indexer" bench member times one batch over every thread
+against the default streams; see bench/README.md, "indexer").
 A stream holds its batch's activations, so memory grows with the count.
 """
 
