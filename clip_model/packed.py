@@ -9,7 +9,7 @@ float rounding (another summation order), the encoders keep their contracts.
 
 Why: the large MLP and attention matrices are the bulk of a tower's work, and a packed layer multiplies them
 faster than ``F.linear`` (MKL) does; a packed image tower is faster than ``transformers`` float32 on the same
-weights, where the plain float model is not (see bench/README.md, "encoders").
+weights, where the plain float model only matches it (see bench/README.md, "encoders").
 
 The packed copy is for inference only (the packed weights take no gradient) and CPU only; its state dict lacks
 the packed weights: save the float model. Where this torch has no oneDNN, :func:`pack_for_cpu` says so in the log
