@@ -31,9 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", help="architecture config for checkpoint files that do not carry one")
     parser.add_argument("--precision", choices=("fp32", "int8"), help="encoder arithmetic (default fp32)")
     parser.add_argument(
-        "--compile-text", action=argparse.BooleanOptionalAction, default=None,
+        "--compile-text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="compile the text tower in the background (needs a C++ compiler; default off)",
-    )  # fmt: skip
+    )
     parser.add_argument("--image-root", type=Path, help="image folder (default: the one the indexer last read)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in the container)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
@@ -70,9 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .main import create_app
 
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, limit_concurrency=settings.limit_concurrency,
-        log_config=None, timeout_graceful_shutdown=10, http=PROTOCOLS[settings.http_parser],
-    )  # fmt: skip
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        limit_concurrency=settings.limit_concurrency,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        http=PROTOCOLS[settings.http_parser],
+    )
     server = uvicorn.Server(config)
     try:
         server.run()

@@ -80,9 +80,11 @@ def create_app(settings: Settings | None = None, *, watch: bool = True) -> FastA
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "Content-Type", "X-Request-ID"],
-        )  # fmt: skip
+        )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every response, 413s included
     return app

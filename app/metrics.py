@@ -20,9 +20,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_seconds = Histogram(
-            "clipsearch_request_seconds", "HTTP request latency", ("method", "route", "status"),
-            buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            "clipsearch_request_seconds",
+            "HTTP request latency",
+            ("method", "route", "status"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.encode_seconds = Histogram(
             "clipsearch_encode_seconds", "time of one encoder call", ("kind",), buckets=LATENCY_BUCKETS_S, registry=r
         )
