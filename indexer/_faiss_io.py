@@ -13,11 +13,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .errors import IndexBuildError, IndexFormatError
+# FAISS's loader logs at INFO each CPU-specific build it tries, with a ModuleNotFoundError for those this wheel does
+# not ship (it dispatches by CPU at run time instead): nothing is wrong, so only its warnings are shown.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+import faiss  # noqa: E402  (after the logger level above, which must be set before the loader runs)
+
+from .errors import IndexBuildError, IndexFormatError  # noqa: E402  (in the import block, after faiss)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,13 @@ TRAIN_SEED = 0
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_FLOATS
 _IDMAP_PREFIX_RE = re.compile(r"^\s*IDMap2?\s*,\s*")
 _LOSSY_CODEC_RE = re.compile(r"PQ|SQ|RQ|LSH|RaBitQ|LSQ")  # codecs whose reconstruct() only approximates the input
+
+
+def describe_backend() -> str:
+    """FAISS's version and the SIMD instructions its kernels use on this CPU, e.g. "FAISS 1.15.1 (AVX512)"."""
+    config = faiss.SIMDConfig
+    level = config.get_level_name() if hasattr(config, "get_level_name") else faiss.get_compile_options().strip()
+    return f"FAISS {faiss.__version__} ({level})"
 
 
 def normalize_factory(factory: str) -> str:

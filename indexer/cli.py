@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("fp32", "int8"),
         default=_env("PRECISION", "fp32"),
-        help="encoder arithmetic: int8 = CPU int8 linear layers, ~2x faster encoding ($CLIPSEARCH_PRECISION)",
+        help="encoder arithmetic: int8 = CPU int8 linear layers, faster encoding ($CLIPSEARCH_PRECISION)",
     )
     build.add_argument(
         "--extensions",

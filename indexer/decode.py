@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError, features
 
-from clip_model.preprocess import UINT8_MAX, Preprocess, resize_and_center_crop, to_rgb
+from clip_model.preprocess import UINT8_MAX, resize_and_center_crop, to_rgb
 
 from . import paths
 from .scan import AVIF_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, enable_heif, extension_of
@@ -84,17 +84,6 @@ class DecodeSpec:
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.max_pixels < 1 or self.max_bytes < 0:
             raise ValueError(f"invalid DecodeSpec: {self}")
-
-    @classmethod
-    def from_preprocess(
-        cls,
-        preprocess: Preprocess,
-        draft: bool = True,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-    ) -> DecodeSpec:
-        """The spec whose crops, after ``normalize_batch``, equal what ``preprocess`` (a model's transform) gives."""
-        return cls(preprocess.image_size, preprocess.mean, preprocess.std, draft, max_pixels, max_bytes)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous

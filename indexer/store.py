@@ -66,6 +66,7 @@ import numpy.typing as npt
 
 from . import _faiss_io, paths
 from ._faiss_io import FaissIndex
+from ._faiss_io import describe_backend as describe_backend  # for the server's start-up log
 from .errors import (
     EmbeddingError,
     GenerationRetiredError,
@@ -925,11 +926,18 @@ def _publish_locked(
         image_ids, image_vectors, model.embed_dim, factory, auto=requested == AUTO, memory_budget_bytes=budget
     )
     images, factory, tuned, reason = built.index, built.factory, built.calibration, reason + built.note
+    seconds, params = time.monotonic() - started, tuned.search_params or "no search parameters"
+    recall = "n/a" if tuned.recall is None else f"{tuned.recall:.3f}"
     logger.info(
         "built and calibrated %s over %d images in %.1fs (%s); %s, recall@10 %s on %d queries",
-        factory, len(image_ids), time.monotonic() - started, reason, tuned.search_params or "no search parameters",
-        "n/a" if tuned.recall is None else f"{tuned.recall:.3f}", tuned.queries,
-    )  # fmt: skip
+        factory,
+        len(image_ids),
+        seconds,
+        reason,
+        params,
+        recall,
+        tuned.queries,
+    )
     indexes = {
         IMAGES_FILE: images,
         TEXTS_FILE: _faiss_io.build_index(text_ids, text_vectors, model.embed_dim, TEXT_FACTORY),
@@ -941,11 +949,25 @@ def _publish_locked(
         catalog.set_memory_budget(budget)
     counts = {"images": int(indexes[IMAGES_FILE].ntotal), "texts": int(indexes[TEXTS_FILE].ntotal)}
     manifest = Manifest(
-        FORMAT_VERSION, name, created_at, model.name, model.weights_sha256, model.embed_dim, model.preprocess,
-        METRIC, factory, TEXT_FACTORY, counts, files={}, requested_factory=requested,
-        memory_budget=budget if requested == AUTO else None, index_reason=reason,
-        search_params=tuned.search_params, recall_at_10=tuned.recall, recall_queries=tuned.queries,
-    )  # fmt: skip
+        format_version=FORMAT_VERSION,
+        generation=name,
+        created_at=created_at,
+        model_name=model.name,
+        weights_sha256=model.weights_sha256,
+        embed_dim=model.embed_dim,
+        preprocess=model.preprocess,
+        metric=METRIC,
+        factory=factory,
+        text_factory=TEXT_FACTORY,
+        counts=counts,
+        files={},
+        requested_factory=requested,
+        memory_budget=budget if requested == AUTO else None,
+        index_reason=reason,
+        search_params=tuned.search_params,
+        recall_at_10=tuned.recall,
+        recall_queries=tuned.queries,
+    )
     tmp_dir = generations / f"{TEMP_PREFIX}{name}"
     manifest = _write_generation(tmp_dir, manifest, indexes)
     _install_generation(tmp_dir, generations / name)
