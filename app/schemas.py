@@ -65,13 +65,22 @@ class SearchResponse(BaseModel):
         json_schema_extra={
             "example": {
                 "results": [
-                    {"id": 7, "path": "2024/beach/IMG_0042.jpg", "score": 0.312, "width": 4032, "height": 3024,
-                     "url": "/api/images/7/file", "thumbnail_url": "/api/images/7/thumbnail"},
+                    {
+                        "id": 7,
+                        "path": "2024/beach/IMG_0042.jpg",
+                        "score": 0.312,
+                        "width": 4032,
+                        "height": 3024,
+                        "url": "/api/images/7/file",
+                        "thumbnail_url": "/api/images/7/thumbnail",
+                    },
                 ],
-                "generation": "g-000003", "took_ms": 14.2, "truncated": False,
+                "generation": "g-000003",
+                "took_ms": 14.2,
+                "truncated": False,
             }
         }
-    )  # fmt: skip
+    )
 
     results: list[ImageHit]
     generation: str = Field(description="index generation that answered")
@@ -122,12 +131,15 @@ class CombinedQuery(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "parts": [{"text": "beach", "weight": 1.0}, {"text": "sunset", "weight": 1.0},
-                          {"text": "people", "weight": -0.5}],
+                "parts": [
+                    {"text": "beach", "weight": 1.0},
+                    {"text": "sunset", "weight": 1.0},
+                    {"text": "people", "weight": -0.5},
+                ],
                 "k": 20,
             }
         }
-    )  # fmt: skip
+    )
 
     parts: list[QueryPart] = Field(min_length=1, max_length=MAX_PARTS)
     k: int = K_FIELD
@@ -196,10 +208,12 @@ class ClassifyRequest(BaseModel):
 class ClassifyResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"labels": [{"label": "dog", "probability": 0.91}, {"label": "cat", "probability": 0.09}],
-                        "templates": 80}
+            "example": {
+                "labels": [{"label": "dog", "probability": 0.91}, {"label": "cat", "probability": 0.09}],
+                "templates": 80,
+            }
         }
-    )  # fmt: skip
+    )
 
     labels: list[LabelScore] = Field(description="every label, most probable first; probabilities sum to 1")
     templates: int = Field(description="prompt templates ensembled per label")
@@ -229,11 +243,18 @@ class ImageInfo(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"id": 7, "path": "2024/beach/IMG_0042.jpg", "width": 4032, "height": 3024, "bytes": 2811202,
-                        "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                        "url": "/api/images/7/file", "thumbnail_url": "/api/images/7/thumbnail"}
+            "example": {
+                "id": 7,
+                "path": "2024/beach/IMG_0042.jpg",
+                "width": 4032,
+                "height": 3024,
+                "bytes": 2811202,
+                "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "url": "/api/images/7/file",
+                "thumbnail_url": "/api/images/7/thumbnail",
+            }
         }
-    )  # fmt: skip
+    )
 
     id: int
     path: str
@@ -269,14 +290,26 @@ class Stats(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"ready": True, "model": "ViT-B-32", "weights_sha256": "40d36571...", "embed_dim": 512,
-                        "generation": "g-000003", "built_at": 1764614400.0, "images": 12873, "texts": 1000,
-                        "factory": "IVF512,SQ8", "image_root": "/photos", "reason": None, "precision": "fp32",
-                        "index_reason": "100,000 vectors: IVF with 8-bit scalar quantization",
-                        "search_params": {"nprobe": 48}, "recall_at_10": 0.965,
-                        "text_encoder": "compiled (in 52 s)"}
+            "example": {
+                "ready": True,
+                "model": "ViT-B-32",
+                "weights_sha256": "40d36571...",
+                "embed_dim": 512,
+                "generation": "g-000003",
+                "built_at": 1764614400.0,
+                "images": 12873,
+                "texts": 1000,
+                "factory": "IVF512,SQ8",
+                "image_root": "/photos",
+                "reason": None,
+                "precision": "fp32",
+                "index_reason": "100,000 vectors: IVF with 8-bit scalar quantization",
+                "search_params": {"nprobe": 48},
+                "recall_at_10": 0.965,
+                "text_encoder": "compiled (in 52 s)",
+            }
         }
-    )  # fmt: skip
+    )
 
     ready: bool
     reason: str | None
@@ -307,10 +340,17 @@ class ReindexStatus(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"state": "running", "pid": 4242, "started_at": 1764614400.0, "finished_at": None,
-                        "exit_code": None, "command": ["clip-index", "build", "/photos"], "log_tail": []}
+            "example": {
+                "state": "running",
+                "pid": 4242,
+                "started_at": 1764614400.0,
+                "finished_at": None,
+                "exit_code": None,
+                "command": ["clip-index", "build", "/photos"],
+                "log_tail": [],
+            }
         }
-    )  # fmt: skip
+    )
 
     state: Literal["idle", "running", "succeeded", "failed"]
     pid: int | None = None

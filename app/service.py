@@ -118,8 +118,9 @@ class SearchService:
         records = state.index.images([h.id for h in hits])
         results = [_image_hit(hit, records[hit.id]) for hit in hits if _servable(records.get(hit.id))]
         took_ms = (time.perf_counter() - started) * 1000
-        return SearchResponse(results=results, generation=state.generation, took_ms=round(took_ms, 2),
-                              truncated=truncated)  # fmt: skip
+        return SearchResponse(
+            results=results, generation=state.generation, took_ms=round(took_ms, 2), truncated=truncated
+        )
 
     # --- image -> text and zero-shot -----------------------------------------------------------------------------
 
@@ -192,9 +193,11 @@ class SearchService:
         state = self.runtime.require()
         embedded = state.encoder.encode_texts([self._check_text(t) for t in texts])
         return EmbeddingResponse(
-            model=state.encoder.info.name, dim=state.encoder.info.embed_dim,
-            embeddings=[e.vector.tolist() for e in embedded], truncated=[e.truncated for e in embedded],
-        )  # fmt: skip
+            model=state.encoder.info.name,
+            dim=state.encoder.info.embed_dim,
+            embeddings=[e.vector.tolist() for e in embedded],
+            truncated=[e.truncated for e in embedded],
+        )
 
     def embed_upload(self, data: bytes) -> EmbeddingResponse:
         state = self.runtime.require()
@@ -211,9 +214,15 @@ class SearchService:
     def image_info(self, image_id: int) -> ImageInfo:
         record = self._record(self.runtime.require(), image_id)
         return ImageInfo(
-            id=record.id, path=record.path, width=record.width, height=record.height, bytes=record.size,
-            sha256=record.content_hash, url=_file_url(record.id), thumbnail_url=_thumbnail_url(record.id),
-        )  # fmt: skip
+            id=record.id,
+            path=record.path,
+            width=record.width,
+            height=record.height,
+            bytes=record.size,
+            sha256=record.content_hash,
+            url=_file_url(record.id),
+            thumbnail_url=_thumbnail_url(record.id),
+        )
 
     def image_file(self, image_id: int) -> tuple[Path, os.stat_result]:
         """The file of an indexed image, inside the image root, and its stat: NotFoundError if it is gone or lies
@@ -248,20 +257,45 @@ class SearchService:
     def stats(self) -> Stats:
         state, problem = self.runtime.state, self.runtime.problem
         if state is None:
-            return Stats(ready=False, reason=problem, model=None, weights_sha256=None, embed_dim=None, generation=None,
-                         built_at=None, images=0, texts=0, factory=None, image_root=None,
-                         precision=self.settings.precision)  # fmt: skip
+            return self._not_ready_stats(problem)
         manifest = state.index.manifest
         return Stats(
-            ready=True, reason=problem, model=state.encoder.info.name, weights_sha256=manifest.weights_sha256,
-            embed_dim=manifest.embed_dim, generation=manifest.generation, built_at=manifest.created_at,
-            images=manifest.counts.get("images", 0), texts=manifest.counts.get("texts", 0), factory=manifest.factory,
-            image_root=str(state.image_root) if state.image_root else None, precision=self.settings.precision,
-            index_reason=manifest.index_reason or None, search_params=manifest.search_params,
-            recall_at_10=manifest.recall_at_10, text_encoder=state.encoder.text_tower.status,
-        )  # fmt: skip
+            ready=True,
+            reason=problem,
+            model=state.encoder.info.name,
+            weights_sha256=manifest.weights_sha256,
+            embed_dim=manifest.embed_dim,
+            generation=manifest.generation,
+            built_at=manifest.created_at,
+            images=manifest.counts.get("images", 0),
+            texts=manifest.counts.get("texts", 0),
+            factory=manifest.factory,
+            image_root=str(state.image_root) if state.image_root else None,
+            precision=self.settings.precision,
+            index_reason=manifest.index_reason or None,
+            search_params=manifest.search_params,
+            recall_at_10=manifest.recall_at_10,
+            text_encoder=state.encoder.text_tower.status,
+        )
 
     # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _not_ready_stats(self, reason: str | None) -> Stats:
+        """Stats while nothing is served: no model or index fields, no images or texts."""
+        return Stats(
+            ready=False,
+            reason=reason,
+            model=None,
+            weights_sha256=None,
+            embed_dim=None,
+            generation=None,
+            built_at=None,
+            images=0,
+            texts=0,
+            factory=None,
+            image_root=None,
+            precision=self.settings.precision,
+        )
 
     def _check_text(self, text: str) -> str:
         """The settings' length limit (the schema already refuses empty and all-blank texts)."""
@@ -307,6 +341,11 @@ def _thumbnail_url(image_id: int) -> str:
 
 def _image_hit(hit: Hit, record: ImageRecord) -> ImageHit:
     return ImageHit(
-        id=hit.id, path=record.path, score=round(hit.score, 6), width=record.width, height=record.height,
-        url=_file_url(hit.id), thumbnail_url=_thumbnail_url(hit.id),
-    )  # fmt: skip
+        id=hit.id,
+        path=record.path,
+        score=round(hit.score, 6),
+        width=record.width,
+        height=record.height,
+        url=_file_url(hit.id),
+        thumbnail_url=_thumbnail_url(hit.id),
+    )
