@@ -118,12 +118,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
+            method, path, elapsed_ms = scope["method"], scope["path"], elapsed * 1000
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(scope["method"], template, str(status)).observe(elapsed)
-            logger.info(
-                "%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000,
-                extra={"method": scope["method"], "path": scope["path"], "status": status,
-                       "duration_ms": round(elapsed * 1000, 2)},
-            )  # fmt: skip
+            self.metrics.request_seconds.labels(method, template, str(status)).observe(elapsed)
+            fields = {"method": method, "path": path, "status": status, "duration_ms": round(elapsed_ms, 2)}
+            logger.info("%s %s %d %.1fms", method, path, status, elapsed_ms, extra=fields)
             request_id_var.reset(token)

@@ -60,10 +60,15 @@ class Reindexer:
             lifeline, keep_alive = os.pipe()  # close-on-exec: only the child gets ``lifeline``, by pass_fds
             try:
                 self._process = subprocess.Popen(
-                    list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    text=True, errors="replace", pass_fds=(lifeline,),
+                    list(command),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    errors="replace",
+                    pass_fds=(lifeline,),
                     env={**os.environ, LIFELINE_FD_ENV: str(lifeline)},
-                )  # fmt: skip
+                )
             except BaseException:
                 os.close(keep_alive)
                 raise
@@ -78,7 +83,7 @@ class Reindexer:
 
     def _follow(self, process: subprocess.Popen[str], keep_alive: int) -> None:
         """Collect ``process``'s output until it exits, then close its lifeline's write end ``keep_alive``."""
-        assert process.stdout is not None  # noqa: S101  # Popen was given stdout=PIPE
+        assert process.stdout is not None  # Popen was given stdout=PIPE
         for line in process.stdout:
             self._log.append(line.rstrip("\n"))
         code = process.wait()
