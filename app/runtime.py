@@ -161,11 +161,16 @@ class Runtime:
         old, self.state = self.state, Served(encoder, index, image_root)
         self.problem, self._failed_generation = None, None
         self._observe(index)
+        summary = {
+            "generation": index.manifest.generation,
+            "index_dir": self.settings.index_dir,
+            "images": index.manifest.counts.get("images", 0),
+            "texts": index.manifest.counts.get("texts", 0),
+            "model": encoder.info.name,
+        }
         logger.info(
-            "serving %s of %s: %d images, %d texts, model %s",
-            index.manifest.generation, self.settings.index_dir, index.manifest.counts.get("images", 0),
-            index.manifest.counts.get("texts", 0), encoder.info.name,
-        )  # fmt: skip
+            "serving %(generation)s of %(index_dir)s: %(images)d images, %(texts)d texts, model %(model)s", summary
+        )
         if old is not None:
             self._retire(old, close_encoder=old.encoder is not encoder and old.encoder is not self._pinned)
         return True
@@ -230,20 +235,30 @@ class Runtime:
             return self._load_model(name)
 
         model, preprocess, info = run_in_fresh_thread(load, name="model-loader")
-        s = self.settings
-        encoder = Encoder(model, preprocess, info, self.metrics, queue_size=s.inference_queue,
-                          text_batch_size=s.text_batch_size, text_cache_size=s.text_cache_size,
-                          threads=self._threads, compile_text=s.compile_text)  # fmt: skip
-        return encoder
+        return Encoder(
+            model,
+            preprocess,
+            info,
+            self.metrics,
+            queue_size=self.settings.inference_queue,
+            text_batch_size=self.settings.text_batch_size,
+            text_cache_size=self.settings.text_cache_size,
+            threads=self._threads,
+            compile_text=self.settings.compile_text,
+        )
 
     def _load_model(self, name: str) -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
         logger.info("loading model %s", name)
         model, preprocess = clip_model.load(name, arch=self.settings.arch)
         path = Path(name).expanduser()
         info = ModelInfo.of(
-            str(path.resolve()) if path.exists() else name, clip_model.weights_sha256(model),
-            model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std,
-        )  # fmt: skip  # the fingerprint of the float32 weights, which the index records whatever the precision
+            name=str(path.resolve()) if path.exists() else name,
+            weights_sha256=clip_model.weights_sha256(model),  # before packing or int8: the index records float32
+            embed_dim=model.config.embed_dim,
+            image_size=preprocess.image_size,
+            mean=preprocess.mean,
+            std=preprocess.std,
+        )
         if self.settings.precision == "int8":
             model = clip_model.quantize_int8(model)
             logger.info("model %s quantized to int8", name)
@@ -254,4 +269,3 @@ class Runtime:
 
 class _MismatchError(Exception):
     """The index's embeddings come from other weights than the model the server can use."""
-
