@@ -154,13 +154,13 @@ class Encoder:
             return cached, self.search_vectors(cached.vector[None], search)[0]
         tokens, truncated = self._tokenize([text])
         result = self._submit(_Job("text", tokens, search))
-        assert result.hits is not None  # noqa: S101  # a job with a search always gets hits
+        assert result.hits is not None  # a job with a search always gets hits
         return self._remember([text], result.vectors, truncated)[text], result.hits[0]
 
     def search_vectors(self, vectors: Vectors, search: SearchRequest) -> list[list[Hit]]:
         """The index's nearest images of ``vectors`` [N, D] float32 unit rows, batched with the waiting queries."""
         result = self._submit(_Job("vectors", np.ascontiguousarray(vectors, dtype=np.float32), search))
-        assert result.hits is not None  # noqa: S101
+        assert result.hits is not None  # a job with a search always gets hits
         return result.hits
 
     def _cached(self, texts: Sequence[str]) -> dict[str, TextEmbedding]:
@@ -221,11 +221,11 @@ class Encoder:
             self._held = None
             if job is STOP:
                 return
-            assert isinstance(job, _Job)  # noqa: S101  # only _Job and STOP are ever queued
+            assert isinstance(job, _Job)  # only _Job and STOP are ever queued
             batch = self._drain(job)
             try:
                 vectors = self._encode_batch(batch)
-            except BaseException as exc:  # noqa: BLE001  # handed to the waiting requests, which re-raise it
+            except BaseException as exc:  # handed to the waiting requests, which re-raise it
                 for item in batch:
                     item.future.set_exception(exc)
                 continue
@@ -291,7 +291,7 @@ class Encoder:
             started = time.perf_counter()
             try:
                 found = index.search(queries, k)
-            except BaseException as exc:  # noqa: BLE001  # handed to the waiting requests, which re-raise it
+            except BaseException as exc:  # handed to the waiting requests, which re-raise it
                 for i, _ in members:
                     batch[i].future.set_exception(exc)
                 continue

@@ -51,7 +51,7 @@ def allowed_formats() -> tuple[str, ...]:
     if features.check("avif"):
         formats.append("AVIF")
     try:
-        from pillow_heif import register_heif_opener  # type: ignore[import-not-found,unused-ignore]
+        from pillow_heif import register_heif_opener  # type: ignore[import-not-found,unused-ignore]  # optional extra
     except ImportError:
         pass
     else:
