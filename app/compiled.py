@@ -1,9 +1,8 @@
 """The text tower compiled with ``torch.compile`` in the background, used by the inference thread once it is ready.
 
-Why: one short query through the ViT-B/32 text tower is ~700 small ops; inductor fuses the element-wise ones (for
-int8 the per-token quantize / dequantize passes around every matmul) and drops the Python overhead between them.
-Measured on 2 cores (Xeon with AMX, torch 2.13, random weights, text at its real length): int8 one query 10.6 ->
-4.4 ms, eight queries 19.7 -> 13.0 ms, 32 queries 72.8 -> 48.5 ms (``bench/README.md``).
+Why: one short query through the text tower is hundreds of small ops; inductor fuses the element-wise ones (for
+int8 the per-token quantize / dequantize passes around every matmul) and drops the Python overhead between them,
+so each text query encodes faster, int8 most of all (see bench/README.md, "server": the compiled text tower rows).
 
 Contracts:
 
@@ -81,7 +80,7 @@ class CompiledText:
         try:
             with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
                 return compiled(_inference_tensor(tokens))
-        except Exception as exc:  # noqa: BLE001  # a shape outside the compiled graphs: eager is always right
+        except Exception as exc:  # a shape outside the compiled graphs: eager is always right
             shape = tuple(tokens.shape)
             if shape not in self._warned_shapes:
                 self._warned_shapes.add(shape)
@@ -103,7 +102,7 @@ class CompiledText:
             with torch.inference_mode():
                 for batch in (tokens[:1, : int(tokens[0].argmax()) + 1], tokens[:, :length]):  # one query; several
                     self._check(compiled(_inference_tensor(batch)), self.eager(batch), tuple(batch.shape))
-        except Exception as exc:  # noqa: BLE001  # any failure leaves the eager tower serving; the reason is shown
+        except Exception as exc:  # any failure leaves the eager tower serving; the reason is shown
             self.status = f"eager (compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
             logger.error("compiling the text tower failed, it stays eager: %s", exc)
             return
