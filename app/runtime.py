@@ -31,7 +31,7 @@ from clip_model.threads import (
     single_threaded_elsewhere,
 )
 from indexer.errors import IndexerError
-from indexer.store import ModelInfo, PublishedIndex, current_generation
+from indexer.store import ModelInfo, PublishedIndex, current_generation, describe_backend
 
 from .encoder import Encoder
 from .errors import NotReadyError
@@ -84,6 +84,7 @@ class Runtime:
         thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
         self._default_threads = default_thread_count()  # not this thread's own count, which may differ
         self._threads = self.settings.torch_threads or self._default_threads
+        logger.info("inference on %d thread(s); search by %s", self._threads, describe_backend())
         single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
         try:
             if self.settings.model is not None:

@@ -4,6 +4,7 @@ to over raw sockets where HTTP clients would be too polite (chunked bodies over 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -53,6 +54,14 @@ def test_search_over_real_http(live_server: LiveServer, indexed: IndexedFolder) 
     response = httpx.post(f"{live_server.url}/api/search/image", files={"file": ("r.jpg", upload)})
     assert response.json()["results"][0]["path"] == "red/red_0.jpg"
     assert "x-request-id" in response.headers
+
+
+def test_the_start_up_log_says_what_is_served_and_nothing_that_looks_like_an_error(live_server: LiveServer) -> None:
+    log = live_server.logs()
+    start = log[: log.index("Uvicorn running on http://127.0.0.1:")]
+    assert "search by FAISS " in start and re.search(r"serving g-\d{6} of ", start)
+    suspicious = [line for line in start.splitlines() if any(w in line for w in ("Error", "error:", "Could not"))]
+    assert suspicious == []
 
 
 def test_body_limits_hold_against_chunked_and_lying_requests(indexed: IndexedFolder, tmp_path: Path) -> None:
