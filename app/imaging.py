@@ -3,8 +3,8 @@
 Uploads are untrusted: only the formats in :func:`allowed_formats` are even probed (``Image.open(formats=...)``),
 the pixel count is checked from the header before any pixel is decoded, truncated data is an error (Pillow's
 ``LOAD_TRUNCATED_IMAGES`` stays off) and only the first frame of an animation is read. JPEGs decode at a reduced
-DCT scale that keeps both sides >= 2x the model's input, as the indexer does, so an upload of an indexed file
-embeds like the file did.
+DCT scale by the indexer's own rule (``clip_model.preprocess.apply_draft``), so an upload of an indexed file embeds like
+the file did.
 
 Files are served by catalog id only; the catalog's stored path maps to the file through ``indexer.store.file_path``
 and the resolved path must lie inside the image root (symlinks out of it and ``..`` are refused). Thumbnails are
@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from clip_model.errors import ImageDecodeError
-from clip_model.preprocess import to_rgb
+from clip_model.preprocess import apply_draft, to_rgb
 from indexer.store import file_path
 
 from .errors import InvalidImageError, NotFoundError, PayloadTooLargeError, StaleFileError, UnsupportedImageError
@@ -34,7 +34,6 @@ from .errors import InvalidImageError, NotFoundError, PayloadTooLargeError, Stal
 logger = logging.getLogger(__name__)
 
 BASE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DRAFT_MARGIN = 2  # drafted JPEG sides stay >= DRAFT_MARGIN * the model's input size (see indexer/decode.py)
 THUMBNAIL_QUALITY = 85
 THUMBNAIL_FORMAT_SUFFIX = ".jpg"
 DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError, ImageDecodeError)
@@ -85,8 +84,7 @@ def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Image.Image:
             f"image is {width} x {height} = {width * height} pixels, the limit is {max_pixels}: send a smaller one"
         )
     try:
-        if image.format in ("JPEG", "MPO"):
-            image.draft(image.mode, (DRAFT_MARGIN * image_size, DRAFT_MARGIN * image_size))
+        apply_draft(image, image_size)
         return to_rgb(image)
     except DECODE_ERRORS as exc:
         raise InvalidImageError(f"cannot decode the image (truncated or corrupt?): {exc}") from None

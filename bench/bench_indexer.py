@@ -200,12 +200,12 @@ def encode_rate(loaded: Any, crops: Sequence[np.ndarray], batch_size: int, threa
     ``streams`` batches at once, each on a thread of ``threads // streams`` torch threads (as the pipeline runs)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from clip_model.preprocess import normalize_pixels
     from clip_model.threads import set_own_thread_count
-    from indexer.decode import normalize_batch
 
     mean, std = loaded.info.preprocess["mean"], loaded.info.preprocess["std"]
     batches = [
-        normalize_batch(np.stack(crops[i : i + batch_size]), mean, std) for i in range(0, len(crops), batch_size)
+        normalize_pixels(np.stack(crops[i : i + batch_size]), mean, std) for i in range(0, len(crops), batch_size)
     ]
     initargs = (max(1, threads // streams),)
     with ThreadPoolExecutor(streams, initializer=set_own_thread_count, initargs=initargs) as pool:
@@ -491,8 +491,9 @@ def bench_full(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def bench_draft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from clip_model.preprocess import normalize_pixels
     from indexer.build import load_model
-    from indexer.decode import decode_file, normalize_batch
+    from indexer.decode import decode_file
     from indexer.scan import iter_images
 
     root = photo_folder(workdir, max(args.images, DRAFT_SAMPLE), *args.size)
@@ -504,7 +505,7 @@ def bench_draft(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         rates[draft] = summary([decode_rate_here(root, files, spec) for _ in range(args.repeat)])
         crops[draft] = np.stack([decode_file(root, f, spec).pixels for f in files])  # [N, R, R, 3]
     mean, std = loaded.info.preprocess["mean"], loaded.info.preprocess["std"]
-    embeddings = {draft: loaded.encode(normalize_batch(crops[draft], mean, std)) for draft in (True, False)}
+    embeddings = {draft: loaded.encode(normalize_pixels(crops[draft], mean, std)) for draft in (True, False)}
     drafted, exact = embeddings[True], embeddings[False]
     cosine = np.sum(drafted * exact, axis=1)
     centre = exact.mean(axis=0)

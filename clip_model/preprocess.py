@@ -9,12 +9,17 @@ Contract of ``Preprocess(n)(image)``, a float32 tensor ``[3, n, n]``:
    (Python ``round``: exact halves go to the even integer). These are torchvision's ``Resize(n)`` and
    ``CenterCrop(n)`` rules for PIL images; CenterCrop's zero padding of images smaller than the crop never applies,
    since the resized short side is ``n`` and the long side at least ``n``.
-3. ``image_to_tensor``: uint8 HWC -> float32 CHW, ``(pixel / 255 - mean) / std``, each step in float32.
+3. ``image_to_tensor``: uint8 HWC -> float32 CHW, ``(pixel / 255 - mean) / std``, each step in float32
+   (``normalize_pixels``, which the indexer also applies to its batches of decoded crops).
 
 For RGB input this equals OpenAI CLIP's ``_transform(n)`` pixel for pixel. The reference resizes before it converts
 to RGB, which ``to_rgb`` deliberately does not copy: it resizes palette images with nearest neighbour (Pillow forces
 that filter for mode "P"), shows the colour hidden under transparent pixels, clips 16-bit images to white, ignores
 ICC profiles of CMYK images and ignores EXIF orientation.
+
+Callers that open the file themselves (the indexer, the server's uploads) may call ``apply_draft`` before step 1:
+JPEGs then decode at the smallest DCT scale that keeps both sides >= ``DRAFT_MARGIN`` times the model's input, so
+an upload of an indexed file embeds like the file did.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ WHITE = (255, 255, 255)
 UINT8_MAX = 255
 UINT16_MAX = 65535
 EXIF_ORIENTATION_TAG = 0x0112
+DRAFT_MARGIN = 2  # drafted JPEG sides stay >= DRAFT_MARGIN * the model's input size
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # the Pillow formats whose decoder implements draft()
 # Beyond this many pixels in the resized (pre-crop) image only the crop window is resampled: resize_and_center_crop.
 MAX_RESIZED_PIXELS = 1 << 25
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
@@ -78,6 +85,17 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
         return image if mode == "RGB" else image.convert("RGB")
     except ValueError as exc:
         raise ImageDecodeError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
+
+
+def apply_draft(image: Image.Image, image_size: int) -> None:
+    """Make a JPEG decode at its smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= DRAFT_MARGIN * image_size.
+
+    Call before the pixels are loaded. A no-op for other formats and for images already that small. Metadata is
+    untouched, so ``to_rgb`` still applies the file's EXIF orientation to the drafted pixels.
+    """
+    if image.format in DRAFT_FORMATS:
+        side = DRAFT_MARGIN * image_size
+        image.draft(image.mode, (side, side))
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -144,17 +162,25 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def image_to_array(image: Image.Image, mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
-    """RGB image -> C-contiguous float32 array ``[3, H, W]`` holding ``(pixel / 255 - mean) / std`` per channel.
-
-    Each step runs in float32, so any other code doing the same steps on the same uint8 pixels gets identical bits.
-    """
+    """RGB image -> C-contiguous float32 array ``[3, H, W]``: :func:`normalize_pixels` of its pixels."""
     if image.mode != "RGB":
         raise ValueError(f"image_to_array expects an RGB image, got mode {image.mode!r}")
-    chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)
-    chw /= np.float32(UINT8_MAX)
-    chw -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    chw /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    return chw
+    return normalize_pixels(np.asarray(image), mean, std)
+
+
+def normalize_pixels(pixels: npt.NDArray[np.uint8], mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
+    """uint8 RGB ``[H, W, 3]`` or ``[B, H, W, 3]`` -> C-contiguous float32 ``[3, H, W]`` or ``[B, 3, H, W]`` holding
+    ``(pixel / 255 - mean) / std`` per channel.
+
+    Each step runs in float32, so a batch of crops gives, item for item, the bits ``Preprocess`` gives.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+        raise ValueError(f"normalize_pixels expects uint8 [H, W, 3] or [B, H, W, 3], got {pixels.dtype} {pixels.shape}")
+    out = np.ascontiguousarray(np.moveaxis(pixels, -1, -3), dtype=np.float32)  # [..., 3, H, W]
+    out /= np.float32(UINT8_MAX)
+    out -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    out /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return out
 
 
 def image_to_tensor(image: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:

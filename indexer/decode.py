@@ -7,13 +7,14 @@ Contract of ``decode_file(root, scanned, spec)``:
 - The file is read once, in full, unless ``fstat`` says it exceeds ``spec.max_bytes``; ``content_hash`` is the
   sha256 of exactly the bytes decoded, and ``size``/``mtime_ns`` describe the file as it was read.
 - The image's pixel count is checked against ``spec.max_pixels`` from its header, before any pixel is decoded.
-- JPEGs are decoded at a reduced size through the decoder's DCT scaling (``Image.draft``) when ``spec.draft``:
-  the largest of the 1/2, 1/4, 1/8 scales that keeps BOTH sides >= ``DRAFT_MARGIN * image_size``, so the bicubic
-  resize that follows still reduces by >= 2x. The crop then differs from the full decode by about one 8-bit
-  level on average (see tests/indexer/test_decode.py). ``width``/``height`` are always the upright ORIGINAL size.
+- JPEGs are decoded at a reduced size through the decoder's DCT scaling when ``spec.draft``, by
+  ``clip_model.preprocess.apply_draft``: the largest of the 1/2, 1/4, 1/8 scales that keeps BOTH sides
+  >= ``DRAFT_MARGIN * image_size``, so the bicubic resize that follows still reduces by >= 2x. The crop then
+  differs from the full decode by about one 8-bit level on average (see tests/indexer/test_decode.py).
+  ``width``/``height`` are always the upright ORIGINAL size.
 - Then ``clip_model.preprocess.to_rgb`` (EXIF orientation, alpha over white, first frame of animations) and
   ``resize_and_center_crop`` -> ``pixels`` uint8 ``[R, R, 3]``; the main process normalizes batches with
-  ``normalize_batch``, which equals ``clip_model.preprocess.Preprocess(R, mean, std)`` exactly.
+  ``clip_model.preprocess.normalize_pixels``, which equals ``Preprocess(R, mean, std)`` exactly.
 - Any failure gives a ``DecodeFailure`` whose ``reason`` starts with one of ``REASON_CATEGORIES`` and a colon (or is
   exactly "empty file"); nothing raises. Results are plain dataclasses of str/int/numpy: they pickle across
   spawned processes, and no torch tensor is created here.
@@ -38,7 +39,14 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError, features
 
-from clip_model.preprocess import UINT8_MAX, resize_and_center_crop, to_rgb
+from clip_model.preprocess import (
+    DRAFT_FORMATS,
+    EXIF_ORIENTATION_TAG,
+    Triple,
+    apply_draft,
+    resize_and_center_crop,
+    to_rgb,
+)
 
 from . import paths
 from .scan import AVIF_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, enable_heif, extension_of
@@ -49,9 +57,6 @@ logger = logging.getLogger(__name__)
 # needs ~480 MB of RGB per worker while decoding (JPEGs are drafted to 1/8 of that).
 DEFAULT_MAX_PIXELS = 160_000_000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB: larger files are skipped without being read
-DRAFT_MARGIN = 2  # drafted JPEG sides stay >= DRAFT_MARGIN * image_size
-DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # the Pillow formats whose decoder implements draft()
-EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations whose upright image swaps width and height
 REASON_CATEGORIES = (
     "empty file",
@@ -66,8 +71,6 @@ REASON_CATEGORIES = (
 )
 TRUNCATED_MARKER = "truncated"  # Pillow's messages for data that ends early: "image file is truncated ..."
 UNSUPPORTED_MARKERS = ("not available", "cannot convert image mode", "unsupported")
-
-Triple = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -171,17 +174,6 @@ def _decode_pixels(data: bytes, relative: str, spec: DecodeSpec) -> tuple[int, i
     return width, height, pixels
 
 
-def apply_draft(image: Image.Image, image_size: int) -> None:
-    """Make a JPEG decode at its smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= DRAFT_MARGIN * image_size.
-
-    Call before the pixels are loaded. A no-op for other formats and for images already that small. Metadata is
-    untouched, so ``to_rgb`` still applies the file's EXIF orientation to the drafted pixels.
-    """
-    if image.format in DRAFT_FORMATS:
-        side = DRAFT_MARGIN * image_size
-        image.draft(image.mode, (side, side))
-
-
 def _failure_reason(exc: Exception, relative: str, read: bool) -> str:
     """Map an exception from reading (``read`` False) or decoding to a reason with a stable category prefix."""
     if not read:
@@ -211,17 +203,3 @@ def _failure_reason(exc: Exception, relative: str, read: bool) -> str:
             return f"unsupported format: {message}"
         return f"corrupt: {message}"
     return f"corrupt: {type(exc).__name__}: {message}"
-
-
-def normalize_batch(pixels: npt.NDArray[np.uint8], mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
-    """uint8 ``[B, R, R, 3]`` crops -> float32 ``[B, 3, R, R]`` holding ``(pixel / 255 - mean) / std``.
-
-    The same float32 steps as ``clip_model.preprocess.image_to_array``, so each item equals ``Preprocess`` bit for bit.
-    """
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
-        raise ValueError(f"normalize_batch expects uint8 [B, R, R, 3], got {pixels.dtype} {pixels.shape}")
-    batch = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)  # [B, 3, R, R]
-    batch /= np.float32(UINT8_MAX)
-    batch -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    batch /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return batch

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from clip_model.preprocess import normalize_pixels
 from clip_model.threads import set_own_thread_count
 
 from . import paths
-from .decode import Decoded, DecodeFailure, DecodeSpec, decode_file, normalize_batch
+from .decode import Decoded, DecodeFailure, DecodeSpec, decode_file
 from .lifetime import worker_pool
 from .scan import ScannedFile
 
@@ -126,7 +127,7 @@ class _Batcher:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        pixels = normalize_batch(np.stack([d.pixels for d in batch]), self._spec.mean, self._spec.std)  # [B,3,R,R]
+        pixels = normalize_pixels(np.stack([d.pixels for d in batch]), self._spec.mean, self._spec.std)  # [B,3,R,R]
         future: Future[npt.NDArray[np.float32]] = Future()
         if self._pool is None:
             future.set_result(self._encoder(pixels))  # here, on the calling thread

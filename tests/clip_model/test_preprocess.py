@@ -15,7 +15,14 @@ from PIL import Image
 from clip_model import preprocess
 from clip_model.constants import INCEPTION_MEAN, INCEPTION_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clip_model.errors import ImageDecodeError
-from clip_model.preprocess import Preprocess, image_to_tensor, resize_and_center_crop, to_rgb
+from clip_model.preprocess import (
+    Preprocess,
+    apply_draft,
+    image_to_tensor,
+    normalize_pixels,
+    resize_and_center_crop,
+    to_rgb,
+)
 from tests.clip_model import images
 
 IMAGE_SIZES = (224, 288, 336, 384, 448)
@@ -309,6 +316,51 @@ def test_empty_image_is_rejected() -> None:
 def test_image_to_tensor_requires_rgb() -> None:
     with pytest.raises(ValueError, match="'L'"):
         image_to_tensor(_flat("L", 0), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+def test_normalized_batch_items_equal_image_to_array_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    batch = normalize_pixels(crops, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    assert batch.dtype == np.float32 and batch.shape == (4, 3, 24, 24) and batch.flags.c_contiguous
+    for crop, item in zip(crops, batch, strict=True):
+        expected = preprocess.image_to_array(Image.fromarray(crop, "RGB"), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+        assert np.array_equal(item, expected)
+
+
+def test_normalize_pixels_rejects_other_layouts() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(np.zeros((2, 3, 16, 16), np.uint8), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(np.zeros((2, 16, 16, 3), np.float32), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(np.zeros((16, 3), np.uint8), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+# --- the JPEG draft rule ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "image_size", "expected"),
+    [
+        ((3000, 2000), 224, (750, 500)),  # 1/4: 1/8 would give 375x250, short side below 448
+        ((2000, 3000), 336, (1000, 1500)),
+        ((4000, 3000), 224, (1000, 750)),
+        ((3584, 3584), 224, (448, 448)),  # exactly 2 * 224 at 1/8
+        ((3583, 3583), 224, (896, 896)),  # one pixel less: 1/4
+        ((447, 1000), 224, (447, 1000)),  # already below 2 * 224: full size
+    ],
+)
+def test_draft_keeps_both_sides_at_least_twice_the_crop(
+    tmp_path: Path, size: tuple[int, int], image_size: int, expected: tuple[int, int]
+) -> None:
+    path = tmp_path / "flat.jpg"
+    Image.new("RGB", size, (90, 120, 200)).save(path)
+    with Image.open(path) as image:
+        apply_draft(image, image_size)
+        assert image.size == expected
+        image.load()
+        assert image.size == expected
 
 
 # --- the Preprocess object -------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.decode import Decoded, DecodeFailure, DecodeSpec, decode_file, normalize_batch
+from clip_model.preprocess import normalize_pixels
+from indexer.decode import Decoded, DecodeFailure, DecodeSpec, decode_file
 from indexer.pipeline import Encoded, encode_files
 from indexer.scan import ScannedFile, iter_images
 from tests.indexer.conftest import write_photos
@@ -90,7 +91,7 @@ def test_streams_encode_batches_at_once_on_their_own_threads_and_keep_each_vecto
     encoded = [r for r in results if isinstance(r, Encoded)]
     assert sorted(r.decoded.path for r in encoded) == [f.path for f in files]
     for result in encoded:  # each vector is its own image's, whichever stream encoded it
-        pixels = normalize_batch(result.decoded.pixels[None], SPEC.mean, SPEC.std)
+        pixels = normalize_pixels(result.decoded.pixels[None], SPEC.mean, SPEC.std)
         assert result.embedding is not None and np.allclose(result.embedding, mean_pixel_encoder(pixels)[0])
     assert len(calls) == 12 and most_running == 3
     assert {name.startswith("encode") for name, _ in calls} == {True}
