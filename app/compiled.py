@@ -98,9 +98,8 @@ class CompiledText:
             inductor_config.freezing = True  # weights become constants: folded layouts, no per-call reads of them
             compiled = torch.compile(self.eager, dynamic=True)
             tokens = clip_model.tokenize(WARMUP_PROMPTS)
-            length = int(tokens.argmax(dim=-1).max()) + 1
             with torch.inference_mode():
-                for batch in (tokens[:1, : int(tokens[0].argmax()) + 1], tokens[:, :length]):  # one query; several
+                for batch in (clip_model.trim_tokens(tokens[:1]), clip_model.trim_tokens(tokens)):  # one query; several
                     self._check(compiled(_inference_tensor(batch)), self.eager(batch), tuple(batch.shape))
         except Exception as exc:  # any failure leaves the eager tower serving; the reason is shown
             self.status = f"eager (compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

@@ -262,8 +262,7 @@ class Encoder:
             started = time.perf_counter()
             with torch.inference_mode():
                 if kind == "text":
-                    length = int(inputs.argmax(dim=-1).max()) + 1  # the longest prompt's end-of-text position + 1
-                    features = self.text_tower.encode(inputs[:, :length])
+                    features = self.text_tower.encode(clip_model.trim_tokens(inputs))
                 else:
                     features = self.model.encode_image(inputs, normalize=True)
             matrix = np.ascontiguousarray(features.float().numpy())

@@ -28,7 +28,7 @@ from .model import CLIP
 from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
 from .quantize import is_quantized, quantize_int8
-from .tokenizer import Tokenizer, get_tokenizer, tokenize
+from .tokenizer import Tokenizer, get_tokenizer, tokenize, trim_tokens
 from .zeroshot import (
     build_zero_shot_classifier,
     classify,
@@ -72,6 +72,7 @@ __all__ = [
     "save_checkpoint",
     "to_rgb",
     "tokenize",
+    "trim_tokens",
     "weights_sha256",
     "zero_shot_prompts",
     "zero_shot_probabilities",

@@ -9,7 +9,8 @@ checkpoint trained on them:
 3. map each word's UTF-8 bytes to printable symbols, mark its last symbol as end of word and apply the ranked
    BPE merges; every resulting symbol is a vocabulary entry.
 
-``tokenize`` wraps every text as ``[start, *ids, end]`` and zero-pads it to ``context_length``.
+``tokenize`` wraps every text as ``[start, *ids, end]`` and zero-pads it to ``context_length``; the end token has
+the largest id, so each row's argmax is its end-of-text position, and ``trim_tokens`` cuts a batch after the last one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from .constants import DEFAULT_CONTEXT_LENGTH, VOCAB_SIZE
 from .errors import TokenizerError
 
-__all__ = ["Tokenizer", "clean_text", "get_tokenizer", "tokenize"]
+__all__ = ["Tokenizer", "clean_text", "get_tokenizer", "tokenize", "trim_tokens"]
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # in clip_model/data; see LICENSE-openai-clip.txt there
 # The vocabulary file is a version header line, then one merge "left right" per line, most frequent first; it holds
@@ -249,3 +250,12 @@ def tokenize(
 ) -> torch.Tensor:
     """Tokenize with the shared tokenizer; see :meth:`Tokenizer.__call__`."""
     return get_tokenizer()(texts, context_length=context_length, truncate=truncate)
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, L]`` cut to ``[B, l]``, ``l`` = the last end-of-text position in the batch + 1.
+
+    The causal mask makes each row's end-of-text feature independent of the padding after it, so the cut batch
+    encodes to the same features in less time.
+    """
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]

@@ -56,6 +56,7 @@ from ..factory import create_model, load
 from ..loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
 from ..model import CLIP
 from ..preprocess import Preprocess
+from ..tokenizer import trim_tokens
 from .data import DatasetError, Pair, PairDataset, PreloadedPairDataset, preloaded_bytes, read_pairs
 from .evaluate import encode_dataset, retrieval_metrics, zero_shot_accuracy
 from .schedule import param_groups, warmup_cosine
@@ -389,11 +390,6 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch))
-
-
-def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """``tokens [B, L]`` cut to ``[B, l]``, ``l`` = the last end-of-text position in the batch + 1."""
-    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
 
 class ContrastiveModule(nn.Module):

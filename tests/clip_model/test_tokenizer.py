@@ -169,6 +169,14 @@ def test_shapes_and_dtype(ours: tok.Tokenizer) -> None:
     assert blank[:, :2].tolist() == [[SOT, EOT], [SOT, EOT]] and blank[:, 2:].eq(0).all()
 
 
+def test_trim_tokens_cuts_after_the_last_end_of_text(ours: tok.Tokenizer) -> None:
+    tokens = ours(["a photo of a cat", "a", ""])  # ends at 6, 2 and 1
+    trimmed = tok.trim_tokens(tokens)
+    assert trimmed.shape == (3, 7) and torch.equal(trimmed, tokens[:, :7])
+    assert trimmed[0, -1].item() == EOT
+    assert tok.trim_tokens(tokens[2:]).tolist() == [[SOT, EOT]]
+
+
 def test_special_token_ids_and_vocab(ref: Any, ours: tok.Tokenizer) -> None:
     assert ours.sot_token_id == SOT == ref.encoder["<|startoftext|>"]
     assert ours.eot_token_id == EOT == ref.encoder["<|endoftext|>"]

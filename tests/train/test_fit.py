@@ -22,6 +22,7 @@ import clip_model
 from clip_model.config import CLIPConfig, TextConfig, VisionConfig
 from clip_model.errors import UnknownModelError
 from clip_model.loss import clip_loss
+from clip_model.tokenizer import trim_tokens
 from clip_model.train import cli
 from clip_model.train.data import DatasetError, Pair, PairDataset, read_pairs
 from clip_model.train.fit import (
@@ -33,7 +34,6 @@ from clip_model.train.fit import (
     _World,
     fit,
     split_pairs,
-    trim_tokens,
 )
 from clip_model.train.schedule import lr_factor, param_groups, warmup_cosine
 
