@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from clip_model import PRECISIONS
+
 from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings
 
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-dir", type=Path, help="index directory ($CLIPSEARCH_INDEX_DIR)")
     parser.add_argument("--model", help="model name or checkpoint path (default: the one the index was built with)")
     parser.add_argument("--arch", help="architecture config for checkpoint files that do not carry one")
-    parser.add_argument("--precision", choices=("fp32", "int8"), help="encoder arithmetic (default fp32)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="encoder arithmetic (default fp32)")
     parser.add_argument(
         "--compile-text",
         action=argparse.BooleanOptionalAction,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from clip_model import Precision
 from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
 
 MAX_K = 1000
@@ -322,7 +323,7 @@ class Stats(BaseModel):
     texts: int
     factory: str | None
     image_root: str | None
-    precision: Literal["fp32", "int8"] = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
+    precision: Precision = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
     text_encoder: str | None = Field(
         None, description="how text queries are encoded: eager, or compiled (CLIPSEARCH_COMPILE_TEXT), and why"
     )

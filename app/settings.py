@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clip_model import Precision
+
 ENV_PREFIX = "CLIPSEARCH_"
 MIB = 1 << 20
 
@@ -70,7 +72,7 @@ class Settings(BaseSettings):
     max_labels: int = Field(100, ge=1, le=100, description="zero-shot labels (and candidate texts) per request")
     max_templates: int = Field(80, ge=1, le=80, description="zero-shot prompt templates per request")
 
-    precision: Literal["fp32", "int8"] = Field(
+    precision: Precision = Field(
         "fp32",
         description="encoder arithmetic: fp32 (float32 weights through oneDNN-packed matmuls) or int8 (int8 linear "
         "layers on the CPU: faster, and an fp32-built index still works; see docs/performance.md)",

@@ -632,7 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-draft", action="store_true", help="pipeline benchmark without JPEG draft")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--model", choices=("vit", "tiny"), default="vit", help="pipeline and draft model")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="pipeline encoder precision")
+    parser.add_argument("--precision", default="fp32", help="pipeline encoder precision (clip_model.PRECISIONS)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and model, to check the script (< 1 min)")
     parser.add_argument("--noop-profile", nargs=3, type=Path, help=argparse.SUPPRESS)  # internal: the profiling child
@@ -644,9 +644,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
+    from clip_model import PRECISIONS
     from indexer.build import default_workers
     from indexer.pipeline import DEFAULT_BATCH_SIZE
 
+    if args.precision not in PRECISIONS:  # checked here: parse_args imports nothing, for --noop-profile's timing
+        raise SystemExit(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
     args.workers = default_workers(args.precision) if args.workers is None else args.workers
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     results = new_results()

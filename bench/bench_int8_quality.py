@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 import clip_model
 from bench.common import write_json
 from bench.inputs import tiny_model
+from clip_model import PRECISIONS
 from clip_model.train.data import Pair
 from clip_model.train.evaluate import encode_dataset, read_eval_pairs, retrieval_metrics
 
-PRECISIONS: tuple[Literal["fp32"], Literal["int8"]] = ("fp32", "int8")  # what clip_model.load accepts
 OVERLAP_K = 10
 TARGET_RECALL_POINTS = 1.0  # int8 recall within this many points (x100) of fp32
 TARGET_OVERLAP = 0.9

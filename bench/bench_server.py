@@ -476,6 +476,8 @@ def _concurrency(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from clip_model import PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="cache folder (default: a temporary directory)")
     parser.add_argument("--vectors", type=int, help=f"indexed images (default {DEFAULTS['vectors']})")
@@ -486,7 +488,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script works (< 1 min)")
     parser.add_argument("--tag", default="", help="appended to the results file name")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path (default: bench/results/...)")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="CLIPSEARCH_PRECISION")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="CLIPSEARCH_PRECISION")
     parser.add_argument(
         "--server-env",
         type=_setting,

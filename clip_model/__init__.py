@@ -23,7 +23,7 @@ from .errors import (
     UnknownModelError,
     UnsafeCheckpointError,
 )
-from .factory import available_models, create_model, load, preprocess_for
+from .factory import PRECISIONS, Precision, available_models, create_model, load, preprocess_for
 from .model import CLIP
 from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
@@ -47,6 +47,8 @@ __all__ = [
     "ClipModelError",
     "DownloadError",
     "ImageDecodeError",
+    "PRECISIONS",
+    "Precision",
     "Preprocess",
     "TokenizerError",
     "Tokenizer",

@@ -24,8 +24,8 @@ from .quantize import quantize_int8
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "int8"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
+Precision = Literal["fp32", "int8"]  # inference arithmetic: float32, or int8 linear layers on the CPU (quantize_int8)
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 def available_models() -> list[str]:

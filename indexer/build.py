@@ -29,6 +29,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
+from clip_model import PRECISIONS, Precision
 from clip_model.threads import run_in_fresh_thread, set_own_thread_count
 
 from . import paths
@@ -73,7 +74,7 @@ class BuildOptions:
     workers: int = 1
     draft: bool = True
     rebuild: bool = False
-    precision: str = "fp32"  # "int8": CPU int8 linear layers (clip_model.quantize_int8); the fingerprint stays fp32's
+    precision: Precision = "fp32"  # "int8": CPU int8 linear layers (quantize_int8); the fingerprint stays fp32's
     threads: int = 0  # torch threads for loading and encoding; 0: default_encode_threads()
     streams: int = 0  # batches encoded at once, the threads split between them; 0: default_streams(threads)
 
@@ -123,15 +124,15 @@ class LoadedModel:
         return DecodeSpec(image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft)
 
 
-def load_model(name: str, arch: str | None = None, precision: str = "fp32") -> LoadedModel:
+def load_model(name: str, arch: str | None = None, precision: Precision = "fp32") -> LoadedModel:
     """Load ``name`` (registry name or checkpoint path) and fingerprint its weights.
 
     ``precision="int8"`` quantizes the model for the CPU after the fingerprint is taken, ``"fp32"`` packs its
     linear layers for oneDNN (:func:`clip_model.pack_for_cpu`): the index records the float32 weights it came from,
     so fp32 and int8 runs (and servers) can share one index.
     """
-    if precision not in ("fp32", "int8"):
-        raise IndexerError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise IndexerError(f"precision must be {' or '.join(map(repr, PRECISIONS))}, got {precision!r}")
     model, preprocess = clip_model.load(name, arch=arch)
     path = Path(name).expanduser()
     info = ModelInfo.of(
@@ -411,7 +412,7 @@ def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
         stats.renamed += 1
 
 
-def default_workers(precision: str = "fp32") -> int:
+def default_workers(precision: Precision = "fp32") -> int:
     """Decode worker processes for a build, by what decoding costs beside encoding per image.
 
     fp32: encoding a photo costs several times what decoding it draft-scaled does, so the workers only fill the

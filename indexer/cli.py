@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from clip_model import PRECISIONS
 from clip_model.errors import ClipModelError
 from clip_model.malloc import tune_malloc
 
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
     build.add_argument(
         "--precision",
-        choices=("fp32", "int8"),
+        choices=PRECISIONS,
         default=_env("PRECISION", "fp32"),
         help="encoder arithmetic: int8 = CPU int8 linear layers, faster encoding ($CLIPSEARCH_PRECISION)",
     )
