@@ -15,9 +15,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from clip_model import PRECISIONS
+from indexer.store import ENV_PREFIX
 
 from .logs import configure_logging
-from .settings import ENV_PREFIX, Settings
+from .settings import Settings
 
 logger = logging.getLogger("app")
 

@@ -16,8 +16,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from clip_model import Precision
+from indexer.store import ENV_PREFIX
 
-ENV_PREFIX = "CLIPSEARCH_"
 MIB = 1 << 20
 
 

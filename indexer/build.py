@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 MAX_ENCODE_STREAMS = 4  # each stream holds a batch's activations: ~0.5 GB for ViT-L/14 at batch 32
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
-DEFAULT_FACTORY = AUTO  # the index type by collection size (indexer.index_choice)
 Progress = Callable[[int, int], None]  # (files done, files to process)
 Result = PassedOver | Encoded | DecodeFailure  # one file's outcome, recorded by _record
 

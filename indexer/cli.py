@@ -23,15 +23,15 @@ from clip_model.errors import ClipModelError
 from clip_model.malloc import tune_malloc
 
 from . import paths
-from .build import DEFAULT_FACTORY, BuildOptions, build_index, default_workers
+from .build import BuildOptions, build_index, default_workers
 from .errors import IndexerError
 from .lifetime import exit_with_launcher
 from .pipeline import DEFAULT_BATCH_SIZE
 from .scan import supported_extensions
+from .store import DEFAULT_FACTORY, ENV_PREFIX
 
 logger = logging.getLogger("indexer")
 
-ENV_PREFIX = "CLIPSEARCH_"  # shared with the server's settings
 DEFAULT_MODEL = "ViT-B-32"
 LOG_EVERY_SECONDS = 10.0  # progress line interval when stderr is not a terminal
 SKIPPED_SHOWN = 20  # skipped files listed by `info`

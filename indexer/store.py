@@ -39,6 +39,9 @@ Invariants:
   name, fsynced, renamed into place, and only then published by atomically replacing CURRENT, so a crash at any
   point leaves the previous generation published and intact; the next publish sweeps the leftovers.
 * One writer at a time (:class:`WriterLock`); readers (:class:`PublishedIndex`) never write and never block.
+
+Being the one indexer module the app imports, it also holds what the two share beyond the format: ``ENV_PREFIX``,
+the prefix of the environment variables both read.
 """
 
 from __future__ import annotations
@@ -102,10 +105,11 @@ VECTOR_TOLERANCE = 1e-5  # max |FAISS - catalog| per component for exact (non-PQ
 VERIFY_SAMPLE_SIZE = 1000  # vectors compared between FAISS and the catalog by verify()
 SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's lock
 SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
-HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads when hashing a file
+HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads when hashing a file (not clip_model.download's: that import loads torch)
 OLDEST_GENERATION_KEY = "oldest_generation"  # meta: generations before this number can no longer be resolved
 OPEN_ATTEMPTS = 3  # PublishedIndex.open retries when a publish swaps CURRENT while it reads
 GENERATION_RE = re.compile(r"g-(\d{6,})")
+ENV_PREFIX = "CLIPSEARCH_"  # of the variables the indexer's CLI and the server's settings both read (e.g. INDEX_DIR)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
