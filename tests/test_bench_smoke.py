@@ -20,6 +20,7 @@ from bench.suite import MEMBERS
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_MEMBERS = ("server", "server_int8", "server_int8_compiled", "server_1m")
+pytestmark = pytest.mark.slow  # every member in turn takes minutes: left out of make check
 
 
 def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def _tokens(batch: int, length: int) -> torch.Tensor:
     return tokens
 
 
+@pytest.mark.slow  # compiles the text tower twice
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_compiled_tower_matches_eager_at_every_shape_without_recompiling(
     app_model: Path, precision: str, caplog: pytest.LogCaptureFixture

@@ -31,6 +31,7 @@ from tests.app.conftest import IndexedFolder
 
 MAX_EXAMPLES = 100  # per operation and phase: about 2,400 requests, under a minute on 2 cores (printed by the test)
 SEED = 16
+pytestmark = pytest.mark.slow  # about a minute of fuzzing: left out of make check
 REQUEST_TIMEOUT_S = 120  # a schema-valid classification can ask for 100 labels x 80 templates of 1,000 characters
 UPLOADS = ["POST /api/search/image", "POST /api/embed/image", "POST /api/describe/upload", "POST /api/classify/upload"]
 NOT_AN_IMAGE = ["2xx", 401, 403, 404, 409, 415]  # any non-empty bytes fit the schema's file part

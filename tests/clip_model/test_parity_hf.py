@@ -61,7 +61,9 @@ def assert_matches_transformers(model: clip_model.CLIP, reference: transformers.
     ("spec", "hidden_act", "expected_name"),
     [
         pytest.param(BASE_PATCH32, "quick_gelu", "ViT-B-32-quickgelu", id="clip-vit-base-patch32"),
-        pytest.param(LARGE_PATCH14, "quick_gelu", "ViT-L-14-quickgelu", id="clip-vit-large-patch14"),
+        pytest.param(
+            LARGE_PATCH14, "quick_gelu", "ViT-L-14-quickgelu", id="clip-vit-large-patch14", marks=pytest.mark.slow
+        ),
         pytest.param(BASE_PATCH32, "gelu", "ViT-B-32", id="base-patch32-gelu"),
     ],
 )

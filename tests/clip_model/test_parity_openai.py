@@ -64,7 +64,11 @@ def assert_same_outputs(ours: clip_model.CLIP, ref: Reference) -> None:
     assert text_diff <= TOLERANCE, f"{ref.name} encode_text differs by {text_diff:.3g}"
 
 
-@pytest.mark.parametrize("reference", OPENAI_ARCHS, indirect=True)
+@pytest.mark.parametrize(
+    "reference",
+    [pytest.param(name, marks=pytest.mark.slow) if name in LARGE_ARCHS else name for name in OPENAI_ARCHS],
+    indirect=True,
+)
 def test_state_dict_file_gives_reference_outputs(reference: Reference, tmp_path: Path) -> None:
     path = tmp_path / f"{reference.name}.pt"
     torch.save(reference.model.state_dict(), path)

@@ -103,6 +103,7 @@ def committed_ids(index_dir: Path) -> set[int]:
         return {rec.id for rec in catalog.files().values() if rec.status == "ok"}
 
 
+@pytest.mark.slow  # kills at many moments of a build over 1,700 photos
 def test_kill_9_at_any_moment_keeps_published_index_and_committed_work(
     tiny_model: Path, tmp_path: Path, new_marker: Callable[[], str]
 ) -> None:
