@@ -573,30 +573,26 @@ class Catalog:
         """Insert or update the row for ``path`` (an existing path keeps its id). ``embedding`` [D] float32 unit-norm.
         Returns the id."""
         blob = _vector_bytes(embedding, self._require_dim())
-        with self.transaction():
-            self._keep_published("path = ?", (_check_path(path),))
-            row = self._conn.execute(
-                "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, status, error, embedding, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'ok', NULL, ?, ?) ON CONFLICT (path) DO UPDATE SET "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, "
-                "width = excluded.width, height = excluded.height, status = 'ok', error = NULL, "
-                "embedding = excluded.embedding, updated_at = excluded.updated_at RETURNING id",
-                (path, size, mtime_ns, content_hash, width, height, blob, time.time()),
-            ).fetchone()
-        return int(row[0])
+        values = {"width": width, "height": height, "status": "ok", "error": None, "embedding": blob}
+        return self._upsert(path, size, mtime_ns, content_hash, values)
 
     def add_skipped(self, path: str, size: int, mtime_ns: int, content_hash: str | None, error: str) -> int:
         """Record a file that could not be indexed, with the reason; it holds no embedding. Returns the id."""
+        values = {"width": None, "height": None, "status": "skipped", "error": error, "embedding": None}
+        return self._upsert(path, size, mtime_ns, content_hash, values)
+
+    def _upsert(
+        self, path: str, size: int, mtime_ns: int, content_hash: str | None, values: Mapping[str, object]
+    ) -> int:
+        """Insert the row of ``path``, or replace every column but its id (an existing path keeps its id)."""
+        columns = {"path": _check_path(path), "size": size, "mtime_ns": mtime_ns, "content_hash": content_hash}
+        columns |= {**values, "updated_at": time.time()}
+        names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+        updates = ", ".join(f"{name} = excluded.{name}" for name in columns if name != "path")
         with self.transaction():
-            self._keep_published("path = ?", (_check_path(path),))
-            row = self._conn.execute(
-                "INSERT INTO images (path, size, mtime_ns, content_hash, status, error, updated_at) "
-                "VALUES (?, ?, ?, ?, 'skipped', ?, ?) ON CONFLICT (path) DO UPDATE SET size = excluded.size, "
-                "mtime_ns = excluded.mtime_ns, content_hash = excluded.content_hash, width = NULL, height = NULL, "
-                "status = 'skipped', error = excluded.error, embedding = NULL, updated_at = excluded.updated_at "
-                "RETURNING id",
-                (path, size, mtime_ns, content_hash, error, time.time()),
-            ).fetchone()
+            self._keep_published("path = ?", (path,))
+            statement = f"INSERT INTO images ({names}) VALUES ({marks}) ON CONFLICT (path) DO UPDATE SET {updates}"
+            row = self._conn.execute(f"{statement} RETURNING id", list(columns.values())).fetchone()
         return int(row[0])
 
     def move(self, image_id: int, new_path: str, size: int, mtime_ns: int) -> None:
