@@ -57,10 +57,10 @@ import transformers
 
 import clip_model
 from bench.common import RESULTS_DIR, fill_unset, median_min_max, new_results, results_file, summary, write_json
-from bench.inputs import TINY
 from clip_model.config import CLIPConfig, get_config
 from clip_model.hf_convert import convert_hf_state_dict
 from clip_model.malloc import tune_malloc
+from tests.support import TINY_ARCH
 
 ARCHS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}  # openai/clip-vit-*: quick GELU
 PROMPT = "a photo of a dog"
@@ -314,7 +314,9 @@ def measure(settings: Settings) -> dict[str, Any]:
     results["settings"] = {**settings.__dict__, "transformers": transformers.__version__}
     results["archs"] = {}
     configs = (
-        {"tiny": CLIPConfig.from_dict(TINY)} if settings.smoke else {a: get_config(ARCHS[a]) for a in settings.archs}
+        {"tiny": CLIPConfig.from_dict(TINY_ARCH)}
+        if settings.smoke
+        else {a: get_config(ARCHS[a]) for a in settings.archs}
     )
     with torch.inference_mode(), frozen_inductor():
         for name, config in configs.items():

@@ -34,7 +34,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +59,7 @@ from bench.common import (
     write_json,
 )
 from bench.inputs import MODEL_ARCH, make_clip_like, make_uniform, vit_model
+from tests.support import free_port
 
 WRK_SCRIPT = REPO / "bench" / "wrk_search.lua"
 WRK_MAX_THREADS = 2  # wrk threads = min(concurrency, this): the client must not take every core
@@ -131,12 +131,6 @@ def seeded_index(
 
 
 # --------------------------------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_cpu_s(pid: int) -> float:

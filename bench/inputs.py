@@ -18,12 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from tests.support import TINY_ARCH
+
 MODEL_ARCH = "ViT-B-32-quickgelu"
-TINY = {  # tests/indexer/conftest.py's tiny CLIP: the smoke runs' model
-    "embed_dim": 32,
-    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
 GENERATOR_VERSION = 1  # bump when make_clip_like changes: cached vectors of another version are not reused
 CLUSTERS = 3000
 MEAN_WEIGHT, CENTRE_WEIGHT, NOISE_WEIGHT = 1.0, 0.8, 0.6
@@ -52,11 +49,13 @@ def vit_model(workdir: Path) -> Path:
 
 
 def tiny_model(workdir: Path) -> Path:
-    """The ``TINY`` CLIP with random weights, seed 0."""
+    """The tests' tiny CLIP (``tests.support.TINY_ARCH``) with random weights, seed 0: the smoke runs' model."""
     import clip_model
     from clip_model.config import CLIPConfig
 
-    return saved_model(workdir, "tiny-seed0", lambda: clip_model.create_model(CLIPConfig.from_dict(TINY), seed=0)[0])
+    return saved_model(
+        workdir, "tiny-seed0", lambda: clip_model.create_model(CLIPConfig.from_dict(TINY_ARCH), seed=0)[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- vectors

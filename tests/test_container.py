@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any, NoReturn
 import pytest
 
 from app import healthcheck
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -443,12 +443,6 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_healthcheck_ready(serve: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert healthcheck.main([str(serve(200))]) == 0
     assert capsys.readouterr() == ("", "")
@@ -463,7 +457,7 @@ def test_healthcheck_not_ready_says_why(serve: Any, capsys: pytest.CaptureFixtur
 
 def test_healthcheck_nothing_listening(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("CLIPSEARCH_HOST", raising=False)
-    monkeypatch.setenv("CLIPSEARCH_PORT", str(_free_port()))
+    monkeypatch.setenv("CLIPSEARCH_PORT", str(free_port()))
     assert healthcheck.main([]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "unhealthy" in err
@@ -481,8 +475,8 @@ def test_healthcheck_bad_usage_is_unhealthy_not_2(capsys: pytest.CaptureFixture[
 
 def test_healthcheck_ignores_proxies(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     port = serve(200)
-    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_free_port()}")  # nothing there: a proxied request fails
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")  # nothing there: a proxied request fails
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert healthcheck.main([str(port)]) == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.app.conftest import REPO, free_port, wait_until_ready, write_image
-from tests.indexer.conftest import save_tiny_model
+from tests.app.conftest import REPO, wait_until_ready, write_image
+from tests.support import free_port, save_tiny_model
 
 START_TIMEOUT_S = 120.0
 

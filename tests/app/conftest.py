@@ -4,7 +4,6 @@ process, lifespan running) and the server as a real process on a loopback port."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from PIL import Image
 from app.main import create_app
 from app.settings import Settings
 from indexer.cli import main as clip_index
-from tests.indexer.conftest import save_tiny_model
+from tests.support import free_port, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = ("a red square", "a green square", "a blue square", "a photo of a cat", "a sunset over the sea")
@@ -84,12 +83,6 @@ def client(indexed: IndexedFolder, tmp_path: Path) -> Iterator[TestClient]:
     """The app over ``indexed`` with its lifespan running (no watcher thread)."""
     with TestClient(create_app(indexed.settings(tmp_path), watch=False)) as test_client:
         yield test_client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

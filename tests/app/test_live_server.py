@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.app.conftest import REPO, IndexedFolder, LiveServer, free_port, start_server, stop_server
+from tests.app.conftest import REPO, IndexedFolder, LiveServer, start_server, stop_server
+from tests.support import free_port
 
 LIMIT = 256 * 1024  # the live server's upload limit in these tests
 

@@ -4,7 +4,6 @@ contract (2 gloo processes give the one-process loss and gradients over the conc
 from __future__ import annotations
 
 import math
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip_model.loss import MAX_LOGIT_SCALE, clip_loss, gather_features, scaled, siglip_loss
+from tests.support import free_port
 
 LOG_MAX_SCALE = math.log(MAX_LOGIT_SCALE)
 SCALES_BELOW_CLAMP = (0.0, math.log(10), LOG_MAX_SCALE - 0.5)
@@ -279,19 +279,13 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> RankResults:
     out_dir = tmp_path_factory.mktemp("loss_ranks")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks before torch is imported there
         context = mp.start_processes(
-            _distributed_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+            _distributed_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
         )
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     while not context.join(timeout=1.0):  # re-raises a rank's exception with its traceback

@@ -14,6 +14,7 @@ from clip_model.config import CLIPConfig, get_config, infer_config, list_configs
 from clip_model.model import CLIP
 from clip_model.pretrained import get_pretrained
 from tests.clip_model.reference_models import random_tokens
+from tests.support import tiny_arch
 
 OPENCLIP_FAMILY = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-g-14", "ViT-bigG-14")
 OPENAI_FAMILY = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu",
@@ -21,13 +22,11 @@ OPENAI_FAMILY = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32-quic
 
 
 def tiny_config(resnet: bool = False, activation: str = "quick_gelu") -> CLIPConfig:
-    vision = (
-        {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "heads": 8}
-        if resnet
-        else {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128}
-    )
-    return CLIPConfig.from_dict({"embed_dim": 32, "activation": activation, "vision": vision,
-                                 "text": {"width": 32, "heads": 2, "layers": 2}})  # fmt: skip
+    """The tiny ViT (tests.support) with a narrower text tower, or a tiny ResNet in its place."""
+    arch = tiny_arch(text={"width": 32}, activation=activation)
+    if resnet:
+        arch["vision"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "heads": 8}
+    return CLIPConfig.from_dict(arch)
 
 
 def test_every_required_architecture_ships_a_config() -> None:

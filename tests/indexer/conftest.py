@@ -8,19 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clip_model
-from clip_model.config import CLIPConfig
-
-TINY = {
-    "embed_dim": 32,
-    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
-
-
-def save_tiny_model(path: Path, seed: int) -> Path:
-    model, _ = clip_model.create_model(CLIPConfig.from_dict(TINY), seed=seed)
-    return clip_model.save_checkpoint(model.eval(), path)
+from tests.support import save_tiny_model
 
 
 @pytest.fixture(scope="session")

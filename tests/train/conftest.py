@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-TINY_ARCH = {
-    "embed_dim": 32,
-    "vision": {"image_size": 32, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
-IMAGE_SIDE = 32  # pixels; the tiny architecture's input size, so preprocessing does not resample
+from tests.support import TINY_ARCH, TINY_IMAGE_SIZE
+
+IMAGE_SIDE = TINY_IMAGE_SIZE  # pixels; the tiny architecture's input size, so preprocessing does not resample
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle")
 SHAPES_COUNT = 64  # images in the shared dataset: 8 captions x 8 images

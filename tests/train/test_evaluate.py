@@ -10,29 +10,21 @@ import pytest
 import torch
 
 import clip_model
-from clip_model.config import CLIPConfig
 from clip_model.train import evaluate
 from clip_model.train.data import DatasetError, Pair, read_pairs
 from clip_model.train.evaluate import encode_dataset, normalize_caption, retrieval_metrics, zero_shot_accuracy
 from clip_model.train.synthetic import generate
-
-IMAGE_SIZE = 32  # the tiny model's input side; the synthetic images are drawn at this size too
-TINY = {
-    "embed_dim": 32,
-    "vision": {"image_size": IMAGE_SIZE, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
+from tests.support import TINY_ARCH, TINY_IMAGE_SIZE, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, _ = clip_model.create_model(CLIPConfig.from_dict(TINY), seed=0)
-    return clip_model.save_checkpoint(model.eval(), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", seed=0)
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("shapes"), 24, "test", seed=0, image_size=IMAGE_SIZE)
+    return generate(tmp_path_factory.mktemp("shapes"), 24, "test", seed=0, image_size=TINY_IMAGE_SIZE)
 
 
 def brute_force(
@@ -113,8 +105,8 @@ def test_encode_dataset_encodes_each_distinct_caption_once(tiny_model: Path, sha
     pairs = read_pairs(shapes)[:6]
     pairs = [*pairs, Pair(pairs[0].image, pairs[1].caption.upper()), Pair(pairs[2].image, pairs[2].caption)]
     encoded = encode_dataset(model, preprocess, pairs, batch_size=4)
-    assert encoded.image_features.shape == (8, TINY["embed_dim"])
-    assert encoded.text_features.shape == (6, TINY["embed_dim"])
+    assert encoded.image_features.shape == (8, TINY_ARCH["embed_dim"])
+    assert encoded.text_features.shape == (6, TINY_ARCH["embed_dim"])
     assert encoded.texts == [normalize_caption(p.caption) for p in pairs[:6]]
     image_features, text_features, texts = encoded  # unpacks as a 3-tuple
     assert texts == encoded.texts and text_features is encoded.text_features

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,8 +35,9 @@ from clip_model.train.fit import (
     split_pairs,
 )
 from clip_model.train.schedule import lr_factor, param_groups, warmup_cosine
+from tests.support import TINY_ARCH, free_port
 
-from .conftest import SHAPES_COUNT, TINY_ARCH
+from .conftest import SHAPES_COUNT
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
@@ -147,9 +147,7 @@ def test_training_checkpoint_reads_weights_only_and_loads_as_a_model(straight: P
 def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(
     straight: Path, shapes_data: Path, tiny_arch_file: Path, tmp_path: Path
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     command = [

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import clip_model
-from clip_model.config import CLIPConfig
 from clip_model.train import probe
 from clip_model.train.data import DatasetError, read_pairs
 from clip_model.train.evaluate import encode_images
@@ -24,18 +23,7 @@ from clip_model.train.probe import (
     stratified_split,
 )
 from clip_model.train.synthetic import SHAPES, generate
-
-IMAGE_SIZE = 32
-TINY = {
-    "embed_dim": 32,
-    "vision": {"image_size": IMAGE_SIZE, "layers": 2, "width": 64, "heads": 2, "patch_size": 8, "mlp_width": 128},
-    "text": {"width": 64, "heads": 2, "layers": 2},
-}
-
-
-def save_tiny(path: Path, seed: int) -> Path:
-    model, _ = clip_model.create_model(CLIPConfig.from_dict(TINY), seed=seed)
-    return clip_model.save_checkpoint(model.eval(), path)
+from tests.support import TINY_IMAGE_SIZE, save_tiny_model
 
 
 def separable(per_class: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -85,8 +73,8 @@ def test_probe_needs_two_classes() -> None:
 
 def test_saved_probe_loads_back_and_refuses_another_model(tmp_path: Path) -> None:
     features, labels = separable(8, seed=5)
-    model_a = clip_model.load(save_tiny(tmp_path / "a.safetensors", seed=0))[0]
-    model_b = clip_model.load(save_tiny(tmp_path / "b.safetensors", seed=1))[0]
+    model_a = clip_model.load(save_tiny_model(tmp_path / "a.safetensors", seed=0))[0]
+    model_b = clip_model.load(save_tiny_model(tmp_path / "b.safetensors", seed=1))[0]
     fitted = fit_probe(features, labels, l2_grid=(1e-3,), model_sha256=clip_model.weights_sha256(model_a)).probe
     path = fitted.save(tmp_path / "probe.safetensors")
     loaded = load_probe(path, model_a)
@@ -112,9 +100,9 @@ def test_probe_rejects_features_of_the_wrong_width() -> None:
 def test_probe_command_writes_a_probe_that_predicts_the_same(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model_path = save_tiny(tmp_path / "tiny.safetensors", seed=0)
-    train = generate(tmp_path / "train", 36, "train", image_size=IMAGE_SIZE)
-    test = generate(tmp_path / "test", 12, "test", image_size=IMAGE_SIZE)
+    model_path = save_tiny_model(tmp_path / "tiny.safetensors", seed=0)
+    train = generate(tmp_path / "train", 36, "train", image_size=TINY_IMAGE_SIZE)
+    test = generate(tmp_path / "test", 12, "test", image_size=TINY_IMAGE_SIZE)
     out, report_path = tmp_path / "probe.safetensors", tmp_path / "probe.json"
     parser = argparse.ArgumentParser()
     probe.add_arguments(parser)
