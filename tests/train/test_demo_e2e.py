@@ -20,7 +20,8 @@ import pytest
 from clip_model.train import synthetic
 from clip_model.train.demo import Recipe, demo_paths
 from indexer.cli import main as clip_index
-from tests.app.conftest import REPO, free_port, start_server, stop_server, wait_until_ready
+from tests.app.conftest import REPO, start_server, stop_server, wait_until_ready
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow  # the module's training takes minutes: left out of make check
 STEPS = 600
