@@ -242,8 +242,8 @@ def bench_text(
 ) -> dict[str, Any]:
     """Single-query latency at the full context and at the prompt's real length; the identity check."""
     padded = clip_model.tokenize([PROMPT], context_length=ours.context_length)  # [1, 77]
-    length = int(padded.argmax(dim=-1).item()) + 1  # start token, words, end token
-    cut = padded[:, :length]
+    cut = clip_model.trim_tokens(padded)  # start token, words, end token
+    length = cut.shape[1]
     identity = {
         "fp32": (ours.encode_text(cut) - ours.encode_text(padded)).abs().max().item(),
         "fp32_packed": (packed.encode_text(cut) - packed.encode_text(padded)).abs().max().item(),
@@ -272,7 +272,7 @@ def bench_text(
             per_rep[name]["p50"].append(statistics.median(values))
             per_rep[name]["p99"].append(statistics.quantiles(values, n=100, method="inclusive")[P99])
     prompts = clip_model.tokenize([f"a photo of {n} {thing}" for n in QUALITY_COUNTS for thing in QUALITY_THINGS])
-    prompts = prompts[:, : int(prompts.argmax(dim=-1).max()) + 1]  # [64, L]: distinct prompts at their real length
+    prompts = clip_model.trim_tokens(prompts)  # [64, L]: distinct prompts at their real length
     return {
         "prompt": PROMPT,
         "int8_centred_cosine_min": centred_cosine_min(int8.encode_text(prompts), ours.encode_text(prompts)),
