@@ -249,23 +249,9 @@ class Runtime:
         )
 
     def _load_model(self, name: str) -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
-        logger.info("loading model %s", name)
-        model, preprocess = clip_model.load(name, arch=self.settings.arch)
-        path = Path(name).expanduser()
-        info = ModelInfo.of(
-            name=str(path.resolve()) if path.exists() else name,
-            weights_sha256=clip_model.weights_sha256(model),  # before packing or int8: the index records float32
-            embed_dim=model.config.embed_dim,
-            image_size=preprocess.image_size,
-            mean=preprocess.mean,
-            std=preprocess.std,
-        )
-        if self.settings.precision == "int8":
-            model = clip_model.quantize_int8(model)
-            logger.info("model %s quantized to int8", name)
-        else:
-            model = clip_model.pack_for_cpu(model)  # float32 all the same, through oneDNN's packed matmuls
-        return model, preprocess, info
+        logger.info("loading model %s (%s)", name, self.settings.precision)
+        loaded = clip_model.load_for_inference(name, arch=self.settings.arch, precision=self.settings.precision)
+        return loaded.model, loaded.preprocess, ModelInfo.of(**loaded.provenance())
 
 
 class _MismatchError(Exception):

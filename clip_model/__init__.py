@@ -4,6 +4,7 @@ Typical use::
 
     import clip_model
     model, preprocess = clip_model.load("ViT-B-32")               # registry name, or a checkpoint path
+    ready = clip_model.load_for_inference("ViT-B-32", precision="int8")  # + fingerprint, CPU inference copy
     # clip_model.load(..., precision="int8"): int8 linear layers for CPU inference
     # clip_model.pack_for_cpu(model): float32 CPU inference with oneDNN-packed linear layers (faster, same results)
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
@@ -24,6 +25,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .factory import PRECISIONS, Precision, available_models, create_model, load, preprocess_for
+from .inference import InferenceModel, load_for_inference
 from .model import CLIP
 from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
@@ -47,6 +49,7 @@ __all__ = [
     "ClipModelError",
     "DownloadError",
     "ImageDecodeError",
+    "InferenceModel",
     "PRECISIONS",
     "Precision",
     "Preprocess",
@@ -66,6 +69,7 @@ __all__ = [
     "is_quantized",
     "list_configs",
     "load",
+    "load_for_inference",
     "pack_for_cpu",
     "preprocess_for",
     "prompt_templates",

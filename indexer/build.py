@@ -124,27 +124,12 @@ class LoadedModel:
 
 
 def load_model(name: str, arch: str | None = None, precision: Precision = "fp32") -> LoadedModel:
-    """Load ``name`` (registry name or checkpoint path) and fingerprint its weights.
-
-    ``precision="int8"`` quantizes the model for the CPU after the fingerprint is taken, ``"fp32"`` packs its
-    linear layers for oneDNN (:func:`clip_model.pack_for_cpu`): the index records the float32 weights it came from,
-    so fp32 and int8 runs (and servers) can share one index.
-    """
+    """Load ``name`` (registry name or checkpoint path) for inference (:func:`clip_model.load_for_inference`): the
+    index records the fingerprint of the float32 weights, so fp32 and int8 runs (and servers) share one index."""
     if precision not in PRECISIONS:
         raise IndexerError(f"precision must be {' or '.join(map(repr, PRECISIONS))}, got {precision!r}")
-    model, preprocess = clip_model.load(name, arch=arch)
-    path = Path(name).expanduser()
-    info = ModelInfo.of(
-        str(path.resolve()) if path.exists() else name,  # a path stays valid from any working directory
-        clip_model.weights_sha256(model),
-        model.config.embed_dim,
-        preprocess.image_size,
-        preprocess.mean,
-        preprocess.std,
-    )
-    # the CPU inference copy: int8 linear layers, or float32 ones packed for oneDNN (same results, faster)
-    model = clip_model.quantize_int8(model) if precision == "int8" else clip_model.pack_for_cpu(model)
-    return LoadedModel(model, info)
+    loaded = clip_model.load_for_inference(name, arch=arch, precision=precision)
+    return LoadedModel(loaded.model, ModelInfo.of(**loaded.provenance()))
 
 
 def check_provenance(catalog: Catalog, info: ModelInfo, index_dir: Path) -> None:
