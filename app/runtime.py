@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import clip_model
+from clip_model.cores import available_cores
 from clip_model.errors import ClipModelError
 from clip_model.threads import (
     default_thread_count,
@@ -83,7 +84,7 @@ class Runtime:
         Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
         thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
         self._default_threads = default_thread_count()  # not this thread's own count, which may differ
-        self._threads = self.settings.torch_threads or self._default_threads
+        self._threads = self.settings.torch_threads or available_cores()  # 0: one per core this process may use
         logger.info("inference on %d thread(s); search by %s", self._threads, describe_backend())
         single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
         try:

@@ -129,7 +129,9 @@ def _run_pool(function: Callable[[Any], None], jobs: Sequence[Any], what: str) -
     if not jobs:
         return
     started = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+    from clip_model.cores import available_cores
+
+    with multiprocessing.get_context("spawn").Pool(available_cores()) as pool:
         for done, _ in enumerate(pool.imap_unordered(function, jobs, chunksize=1), 1):
             if done % max(1, len(jobs) // 10) == 0:
                 print(f"  {what}: {done}/{len(jobs)} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -250,6 +252,7 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
 
 
 def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from clip_model.cores import available_cores
     from indexer.build import default_encode_threads, default_streams, load_model
     from indexer.scan import iter_images
 
@@ -258,7 +261,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     files = list(iter_images(root))
     loaded = load_model(str(model), precision=args.precision)
     spec = loaded.decode_spec(draft=not args.no_draft)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     runs: dict[str, list[float]] = {
         "decode_pool": [],
         "decode_single": [],

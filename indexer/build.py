@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sqlite3
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ import torch
 
 import clip_model
 from clip_model import PRECISIONS, Precision
+from clip_model.cores import available_cores
 from clip_model.threads import run_in_fresh_thread, set_own_thread_count
 
 from . import paths
@@ -403,8 +403,8 @@ def default_workers(precision: Precision = "fp32") -> int:
     encoder's gaps: all cores but one. int8: the two cost about the same, so half the cores (see bench/README.md,
     "indexer": the decode and encode ceilings). The encoder's streams use every core besides
     (:func:`default_encode_threads`): they are single-threaded on small machines and wait at no barrier, so the
-    scheduler can share cores between them and the workers."""
-    cores = os.cpu_count() or 2
+    scheduler can share cores between them and the workers. Cores: :func:`clip_model.cores.available_cores`."""
+    cores = available_cores()
     if precision == "int8":
         return max(1, cores // 2)
     return max(1, cores - 1)
@@ -415,7 +415,7 @@ def default_encode_threads() -> int:
 
     Every core, shared with the decode workers: end to end this beats keeping a core for the encoder alone (see
     bench/README.md, "indexer": 2 streams x 1 thread against 1 stream x 1 thread)."""
-    return os.cpu_count() or 2
+    return available_cores()
 
 
 def default_streams(threads: int) -> int:

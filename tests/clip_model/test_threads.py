@@ -1,12 +1,18 @@
-"""clip_model.threads: one-off torch work on a thread that ends, and per-thread torch counts that stick."""
+"""clip_model.threads and clip_model.cores: one-off torch work on a thread that ends, per-thread torch counts that
+stick, and the CPUs this process may use."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from clip_model.cores import available_cores, cgroup_cpu_quota
 from clip_model.threads import (
     run_in_fresh_thread,
     set_own_thread_count,
@@ -64,3 +70,46 @@ def test_a_thread_sets_its_own_count_and_leaves_the_default_of_new_threads_alone
         assert run_in_fresh_thread(torch.get_num_threads) == 1  # torch.set_num_threads(2) would have made it 2
     finally:
         torch.set_num_threads(original)
+
+
+def fake_cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu.max": "200000 100000"}, 2),
+        ({"cpu.max": "150000 100000"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "1000 100000"}, 1),  # a hundredth of a CPU: still one
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 1),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota_reads_v2_and_v1_limits(tmp_path: Path, files: dict[str, str], quota: int | None) -> None:
+    assert cgroup_cpu_quota(fake_cgroup(tmp_path, files)) == quota
+
+
+def test_available_cores_is_the_affinity_mask_limited_by_the_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cores(fake_cgroup(tmp_path / "none", {"cpu.max": "max 100000"})) == affinity
+    assert available_cores(fake_cgroup(tmp_path / "one", {"cpu.max": "100000 100000"})) == 1
+    many = fake_cgroup(tmp_path / "many", {"cpu.max": f"{100000 * (affinity + 4)} 100000"})
+    assert available_cores(many) == affinity  # a quota above the mask does not add CPUs
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_available_cores_follows_the_affinity_mask_of_the_process() -> None:
+    pinned = (
+        "import os; from clip_model.cores import available_cores; "
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(available_cores())"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "1"

@@ -143,7 +143,7 @@ def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
 def test_cores_go_to_decode_workers_by_precision_and_every_core_to_the_encoder_streams(
     monkeypatch: pytest.MonkeyPatch, cores: int, precision: str, workers: int, streams: int
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr("indexer.build.available_cores", lambda: cores)
     assert default_workers(precision) == workers
     assert default_encode_threads() == cores
     assert default_streams(cores) == streams and cores % streams == 0
@@ -163,7 +163,7 @@ def test_the_build_encodes_in_its_streams_on_their_thread_counts_and_gives_the_c
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, threads: int, streams: int,
     expected: set[tuple[str, int]],
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("indexer.build.available_cores", lambda: 2)
     seen: list[tuple[str, int]] = []
     encode = LoadedModel.encode
     build_thread = threading.current_thread()
