@@ -15,7 +15,8 @@ So a server that encodes on one inference thread must keep every other long-live
 - :func:`single_threaded_elsewhere` sets torch's default to one thread for every thread that has not run torch
   yet (request handlers, watchers, timers);
 - :func:`set_own_thread_count` gives the threads that should run parallel torch work (a model loader, the
-  inference thread, a background compile matching its count) their count without touching that default;
+  inference thread, a background compile matching its count) their count for the rest of their life without
+  touching that default; :func:`own_threads` does the same for a block and gives the thread its count back after;
   :func:`set_thread_count` is ``torch.set_num_threads`` made to stick, and sets the default too.
 """
 
@@ -25,7 +26,8 @@ import ctypes
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -78,6 +80,19 @@ def set_own_thread_count(threads: int) -> None:
         set_thread_count(threads)
         return
     omp.omp_set_num_threads(int(threads))
+
+
+@contextmanager
+def own_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads on the calling thread, then give it its previous count back.
+
+    Only the calling thread's count changes (see :func:`set_own_thread_count`); the default of new threads stays."""
+    previous = torch.get_num_threads()
+    set_own_thread_count(threads)
+    try:
+        yield
+    finally:
+        set_own_thread_count(previous)
 
 
 @functools.cache

@@ -30,7 +30,7 @@ import torch
 import clip_model
 from clip_model import PRECISIONS, Precision
 from clip_model.cores import available_cores
-from clip_model.threads import run_in_fresh_thread, set_own_thread_count
+from clip_model.threads import own_threads, run_in_fresh_thread, set_own_thread_count
 
 from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec
@@ -160,12 +160,8 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
         threads // streams,
         options.workers,
     )
-    previous = torch.get_num_threads()
-    set_own_thread_count(threads // streams)  # a single stream encodes on this thread (decode workers are processes)
-    try:
+    with own_threads(threads // streams):  # a single stream encodes on this thread (decode workers are processes)
         return _build(options, progress, threads, streams)
-    finally:
-        set_own_thread_count(previous)  # the caller's count again; the process default was never touched
 
 
 def _build(options: BuildOptions, progress: Progress | None, threads: int, streams: int) -> BuildStats:

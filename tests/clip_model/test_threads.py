@@ -14,6 +14,7 @@ import torch
 
 from clip_model.cores import available_cores, cgroup_cpu_quota
 from clip_model.threads import (
+    own_threads,
     run_in_fresh_thread,
     set_own_thread_count,
     set_thread_count,
@@ -70,6 +71,29 @@ def test_a_thread_sets_its_own_count_and_leaves_the_default_of_new_threads_alone
         assert run_in_fresh_thread(torch.get_num_threads) == 1  # torch.set_num_threads(2) would have made it 2
     finally:
         torch.set_num_threads(original)
+
+
+def test_own_threads_sets_the_calling_threads_count_for_the_block_and_gives_it_back() -> None:
+    def worker() -> tuple[int, int, int, int]:
+        before = torch.get_num_threads()
+        with own_threads(before + 1):
+            inside, default_inside = torch.get_num_threads(), run_in_fresh_thread(torch.get_num_threads)
+        return before, inside, default_inside, torch.get_num_threads()
+
+    before, inside, default_inside, after = run_in_fresh_thread(worker)
+    assert inside == before + 1 and after == before
+    assert default_inside == before  # new threads keep the process default
+
+
+def test_own_threads_gives_the_count_back_when_the_block_raises() -> None:
+    def worker() -> tuple[int, int]:
+        before = torch.get_num_threads()
+        with pytest.raises(ValueError), own_threads(before + 1):
+            raise ValueError("encode failed")
+        return before, torch.get_num_threads()
+
+    before, after = run_in_fresh_thread(worker)
+    assert after == before
 
 
 def fake_cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
