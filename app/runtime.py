@@ -20,8 +20,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import clip_model
 from clip_model.cores import available_cores
 from clip_model.errors import ClipModelError
@@ -29,6 +27,7 @@ from clip_model.threads import (
     default_thread_count,
     run_in_fresh_thread,
     set_own_thread_count,
+    set_thread_count,
     single_threaded_elsewhere,
 )
 from indexer.errors import IndexerError
@@ -101,7 +100,7 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         if self._threads:
-            torch.set_num_threads(self._default_threads)  # the process default again, as it was before start
+            set_thread_count(self._default_threads)  # the process default again, as it was before start
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         for timer in self._timers:

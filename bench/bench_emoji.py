@@ -519,9 +519,9 @@ def selected_variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    import torch
+    from clip_model.threads import set_thread_count
 
-    torch.set_num_threads(THREADS)
+    set_thread_count(THREADS)
     variants = selected_variants(args)
     print("data:", flush=True)
     summary = build_datasets(workdir)

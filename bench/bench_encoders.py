@@ -60,6 +60,7 @@ from bench.common import RESULTS_DIR, fill_unset, median_min_max, new_results, r
 from clip_model.config import CLIPConfig, get_config
 from clip_model.hf_convert import convert_hf_state_dict
 from clip_model.malloc import tune_malloc
+from clip_model.threads import set_thread_count
 from tests.support import TINY_ARCH
 
 ARCHS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}  # openai/clip-vit-*: quick GELU
@@ -309,7 +310,7 @@ def bench_arch(config: CLIPConfig, settings: Settings) -> dict[str, Any]:
 def measure(settings: Settings) -> dict[str, Any]:
     """Run every measurement ``settings`` asks for; returns the results dict (what the JSON file holds)."""
     started = time.perf_counter()
-    torch.set_num_threads(settings.threads)
+    set_thread_count(settings.threads)
     results = new_results()
     results["settings"] = {**settings.__dict__, "transformers": transformers.__version__}
     results["archs"] = {}

@@ -202,16 +202,16 @@ def batch_throughput(index: Any, queries: np.ndarray, repeat: int) -> dict[str, 
 def measure_point(
     index: Any, queries: np.ndarray, neighbours: np.ndarray, threads: Sequence[int], repeat: int
 ) -> dict[str, Any]:
-    import faiss
+    from indexer import _faiss_io
 
     point: dict[str, Any] = {}
-    faiss.omp_set_num_threads(max(threads))
+    _faiss_io.set_threads(max(threads))
     _, found = index.search(queries, K)
     point["recall"] = recall_at_k(found, neighbours)
     for count in threads:
-        faiss.omp_set_num_threads(count)
+        _faiss_io.set_threads(count)
         point[f"single_{count}t"] = single_query_times(index, queries, repeat)
-    faiss.omp_set_num_threads(max(threads))
+    _faiss_io.set_threads(max(threads))
     point[f"batch{BATCH}_qps_{max(threads)}t"] = batch_throughput(index, queries, repeat)
     return point
 
@@ -221,7 +221,6 @@ def measure_point(
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one index kind over one data set in this (fresh) process and measure it; JSON-ready result."""
-    import faiss
 
     from indexer import _faiss_io, index_choice
 
@@ -233,7 +232,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     queries = np.load(files["queries"])
     neighbours = np.load(files["neighbours"])
     ids = np.arange(n, dtype=np.int64)
-    faiss.omp_set_num_threads(spec["build_threads"])
+    _faiss_io.set_threads(spec["build_threads"])
     if kind == "auto":
         choice = index_choice.choose_index(n, dim, flat_max_vectors=spec["flat_max"])
         factory = choice.factory
@@ -313,7 +312,7 @@ def bench_blas(vectors: np.ndarray, queries: np.ndarray, threads: Sequence[int],
     try:
         for _ in range(repeat):  # interleaved, so that load changes hit every setting alike
             for count in threads:
-                faiss.omp_set_num_threads(count)
+                _faiss_io.set_threads(count)
                 for name, threshold in thresholds.items():
                     faiss.cvar.distance_compute_blas_threshold = threshold
                     for batch in batches:
@@ -332,7 +331,6 @@ def bench_flat_scaling(
     vectors: np.ndarray, queries: np.ndarray, sizes: Sequence[int], threads: Sequence[int], repeat: int
 ) -> dict[str, Any]:
     """Single-query p50/p99 of exact search at each size."""
-    import faiss
 
     from indexer import _faiss_io
 
@@ -342,7 +340,7 @@ def bench_flat_scaling(
             np.arange(n, dtype=np.int64), np.ascontiguousarray(vectors[:n]), vectors.shape[1], "Flat"
         )
         for count in threads:
-            faiss.omp_set_num_threads(count)
+            _faiss_io.set_threads(count)
             results.setdefault(str(n), {})[f"{count}t"] = single_query_times(index, queries, repeat)
     return results
 

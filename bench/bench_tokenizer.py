@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clip_model.threads import set_thread_count
 from clip_model.tokenizer import Tokenizer
 
 NUM_PROMPTS = 10_000
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = prompts(args.count)
-    torch.set_num_threads(1)
+    set_thread_count(1)
     ours = Tokenizer()
     start = time.perf_counter()
     fresh = Tokenizer()

@@ -17,7 +17,14 @@ So a server that encodes on one inference thread must keep every other long-live
 - :func:`set_own_thread_count` gives the threads that should run parallel torch work (a model loader, the
   inference thread, a background compile matching its count) their count for the rest of their life without
   touching that default; :func:`own_threads` does the same for a block and gives the thread its count back after;
-  :func:`set_thread_count` is ``torch.set_num_threads`` made to stick, and sets the default too.
+  :func:`set_thread_count` is ``torch.set_num_threads`` made to stick, and sets the default too (a server's
+  close puts the default it read at start back with it).
+
+Who owns which call: this module makes every torch / OpenMP thread-count call of ``clip_model``, ``indexer``,
+``app`` and ``bench`` (``torch.set_num_threads``, libgomp's ``omp_set_num_threads``); the CPUs those counts are
+made from come from :func:`clip_model.cores.available_cores`. FAISS links its own OpenMP runtime, whose per-thread
+count only ``faiss.omp_set_num_threads`` sets, and ``clip_model`` does not import FAISS: that one call is
+``indexer._faiss_io.set_threads`` (reached through ``indexer.store.set_search_threads``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Contracts: every index is built with ``faiss.index_factory(dim, factory, METRIC_
 ``IndexIDMap2`` (our own stable int64 ids, reconstruct-by-id); vectors go in as C-contiguous float32 rows that the
 caller has L2-normalized, so scores are cosine similarities. FAISS's ``D, I`` become ``scores, ids`` here and labels
 of -1 ("not enough results") never leave this module.
+
+Process-wide FAISS state is set here and nowhere else: the BLAS threshold (on import) and the OpenMP thread count
+of the calling thread's searches (:func:`set_threads`; FAISS links its own OpenMP runtime, so torch's counts, which
+``clip_model.threads`` owns, do not reach it).
 """
 
 from __future__ import annotations
