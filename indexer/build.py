@@ -182,7 +182,7 @@ def _build(options: BuildOptions, progress: Progress | None, threads: int, strea
         if catalog.model() is None:
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
-        stats = _update(catalog, loaded, options, progress, streams)
+        stats = _update(catalog, loaded, options, progress, streams, threads // streams)
         published = current_generation(options.index_dir)
         unchanged = not stats.changes_vectors and not options.rebuild and not _asks_for_other_index(catalog, options)
         if published is not None and unchanged:
@@ -267,7 +267,12 @@ class _Changes:
 
 
 def _update(
-    catalog: Catalog, loaded: LoadedModel, options: BuildOptions, progress: Progress | None, streams: int
+    catalog: Catalog,
+    loaded: LoadedModel,
+    options: BuildOptions,
+    progress: Progress | None,
+    streams: int,
+    stream_threads: int,
 ) -> BuildStats:
     known = catalog.files()
     scan = _scan(options, catalog, known)
@@ -304,7 +309,7 @@ def _update(
         batch_size=options.batch_size,
         needs_encoding=needs_encoding,
         streams=streams,
-        stream_threads=torch.get_num_threads(),  # build_index set it to threads // streams
+        stream_threads=stream_threads,
     )
     results: Iterator[Result] = itertools.chain(scan.passed, encoded)
     total, done = len(scan.passed) + len(scan.changed), 0
