@@ -150,3 +150,27 @@ def test_the_http_layer_refuses_unparseable_requests_with_json(
     finally:
         stop_server(h11)
     assert "Traceback" not in h11.logs() + live_server.logs()
+
+
+def test_over_the_connection_limit_the_503_is_json_and_says_when_to_retry(
+    indexed: IndexedFolder, tmp_path: Path
+) -> None:
+    """uvicorn refuses a request beyond CLIPSEARCH_LIMIT_CONCURRENCY before the app runs; the refusal is JSON too,
+    with either parser, and the limit is uvicorn's own: open connections count."""
+    for parser in ("httptools", "h11"):
+        env = {"CLIPSEARCH_HTTP_PARSER": parser, "CLIPSEARCH_LIMIT_CONCURRENCY": "2"}
+        (tmp_path / parser).mkdir()
+        server = start_server(indexed.index_dir, tmp_path / parser, env)
+        try:
+            host, port = server.url.removeprefix("http://").split(":")
+            assert httpx.get(f"{server.url}/livez").status_code == 200  # one connection: under the limit
+            with socket.create_connection((host, int(port))):  # an idle connection takes the second place
+                answer = raw_request(server.url, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n", [])
+            head, _, body = answer.partition(b"\r\n\r\n")
+            headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            assert status_of(answer) == 503 and headers[b"content-type"] == b"application/json", answer
+            assert headers[b"retry-after"] == b"1" and "connection limit" in json.loads(body)["detail"]
+            assert httpx.get(f"{server.url}/livez").status_code == 200  # the idle connection is gone
+        finally:
+            stop_server(server)
+        assert "Exceeded concurrency limit." in server.logs() and "Traceback" not in server.logs()
