@@ -651,7 +651,8 @@ class Catalog:
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of the given ids that exist (missing ids are absent from the result)."""
-        return {row[0]: ImageRecord(*row) for row in self._select_ids(f"SELECT {_IMAGE_COLUMNS} FROM images", ids)}
+        rows = self._select_ids(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN ({{ids}})", ids)
+        return {row[0]: ImageRecord(*row) for row in rows}
 
     # --- generations: what a published generation shows -------------------------------------------------------
 
@@ -673,25 +674,16 @@ class Catalog:
 
     def images_at(self, ids: Sequence[int], generation: int) -> dict[int, ImageRecord]:
         """Records of ``ids`` as generation number ``generation`` shows them (ids it does not show are absent)."""
-        select = (
-            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE gen <= :g AND id IN ({{ids}}) UNION ALL "
-            f"SELECT {_IMAGE_COLUMNS} FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
-            "AND id IN ({ids})"
-        )
         with self.snapshot():
             self._require_generation(generation)
-            return {row[0]: ImageRecord(*row) for row in self._select_at(select, ids, generation)}
+            rows = self._select_ids(_shown_at(_IMAGE_COLUMNS), ids, g=generation)
+        return {row[0]: ImageRecord(*row) for row in rows}
 
     def embedding_at(self, image_id: int, generation: int) -> Vectors | None:
         """The [D] float32 vector of an ok image as generation number ``generation`` shows it, or None."""
-        select = (
-            "SELECT embedding FROM images WHERE gen <= :g AND id IN ({ids}) UNION ALL "
-            "SELECT embedding FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
-            "AND id IN ({ids})"
-        )
         with self.snapshot():
             self._require_generation(generation)
-            rows = self._select_at(select, [image_id], generation)
+            rows = self._select_ids(_shown_at("embedding"), [image_id], g=generation)
         blob = rows[0][0] if rows else None
         return None if blob is None else _vector_from_bytes(blob, self._require_dim(), image_id)
 
@@ -704,7 +696,7 @@ class Catalog:
         )
         with self.snapshot():
             self._require_generation(generation)
-            return dict(self._select_at(select, ids, generation))
+            return dict(self._select_ids(select, ids, g=generation))
 
     def _require_generation(self, generation: int) -> None:
         oldest = int(self._get_meta(OLDEST_GENERATION_KEY) or 0)
@@ -713,17 +705,6 @@ class Catalog:
                 f"generation {generation} of {self.index_dir} was retired by later publishes (the catalog keeps "
                 f"generations from {oldest} on): reload the published generation"
             )
-
-    def _select_at(self, select: str, ids: Sequence[int], generation: int) -> list[Any]:
-        """``select`` with ``{ids}`` placeholders and ``:g`` = ``generation``, over ``ids`` in chunks."""
-        unique = list(dict.fromkeys(int(i) for i in ids))
-        rows: list[Any] = []
-        for start in range(0, len(unique), SQL_IDS_PER_QUERY):
-            chunk = unique[start : start + SQL_IDS_PER_QUERY]
-            params = {"g": generation, **{f"i{n}": item for n, item in enumerate(chunk)}}
-            statement = select.format(ids=",".join(f":i{n}" for n in range(len(chunk))))
-            rows += self._conn.execute(statement, params).fetchall()
-        return rows
 
     def counts(self) -> dict[str, int]:
         """{"ok": n, "skipped": n, "texts": n}."""
@@ -764,7 +745,7 @@ class Catalog:
         return deleted
 
     def texts(self, ids: Sequence[int]) -> dict[int, str]:
-        return dict(self._select_ids("SELECT id, text FROM texts", ids))
+        return dict(self._select_ids("SELECT id, text FROM texts WHERE id IN ({ids})", ids))
 
     def text_embeddings(self) -> tuple[Ids, Vectors]:
         """(ids [N] int64, vectors [N, D] float32) of every text, ordered by id."""
@@ -799,12 +780,15 @@ class Catalog:
         run = self.last_run()
         return None if run is None else Path(paths.from_stored(run["root"]))
 
-    def _select_ids(self, select: str, ids: Sequence[int]) -> list[Any]:
+    def _select_ids(self, select: str, ids: Sequence[int], **params: int) -> list[Any]:
+        """Rows of ``select`` over ``ids`` in chunks: ``{ids}`` in ``select`` stands for a chunk's placeholders,
+        ``:name`` for ``params[name]``."""
         unique = list(dict.fromkeys(int(i) for i in ids))
         rows: list[Any] = []
         for start in range(0, len(unique), SQL_IDS_PER_QUERY):
             chunk = unique[start : start + SQL_IDS_PER_QUERY]
-            rows += self._conn.execute(f"{select} WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            statement = select.format(ids=",".join(f":i{n}" for n in range(len(chunk))))
+            rows += self._conn.execute(statement, {**params, **{f"i{n}": i for n, i in enumerate(chunk)}}).fetchall()
         return rows
 
     def _matrix(self, table: str, where: str) -> tuple[Ids, Vectors]:
@@ -829,6 +813,16 @@ class Catalog:
         """id -> (has an embedding, updated_at) for verify()."""
         rows = self._conn.execute(f"SELECT id, embedding IS NOT NULL, updated_at FROM {table}").fetchall()
         return {row_id: (bool(usable), updated_at or 0.0) for row_id, usable, updated_at in rows}
+
+
+def _shown_at(columns: str) -> str:
+    """SELECT of ``columns`` of the image versions generation ``:g`` shows (see the module docstring), for
+    ``Catalog._select_ids``."""
+    return (
+        f"SELECT {columns} FROM images WHERE gen <= :g AND id IN ({{ids}}) UNION ALL "
+        f"SELECT {columns} FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
+        "AND id IN ({ids})"
+    )
 
 
 def _check_path(path: str) -> str:
