@@ -54,7 +54,8 @@ class _CapacityCheck:
     tasks: Any
     limit_concurrency: int | None
 
-    def _take_over_limit(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._limit, self.limit_concurrency = self.limit_concurrency, None
 
     def _over_limit(self) -> bool:
@@ -78,10 +79,6 @@ class _CapacityCheck:
 class JSONErrorH11Protocol(_CapacityCheck, H11Protocol):
     """h11's protocol whose parser-level 400 and concurrency-limit 503 have JSON bodies."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._take_over_limit()
-
     def handle_events(self) -> None:
         self._with_capacity_check(super().handle_events)
 
@@ -99,10 +96,6 @@ class JSONErrorH11Protocol(_CapacityCheck, H11Protocol):
 
 class JSONErrorHttpToolsProtocol(_CapacityCheck, HttpToolsProtocol):
     """httptools' protocol whose parser-level 400 and concurrency-limit 503 have JSON bodies."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._take_over_limit()
 
     def on_headers_complete(self) -> None:
         self._with_capacity_check(super().on_headers_complete)
