@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     import uvicorn
 
-    from clip_model.malloc import tune_malloc
+    from clip_model.process_tuning import ThreadPlan, tune_malloc
 
     tune_malloc()  # steadier encode times: activation buffers stay in the heap between calls
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .main import create_app
 
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, plan=ThreadPlan.for_serving(settings.torch_threads)),
         host=settings.host,
         port=settings.port,
         limit_concurrency=settings.limit_concurrency,

@@ -15,7 +15,7 @@ Contracts:
   place; the reason is in :attr:`CompiledText.status` (shown by ``/api/stats``) and the log.
 * The graphs are guarded on the calling thread's torch thread count and inductor fixes each kernel's OpenMP
   thread count when it compiles, so the compile thread runs with the inference thread's count (``threads``), set
-  for itself only: the default of new threads (one, in the server) stays (:mod:`clip_model.threads`).
+  for itself only: the default of new threads (one, in the server) stays (:mod:`clip_model.process_tuning.threads`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from clip_model.threads import set_own_thread_count
+from clip_model.process_tuning import set_own_thread_count
 
 logger = logging.getLogger(__name__)
 

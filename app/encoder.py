@@ -15,10 +15,10 @@ Contracts:
   rows cut to its own k. A flat scan is memory-bound, so Q queries cost about what one does; an HNSW or IVF search
   runs its queries in parallel. Jobs that only search (cached texts, stored or uploaded embeddings) join any batch.
 * Encoding and searching share the one thread, so torch and FAISS never compete for the cores. That thread sets
-  its own torch and FAISS thread counts (``threads``) when it starts: OpenMP thread counts belong to the thread
+  its own torch and FAISS thread counts (from the plan) when it starts: OpenMP thread counts belong to the thread
   that sets them, and the thread's OpenMP team stays fast only if no other long-lived thread runs parallel torch
-  work (see :mod:`clip_model.threads`: the runtime loads models on short-lived threads and makes one torch thread
-  the default everywhere else).
+  work (see :mod:`clip_model.process_tuning.threads`: the runtime loads models on short-lived threads and makes one
+  torch thread the default everywhere else).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from clip_model.threads import set_own_thread_count
-from indexer.store import Hit, ModelInfo, set_search_threads
+from clip_model.process_tuning import ThreadPlan, set_own_thread_count
+from indexer.store import Hit, ModelInfo
 
 from .compiled import CompiledText
 from .errors import ServiceBusyError
@@ -98,13 +98,13 @@ class Encoder:
         info: ModelInfo,
         metrics: Metrics,
         *,
+        plan: ThreadPlan,
         queue_size: int = 64,
         text_batch_size: int = 64,
         text_cache_size: int = 4096,
-        threads: int = 0,
         compile_text: bool = False,
     ) -> None:
-        """``threads``: torch and FAISS threads of the inference thread (0: leave the process defaults).
+        """``plan``: the inference thread runs torch and FAISS on ``plan.torch_threads`` threads.
         ``compile_text``: compile the text tower in the background and use it once ready (:mod:`app.compiled`)."""
         self.model = model.eval()
         self.preprocess = preprocess
@@ -116,8 +116,8 @@ class Encoder:
         self._cache_size = text_cache_size
         self._cache_lock = threading.Lock()
         self._held: _Job | None = None  # a job taken while draining a batch of the other kind
-        self._threads = threads
-        self.text_tower = CompiledText(model, threads or torch.get_num_threads())
+        self._plan = plan
+        self.text_tower = CompiledText(model, plan.torch_threads)
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-inference", daemon=True)
         self._thread.start()
@@ -212,9 +212,7 @@ class Encoder:
         return job.future.result()
 
     def _run(self) -> None:
-        if self._threads:
-            set_own_thread_count(self._threads)  # this thread only: the default of new threads stays
-            set_search_threads(self._threads)
+        set_own_thread_count(self._plan.torch_threads)  # torch and FAISS, this thread only: the defaults stay
         self._started.set()
         while True:
             job = self._held if self._held is not None else self._queue.get()

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from clip_model.errors import ClipModelError
+from clip_model.process_tuning import ThreadPlan
 
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -43,15 +44,17 @@ With `CLIPSEARCH_API_KEY` set, send the key in the `X-API-Key` header.
 """
 
 
-def create_app(settings: Settings | None = None, *, watch: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, watch: bool = True, plan: ThreadPlan | None = None) -> FastAPI:
     """The application for ``settings`` (default: from the environment). ``watch=False`` turns off the thread that
-    picks up new generations (tests then call ``app.state.runtime.refresh()``)."""
+    picks up new generations (tests then call ``app.state.runtime.refresh()``). ``plan``: the process's thread
+    counts (default: ``ThreadPlan.for_serving(settings.torch_threads)``)."""
     settings = settings or get_settings()
+    plan = plan or ThreadPlan.for_serving(settings.torch_threads)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, metrics)
+        runtime = Runtime(settings, metrics, plan)
         try:
             runtime.start(watch=watch)
         except ClipModelError as exc:  # the runtime has closed itself

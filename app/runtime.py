@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clip_model
-from clip_model.cores import available_cores
 from clip_model.errors import ClipModelError
-from clip_model.threads import (
+from clip_model.process_tuning import (
+    ThreadPlan,
     default_thread_count,
     run_in_fresh_thread,
     set_own_thread_count,
@@ -57,10 +57,15 @@ class Served:
 
 
 class Runtime:
-    """Loads, watches and swaps what is served. ``start`` once, ``close`` at shutdown."""
+    """Loads, watches and swaps what is served. ``start`` once, ``close`` at shutdown.
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    ``plan``: each encoder's inference thread runs torch and FAISS on ``plan.torch_threads`` threads; every other
+    thread runs torch on one (see :mod:`clip_model.process_tuning.threads`: a second OpenMP
+    team would slow the first)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, plan: ThreadPlan) -> None:
         self.settings = settings
+        self.plan = plan
         self.metrics = metrics
         self.state: Served | None = None
         self.problem: str | None = None
@@ -70,21 +75,16 @@ class Runtime:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
-        self._threads = 0  # torch + FAISS threads of each encoder's inference thread (set by start)
-        self._default_threads = 0  # torch's default before start, restored by close
+        self._default_threads = 0  # torch's default before start, restored by close (0: not started)
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
     def start(self, watch: bool = True) -> None:
         """Load a pinned model (its failure is fatal: ClipModelError), load the published index if there is one,
         and start watching for new generations. A start that raises has closed what it had started (torch's
-        default thread count is back).
-
-        Thread counts: each encoder's inference thread runs ``torch_threads`` torch and FAISS threads; every other
-        thread runs torch on one (see :mod:`clip_model.threads`: a second OpenMP team would slow the first)."""
+        default thread count is back)."""
         self._default_threads = default_thread_count()  # not this thread's own count, which may differ
-        self._threads = self.settings.torch_threads or available_cores()  # 0: one per core this process may use
-        logger.info("inference on %d thread(s); search by %s", self._threads, describe_backend())
+        logger.info("threads: %s; search by %s", self.plan.describe(), describe_backend())
         single_threaded_elsewhere()  # loaders and inference threads set their own counts, for themselves only
         try:
             if self.settings.model is not None:
@@ -99,7 +99,7 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
-        if self._threads:
+        if self._default_threads:
             set_thread_count(self._default_threads)  # the process default again, as it was before start
         if self._watcher is not None:
             self._watcher.join(timeout=10)
@@ -231,8 +231,7 @@ class Runtime:
         """Load ``name`` on a short-lived thread (its OpenMP team ends with it) and start its inference thread."""
 
         def load() -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
-            if self._threads:
-                set_own_thread_count(self._threads)  # a thread that ends when loaded may use every core
+            set_own_thread_count(self.plan.torch_threads)  # a thread that ends when loaded may use every core
             return self._load_model(name)
 
         model, preprocess, info = run_in_fresh_thread(load, name="model-loader")
@@ -244,7 +243,7 @@ class Runtime:
             queue_size=self.settings.inference_queue,
             text_batch_size=self.settings.text_batch_size,
             text_cache_size=self.settings.text_cache_size,
-            threads=self._threads,
+            plan=self.plan,
             compile_text=self.settings.compile_text,
         )
 

@@ -519,7 +519,7 @@ def selected_variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    from clip_model.threads import set_thread_count
+    from clip_model.process_tuning import set_thread_count
 
     set_thread_count(THREADS)
     variants = selected_variants(args)

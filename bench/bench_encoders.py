@@ -21,15 +21,15 @@ OpenAI's quick-GELU configs) and batch size (``--batches``, default 1 and 32):
   identity check: the cut and the padded rows give the same features within ``IDENTITY_TOLERANCE`` (causal
   attention: no real token sees the padding; int8 scales are per token, so padding cannot change them either).
 
-Method: ``torch.inference_mode()`` on both sides; ``--threads`` torch threads (fixed; default 2); every variant
-warmed up first; the variants of one measurement run in turn inside each of ``--repeat`` repetitions (each
-repetition runs a variant for at least ``--min-time`` seconds), so machine noise hits them alike; medians with
-min-max are reported. glibc malloc: large activation buffers are otherwise mmapped and unmapped on every call
-(page faults and zeroing each forward pass), which skews CPU timings. The script calls
-:func:`clip_model.malloc.tune_malloc` first (``mallopt``: mmap threshold 32 MiB, trim threshold 1 GiB, the same as
-launching with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``; those variables are only read
-at process start, ``mallopt`` works at any time). A ``MALLOC_*`` variable set by the launcher wins, and both the
-setting and the environment are recorded; ``--no-tune-malloc`` measures glibc's defaults.
+Method: ``torch.inference_mode()`` on both sides; ``--threads`` torch threads (fixed; default one per core, as the
+server's inference thread); every variant warmed up first; the variants of one measurement run in turn inside each of
+``--repeat`` repetitions (each repetition runs a variant for at least ``--min-time`` seconds), so machine noise hits
+them alike; medians with min-max are reported. glibc malloc: large activation buffers are otherwise mmapped and
+unmapped on every call (page faults and zeroing each forward pass), which skews CPU timings. The script calls
+:func:`clip_model.process_tuning.malloc.tune_malloc` first (``mallopt``: mmap threshold 32 MiB, trim threshold 1 GiB,
+the same as launching with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``; those variables are
+only read at process start, ``mallopt`` works at any time). A ``MALLOC_*`` variable set by the launcher wins, and both
+the setting and the environment are recorded; ``--no-tune-malloc`` measures glibc's defaults.
 
 ``--smoke`` runs tiny configs in under a minute (compiling at its larger batch only, with inductor's usual cache)
 and writes its JSON to ``--workdir`` or a temporary folder; a full run writes
@@ -59,8 +59,7 @@ import clip_model
 from bench.common import RESULTS_DIR, fill_unset, median_min_max, new_results, results_file, summary, write_json
 from clip_model.config import CLIPConfig, get_config
 from clip_model.hf_convert import convert_hf_state_dict
-from clip_model.malloc import tune_malloc
-from clip_model.threads import set_thread_count
+from clip_model.process_tuning import ThreadPlan, set_thread_count, tune_malloc
 from tests.support import TINY_ARCH
 
 ARCHS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}  # openai/clip-vit-*: quick GELU
@@ -375,7 +374,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", type=lambda s: tuple(s.split(",")), default=tuple(ARCHS), help="e.g. ViT-B-32")
     parser.add_argument("--batches", type=_ints, help=f"image batch sizes (default {DEFAULTS['batches']})")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core, as the server)")
     parser.add_argument("--repeat", type=int, help=f"repetitions (default {DEFAULTS['repeat']})")
     parser.add_argument("--min-time", type=float, help=f"seconds per variant per repetition ({DEFAULTS['min_time']})")
     parser.add_argument(
@@ -400,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     malloc = tune_malloc() if args.tune_malloc else None  # before the big allocations
     compile_batches = () if not args.compile else args.batches[-1:] if args.smoke else args.batches
-    settings = Settings(archs=args.archs, batches=args.batches, threads=args.threads, repeat=args.repeat,
+    threads = ThreadPlan.for_serving(args.threads).torch_threads
+    settings = Settings(archs=args.archs, batches=args.batches, threads=threads, repeat=args.repeat,
                         min_time=args.min_time, text_calls=args.text_calls, compile_batches=compile_batches,
                         compile_mode=args.compile_mode, smoke=args.smoke)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_encoders_inductor_") as cache:

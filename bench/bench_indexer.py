@@ -129,7 +129,7 @@ def _run_pool(function: Callable[[Any], None], jobs: Sequence[Any], what: str) -
     if not jobs:
         return
     started = time.perf_counter()
-    from clip_model.cores import available_cores
+    from clip_model.process_tuning import available_cores
 
     with multiprocessing.get_context("spawn").Pool(available_cores()) as pool:
         for done, _ in enumerate(pool.imap_unordered(function, jobs, chunksize=1), 1):
@@ -203,7 +203,7 @@ def encode_rate(loaded: Any, crops: Sequence[np.ndarray], batch_size: int, threa
     from concurrent.futures import ThreadPoolExecutor
 
     from clip_model.preprocess import normalize_pixels
-    from clip_model.threads import set_own_thread_count
+    from clip_model.process_tuning import set_own_thread_count
 
     mean, std = loaded.info.preprocess["mean"], loaded.info.preprocess["std"]
     batches = [
@@ -228,12 +228,10 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
         root=root,
         index_dir=index_dir,
         model=str(model),
-        workers=args.workers,
         batch_size=args.batch_size,
         precision=args.precision,
         draft=not args.no_draft,
-        threads=args.threads,
-        streams=args.streams,
+        plan=args.plan,
     )
     stamps: list[float] = []
     started = time.perf_counter()
@@ -252,8 +250,8 @@ def end_to_end(root: Path, model: Path, index_dir: Path, args: argparse.Namespac
 
 
 def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from clip_model.cores import available_cores
-    from indexer.build import default_encode_threads, default_streams, load_model
+    from clip_model.process_tuning import even_streams
+    from indexer.build import load_model
     from indexer.scan import iter_images
 
     root = photo_folder(workdir, args.images, *args.size)
@@ -261,7 +259,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     files = list(iter_images(root))
     loaded = load_model(str(model), precision=args.precision)
     spec = loaded.decode_spec(draft=not args.no_draft)
-    cores = available_cores()
+    cores = args.plan.cores
     runs: dict[str, list[float]] = {
         "decode_pool": [],
         "decode_single": [],
@@ -281,7 +279,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         del results
         # the encode ceiling: the faster of one batch at a time over every core and the pipeline's default streams
         one_stream = encode_rate(loaded, crops, args.batch_size, cores)
-        streams = encode_rate(loaded, crops, args.batch_size, cores, default_streams(cores))
+        streams = encode_rate(loaded, crops, args.batch_size, cores, even_streams(cores))
         encode = max(one_stream, streams)
         e2e = end_to_end(root, model, workdir / "index-pipeline", args)
         bound = 1 / (1 / decode + 1 / encode)
@@ -300,7 +298,7 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             runs[key].append(value)
         print(
             f"  rep {rep + 1}: decode {decode:.1f}/s ({cores} proc), {single:.1f}/s (1 proc); encode {encode:.2f}/s"
-            f" (1 stream {one_stream:.2f}, {default_streams(cores)} streams {streams:.2f});"
+            f" (1 stream {one_stream:.2f}, {even_streams(cores)} streams {streams:.2f});"
             f" bound {bound:.2f}/s; end to end {e2e['images_per_s']:.2f}/s = {e2e['images_per_s'] / bound:.3f}"
             f" of the bound ({e2e['seconds']:.1f} s, steady {e2e['steady_images_per_s']:.2f}/s)",
             flush=True,
@@ -309,10 +307,10 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "images": args.images,
         "size": "x".join(map(str, args.size)),
         "batch_size": args.batch_size,
-        "workers": args.workers,
-        "encode_threads": args.threads or default_encode_threads(),
-        "encode_streams": args.streams or "default",
-        "ceiling_streams": default_streams(cores),
+        "workers": args.plan.decode_workers,
+        "encode_threads": args.plan.torch_threads,
+        "encode_streams": args.plan.encode_streams,
+        "ceiling_streams": even_streams(cores),
         "draft": not args.no_draft,
         "precision": args.precision,
         "model": MODEL_ARCH if args.model == "vit" else "tiny",
@@ -355,6 +353,7 @@ def noop_profile(root: Path, index_dir: Path, model: Path) -> None:
     """In a fresh child: time each phase of a no-op ``build_index`` (as ``python -m indexer build`` runs it)."""
     started = time.perf_counter()
     import indexer.cli  # noqa: F401  # what `python -m indexer` imports: torch, clip_model, faiss, the indexer
+    from clip_model.process_tuning import ThreadPlan
     from indexer import build
     from indexer.store import Catalog
 
@@ -365,7 +364,7 @@ def noop_profile(root: Path, index_dir: Path, model: Path) -> None:
     build.current_generation = _timed(build.current_generation, times, "publish check")
     build.publish = _timed(build.publish, times, "publish")
     build.encode_files = _timed_iter(build.encode_files, times, "pipeline (no files)")
-    options = build.BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=build.default_workers())
+    options = build.BuildOptions(root=root, index_dir=index_dir, model=str(model), plan=ThreadPlan.for_indexing())
     run_started = time.perf_counter()
     stats = build.build_index(options)
     times["build_index total"] = time.perf_counter() - run_started
@@ -427,7 +426,7 @@ def seed_index(root: Path, index_dir: Path, model: Path) -> int:
 
 
 def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from indexer.build import BuildOptions, build_index, default_workers
+    from indexer.build import BuildOptions, build_index
 
     root = small_folder(workdir, args.noop_files)
     model = noop_model(args, workdir)
@@ -437,7 +436,7 @@ def bench_noop(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         seeded = seed_index(root, index_dir, model)
         print(f"  seeded the catalog with {seeded} files in {time.perf_counter() - started:.1f} s", flush=True)
     else:
-        stats = build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=default_workers()))
+        stats = build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), plan=args.plan))
         print(
             f"  initial build/update: {stats.encoded} encoded, {stats.unchanged} unchanged in "
             f"{time.perf_counter() - started:.1f} s",
@@ -628,7 +627,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="run one benchmark (full: a whole build over --noop-files files, only when asked)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: build.default_workers)")
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: ThreadPlan.for_indexing)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: pipeline.DEFAULT_BATCH_SIZE")
     parser.add_argument("--threads", type=int, default=0, help="build_index encode threads (0: its default)")
     parser.add_argument("--streams", type=int, default=0, help="build_index encode streams (0: its default)")
@@ -648,12 +647,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
     from clip_model import PRECISIONS
-    from indexer.build import default_workers
+    from clip_model.process_tuning import ThreadPlan
     from indexer.pipeline import DEFAULT_BATCH_SIZE
 
     if args.precision not in PRECISIONS:  # checked here: parse_args imports nothing, for --noop-profile's timing
         raise SystemExit(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
-    args.workers = default_workers(args.precision) if args.workers is None else args.workers
+    args.plan = ThreadPlan.for_indexing(
+        args.precision, threads=args.threads, streams=args.streams, workers=args.workers
+    )
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     results = new_results()
     benches = {"pipeline": bench_pipeline, "noop": bench_noop, "draft": bench_draft, "full": bench_full}
@@ -672,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.noop_profile:
         noop_profile(*args.noop_profile)  # times its own imports: nothing is imported before it
         return
-    from clip_model.malloc import tune_malloc
+    from clip_model.process_tuning import tune_malloc
 
     tune_malloc()  # as clip-index and clip-serve do
     with workdir_or_temporary(args.workdir, "bench_indexer_") as workdir:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from clip_model.threads import set_thread_count
+from clip_model.process_tuning import set_thread_count
 from clip_model.tokenizer import Tokenizer
 
 NUM_PROMPTS = 10_000

@@ -5,9 +5,8 @@ Contracts: every index is built with ``faiss.index_factory(dim, factory, METRIC_
 caller has L2-normalized, so scores are cosine similarities. FAISS's ``D, I`` become ``scores, ids`` here and labels
 of -1 ("not enough results") never leave this module.
 
-Process-wide FAISS state is set here and nowhere else: the BLAS threshold (on import) and the OpenMP thread count
-of the calling thread's searches (:func:`set_threads`; FAISS links its own OpenMP runtime, so torch's counts, which
-``clip_model.threads`` owns, do not reach it).
+Process-wide FAISS state set here: the BLAS threshold (on import). FAISS's OpenMP thread counts are set with every
+other thread count, by ``clip_model.process_tuning``.
 """
 
 from __future__ import annotations
@@ -175,11 +174,6 @@ def set_search_params(index: FaissIndex, params: dict[str, int]) -> None:
             raise IndexFormatError(f"search parameter {name}={value} does not apply to this index")
         for target in targets:
             setattr(target, name, int(value))
-
-
-def set_threads(threads: int) -> None:
-    """OpenMP threads of the FAISS searches the calling thread makes (a per-thread OpenMP setting)."""
-    faiss.omp_set_num_threads(int(threads))
 
 
 def write_index(index: FaissIndex, path: Path) -> None:

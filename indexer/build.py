@@ -29,8 +29,7 @@ import torch
 
 import clip_model
 from clip_model import PRECISIONS, Precision
-from clip_model.cores import available_cores
-from clip_model.threads import own_threads, run_in_fresh_thread, set_own_thread_count
+from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thread, set_own_thread_count
 
 from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec
@@ -51,7 +50,6 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-MAX_ENCODE_STREAMS = 4  # each stream holds a batch's activations: ~0.5 GB for ViT-L/14 at batch 32
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
 Progress = Callable[[int, int], None]  # (files done, files to process)
 Result = PassedOver | Encoded | DecodeFailure  # one file's outcome, recorded by _record
@@ -70,12 +68,10 @@ class BuildOptions:
     factory: str | None = None  # "auto" or a FAISS factory string; None: what the index was last built with
     memory_budget: int | None = None  # bytes for the auto-chosen image index; None: as last time, 0: no budget
     batch_size: int = DEFAULT_BATCH_SIZE
-    workers: int = 1
     draft: bool = True
     rebuild: bool = False
     precision: Precision = "fp32"  # "int8": CPU int8 linear layers (quantize_int8); the fingerprint stays fp32's
-    threads: int = 0  # torch threads for loading and encoding; 0: default_encode_threads()
-    streams: int = 0  # batches encoded at once, the threads split between them; 0: default_streams(threads)
+    plan: ThreadPlan | None = None  # decode workers, encode streams and threads; None: ThreadPlan.for_indexing
 
 
 @dataclass
@@ -148,31 +144,21 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
     """Bring ``options.index_dir`` up to date with ``options.root`` and publish a new generation."""
     if not options.root.is_dir():
         raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
-    if options.threads < 0 or options.streams < 0:
-        raise IndexerError(
-            f"threads and streams must be 0 (automatic) or more, got {options.threads} and {options.streams}"
-        )
-    threads = options.threads or default_encode_threads()
-    streams = min(options.streams or default_streams(threads), threads)
-    logger.info(
-        "encoding in %d stream(s) of %d torch thread(s) beside %d decode worker(s)",
-        streams,
-        threads // streams,
-        options.workers,
-    )
-    with own_threads(threads // streams):  # a single stream encodes on this thread (decode workers are processes)
-        return _build(options, progress, threads, streams)
+    plan = options.plan or ThreadPlan.for_indexing(options.precision)
+    logger.info("threads: %s", plan.describe())
+    with own_threads(plan.stream_threads):  # a single stream encodes on this thread (decode workers are processes)
+        return _build(options, progress, plan)
 
 
-def _build(options: BuildOptions, progress: Progress | None, threads: int, streams: int) -> BuildStats:
+def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -> BuildStats:
     started = time.monotonic()
 
     def load() -> LoadedModel:
-        set_own_thread_count(threads)
+        set_own_thread_count(plan.torch_threads)
         return load_model(options.model, options.arch, options.precision)
 
     # first: a failed load leaves no directory. On a thread that ends with it, so that its OpenMP team does not
-    # stay beside the encoding ones (clip_model.threads).
+    # stay beside the encoding ones (clip_model.process_tuning.threads).
     loaded = run_in_fresh_thread(load, name="load-model")
     options.index_dir.mkdir(parents=True, exist_ok=True)
     with WriterLock(options.index_dir), Catalog.open(options.index_dir, create=True) as catalog:
@@ -182,13 +168,14 @@ def _build(options: BuildOptions, progress: Progress | None, threads: int, strea
         if catalog.model() is None:
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
-        stats = _update(catalog, loaded, options, progress, streams, threads // streams)
+        stats = _update(catalog, loaded, options, progress, plan)
         published = current_generation(options.index_dir)
         unchanged = not stats.changes_vectors and not options.rebuild and not _asks_for_other_index(catalog, options)
         if published is not None and unchanged:
             stats.generation = published  # nothing a reader would see changed: keep serving what is there
         else:
-            manifest = publish(options.index_dir, catalog, options.factory, memory_budget=options.memory_budget)
+            with own_threads(plan.faiss_threads):
+                manifest = publish(options.index_dir, catalog, options.factory, memory_budget=options.memory_budget)
             stats.generation = manifest.generation
         stats.seconds = time.monotonic() - started
         stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0
@@ -271,8 +258,7 @@ def _update(
     loaded: LoadedModel,
     options: BuildOptions,
     progress: Progress | None,
-    streams: int,
-    stream_threads: int,
+    plan: ThreadPlan,
 ) -> BuildStats:
     known = catalog.files()
     scan = _scan(options, catalog, known)
@@ -305,11 +291,11 @@ def _update(
         scan.changed,
         loaded.decode_spec(options.draft),
         loaded.encode,
-        workers=options.workers,
+        workers=plan.decode_workers,
         batch_size=options.batch_size,
         needs_encoding=needs_encoding,
-        streams=streams,
-        stream_threads=stream_threads,
+        streams=plan.encode_streams,
+        stream_threads=plan.stream_threads,
     )
     results: Iterator[Result] = itertools.chain(scan.passed, encoded)
     total, done = len(scan.passed) + len(scan.changed), 0
@@ -395,32 +381,3 @@ def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
         del changes.reusable[decoded.content_hash]  # once moved, and not before: a failed move leaves it be
         changes.vanished.pop(source.path, None)
         stats.renamed += 1
-
-
-def default_workers(precision: Precision = "fp32") -> int:
-    """Decode worker processes for a build, by what decoding costs beside encoding per image.
-
-    fp32: encoding a photo costs several times what decoding it draft-scaled does, so the workers only fill the
-    encoder's gaps: all cores but one. int8: the two cost about the same, so half the cores (see bench/README.md,
-    "indexer": the decode and encode ceilings). The encoder's streams use every core besides
-    (:func:`default_encode_threads`): they are single-threaded on small machines and wait at no barrier, so the
-    scheduler can share cores between them and the workers. Cores: :func:`clip_model.cores.available_cores`."""
-    cores = available_cores()
-    if precision == "int8":
-        return max(1, cores // 2)
-    return max(1, cores - 1)
-
-
-def default_encode_threads() -> int:
-    """Torch threads for encoding, split into :func:`default_streams`: one per core.
-
-    Every core, shared with the decode workers: end to end this beats keeping a core for the encoder alone (see
-    bench/README.md, "indexer": 2 streams x 1 thread against 1 stream x 1 thread)."""
-    return available_cores()
-
-
-def default_streams(threads: int) -> int:
-    """Batches encoded at once by ``threads`` torch threads: the most streams, up to ``MAX_ENCODE_STREAMS``, that
-    split the threads evenly (see ``indexer.pipeline``: single-threaded streams scale, one batch over several
-    threads waits at every op's barrier). 2 threads: 2 streams of 1; 8: 4 of 2; 7: one of 7."""
-    return max(s for s in range(1, min(threads, MAX_ENCODE_STREAMS) + 1) if threads % s == 0)

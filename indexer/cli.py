@@ -20,10 +20,10 @@ from typing import Any
 
 from clip_model import PRECISIONS
 from clip_model.errors import ClipModelError
-from clip_model.malloc import tune_malloc
+from clip_model.process_tuning import ThreadPlan, tune_malloc
 
 from . import paths
-from .build import BuildOptions, build_index, default_workers
+from .build import BuildOptions, build_index
 from .errors import IndexerError
 from .lifetime import exit_with_launcher
 from .pipeline import DEFAULT_BATCH_SIZE
@@ -216,6 +216,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     extensions = None
     if args.extensions:
         extensions = frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
+    try:
+        plan = ThreadPlan.for_indexing(args.precision, threads=args.threads, streams=args.streams, workers=args.workers)
+    except ValueError as exc:
+        raise IndexerError(str(exc)) from exc
     options = BuildOptions(
         root=args.root,
         index_dir=args.index_dir,
@@ -226,12 +230,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         factory=args.factory,
         memory_budget=args.memory_budget,
         batch_size=args.batch_size,
-        workers=default_workers(args.precision) if args.workers is None else args.workers,
         draft=args.draft,
         rebuild=args.rebuild,
         precision=args.precision,
-        threads=args.threads,
-        streams=args.streams,
+        plan=plan,
     )
     reporter = _ProgressReporter()
     try:
@@ -330,7 +332,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_texts(args: argparse.Namespace) -> int:
     from .texts import index_texts
 
-    count = index_texts(args.index_dir, args.file, batch_size=args.batch_size)
+    count = index_texts(args.index_dir, args.file, batch_size=args.batch_size, plan=ThreadPlan.for_indexing(workers=0))
     logger.info("indexed %d texts from %s into %s", count, args.file, args.index_dir)
     return 0
 
@@ -342,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    tune_malloc()  # activation buffers stay in the heap between encoder calls (clip_model.malloc)
+    tune_malloc()  # activation buffers stay in the heap between encoder calls (clip_model.process_tuning.malloc)
     try:
         exit_with_launcher()  # a launcher that passed a lifeline ends this run by dying (indexer.lifetime)
         return int(args.func(args))

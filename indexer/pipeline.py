@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clip_model.preprocess import normalize_pixels
-from clip_model.threads import set_own_thread_count
+from clip_model.process_tuning import set_own_thread_count
 
 from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec, decode_file

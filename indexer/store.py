@@ -1048,12 +1048,6 @@ def _digest(path: Path) -> FileDigest:
 # --- reading the published generation ---------------------------------------------------------------------------
 
 
-def set_search_threads(threads: int) -> None:
-    """Threads each FAISS search made from the calling thread may use: OpenMP counts belong to the thread that sets
-    them (and threads that never set one use one per core), so the server's inference thread sets its own."""
-    _faiss_io.set_threads(threads)
-
-
 def current_generation(index_dir: Path) -> str | None:
     """The published generation's name ("g-000003"), or None if nothing is published."""
     path = Path(index_dir) / CURRENT_FILE

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 import clip_model
+from clip_model.process_tuning import ThreadPlan, own_threads
 
 from .build import check_provenance, load_model
 from .errors import IndexerError
@@ -26,8 +27,17 @@ def read_corpus(path: Path) -> list[str]:
     return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 
-def index_texts(index_dir: Path, corpus: Path, batch_size: int = 256) -> int:
-    """Embed every entry of ``corpus`` with the model the index was built with; returns how many were added."""
+def index_texts(index_dir: Path, corpus: Path, batch_size: int = 256, plan: ThreadPlan | None = None) -> int:
+    """Embed every entry of ``corpus`` with the model the index was built with; returns how many were added.
+
+    Encoding runs on this thread with ``plan.torch_threads`` threads and publishing with ``plan.faiss_threads``
+    (None: ``ThreadPlan.for_indexing()``); the thread gets its counts back after."""
+    plan = plan or ThreadPlan.for_indexing()
+    with own_threads(plan.torch_threads):
+        return _index_texts(index_dir, corpus, batch_size, plan)
+
+
+def _index_texts(index_dir: Path, corpus: Path, batch_size: int, plan: ThreadPlan) -> int:
     texts = read_corpus(corpus)
     if not texts:
         raise IndexerError(f"{corpus} holds no text (one entry per line)")
@@ -48,5 +58,6 @@ def index_texts(index_dir: Path, corpus: Path, batch_size: int = 256) -> int:
                 catalog.add_texts(chunk, np.ascontiguousarray(vectors))
         if truncated:
             logger.warning("%d texts were longer than the model's context and were truncated", truncated)
-        publish(index_dir, catalog, factory=catalog.factory() or "IDMap2,Flat")
+        with own_threads(plan.faiss_threads):
+            publish(index_dir, catalog, factory=catalog.factory() or "IDMap2,Flat")
     return len(texts)

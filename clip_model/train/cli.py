@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import ClipModelError
+from ..process_tuning import ThreadPlan, own_threads
 from .data import DatasetError
 
 logger = logging.getLogger("clip_model.train")
@@ -52,14 +54,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    plan = training_plan(os.environ)
+    logger.debug("threads: %s", plan.describe())
     try:
-        return int(args.run(args))
+        with own_threads(plan.torch_threads):  # the training loop runs on this thread
+            return int(args.run(args))
     except (ClipModelError, DatasetError) as exc:
         logger.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted; the last saved checkpoint is kept (--resume continues from it)")
         return 130
+
+
+def training_plan(environ: Mapping[str, str]) -> ThreadPlan:
+    """The thread plan of one training process: ``OMP_NUM_THREADS`` when set (torchrun sets it to 1 unless the user
+    did), else the cores split between the ``LOCAL_WORLD_SIZE`` processes torchrun started on this machine."""
+    try:
+        threads = int(environ.get("OMP_NUM_THREADS", "0"))
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise SystemExit(f"clip-train: OMP_NUM_THREADS and LOCAL_WORLD_SIZE must be whole numbers ({exc})") from exc
+    return ThreadPlan.for_training(threads, processes=processes)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import clip_model
 from app import compiled as compiled_module
 from app.compiled import CompiledText
-from clip_model.threads import default_thread_count, run_in_fresh_thread, single_threaded_elsewhere
+from clip_model.process_tuning import ThreadPlan
+from clip_model.process_tuning.threads import default_thread_count, run_in_fresh_thread, single_threaded_elsewhere
 
 SHAPES = [(1, 2), (1, 9), (1, 77), (2, 5), (7, 13), (64, 77)]  # (texts, tokens)
 
@@ -91,7 +92,9 @@ def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
     original = default_thread_count()
     single_threaded_elsewhere()  # Runtime.start does this first
-    encoder = Encoder(model, preprocess, info, Metrics(), threads=2, compile_text=True, text_cache_size=0)
+    encoder = Encoder(
+        model, preprocess, info, Metrics(), plan=ThreadPlan.for_serving(2), compile_text=True, text_cache_size=0
+    )
     try:
         for _ in range(600):
             if encoder.text_tower.ready or "failed" in encoder.text_tower.status:

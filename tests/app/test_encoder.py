@@ -17,6 +17,7 @@ import clip_model
 from app.encoder import Encoder, SearchRequest
 from app.errors import ServiceBusyError
 from app.metrics import Metrics
+from clip_model.process_tuning import ThreadPlan
 from indexer.store import Hit, ModelInfo
 
 TEXTS = ["a", "a photo of a cat", "a very long description " * 5, "🙂 emoji", "x"]
@@ -26,7 +27,16 @@ TEXTS = ["a", "a photo of a cat", "a very long description " * 5, "🙂 emoji", 
 def encoder(app_model: Path) -> Iterator[Encoder]:
     model, preprocess = clip_model.load(app_model)
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
-    enc = Encoder(model, preprocess, info, Metrics(), queue_size=4, text_batch_size=64, text_cache_size=3)
+    enc = Encoder(
+        model,
+        preprocess,
+        info,
+        Metrics(),
+        plan=ThreadPlan.for_serving(),
+        queue_size=4,
+        text_batch_size=64,
+        text_cache_size=3,
+    )
     yield enc
     enc.close()
 
@@ -203,7 +213,7 @@ def test_the_inference_thread_sets_its_own_torch_and_faiss_thread_counts(app_mod
     model, preprocess = clip_model.load(app_model)
     info = ModelInfo.of("tiny", "sha", model.config.embed_dim, preprocess.image_size, preprocess.mean, preprocess.std)
     before = torch.get_num_threads()
-    enc = Encoder(model, preprocess, info, Metrics(), threads=threads)
+    enc = Encoder(model, preprocess, info, Metrics(), plan=ThreadPlan.for_serving(threads))
     try:
         index = ThreadCountIndex(info.embed_dim)
         enc.search_text("a cat", SearchRequest(index, 3))

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from app.encoder import SearchRequest
 from app.logs import JsonFormatter, RequestIdFilter
 from app.main import create_app
-from clip_model.threads import default_thread_count
+from clip_model.process_tuning.threads import default_thread_count
 from indexer.cli import main as clip_index
 from indexer.store import GENERATIONS_DIR, IMAGES_FILE, current_generation
 from tests.app.conftest import IndexedFolder, build_folder, write_image
@@ -73,7 +73,8 @@ def test_stats_report_the_calibrated_search_parameters_of_an_approximate_index(
 
 
 def test_only_the_inference_thread_runs_torch_on_several_threads(indexed: IndexedFolder, tmp_path: Path) -> None:
-    # a second long-lived OpenMP team would make the inference thread's spin-wait sleep instead (clip_model.threads)
+    # a second long-lived OpenMP team would make the inference thread's spin-wait sleep instead
+    # (clip_model.process_tuning.threads)
     from tests.app.test_encoder import ThreadCountIndex
 
     default = default_thread_count()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clip_model.malloc import ENV_VARIABLES, MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, tune_malloc
+from clip_model.process_tuning.malloc import ENV_VARIABLES, MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, tune_malloc
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # thresholds the freed heap is reused (almost no new faults).
 FAULTS = """
 import ctypes, resource, sys
-from clip_model.malloc import tune_malloc
+from clip_model.process_tuning.malloc import tune_malloc
 if sys.argv[1] == "tuned":
     assert tune_malloc() is not None
 libc = ctypes.CDLL("libc.so.6")

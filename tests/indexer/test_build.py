@@ -6,7 +6,6 @@ import os
 import shutil
 import sqlite3
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,13 @@ import torch
 from PIL import Image
 
 import clip_model
-from clip_model.threads import default_thread_count
+from clip_model.process_tuning import ThreadPlan
+from clip_model.process_tuning.threads import default_thread_count, own_faiss_thread_count
 from indexer import cli
 from indexer.build import (
     BuildOptions,
     LoadedModel,
     build_index,
-    default_encode_threads,
-    default_streams,
-    default_workers,
     load_model,
 )
 from indexer.cli import main as cli_main
@@ -34,9 +31,11 @@ from indexer.store import Catalog, PublishedIndex, WriterLock, verify
 from tests.clip_model.images import write_all_samples, write_oriented, write_truncated_jpeg
 from tests.indexer.conftest import write_photo, write_photos
 
+IN_PROCESS = ThreadPlan.for_indexing(workers=0)  # decoding in the test's own process
+
 
 def build(root: Path, index_dir: Path, model: Path, **kwargs: object) -> object:
-    return build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), workers=0, **kwargs))  # type: ignore[arg-type]
+    return build_index(BuildOptions(root=root, index_dir=index_dir, model=str(model), plan=IN_PROCESS, **kwargs))  # type: ignore[arg-type]
 
 
 def write_bad_files(root: Path) -> dict[str, str]:
@@ -137,19 +136,6 @@ def test_int8_builds_store_the_int8_encoding_and_share_the_index_with_fp32_runs(
 
 
 @pytest.mark.parametrize(
-    ("cores", "precision", "workers", "streams"),
-    [(2, "fp32", 1, 2), (2, "int8", 1, 2), (8, "fp32", 7, 4), (8, "int8", 4, 4), (1, "int8", 1, 1), (7, "fp32", 6, 1)],
-)
-def test_cores_go_to_decode_workers_by_precision_and_every_core_to_the_encoder_streams(
-    monkeypatch: pytest.MonkeyPatch, cores: int, precision: str, workers: int, streams: int
-) -> None:
-    monkeypatch.setattr("indexer.build.available_cores", lambda: cores)
-    assert default_workers(precision) == workers
-    assert default_encode_threads() == cores
-    assert default_streams(cores) == streams and cores % streams == 0
-
-
-@pytest.mark.parametrize(
     ("precision", "threads", "streams", "expected"),
     [
         ("int8", 0, 0, {("encode", 1)}),  # 2 cores: two streams of one thread
@@ -163,7 +149,6 @@ def test_the_build_encodes_in_its_streams_on_their_thread_counts_and_gives_the_c
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, threads: int, streams: int,
     expected: set[tuple[str, int]],
 ) -> None:  # fmt: skip
-    monkeypatch.setattr("indexer.build.available_cores", lambda: 2)
     seen: list[tuple[str, int]] = []
     encode = LoadedModel.encode
     build_thread = threading.current_thread()
@@ -175,15 +160,25 @@ def test_the_build_encodes_in_its_streams_on_their_thread_counts_and_gives_the_c
 
     monkeypatch.setattr(LoadedModel, "encode", counting_encode)
     write_photos(tmp_path / "photos", 9)
-    default, own = default_thread_count(), torch.get_num_threads()
-    options = BuildOptions(tmp_path / "photos", tmp_path / "index", str(tiny_model), workers=1, precision=precision,
-                           threads=threads, streams=streams, batch_size=2)  # fmt: skip
+    default, own, own_faiss = default_thread_count(), torch.get_num_threads(), own_faiss_thread_count()
+    plan = ThreadPlan.for_indexing(precision, threads=threads, streams=streams, workers=1, cores=2)
+    options = BuildOptions(tmp_path / "photos", tmp_path / "index", str(tiny_model), precision=precision, plan=plan,
+                           batch_size=2)  # fmt: skip
     assert build_index(options).encoded == 9
     assert set(seen) == expected
     assert torch.get_num_threads() == own and default_thread_count() == default
-    for bad in ({"threads": -1}, {"streams": -1}):
-        with pytest.raises(IndexerError, match="threads and streams"):
-            build_index(replace(options, **bad))  # type: ignore[arg-type]
+    assert own_faiss_thread_count() == own_faiss
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--streams", "--workers"])
+def test_a_negative_thread_count_is_refused_before_anything_is_written(
+    tiny_model: Path, tmp_path: Path, flag: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_photos(tmp_path / "photos", 1)
+    argv = ["build", str(tmp_path / "photos"), "--index-dir", str(tmp_path / "index"), "--model", str(tiny_model)]
+    assert cli_main([*argv, flag, "-1"]) == 1
+    assert f"{flag[2:]} must be 0 or more, got -1" in caplog.text
+    assert not (tmp_path / "index").exists()
 
 
 def test_search_returns_exact_nearest_neighbours(tiny_model: Path, tmp_path: Path) -> None:

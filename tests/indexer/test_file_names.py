@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from clip_model.process_tuning import ThreadPlan
 from indexer import paths
 from indexer.build import BuildOptions, build_index
 from indexer.cli import main as cli_main
@@ -125,7 +126,9 @@ def test_every_name_is_indexed_losslessly_or_passed_over_with_a_reason(
     info = json.loads(info_of(index_dir, capsys, "--json"))
     assert {path for path, _ in info["skipped_files"]} == set(passed)  # the stored form, lossless
 
-    options = BuildOptions(root=root, index_dir=index_dir, model=str(tiny_model), workers=0)
+    options = BuildOptions(
+        root=root, index_dir=index_dir, model=str(tiny_model), plan=ThreadPlan.for_indexing(workers=0)
+    )
     published = current_generation(index_dir)
     noop = build_index(options)
     assert (noop.encoded, noop.added, noop.modified, noop.skipped, noop.deleted) == (0, 0, 0, 0, 0)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import clip_model
+from clip_model.process_tuning import ThreadPlan
 from indexer.build import BuildOptions, build_index
 from indexer.store import Catalog, PublishedIndex, verify
 from tests.indexer.conftest import write_photo
@@ -20,7 +21,11 @@ def test_vit_b32_end_to_end(tmp_path: Path) -> None:
     root, index_dir = tmp_path / "photos", tmp_path / "index"
     paths = [write_photo(root / f"{i}.jpg", seed=i, size=(640, 480)) for i in range(4)]
 
-    stats = build_index(BuildOptions(root=root, index_dir=index_dir, model=str(checkpoint), workers=1, draft=False))
+    stats = build_index(
+        BuildOptions(
+            root=root, index_dir=index_dir, model=str(checkpoint), plan=ThreadPlan.for_indexing(workers=1), draft=False
+        )
+    )
 
     assert (stats.encoded, stats.skipped) == (4, 0) and verify(index_dir) == []
     index = PublishedIndex.open(index_dir)

@@ -14,17 +14,22 @@ So a server that encodes on one inference thread must keep every other long-live
 - :func:`default_thread_count` reads that default (what a new thread gets), to put it back later;
 - :func:`single_threaded_elsewhere` sets torch's default to one thread for every thread that has not run torch
   yet (request handlers, watchers, timers);
-- :func:`set_own_thread_count` gives the threads that should run parallel torch work (a model loader, the
-  inference thread, a background compile matching its count) their count for the rest of their life without
+- :func:`set_own_thread_count` gives the threads that should run parallel torch or FAISS work (a model loader,
+  the inference thread, a background compile matching its count) their count for the rest of their life without
   touching that default; :func:`own_threads` does the same for a block and gives the thread its count back after;
   :func:`set_thread_count` is ``torch.set_num_threads`` made to stick, and sets the default too (a server's
   close puts the default it read at start back with it).
 
-Who owns which call: this module makes every torch / OpenMP thread-count call of ``clip_model``, ``indexer``,
-``app`` and ``bench`` (``torch.set_num_threads``, libgomp's ``omp_set_num_threads``); the CPUs those counts are
-made from come from :func:`clip_model.cores.available_cores`. FAISS links its own OpenMP runtime, whose per-thread
-count only ``faiss.omp_set_num_threads`` sets, and ``clip_model`` does not import FAISS: that one call is
-``indexer._faiss_io.set_threads`` (reached through ``indexer.store.set_search_threads``).
+A thread has one count, for torch and FAISS alike. The faiss-cpu wheel bundles a libgomp of its own; whether FAISS
+runs on it or on torch's depends on which module the process imported first (imported after torch, FAISS binds to
+torch's already-loaded runtime), so a FAISS count set apart from torch's may or may not change torch's. Setting
+both runtimes to the same count is right either way; a thread that needs other counts for other work (the indexer:
+encoding, then building the FAISS index) sets them block by block with :func:`own_threads`.
+
+Who owns which call: this module makes every thread-count call of ``clip_model``, ``indexer``, ``app`` and
+``bench``: torch's (``torch.set_num_threads``, libgomp's ``omp_set_num_threads``) and FAISS's
+(``faiss.omp_set_num_threads``). The counts themselves come from one
+:class:`~clip_model.process_tuning.plan.ThreadPlan` per process.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def set_thread_count(threads: int) -> None:
 
 
 def set_own_thread_count(threads: int) -> None:
-    """Set only the calling thread's torch thread count: the default for new threads stays as it is.
+    """Set only the calling thread's torch and FAISS thread count: the default for new threads stays as it is.
 
     ``torch.set_num_threads`` also changes that default; this sets the thread's OpenMP count directly (what
     ``torch.get_num_threads`` then returns on this thread). Where torch does not run on libgomp, it falls back to
@@ -85,21 +90,38 @@ def set_own_thread_count(threads: int) -> None:
     omp = _torch_openmp()
     if omp is None:
         set_thread_count(threads)
-        return
-    omp.omp_set_num_threads(int(threads))
+    else:
+        omp.omp_set_num_threads(int(threads))
+    _set_faiss_threads(threads)
+
+
+def _set_faiss_threads(threads: int) -> None:
+    """The calling thread's count in the OpenMP runtime FAISS runs on (torch's or its own, see the module docstring)."""
+    import faiss  # here only: the rest of clip_model does not use FAISS
+
+    faiss.omp_set_num_threads(int(threads))
+
+
+def own_faiss_thread_count() -> int:
+    """The calling thread's count in the OpenMP runtime FAISS runs on."""
+    import faiss
+
+    return int(faiss.omp_get_max_threads())
 
 
 @contextmanager
 def own_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``threads`` torch threads on the calling thread, then give it its previous count back.
+    """Run the block with ``threads`` torch and FAISS threads on the calling thread, then give the thread its
+    previous counts back.
 
-    Only the calling thread's count changes (see :func:`set_own_thread_count`); the default of new threads stays."""
-    previous = torch.get_num_threads()
+    Only the calling thread's counts change (see :func:`set_own_thread_count`); the defaults of new threads stay."""
+    previous, previous_faiss = torch.get_num_threads(), own_faiss_thread_count()
     set_own_thread_count(threads)
     try:
         yield
     finally:
         set_own_thread_count(previous)
+        _set_faiss_threads(previous_faiss)  # the same count unless FAISS runs on a runtime of its own
 
 
 @functools.cache

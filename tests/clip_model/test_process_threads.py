@@ -1,5 +1,5 @@
-"""clip_model.threads and clip_model.cores: one-off torch work on a thread that ends, per-thread torch counts that
-stick, and the CPUs this process may use."""
+"""clip_model.process_tuning's threads and cores: one-off torch work on a thread that ends, per-thread torch counts
+that stick, and the CPUs this process may use."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_model.cores import available_cores, cgroup_cpu_quota
-from clip_model.threads import (
+from clip_model.process_tuning.cores import available_cores, cgroup_cpu_quota
+from clip_model.process_tuning.threads import (
     own_threads,
     run_in_fresh_thread,
     set_own_thread_count,
@@ -131,9 +131,30 @@ def test_available_cores_is_the_affinity_mask_limited_by_the_quota(tmp_path: Pat
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_available_cores_follows_the_affinity_mask_of_the_process() -> None:
     pinned = (
-        "import os; from clip_model.cores import available_cores; "
+        "import os; from clip_model.process_tuning.cores import available_cores; "
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(available_cores())"
     )
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "1"
+
+
+OWN_THREADS_PROBE = """
+import {first}, {second}
+import faiss, torch
+from clip_model.process_tuning import own_threads
+before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+with own_threads(1):
+    inside = (torch.get_num_threads(), faiss.omp_get_max_threads())
+print(before == (torch.get_num_threads(), faiss.omp_get_max_threads()), inside)
+"""
+
+
+@pytest.mark.parametrize(("first", "second"), [("torch", "faiss"), ("faiss", "torch")])
+def test_own_threads_sets_torch_and_faiss_alike_whichever_was_imported_first(first: str, second: str) -> None:
+    """Imported after torch, FAISS runs on torch's OpenMP runtime; imported first, on its own: one count covers both."""
+    probe = OWN_THREADS_PROBE.format(first=first, second=second)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root, env=env)
+    assert out.stdout.split() == ["True", "(1,", "1)"]
