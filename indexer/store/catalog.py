@@ -67,10 +67,10 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from . import _faiss_io, paths
-from ._faiss_io import FaissIndex
-from ._faiss_io import describe_backend as describe_backend  # for the server's start-up log
-from .errors import (
+from .. import _faiss_io, paths
+from .._faiss_io import FaissIndex
+from .._faiss_io import describe_backend as describe_backend  # for the server's start-up log
+from ..errors import (
     EmbeddingError,
     GenerationRetiredError,
     IndexerError,
@@ -79,8 +79,8 @@ from .errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
-from .index_choice import AUTO, FLAT_MAX_VECTORS, build_calibrated, choose_index
-from .paths import file_path as file_path  # the app reaches the on-disk format only through this module
+from ..index_choice import AUTO, FLAT_MAX_VECTORS, build_calibrated, choose_index
+from ..paths import file_path as file_path  # the app reaches the on-disk format only through this module
 
 logger = logging.getLogger(__name__)
 
