@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from clip_model import PRECISIONS
-from indexer.store import ENV_PREFIX
+from indexer.store.reader import ENV_PREFIX
 
 from .logs import configure_logging
 from .settings import Settings

@@ -39,7 +39,7 @@ import torch
 
 import clip_model
 from clip_model.process_tuning import ThreadPlan, set_own_thread_count
-from indexer.store import Hit, ModelInfo
+from indexer.store.reader import Hit, ModelInfo
 
 from .compiled import CompiledText
 from .errors import ServiceBusyError
@@ -53,7 +53,7 @@ IMAGE_BATCH_SIZE = 32  # most images stacked into one encoder call
 
 
 class SearchableIndex(Protocol):
-    """What a search job needs of an index (``indexer.store.PublishedIndex`` is one)."""
+    """What a search job needs of an index (``indexer.store.reader.PublishedIndex`` is one)."""
 
     def search(self, queries: Vectors, k: int) -> list[list[Hit]]: ...
 

@@ -6,11 +6,11 @@ the pixel count is checked from the header before any pixel is decoded, truncate
 DCT scale by the indexer's own rule (``clip_model.preprocess.apply_draft``), so an upload of an indexed file embeds like
 the file did.
 
-Files are served by catalog id only; the catalog's stored path maps to the file through ``indexer.store.file_path``
-and the resolved path must lie inside the image root (symlinks out of it and ``..`` are refused). Thumbnails are
-made once per (file, size, mtime) and cached as JPEG files. An indexed file that no longer decodes (replaced by
-something else, truncated, unreadable, or with more pixels than the server decodes) is a StaleFileError (409) that
-says to re-run the indexer; one that is gone is a NotFoundError (404).
+Files are served by catalog id only; the catalog's stored path maps to the file through
+``indexer.store.reader.file_path`` and the resolved path must lie inside the image root (symlinks out of it and ``..``
+are refused). Thumbnails are made once per (file, size, mtime) and cached as JPEG files. An indexed file that no
+longer decodes (replaced by something else, truncated, unreadable, or with more pixels than the server decodes) is a
+StaleFileError (409) that says to re-run the indexer; one that is gone is a NotFoundError (404).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from clip_model.errors import ImageDecodeError
 from clip_model.preprocess import apply_draft, to_rgb
-from indexer.store import file_path
+from indexer.store.reader import file_path
 
 from .errors import InvalidImageError, NotFoundError, PayloadTooLargeError, StaleFileError, UnsupportedImageError
 

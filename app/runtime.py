@@ -31,7 +31,7 @@ from clip_model.process_tuning import (
     single_threaded_elsewhere,
 )
 from indexer.errors import IndexerError
-from indexer.store import ModelInfo, PublishedIndex, current_generation, describe_backend
+from indexer.store.reader import ModelInfo, PublishedIndex, current_generation, describe_backend
 
 from .encoder import Encoder
 from .errors import NotReadyError

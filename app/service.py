@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from indexer.store import Hit, ImageRecord
+from indexer.store.reader import Hit, ImageRecord
 
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError

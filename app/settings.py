@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from clip_model import Precision
-from indexer.store import ENV_PREFIX
+from indexer.store.reader import ENV_PREFIX
 
 MIB = 1 << 20
 

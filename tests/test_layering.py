@@ -1,5 +1,5 @@
 """The architecture's arrows: clip_model imports neither indexer nor app; indexer never imports app; app reads the
-index only through indexer.store (and its errors), never the rest of the indexer."""
+index only through indexer.store.reader (and the indexer's errors), never the rest of the indexer."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_package_does_not_import_downstream_packages(package: str) -> None:
     assert offenders == []
 
 
-APP_MAY_IMPORT_FROM_INDEXER = {"indexer.store", "indexer.errors"}
+APP_MAY_IMPORT_FROM_INDEXER = {"indexer.store.reader", "indexer.errors"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -80,3 +80,7 @@ def test_layering_check_detects_a_forbidden_import(tmp_path: Path) -> None:
     bad.write_text("from app.main import create_app\nimport indexer.store\nfrom indexer.build import build_index\n")
     assert imported_packages(bad) >= {"app", "indexer"}
     assert "indexer.build" in imported_modules(bad) - APP_MAY_IMPORT_FROM_INDEXER
+    assert "indexer.store" in imported_modules(bad) - APP_MAY_IMPORT_FROM_INDEXER  # the package holds the writer too
+    good = tmp_path / "good.py"
+    good.write_text("from indexer.errors import IndexerError\nfrom indexer.store.reader import PublishedIndex\n")
+    assert imported_modules(good) <= APP_MAY_IMPORT_FROM_INDEXER

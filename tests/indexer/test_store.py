@@ -31,8 +31,17 @@ from indexer.errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
-from indexer.store import Catalog, ModelInfo, PublishedIndex, WriterLock, current_generation, publish, verify
-from indexer.store import catalog as catalog_module
+from indexer.store import (
+    Catalog,
+    ModelInfo,
+    PublishedIndex,
+    WriterLock,
+    current_generation,
+    publish,
+    publishing,
+    verify,
+)
+from indexer.store.format import _digest
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 16
@@ -381,12 +390,12 @@ def _crash_now(*args: Any, **kwargs: Any) -> Any:
 
 CRASH_POINTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "after writing the temp dir": lambda mp: mp.setattr(
-        catalog_module, "_write_generation", _crash_after(catalog_module._write_generation)
+        publishing, "_write_generation", _crash_after(publishing._write_generation)
     ),
     "after renaming the generation": lambda mp: mp.setattr(
-        catalog_module, "_install_generation", _crash_after(catalog_module._install_generation)
+        publishing, "_install_generation", _crash_after(publishing._install_generation)
     ),
-    "before replacing CURRENT": lambda mp: mp.setattr(catalog_module, "_replace_current", _crash_now),
+    "before replacing CURRENT": lambda mp: mp.setattr(publishing, "_replace_current", _crash_now),
     "after writing CURRENT.tmp": lambda mp: mp.setattr(os, "replace", _crash_now),
 }
 
@@ -414,14 +423,14 @@ PUBLISH_LOOP = """
 import os, random, sys, time
 from pathlib import Path
 from indexer import store
-from indexer.store import catalog as catalog_module
+from indexer.store import publishing
 index_dir, seed = Path(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(seed)
-fsync = catalog_module._fsync
+fsync = publishing._fsync  # publishing's name for it, the one its helpers call
 def slow_fsync(path):  # spread each publish over ~100 ms, so kills land at every step
     time.sleep(rng.uniform(0, 0.03))
     fsync(path)
-catalog_module._fsync = slow_fsync
+publishing._fsync = slow_fsync
 with store.Catalog.open(index_dir) as catalog:
     sys.stdout.write("ready\\n"); sys.stdout.flush()
     while True:
@@ -563,10 +572,7 @@ def test_damaged_index_is_refused_with_a_clear_error(index_dir: Path, damage: st
 def test_unreadable_faiss_file_with_matching_checksum_is_refused(index_dir: Path) -> None:
     path = _generation(index_dir) / store.IMAGES_FILE
     path.write_bytes(path.read_bytes()[:100])
-    digest, manifest = (
-        catalog_module._digest(path),
-        json.loads((_generation(index_dir) / store.MANIFEST_FILE).read_text()),
-    )
+    digest, manifest = _digest(path), json.loads((_generation(index_dir) / store.MANIFEST_FILE).read_text())
     files = {**manifest["files"], store.IMAGES_FILE: {"sha256": digest.sha256, "bytes": digest.bytes}}
     _edit_manifest(index_dir, files=files)
     with pytest.raises(IndexFormatError, match="cannot read FAISS index"):
