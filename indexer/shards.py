@@ -56,7 +56,10 @@ import numpy.typing as npt
 from indexer import paths
 from indexer.errors import EmbeddingError, IndexerError
 from indexer.store import ModelInfo
-from indexer.store.format import NORM_TOLERANCE
+from indexer.store.format import (
+    NORM_TOLERANCE,
+    _fsync,  # the store's one fsync of a file or directory
+)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -471,12 +474,3 @@ def _install(tmp: Path, final: Path, *, replace: bool) -> None:
         except FileExistsError:
             raise ShardError(f"{final} already exists: a partition is written once (delete it to redo it)") from None
     _fsync(final.parent)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory (the latter makes renames and new entries in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
