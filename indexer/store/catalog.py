@@ -29,11 +29,15 @@ from .schema import (
     DEFAULT_FACTORY,
     LEGACY_DEFAULT_FACTORY,
     OLDEST_GENERATION_KEY,
+    UPGRADED_TABLES,
+    add_vector_columns,
     create_schema,
+    drop_embedding_columns,
     set_meta,
     upgrade_from_1,
     user_version,
 )
+from .vector_log import Pointer, VectorLog
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's l
 SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
 _FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
-_VERSIONED_COLUMNS = f"{_IMAGE_COLUMNS}, embedding, gen"  # what image_versions keeps of an images row
+_VERSIONED_COLUMNS = f"{_IMAGE_COLUMNS}, vec_file, vec_row, gen"  # what image_versions keeps of an images row
+MATRIX_CHUNK_ROWS = 65_536  # pointers resolved per read when gathering many vectors
+UPGRADE_BATCH_ROWS = 4096  # embedding BLOBs moved into vector files per statement when upgrading format 2
 
 
 class Catalog:
@@ -54,6 +60,7 @@ class Catalog:
         self.readonly = readonly
         self._conn = conn
         self._dim: int | None = None
+        self._vectors = VectorLog(conn, index_dir, writable=not readonly)
 
     @classmethod
     def open(cls, index_dir: Path, *, create: bool = False, readonly: bool = False) -> Catalog:
@@ -86,24 +93,54 @@ class Catalog:
 
     def _check_version(self, create: bool) -> None:
         version = user_version(self._conn)
-        if not self.readonly and ((version == 0 and create) or version == 1):
+        if not self.readonly and ((version == 0 and create) or 0 < version < CATALOG_VERSION):
             with self.transaction():
                 version = user_version(self._conn)  # as of the write lock: another writer may have done it
                 if version == 0:
                     create_schema(self._conn)
-                elif version == 1:
-                    upgrade_from_1(self._conn, self.index_dir / CATALOG_FILE)
+                if version == 1:
+                    upgrade_from_1(self._conn)
+                if version in (1, 2):
+                    self._move_embeddings_to_vector_files()
+            if version in (1, 2):
+                self._conn.execute("VACUUM")  # the space the BLOBs took goes back to the file system
             return
         if version != CATALOG_VERSION:
             hint = ": upgrade clip-search to read it" if version > CATALOG_VERSION else ""
-            if version == 1:
+            if 0 < version < CATALOG_VERSION:
                 hint = ": run `clip-index build` on it once to upgrade it"
             raise IndexFormatError(
                 f"{self.index_dir / CATALOG_FILE} has catalog format version {version}; "
                 f"this code reads format version {CATALOG_VERSION}{hint}"
             )
 
+    def _move_embeddings_to_vector_files(self) -> None:
+        """Catalog format 2 -> 3, inside the upgrade's transaction: every embedding BLOB (images, the versions kept
+        for published generations, texts) is appended to a vector file and its row points there; then the BLOB
+        columns go. A crash before the commit leaves format 2 as it was (the rows appended are cut off later)."""
+        add_vector_columns(self._conn)
+        for table in UPGRADED_TABLES:
+            kind = "texts" if table == "texts" else "images"
+            after = 0
+            while rows := self._conn.execute(
+                f"SELECT rowid, id, embedding FROM {table} WHERE embedding IS NOT NULL AND rowid > ? "
+                f"ORDER BY rowid LIMIT {UPGRADE_BATCH_ROWS}",
+                (after,),
+            ).fetchall():
+                after = rows[-1][0]
+                for width in {len(blob) for _, _, blob in rows}:  # a --rebuild may have changed the model's width
+                    same = [row for row in rows if len(row[2]) == width]
+                    ids = np.array([row[1] for row in same], dtype=np.int64)
+                    vectors = np.frombuffer(b"".join(row[2] for row in same), dtype="<f4").reshape(len(same), -1)
+                    number, first = self._vectors.append(kind, ids, vectors.astype(np.float32))
+                    self._conn.executemany(
+                        f"UPDATE {table} SET vec_file = ?, vec_row = ? WHERE rowid = ?",
+                        ((number, first + n, row[0]) for n, row in enumerate(same)),
+                    )
+        drop_embedding_columns(self._conn, self.index_dir / CATALOG_FILE)
+
     def close(self) -> None:
+        self._vectors.close()
         self._conn.close()
 
     def __enter__(self) -> Self:
@@ -121,8 +158,10 @@ class Catalog:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._vectors.before_commit()
         except BaseException:
             self._conn.execute("ROLLBACK")
+            self._vectors.after_rollback()
             raise
         self._conn.execute("COMMIT")
 
@@ -244,13 +283,18 @@ class Catalog:
     ) -> int:
         """Insert or update the row for ``path`` (an existing path keeps its id). ``embedding`` [D] float32 unit-norm.
         Returns the id."""
-        blob = _vector_bytes(embedding, self._require_dim())
-        values = {"width": width, "height": height, "status": "ok", "error": None, "embedding": blob}
-        return self._upsert(path, size, mtime_ns, content_hash, values)
+        vector = _checked_vector(embedding, self._require_dim())
+        with self.transaction():
+            row = self._conn.execute("SELECT id FROM images WHERE path = ?", (_check_path(path),)).fetchone()
+            image_id = int(row[0]) if row is not None else self._next_id("images")
+            number, first = self._vectors.append("images", np.array([image_id], dtype=np.int64), vector[None])
+            values = {"width": width, "height": height, "status": "ok", "error": None}
+            values |= {"vec_file": number, "vec_row": first, "id": image_id}
+            return self._upsert(path, size, mtime_ns, content_hash, values)
 
     def add_skipped(self, path: str, size: int, mtime_ns: int, content_hash: str | None, error: str) -> int:
         """Record a file that could not be indexed, with the reason; it holds no embedding. Returns the id."""
-        values = {"width": None, "height": None, "status": "skipped", "error": error, "embedding": None}
+        values = {"width": None, "height": None, "status": "skipped", "error": error, "vec_file": None, "vec_row": None}
         return self._upsert(path, size, mtime_ns, content_hash, values)
 
     def _upsert(
@@ -260,7 +304,7 @@ class Catalog:
         columns = {"path": _check_path(path), "size": size, "mtime_ns": mtime_ns, "content_hash": content_hash}
         columns |= {**values, "updated_at": time.time()}
         names, marks = ", ".join(columns), ", ".join("?" * len(columns))
-        updates = ", ".join(f"{name} = excluded.{name}" for name in columns if name != "path")
+        updates = ", ".join(f"{name} = excluded.{name}" for name in columns if name not in ("path", "id"))
         with self.transaction():
             self._keep_published("path = ?", (path,))
             statement = f"INSERT INTO images ({names}) VALUES ({marks}) ON CONFLICT (path) DO UPDATE SET {updates}"
@@ -321,6 +365,11 @@ class Catalog:
         """The stored [D] float32 vector of an ok image, or None."""
         return self._vector("images", image_id)
 
+    def _next_id(self, table: str) -> int:
+        """The id AUTOINCREMENT gives the next row of ``table`` (asked inside the writer's transaction)."""
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        return (int(row[0]) if row is not None else 0) + 1
+
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of the given ids that exist (missing ids are absent from the result)."""
         rows = self._select_ids(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN ({{ids}})", ids)
@@ -355,9 +404,11 @@ class Catalog:
         """The [D] float32 vector of an ok image as generation number ``generation`` shows it, or None."""
         with self.snapshot():
             self._require_generation(generation)
-            rows = self._select_ids(_shown_at("embedding"), [image_id], g=generation)
-        blob = rows[0][0] if rows else None
-        return None if blob is None else _vector_from_bytes(blob, self._require_dim(), image_id)
+            rows = self._select_ids(_shown_at("vec_file, vec_row"), [image_id], g=generation)
+            if not rows or rows[0][1] is None:
+                return None
+            vector: Vectors = self._vectors.read([(int(rows[0][0]), int(rows[0][1]))])[0]
+        return vector
 
     def texts_at(self, ids: Sequence[int], generation: int) -> dict[int, str]:
         """The texts of ``ids`` that generation number ``generation`` holds (a text never changes under its id, so
@@ -401,12 +452,34 @@ class Catalog:
         _check_norms(matrix)
         now = time.time()
         with self.transaction():
+            known = dict(self._select_texts(texts))
+            next_id = self._next_id("texts")
+            ids = []
+            for text in texts:
+                if text not in known:
+                    known[text], next_id = next_id, next_id + 1
+                ids.append(known[text])
+            number, first = self._vectors.append("texts", np.array(ids, dtype=np.int64), matrix)
             self._conn.executemany(
-                "INSERT INTO texts (text, embedding, updated_at) VALUES (?, ?, ?) ON CONFLICT (text) DO UPDATE SET "
-                "embedding = excluded.embedding, updated_at = excluded.updated_at",
-                ((text, _vector_bytes(vector, dim), now) for text, vector in zip(texts, matrix, strict=True)),
+                "INSERT INTO texts (id, text, vec_file, vec_row, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (text) DO UPDATE SET vec_file = excluded.vec_file, vec_row = excluded.vec_row, "
+                "updated_at = excluded.updated_at",
+                (
+                    (text_id, text, number, first + n, now)
+                    for n, (text_id, text) in enumerate(zip(ids, texts, strict=True))
+                ),
             )
         return len(texts)
+
+    def _select_texts(self, texts: Sequence[str]) -> list[tuple[str, int]]:
+        """(text, id) of those of ``texts`` the catalog holds."""
+        unique = list(dict.fromkeys(texts))
+        rows: list[tuple[str, int]] = []
+        for start in range(0, len(unique), SQL_IDS_PER_QUERY):
+            chunk = unique[start : start + SQL_IDS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            rows += self._conn.execute(f"SELECT text, id FROM texts WHERE text IN ({marks})", chunk).fetchall()
+        return rows
 
     def delete_texts(self, ids: Iterable[int]) -> int:
         deleted = 0
@@ -466,24 +539,30 @@ class Catalog:
     def _matrix(self, table: str, where: str) -> tuple[Ids, Vectors]:
         dim = self._require_dim()
         with self.snapshot():
-            count = self._conn.execute(f"SELECT COUNT(*) FROM {table} {where}").fetchone()[0]
-            ids = np.empty(count, dtype=np.int64)
-            vectors = np.empty((count, dim), dtype=np.float32)
-            rows = self._conn.execute(f"SELECT id, embedding FROM {table} {where} ORDER BY id")
-            for i, (row_id, blob) in enumerate(rows):
-                ids[i] = row_id
-                vectors[i] = _vector_from_bytes(blob, dim, row_id)
+            rows = self._conn.execute(f"SELECT id, vec_file, vec_row FROM {table} {where} ORDER BY id").fetchall()
+            ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+            vectors = np.empty((len(rows), dim), dtype=np.float32)
+            for start in range(0, len(rows), MATRIX_CHUNK_ROWS):
+                chunk = rows[start : start + MATRIX_CHUNK_ROWS]
+                vectors[start : start + len(chunk)] = self._read_vectors([(row[1], row[2]) for row in chunk], dim)
         return ids, vectors
 
+    def _read_vectors(self, pointers: list[Pointer], dim: int) -> Vectors:
+        vectors = self._vectors.read(pointers)
+        if len(pointers) and vectors.shape[1] != dim:
+            raise IndexFormatError(f"the catalog's vectors are {vectors.shape[1]} wide, its model's {dim}")
+        return vectors
+
     def _vector(self, table: str, item_id: int) -> Vectors | None:
-        row = self._conn.execute(f"SELECT embedding FROM {table} WHERE id = ?", (int(item_id),)).fetchone()
-        if row is None or row[0] is None:
+        row = self._conn.execute(f"SELECT vec_file, vec_row FROM {table} WHERE id = ?", (int(item_id),)).fetchone()
+        if row is None or row[1] is None:
             return None
-        return _vector_from_bytes(row[0], self._require_dim(), item_id)
+        vector: Vectors = self._read_vectors([(int(row[0]), int(row[1]))], self._require_dim())[0]
+        return vector
 
     def _states(self, table: str) -> dict[int, tuple[bool, float]]:
         """id -> (has an embedding, updated_at) for verify()."""
-        rows = self._conn.execute(f"SELECT id, embedding IS NOT NULL, updated_at FROM {table}").fetchall()
+        rows = self._conn.execute(f"SELECT id, vec_row IS NOT NULL, updated_at FROM {table}").fetchall()
         return {row_id: (bool(usable), updated_at or 0.0) for row_id, usable, updated_at in rows}
 
 
@@ -508,15 +587,9 @@ def _check_norms(matrix: Vectors) -> None:
         raise EmbeddingError(f"embeddings must be L2-normalized: row {bad[0]} has norm {norms[bad[0]]:.6f}")
 
 
-def _vector_bytes(embedding: Vectors, dim: int) -> bytes:
+def _checked_vector(embedding: Vectors, dim: int) -> Vectors:
     vector = np.asarray(embedding)
     if vector.dtype != np.float32 or vector.shape != (dim,):
         raise EmbeddingError(f"an embedding must be float32 [{dim}], got {vector.dtype} {list(vector.shape)}")
     _check_norms(vector)
-    return vector.astype("<f4", copy=False).tobytes()
-
-
-def _vector_from_bytes(blob: bytes, dim: int, item_id: int) -> Vectors:
-    if len(blob) != dim * 4:
-        raise IndexFormatError(f"catalog embedding of id {item_id} has {len(blob)} bytes, expected {dim * 4}")
-    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return vector

@@ -7,6 +7,8 @@ Layout::
       catalog.sqlite3        SQLite, WAL mode, PRAGMA user_version = CATALOG_VERSION: the record of truth
                              (tables: :mod:`indexer.store.schema`)
       .lock                  writer lock (fcntl.flock), holds the writer's pid
+      vectors/images-000001.vec  the embeddings, append-only: fixed-width (id, float32 x dim) rows that the catalog
+                             points at (:mod:`indexer.store.vectors`); texts-<n>.vec likewise for the texts
       CURRENT                text: name of the published generation, e.g. "g-000003"; replaced atomically
       generations/g-000003/  immutable once published
           images.faiss       faiss.write_index of an IndexIDMap2 (factory in the manifest), ids = images.id
@@ -17,7 +19,7 @@ Layout::
                              search_params (e.g. {"nprobe": 12}, applied on load), recall_at_10 (against exact
                              search, measured at publish on recall_queries queries; 1.0 for Flat)
 
-Invariant: embeddings are float32 little-endian blobs of ``embed_dim`` values, L2-normalized (checked on write);
+Invariant: embeddings are float32 little-endian rows of ``embed_dim`` values, L2-normalized (checked on write);
 FAISS indexes use METRIC_INNER_PRODUCT, so scores are cosine similarities. Ids are int64.
 """
 

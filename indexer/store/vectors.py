@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import IndexFormatError
+from .format import Ids, Vectors
 
 MAGIC = b"CLIPVEC\0"
 FILE_FORMAT = 1
@@ -33,9 +34,6 @@ HEADER_BYTES = 64  # magic, format (u32), dim (u32), zero padding: rows start 64
 _HEADER = struct.Struct("<8sII")
 VECTORS_DIR = "vectors"
 SUFFIX = ".vec"
-
-Vectors = npt.NDArray[np.float32]
-Ids = npt.NDArray[np.int64]
 
 
 def row_dtype(dim: int) -> np.dtype[np.void]:

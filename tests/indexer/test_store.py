@@ -42,6 +42,7 @@ from indexer.store import (
     verify,
 )
 from indexer.store.format import _digest
+from indexer.store.schema import CATALOG_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 16
@@ -242,8 +243,9 @@ def test_catalog_open_errors(tmp_path: Path) -> None:
     with pytest.raises(IndexFormatError, match="not a readable SQLite catalog"):
         Catalog.open(tmp_path / "junk", readonly=True)
     with Catalog.open(tmp_path / "future", create=True) as catalog:
-        catalog._conn.execute("PRAGMA user_version = 3")
-    with pytest.raises(IndexFormatError, match="format version 3; this code reads format version 2: upgrade"):
+        catalog._conn.execute(f"PRAGMA user_version = {CATALOG_VERSION + 1}")
+    expected = f"format version {CATALOG_VERSION + 1}; this code reads format version {CATALOG_VERSION}: upgrade"
+    with pytest.raises(IndexFormatError, match=expected):
         Catalog.open(tmp_path / "future", readonly=True)
 
 
@@ -658,27 +660,13 @@ def test_a_generation_shows_the_rows_it_was_built_from(tmp_path: Path, factory: 
     assert verify(index_dir) == []
 
 
-def test_a_version_1_catalog_is_upgraded_by_a_writer_and_refused_by_readers(index_dir: Path) -> None:
-    with sqlite3.connect(index_dir / store.CATALOG_FILE) as conn:  # back to the version 1 layout
-        conn.executescript(
-            "DROP TABLE image_versions; DROP TABLE text_versions; DROP INDEX images_pending; "
-            "ALTER TABLE images DROP COLUMN gen; PRAGMA user_version = 1;"
-        )
-    with pytest.raises(IndexFormatError, match="run `clip-index build` on it once to upgrade it"):
-        PublishedIndex.open(index_dir)
-    Catalog.open(index_dir).close()
-    with PublishedIndex.open(index_dir) as index:
-        assert len(index.images(list(range(1, 204)))) == 203  # every row of before: shown by every generation
-    assert verify(index_dir) == []
-
-
 def test_verify_reports_catalog_rows_missing_from_faiss_and_vice_versa(index_dir: Path) -> None:
     with sqlite3.connect(index_dir / store.CATALOG_FILE) as conn:  # tampering that no writer does
         conn.execute("DELETE FROM images WHERE id = 1")
-        conn.execute("UPDATE images SET embedding = ? WHERE id = 2", (unit_vectors(1, seed=77)[0].tobytes(),))
+        conn.execute("UPDATE images SET vec_row = (SELECT vec_row FROM images WHERE id = 3) WHERE id = 2")
         conn.execute(
-            "INSERT INTO images (path, status, embedding, updated_at) VALUES ('old.jpg', 'ok', ?, 0)",
-            (unit_vectors(1, seed=78)[0].tobytes(),),
+            "INSERT INTO images (path, status, vec_file, vec_row, updated_at) "
+            "SELECT 'old.jpg', 'ok', vec_file, vec_row, 0 FROM images WHERE id = 4"
         )
     problems = verify(index_dir)
     assert len(problems) == 3, problems
