@@ -34,5 +34,9 @@ class IndexBuildError(IndexerError):
     """FAISS cannot build the requested index, e.g. an IVF factory with more lists than there are vectors."""
 
 
+class ShardError(IndexerError):
+    """A shards directory, manifest or shard cannot be used; the message names the file (and row) and the remedy."""
+
+
 class EmbeddingError(IndexerError, ValueError):
     """An embedding has the wrong shape, dtype or norm (vectors must be float32 [D] or [N, D] and unit-norm)."""

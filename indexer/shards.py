@@ -55,6 +55,7 @@ import numpy.typing as npt
 
 from indexer import paths
 from indexer.errors import EmbeddingError, IndexerError
+from indexer.errors import ShardError as ShardError  # re-exported: the errors of this module's format
 from indexer.store import ModelInfo
 from indexer.store.format import (
     NORM_TOLERANCE,
@@ -75,10 +76,6 @@ INSTALL_HINT = "install it with pip install 'clip-search[parquet]'"
 
 Vectors = npt.NDArray[np.float32]
 Int64s = npt.NDArray[np.int64]
-
-
-class ShardError(IndexerError):
-    """A shards directory, manifest or shard cannot be used; the message names the file (and row) and the remedy."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous

@@ -36,7 +36,8 @@ from PIL import Image
 from clip_model.preprocess import EXIF_ORIENTATION_TAG
 from indexer import paths
 from indexer.decode import TRANSPOSED_ORIENTATIONS
-from indexer.shards import ShardError, ShardRows, check_embeddings, check_rows, import_pyarrow, refuse_row
+from indexer.errors import ShardError
+from indexer.shards import ShardRows, check_embeddings, check_rows, import_pyarrow, refuse_row
 from indexer.store import ModelInfo
 
 EMBEDDINGS_DIR, METADATA_DIR = "img_emb", "metadata"
