@@ -30,6 +30,7 @@ from .schema import (
     LEGACY_DEFAULT_FACTORY,
     OLDEST_GENERATION_KEY,
     UPGRADED_TABLES,
+    add_missing_tables,
     add_vector_columns,
     create_schema,
     drop_embedding_columns,
@@ -87,6 +88,8 @@ class Catalog:
                 conn.execute("PRAGMA synchronous=FULL")
             catalog = cls(index_dir, conn, readonly)
             catalog._check_version(create=create and not readonly)
+            if not readonly:
+                add_missing_tables(conn)
         except sqlite3.DatabaseError as exc:
             raise IndexFormatError(f"{path} is not a readable SQLite catalog: {exc}") from exc
         return catalog
@@ -524,6 +527,40 @@ class Catalog:
         """The image folder of the latest run, or None before any run."""
         run = self.last_run()
         return None if run is None else Path(paths.from_stored(run["root"]))
+
+    # --- ingest and export (indexer.ingest) ---------------------------------------------------------------------
+
+    def ingested_shards(self) -> dict[str, tuple[str, int]]:
+        """name -> (sha256, rows) of every shard ingested."""
+        rows = self._conn.execute("SELECT name, sha256, rows FROM ingested_shards").fetchall()
+        return {name: (sha256, int(count)) for name, sha256, count in rows}
+
+    def record_ingested_shard(self, name: str, sha256: str, rows: int) -> None:
+        """Record a shard as ingested; call in the transaction that wrote its rows. A name is recorded once."""
+        self._conn.execute(
+            "INSERT INTO ingested_shards (name, sha256, rows, ingested_at) VALUES (?, ?, ?, ?)",
+            (name, sha256, rows, time.time()),
+        )
+
+    def has_unpublished_images(self) -> bool:
+        """Whether an image row was written or deleted since the last publish (so the next publish differs)."""
+        row = self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE gen IS NULL) "
+            "OR EXISTS (SELECT 1 FROM image_versions WHERE until_gen IS NULL)"
+        ).fetchone()
+        return bool(row[0])
+
+    def image_page(self, after_id: int, limit: int) -> tuple[list[ImageRecord], Vectors]:
+        """Up to ``limit`` image rows (ok and skipped) with ids above ``after_id``, by id, and the [M, D] float32
+        vectors of the ok ones among them, in the same order."""
+        dim = self._require_dim()
+        rows = self._conn.execute(
+            f"SELECT {_IMAGE_COLUMNS}, vec_file, vec_row FROM images WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+        pointers = [(int(row[-2]), int(row[-1])) for row in rows if row[-1] is not None]
+        vectors = self._read_vectors(pointers, dim) if pointers else np.empty((0, dim), dtype=np.float32)
+        return [ImageRecord(*row[:-2]) for row in rows], vectors
 
     def _select_ids(self, select: str, ids: Sequence[int], **params: int) -> list[Any]:
         """Rows of ``select`` over ``ids`` in chunks: ``{ids}`` in ``select`` stands for a chunk's placeholders,

@@ -8,6 +8,7 @@ status 'ok'|'skipped', error, where its vector is (vec_file, vec_row), updated_a
 ``text_versions`` (deleted texts a kept generation still holds); ``runs``; ``vector_files`` (each vector file of
 :mod:`indexer.store.vectors` and its committed rows). Ids are AUTOINCREMENT, so a deleted
 image's id is never given to another one.
+``ingested_shards``: the embedding shards :mod:`indexer.ingest` brought in.
 
 One answer, one generation: a build commits rows long before it publishes, and a server keeps serving the
 generation it loaded, so the catalog records which generation shows which version of a row. ``images.gen`` is the
@@ -90,6 +91,15 @@ CREATE TABLE vector_files (
     dim INTEGER NOT NULL,
     rows INTEGER NOT NULL
 )"""
+# One row per shard `clip-index ingest` committed, written in the shard's own transaction: a rerun skips it.
+# A format 3 catalog may lack the table, so writers create it on open (add_missing_tables).
+_INGESTED_SHARDS = """
+CREATE TABLE IF NOT EXISTS ingested_shards (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    ingested_at REAL NOT NULL
+)"""
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 {_IMAGES.format(name="images")};
@@ -99,6 +109,7 @@ CREATE TABLE text_versions (id INTEGER NOT NULL, text TEXT NOT NULL, until_gen I
 CREATE INDEX text_versions_id ON text_versions (id);
 CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL, finished_at REAL, root TEXT, stats TEXT);
 {_VECTOR_FILES};
+{_INGESTED_SHARDS};
 {_INDEXES}
 """
 # Version 1 -> 2: generation bookkeeping (see "One answer, one generation" above); the existing rows get gen 0,
@@ -145,6 +156,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA)
     conn.execute(f"PRAGMA user_version = {CATALOG_VERSION}")
     set_meta(conn, {"format_version": str(CATALOG_VERSION), "index_type": DEFAULT_FACTORY})
+
+
+def add_missing_tables(conn: sqlite3.Connection) -> None:
+    """The tables of format CATALOG_VERSION that a catalog of that format may lack (a no-op when it has them)."""
+    conn.execute(_INGESTED_SHARDS)
 
 
 def upgrade_from_1(conn: sqlite3.Connection) -> None:
