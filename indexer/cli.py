@@ -1,4 +1,5 @@
-"""``clip-index``: build/update an index directory from an image folder, inspect it, verify it, add texts.
+"""``clip-index``: build/update an index directory from an image folder, inspect it, verify it, add texts, ingest
+and export embedding shards.
 
 The only place in ``indexer`` that configures logging, draws progress bars and maps exceptions to exit codes:
 0 when the run completed (even with skipped files), 1 when it could not complete (the message says why),
@@ -20,11 +21,12 @@ from typing import Any
 
 from clip_model import PRECISIONS
 from clip_model.errors import ClipModelError
-from clip_model.process_tuning import ThreadPlan, tune_malloc
+from clip_model.process_tuning import ThreadPlan, own_threads, tune_malloc
 
 from . import paths
-from .build import BuildOptions, build_index
+from .build import BuildOptions, build_index, load_model
 from .errors import IndexerError
+from .ingest import DEFAULT_ROWS_PER_SHARD, SOURCES, IngestOptions, export, ingest
 from .lifetime import exit_with_launcher
 from .pipeline import DEFAULT_BATCH_SIZE
 from .scan import supported_extensions
@@ -85,22 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="skip paths matching this glob (relative to the folder; repeatable)",
     )
-    build.add_argument(
-        "--factory",
-        default=None,
-        help=f"image index type: '{DEFAULT_FACTORY}' (chosen by collection size at every publish: exact Flat for "
-        "small collections, IVF with SQ8 codes for large ones, with the IVF nprobe calibrated to recall@10 >= 0.95) "
-        "or a FAISS index factory string such as 'HNSW32,Flat' (inner product). Default: what the index was last "
-        f"built with, '{DEFAULT_FACTORY}' for a new index",
-    )
-    build.add_argument(
-        "--memory-budget",
-        type=_bytes,
-        default=None,
-        metavar="BYTES",
-        help="most memory the auto-chosen image index may take, e.g. 512M or 4G (0: no budget). Default: the last "
-        "one given to this index, none for a new index",
-    )
+    _index_type_arguments(build)
     build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
     build.add_argument(
         "--workers",
@@ -153,6 +140,53 @@ def _parser() -> argparse.ArgumentParser:
     _index_dir_argument(texts)
     texts.add_argument("--batch-size", type=int, default=256, help="texts per encoder call")
     texts.set_defaults(func=_cmd_texts)
+
+    ingest_parser = sub.add_parser(
+        "ingest",
+        help="add embeddings computed elsewhere: embedding shards (manifest.json + shard-*.parquet, as export "
+        "writes them) or clip-retrieval's inference output",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ingest_parser.add_argument(
+        "shards_dir", type=Path, metavar="SHARDS_DIR", help="shards directory, or clip-retrieval's output folder"
+    )
+    _index_dir_argument(ingest_parser)
+    ingest_parser.add_argument(
+        "--from",
+        dest="source",
+        choices=SOURCES,
+        default="shards",
+        help="what SHARDS_DIR holds: embedding shards, or clip-retrieval's img_emb/*.npy + metadata/*.parquet",
+    )
+    ingest_parser.add_argument(
+        "--model",
+        default=None,
+        help="the model the embeddings were computed with (registry name or checkpoint path; loaded to fingerprint "
+        "its weights): required with --from clip-retrieval; with shards, refuses shards of other weights",
+    )
+    ingest_parser.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="the image folder the shards' paths are relative to, as this machine sees it. Default: the shards' "
+        "manifest's; required with --from clip-retrieval (the folder its image_path values are under)",
+    )
+    _index_type_arguments(ingest_parser)
+    ingest_parser.set_defaults(func=_cmd_ingest)
+
+    export_parser = sub.add_parser(
+        "export",
+        help="write an index's embeddings as embedding shards (the format ingest reads)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _index_dir_argument(export_parser)
+    export_parser.add_argument(
+        "--out", type=Path, required=True, help="shards directory to write: new, or without shards"
+    )
+    export_parser.add_argument(
+        "--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD, help="image rows per shard"
+    )
+    export_parser.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -172,6 +206,26 @@ def _bytes(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
+def _index_type_arguments(parser: argparse.ArgumentParser) -> None:
+    """--factory and --memory-budget: which image index a publish builds."""
+    parser.add_argument(
+        "--factory",
+        default=None,
+        help=f"image index type: '{DEFAULT_FACTORY}' (chosen by collection size at every publish: exact Flat for "
+        "small collections, IVF with SQ8 codes for large ones, with the IVF nprobe calibrated to recall@10 >= 0.95) "
+        "or a FAISS index factory string such as 'HNSW32,Flat' (inner product). Default: what the index was last "
+        f"built with, '{DEFAULT_FACTORY}' for a new index",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=None,
+        metavar="BYTES",
+        help="most memory the auto-chosen image index may take, e.g. 512M or 4G (0: no budget). Default: the last "
+        "one given to this index, none for a new index",
+    )
+
+
 def _index_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--index-dir",
@@ -185,7 +239,8 @@ def _index_dir_argument(parser: argparse.ArgumentParser) -> None:
 class _ProgressReporter:
     """tqdm bar on a terminal; otherwise one log line every LOG_EVERY_SECONDS."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "files") -> None:
+        self._unit = unit
         self._bar: Any = None  # tqdm, created on the first update so its total is known
         self._last = time.monotonic()
         self._started = self._last
@@ -195,14 +250,14 @@ class _ProgressReporter:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True)
+                self._bar = tqdm(total=total, unit=self._unit, desc="indexing", dynamic_ncols=True)
             self._bar.update(done - self._bar.n)
             return
         now = time.monotonic()
         if now - self._last >= LOG_EVERY_SECONDS or done == total:
             rate = done / max(now - self._started, 1e-9)
             eta = (total - done) / rate if rate else float("inf")
-            logger.info("%d/%d files (%.1f files/s, ETA %.0fs)", done, total, rate, eta)
+            logger.info("%d/%d %s (%.1f/s, ETA %.0fs)", done, total, self._unit, rate, eta)
             self._last = now
 
     def close(self) -> None:
@@ -334,6 +389,45 @@ def _cmd_texts(args: argparse.Namespace) -> int:
 
     count = index_texts(args.index_dir, args.file, batch_size=args.batch_size, plan=ThreadPlan.for_indexing(workers=0))
     logger.info("indexed %d texts from %s into %s", count, args.file, args.index_dir)
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    plan = ThreadPlan.for_indexing(workers=0)
+    model = None
+    if args.model:
+        with own_threads(plan.torch_threads):
+            model = load_model(args.model).info
+    options = IngestOptions(
+        shards_dir=args.shards_dir,
+        index_dir=args.index_dir,
+        source=args.source,
+        model=model,
+        image_root=args.image_root,
+        factory=args.factory,
+        memory_budget=args.memory_budget,
+        plan=plan,
+    )
+    reporter = _ProgressReporter(unit="shards")
+    try:
+        stats = ingest(options, progress=reporter)
+    finally:
+        reporter.close()
+    logger.info(
+        "ingested %(shards_dir)s into %(index_dir)s: %(shards)d shards (%(shards_before)d ingested before), "
+        "%(rows)d rows: %(added)d added, %(modified)d modified, %(skipped)d skipped, %(unchanged)d unchanged; "
+        "in %(seconds).1fs; published %(generation)s",
+        {**stats.as_dict(), "shards_dir": args.shards_dir, "index_dir": args.index_dir},
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    stats = export(args.index_dir, args.out, rows_per_shard=args.rows_per_shard)
+    logger.info(
+        "exported %(index_dir)s to %(out)s: %(rows)d rows (%(skipped)d skipped) in %(shards)d shards in %(seconds).1fs",
+        {**stats.as_dict(), "index_dir": args.index_dir, "out": args.out},
+    )
     return 0
 
 
