@@ -53,7 +53,7 @@ from .store import (
     read_manifest,
     resolve_index_request,
 )
-from .store.format import HASH_CHUNK_BYTES, Vectors
+from .store.format import HASH_CHUNK_BYTES, Vectors, generation_number
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _publish(options: IngestOptions, catalog: Catalog) -> str:
     """Publish a new generation unless the published one shows every image row as it is and was built as asked;
     returns the name of the generation served."""
     published = current_generation(options.index_dir)
-    if published is not None and not catalog.has_unpublished_images():
+    if published is not None and not catalog.has_unpublished_images(generation_number(published)):
         manifest = read_manifest(options.index_dir, published)
         requested, budget = resolve_index_request(catalog, options.factory, options.memory_budget)
         same_budget = requested != AUTO or budget == manifest.memory_budget

@@ -542,11 +542,13 @@ class Catalog:
             (name, sha256, rows, time.time()),
         )
 
-    def has_unpublished_images(self) -> bool:
-        """Whether an image row was written or deleted since the last publish (so the next publish differs)."""
+    def has_unpublished_images(self, published: int) -> bool:
+        """Whether generation number ``published`` (the one CURRENT names) shows an image row other than as it is
+        now: rows written or deleted since, or stamped by a publish that never replaced CURRENT (it was killed)."""
         row = self._conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE gen IS NULL) "
-            "OR EXISTS (SELECT 1 FROM image_versions WHERE until_gen IS NULL)"
+            "SELECT EXISTS (SELECT 1 FROM images WHERE gen IS NULL OR gen > :g) "
+            "OR EXISTS (SELECT 1 FROM image_versions WHERE until_gen IS NULL OR until_gen > :g)",
+            {"g": published},
         ).fetchone()
         return bool(row[0])
 

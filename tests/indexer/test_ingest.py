@@ -27,7 +27,7 @@ from indexer.build import BuildOptions, build_index, load_model
 from indexer.cli import main as cli_main
 from indexer.errors import IndexFormatError, ModelMismatchError, ShardError
 from indexer.ingest import IngestOptions, export, ingest
-from indexer.shards import ShardRows, ShardWriter, write_manifest
+from indexer.shards import ShardRows, ShardWriter, list_shards, read_shard, write_manifest
 from indexer.store import CATALOG_FILE, Catalog, ModelInfo, PublishedIndex, current_generation, verify
 from tests.indexer.conftest import write_photo, write_photos
 
@@ -369,20 +369,19 @@ def test_a_writer_adds_the_ingested_shards_table_to_a_catalog_without_it(tmp_pat
 
 # --- kill -9 ----------------------------------------------------------------------------------------------------------
 
-KILL_SHARDS, KILL_ROWS = 10, 1000  # about 0.1 s of catalog writes a shard
-LAST_SHARD = rf"ingested shard-{KILL_SHARDS - 1:06d}\.parquet|ingesting 0 of"  # then the publish
-KILL_MOMENTS = (  # (log line to wait for or None, how many of them, then seconds before the kill)
+KILL_ROWS = 1000  # rows per shard: about 0.1 s of catalog writes
+FIRST_SHARDS, MORE_SHARDS = 10, 5  # ingested into a new index, then added to the published one
+LAST = "the last shard"  # stands for the line of the last shard this run ingests (or of none left): the publish is next
+NEW_INDEX_MOMENTS = (  # (log line to wait for or None, how many of them, then seconds before the kill)
     (None, 0, 0.0),  # starting up: no catalog yet
     ("ingesting", 1, 0.0),  # catalog open and the run recorded; the first shard being read
     ("ingested shard", 1, 0.0),  # just after a shard's commit
     ("ingested shard", 1, 0.03),  # inside the next shard's transaction
-    ("ingesting", 1, 0.06),
     ("ingested shard", 2, 0.05),
-    (LAST_SHARD, 1, 0.0),  # every shard ingested: publishing
-    (LAST_SHARD, 1, 0.02),
-    (LAST_SHARD, 1, 0.05),
-    (LAST_SHARD, 1, 0.1),
+    (LAST, 1, 0.0),  # the first publish
+    (LAST, 1, 0.03),
 )
+UPDATE_MOMENTS = (("ingested shard", 1, 0.02), (LAST, 1, 0.0), (LAST, 1, 0.02), (LAST, 1, 0.05))  # then a second one
 LINE_TIMEOUT_S = 120.0  # most a run may take to log the next line on a loaded machine
 
 
@@ -435,36 +434,46 @@ def check_whole_shards(index_dir: Path, shards: dict[str, ShardRows]) -> set[str
     return recorded
 
 
-def test_kill_9_at_any_moment_of_an_ingest_keeps_whole_shards_and_a_rerun_converges(tmp_path: Path) -> None:
-    shards_dir, index_dir, reference = tmp_path / "shards", tmp_path / "index", tmp_path / "reference"
-    rows = [make_rows(n * KILL_ROWS, KILL_ROWS, skipped=(7, 500)) for n in range(KILL_SHARDS)]
-    shards = {path.name: shard for path, shard in zip(write_shards(shards_dir, *rows), rows, strict=True)}
-
-    kills, states = 0, []
-    recorded: set[str] = set()
-    for pattern, count, delay in KILL_MOMENTS:
+def kill_at(moments: tuple[tuple[str | None, int, float], ...], shards_dir: Path, index_dir: Path) -> list[Any]:
+    """Start an ingest and kill it at each moment in turn, checking the index after each kill (check_whole_shards)
+    and that no shard committed before was lost; returns (shards ingested, generation, killed) after each."""
+    shards = {path.name: read_shard(path, MODEL) for path in list_shards(shards_dir)}
+    last = rf"ingested {re.escape(max(shards))}|ingesting 0 of"
+    states, recorded = [], check_whole_shards(index_dir, shards)
+    for pattern, count, delay in moments:
         process = start_ingest(shards_dir, index_dir)
         try:
-            running = pattern is None or wait_for_lines(process, pattern, count)
+            running = pattern is None or wait_for_lines(process, last if pattern == LAST else pattern, count)
             time.sleep(delay)
             running = running and process.poll() is None
         finally:
             process.kill()
             process.wait(timeout=30)
-        kills += running
         now = check_whole_shards(index_dir, shards)
         assert recorded <= now, f"committed shards lost by the kill after {pattern!r} x{count} + {delay}s"
         recorded = now
-        states.append((len(now), current_generation(index_dir)))
-    assert kills >= 8, states
-    assert any(0 < done < KILL_SHARDS for done, _ in states), states  # killed between shards
-    assert any(done == KILL_SHARDS for done, _ in states), states  # and after the last one
+        states.append((len(now), current_generation(index_dir), running))
+    return states
+
+
+def test_kill_9_at_any_moment_of_an_ingest_keeps_whole_shards_and_a_rerun_converges(tmp_path: Path) -> None:
+    shards_dir, index_dir, reference = tmp_path / "shards", tmp_path / "index", tmp_path / "reference"
+    rows = [make_rows(n * KILL_ROWS, KILL_ROWS, skipped=(7, 500)) for n in range(FIRST_SHARDS + MORE_SHARDS)]
+    write_shards(shards_dir, *rows[:FIRST_SHARDS])
+
+    states = kill_at(NEW_INDEX_MOMENTS, shards_dir, index_dir)
+    assert any(0 < done < FIRST_SHARDS for done, _, _ in states), states  # killed between shards
+    assert any(done == FIRST_SHARDS and gen is None for done, gen, _ in states), states  # and before the publish
+    assert ingest(IngestOptions(shards_dir, index_dir)).generation == current_generation(index_dir) is not None
+    for number, more in enumerate(rows[FIRST_SHARDS:], FIRST_SHARDS):
+        add_shard(shards_dir, f"{number:06d}", more)
+    states += kill_at(UPDATE_MOMENTS, shards_dir, index_dir)
+    assert sum(killed for _, _, killed in states) >= 8, states
 
     final = start_ingest(shards_dir, index_dir)
     stderr = final.communicate(timeout=300)[1].decode()
     assert final.returncode == 0, stderr
     ingest(IngestOptions(shards_dir, reference))  # uninterrupted
     assert catalog_rows(index_dir) == catalog_rows(reference)  # ids included
-    assert check_whole_shards(index_dir, shards) == set(shards)
-    with PublishedIndex.open(index_dir) as index:
-        assert index.manifest.counts["images"] == KILL_SHARDS * (KILL_ROWS - 2)
+    with PublishedIndex.open(index_dir) as index:  # the rows of every shard, published
+        assert index.manifest.counts["images"] == len(rows) * (KILL_ROWS - 2)
