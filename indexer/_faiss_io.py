@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,11 @@ def build_index(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32], di
             ) from exc
     if len(vectors):
         index.add_with_ids(vectors, ids)
-    _prepare_for_queries(index)
+    prepare_for_queries(index)
     return index
 
 
-def _prepare_for_queries(index: FaissIndex) -> None:
+def prepare_for_queries(index: FaissIndex) -> None:
     """Give IVF a direct map (so reconstruct-by-id works) and HNSW a wider search; both are saved with the index."""
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
@@ -197,17 +198,82 @@ def index_ids(index: FaissIndex) -> npt.NDArray[np.int64]:
     return ids
 
 
+def needs_training(factory: str, dim: int) -> bool:
+    """Whether an index of ``factory`` must be trained before vectors go in (IVF, PQ, SQ; not Flat or HNSW,Flat)."""
+    return not faiss.index_factory(dim, normalize_factory(factory), faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Ids an IDMap index must not return, made once per index: a selector over the wrapped index's own positions
+    (which every index type and layer accepts, unlike ids that only the IDMap layer translates)."""
+
+    selector: Any  # faiss.IDSelectorNot over an IDSelectorBitmap of the excluded positions
+    id_map: npt.NDArray[np.int64]  # position -> id
+    bitmap: npt.NDArray[np.uint8]  # bit p (little-endian within each byte) set: position p excluded
+    count: int  # positions excluded
+    _members: Any  # the IDSelectorBitmap the selector points to, kept alive with it
+
+    def ids(self) -> npt.NDArray[np.int64]:
+        """The excluded ids, in position order."""
+        excluded = np.unpackbits(self.bitmap, bitorder="little")[: len(self.id_map)].astype(bool)
+        ids: npt.NDArray[np.int64] = self.id_map[excluded]
+        return ids
+
+
+def exclusion(index: FaissIndex, ids: npt.NDArray[np.int64]) -> Exclusion:
+    """The :class:`Exclusion` of ``ids`` [N] int64 from an IDMap ``index`` (ids it does not hold are ignored)."""
+    id_map = index_ids(index).copy()
+    excluded = np.isin(id_map, ids)
+    bitmap = np.packbits(excluded, bitorder="little")
+    members = faiss.IDSelectorBitmap(len(id_map), faiss.swig_ptr(bitmap))
+    return Exclusion(faiss.IDSelectorNot(members), id_map, bitmap, int(excluded.sum()), members)
+
+
 def search(
-    index: FaissIndex, queries: npt.NDArray[np.float32], k: int
+    index: FaissIndex, queries: npt.NDArray[np.float32], k: int, exclude: Exclusion | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous. Returns (scores, ids), each [Q, k'] with
-    k' = min(k, ntotal); rows best first; ids of -1 (fewer than k' results, possible with HNSW/IVF) still present."""
-    k = min(k, int(index.ntotal))
-    if k == 0:
+    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous, leaving out ``exclude``. Returns
+    (scores, ids), each [Q, k'] with k' = min(k, vectors not excluded); rows best first; ids of -1 (fewer than k'
+    results, possible with HNSW/IVF) still present."""
+    k = min(k, int(index.ntotal) - (exclude.count if exclude is not None else 0))
+    if k <= 0:
         empty = np.empty((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    scores, ids = index.search(queries, k)
+    if exclude is None:
+        scores, ids = index.search(queries, k)
+        return scores, ids
+    inner = faiss.downcast_index(index.index)
+    keep: list[Any] = []  # the nested parameter objects, alive until the search returns
+    scores, positions = inner.search(queries, k, params=_selecting_params(inner, exclude.selector, keep))
+    ids = np.where(positions >= 0, exclude.id_map[np.maximum(positions, 0)], -1)
     return scores, ids
+
+
+def _selecting_params(layer: FaissIndex, selector: Any, keep: list[Any]) -> Any:
+    """Search parameters for ``layer`` that carry ``selector`` down to the index that scans, and the layer's own
+    search-time settings (nprobe, efSearch, k_factor), which typed parameters would otherwise reset."""
+    layer = faiss.downcast_index(layer)
+    params: Any
+    if isinstance(layer, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = _selecting_params(layer.index, selector, keep)
+    elif isinstance(layer, faiss.IndexRefine):
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = layer.k_factor
+        params.base_index_params = _selecting_params(layer.base_index, selector, keep)
+    else:
+        if isinstance(layer, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF()
+            params.nprobe = layer.nprobe
+        elif isinstance(layer, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
+            params.efSearch = layer.hnsw.efSearch
+        else:
+            params = faiss.SearchParameters()
+        params.sel = selector
+    keep.append(params)
+    return params
 
 
 def reconstruct(index: FaissIndex, item_id: int) -> npt.NDArray[np.float32] | None:

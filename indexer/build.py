@@ -70,6 +70,7 @@ class BuildOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     draft: bool = True
     rebuild: bool = False
+    retrain: bool = False  # build the image index anew over every image, whatever the segment policy says
     precision: Precision = "fp32"  # "int8": CPU int8 linear layers (quantize_int8); the fingerprint stays fp32's
     plan: ThreadPlan | None = None  # decode workers, encode streams and threads; None: ThreadPlan.for_indexing
 
@@ -170,12 +171,19 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
         run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress, plan)
         published = current_generation(options.index_dir)
-        unchanged = not stats.changes_vectors and not options.rebuild and not _asks_for_other_index(catalog, options)
+        asked = options.rebuild or options.retrain or _asks_for_other_index(catalog, options)
+        unchanged = not stats.changes_vectors and not asked
         if published is not None and unchanged:
             stats.generation = published  # nothing a reader would see changed: keep serving what is there
         else:
             with own_threads(plan.faiss_threads):
-                manifest = publish(options.index_dir, catalog, options.factory, memory_budget=options.memory_budget)
+                manifest = publish(
+                    options.index_dir,
+                    catalog,
+                    options.factory,
+                    memory_budget=options.memory_budget,
+                    retrain=options.retrain,
+                )
             stats.generation = manifest.generation
         stats.seconds = time.monotonic() - started
         stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0

@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-embed every image (e.g. with another model); the old index is served until done",
     )
+    build.add_argument(
+        "--retrain",
+        action="store_true",
+        help="build the image index anew over every image (trained again, one segment) instead of adding a segment "
+        "of the changes; without it this happens by itself once the collection has doubled or halved",
+    )
     build.set_defaults(func=_cmd_build)
 
     info = sub.add_parser("info", help="what is in an index: model, counts, last run, skipped files")
@@ -287,6 +293,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         draft=args.draft,
         rebuild=args.rebuild,
+        retrain=args.retrain,
         precision=args.precision,
         plan=plan,
     )

@@ -380,6 +380,25 @@ class Catalog:
 
     # --- generations: what a published generation shows -------------------------------------------------------
 
+    def superseded(self, after: int) -> list[tuple[int, int]]:
+        """(id, gen) of every image version with a vector that generation ``after`` shows and a later one (or the
+        next publish) does not: the vectors to delete from the segments holding generation ``gen``."""
+        rows = self._conn.execute(
+            "SELECT id, gen FROM image_versions WHERE vec_row IS NOT NULL AND gen <= ? "
+            "AND (until_gen IS NULL OR until_gen > ?)",
+            (after, after),
+        ).fetchall()
+        return [(int(image_id), int(gen)) for image_id, gen in rows]
+
+    def stamped_embeddings(self, first_gen: int, last_gen: int) -> tuple[Ids, Vectors]:
+        """(ids [N] int64, vectors [N, D] float32) of the ok images whose current version was stamped with a
+        generation in ``first_gen..last_gen``, ordered by id: what a segment covering those generations holds."""
+        return self._matrix("images", f"WHERE status = 'ok' AND gen BETWEEN {int(first_gen)} AND {int(last_gen)}")
+
+    def image_count(self) -> int:
+        """Ok images, which a published generation holds."""
+        return int(self._conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0])
+
     def stamp_generation(self, number: int) -> None:
         """Make every pending change part of generation ``number``: rows written since the last publish become
         visible from it, and the versions they superseded stop being visible at it. Called by publish, in the

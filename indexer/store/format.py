@@ -10,14 +10,24 @@ Layout::
       vectors/images-000001.vec  the embeddings, append-only: fixed-width (id, float32 x dim) rows that the catalog
                              points at (:mod:`indexer.store.vectors`); texts-<n>.vec likewise for the texts
       CURRENT                text: name of the published generation, e.g. "g-000003"; replaced atomically
+      segments/              the image index as immutable files that generations share (indexer.store.segments):
+          s-000000-000002.g000002.faiss   an IndexIDMap2 (factory in the manifest) over the images stamped with
+                                          generations 0..2, ids = images.id; written by generation 2
+          s-....del-g000003.npy           the ids deleted from a segment as of generation 3 (sorted int64)
+          trained.g000002.faiss           the trained, empty index every new segment starts from (IVF, PQ...)
       generations/g-000003/  immutable once published
-          images.faiss       faiss.write_index of an IndexIDMap2 (factory in the manifest), ids = images.id
-          texts.faiss        same for the indexed texts (ids = texts.id, always "IDMap2,Flat"); may hold 0 vectors
+          texts.faiss        faiss.write_index of the indexed texts (ids = texts.id, always "IDMap2,Flat"); may hold
+                             0 vectors
           manifest.json      format_version, generation, created_at, model provenance, metric, factory, counts,
-                             files {name: {sha256, bytes}}; and how the image index was chosen and tuned:
-                             requested_factory ("auto" or the user's), memory_budget, index_reason,
-                             search_params (e.g. {"nprobe": 12}, applied on load), recall_at_10 (against exact
-                             search, measured at publish on recall_queries queries; 1.0 for Flat)
+                             files {name: {sha256, bytes}} of every file the generation uses; segments (file,
+                             first_gen, last_gen, count, deleted_file, deleted), trained, trained_count,
+                             auto_choice; and how the image index was chosen and tuned: requested_factory ("auto"
+                             or the user's), memory_budget, index_reason, search_params (e.g. {"nprobe": 12},
+                             applied on load), recall_at_10 (against exact search, measured when the index was last
+                             trained, on recall_queries queries; 1.0 for Flat)
+
+A format 1 generation (one ``images.faiss`` in the generation directory, no segments) is still read; the next
+publish replaces it by segments.
 
 Invariant: embeddings are float32 little-endian rows of ``embed_dim`` values, L2-normalized (checked on write);
 FAISS indexes use METRIC_INNER_PRODUCT, so scores are cosine similarities. Ids are int64.
@@ -40,7 +50,8 @@ import numpy.typing as npt
 
 from ..errors import IndexFormatError
 
-FORMAT_VERSION = 1  # of manifest.json
+FORMAT_VERSION = 2  # of manifest.json; 2: the image index as segments
+READABLE_FORMATS = (1, 2)  # 1: one images.faiss per generation, still read until the next publish replaces it
 CATALOG_FILE = "catalog.sqlite3"
 LOCK_FILE = ".lock"
 CURRENT_FILE = "CURRENT"
@@ -151,6 +162,10 @@ class Manifest:
     search_params: dict[str, int] = dataclasses.field(default_factory=dict)  # set on the image index on load
     recall_at_10: float | None = None  # image index vs exact search; None: empty or not measured
     recall_queries: int = 0  # queries behind recall_at_10 (0 for Flat: exact by construction)
+    segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # segments.SegmentRecord fields
+    trained: str | None = None  # the trained, empty index new segments copy (in segments/); None: needs none
+    trained_count: int = 0  # images when it was trained
+    auto_choice: str = ""  # what choose_index gave at that training ("" unless the type is "auto")
 
     @property
     def model(self) -> ModelInfo:
@@ -169,7 +184,7 @@ class Manifest:
         version = data.get("format_version") if isinstance(data, dict) else None
         if not isinstance(version, int):
             raise IndexFormatError(f"{source} has no integer format_version: the generation is corrupt")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             hint = ": upgrade clip-search to read it" if version > FORMAT_VERSION else ""
             raise IndexFormatError(
                 f"{source} has format version {version}; this code reads format version {FORMAT_VERSION}{hint}"
@@ -180,6 +195,7 @@ class Manifest:
             fields["counts"] = {name: int(n) for name, n in data["counts"].items()}
             fields["created_at"], fields["embed_dim"] = float(data["created_at"]), int(data["embed_dim"])
             fields["search_params"] = {name: int(v) for name, v in data.get("search_params", {}).items()}
+            fields["segments"] = [dict(segment) for segment in data.get("segments", [])]
             manifest = cls(**fields)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFormatError(f"{source} is missing a field or has a malformed one ({exc!r})") from exc

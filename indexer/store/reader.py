@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _faiss_io
 from .._faiss_io import FaissIndex, describe_backend
@@ -36,6 +37,7 @@ from .format import (
     _digest,
     generation_number,
 )
+from .segments import SEGMENTS_DIR, LoadedSegment, SegmentRecord, search_segments
 
 __all__ = [  # the server's whole view of the index
     "ENV_PREFIX",
@@ -86,50 +88,117 @@ def _read_manifest(generation_dir: Path) -> Manifest:
     return manifest
 
 
-def _check_files(generation_dir: Path, manifest: Manifest, checksums: bool) -> dict[str, str]:
-    """file name -> problem with its presence, size or (if ``checksums``) sha256, for the files that have one."""
+def manifest_paths(index_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """Where each file a manifest names lies: the texts index (and a format 1 images index) in the generation's
+    directory, segment, deletion and trained files in the shared segments directory."""
+    generation_dir = index_dir / GENERATIONS_DIR / manifest.generation
+    required = set(INDEX_FILES) if manifest.format_version < 2 else {TEXTS_FILE, *_segment_files(manifest)}
+    names = sorted(required | set(manifest.files))
+    return {name: generation_dir / name if name in INDEX_FILES else index_dir / SEGMENTS_DIR / name for name in names}
+
+
+def _segment_files(manifest: Manifest) -> list[str]:
+    records = [SegmentRecord(**record) for record in manifest.segments]
+    return [r.file for r in records] + [r.deleted_file for r in records if r.deleted_file is not None]
+
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) of shared files checked already
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _check_files(index_dir: Path, manifest: Manifest, checksums: bool) -> dict[str, str]:
+    """file name -> problem with its presence, size or (if ``checksums``) sha256, for the files that have one.
+    Segment files never change once written, so this process hashes each one once."""
     problems = {}
-    for file_name in INDEX_FILES:
-        path = generation_dir / file_name
+    for file_name, path in manifest_paths(index_dir, manifest).items():
         expected = manifest.files.get(file_name)
         if expected is None:
-            problems[file_name] = f"{generation_dir / MANIFEST_FILE} records no checksum for {file_name}"
+            problems[file_name] = f"the manifest of {manifest.generation} records no checksum for {file_name}"
         elif not path.is_file():
             problems[file_name] = f"{path} is missing"
         elif (size := path.stat().st_size) != expected.bytes:
             problems[file_name] = f"{path} has {size} bytes, the manifest records {expected.bytes} (truncated?)"
-        elif checksums and (actual := _digest(path).sha256) != expected.sha256:
+        elif checksums and not _has_digest(path, expected.sha256, shared=file_name not in INDEX_FILES):
+            actual = _digest(path).sha256
             problems[file_name] = f"{path} has sha256 {actual[:16]}..., the manifest records {expected.sha256[:16]}..."
     return problems
 
 
-def _check_loaded(manifest: Manifest, file_name: str, index: FaissIndex) -> list[str]:
-    kind = file_name.removesuffix(".faiss")
+def _has_digest(path: Path, sha256: str, *, shared: bool) -> bool:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, sha256)
+    with _VERIFIED_LOCK:
+        if shared and key in _VERIFIED:
+            return True
+    if _digest(path).sha256 != sha256:
+        return False
+    if shared:
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(key)
+    return True
+
+
+@dataclass(frozen=True)
+class LoadedGeneration:
+    """A generation's manifest and indexes, loaded: the image segments and the texts index."""
+
+    manifest: Manifest
+    segments: list[LoadedSegment]
+    texts: FaissIndex
+    saved_params: list[dict[str, int]]  # each segment's search parameters as its file had them (the manifest's win)
+
+
+def load_generation(index_dir: Path, generation: str, verify_checksums: bool) -> LoadedGeneration:
+    """Read and check ``generation``: IndexFormatError naming every problem when it is unusable."""
+    generation_dir = index_dir / GENERATIONS_DIR / generation
+    manifest = _read_manifest(generation_dir)
+    problems = list(_check_files(index_dir, manifest, verify_checksums).values())
+    if problems:
+        raise _unusable(generation, problems)
+    paths = manifest_paths(index_dir, manifest)
+    texts = _faiss_io.read_index(paths[TEXTS_FILE])
+    problems += _check_count(manifest, TEXTS_FILE, texts, manifest.counts.get("texts"))
+    if manifest.format_version < 2:
+        records = [SegmentRecord(IMAGES_FILE, 0, generation_number(generation), manifest.counts.get("images", 0))]
+    else:
+        records = [SegmentRecord(**record) for record in manifest.segments]
+    segments, saved_params = [], []
+    for record in records:
+        index = _faiss_io.read_index(paths[record.file])
+        problems += _check_count(manifest, record.file, index, record.count)
+        saved_params.append(_faiss_io.get_search_params(index))
+        try:  # also saved in the file; the manifest is what the server is told to use
+            _faiss_io.set_search_params(index, manifest.search_params)
+        except IndexFormatError as exc:
+            problems.append(f"{record.file}: {exc}")
+        deleted = (
+            np.load(paths[record.deleted_file], allow_pickle=False).astype(np.int64, copy=False)
+            if record.deleted_file is not None
+            else np.empty(0, dtype=np.int64)
+        )
+        segments.append(LoadedSegment.of(record, index, deleted))
+    live = sum(s.record.live for s in segments)
+    if live != manifest.counts.get("images"):
+        problems.append(f"the segments hold {live} images, the manifest records {manifest.counts.get('images')}")
+    if problems:
+        raise _unusable(generation, problems)
+    return LoadedGeneration(manifest, segments, texts, saved_params)
+
+
+def _check_count(manifest: Manifest, file_name: str, index: FaissIndex, expected: int | None) -> list[str]:
     problems = []
     if index.d != manifest.embed_dim:
         problems.append(f"{file_name} has dimension {index.d}, the manifest records {manifest.embed_dim}")
-    if index.ntotal != manifest.counts.get(kind):
-        problems.append(f"{file_name} holds {index.ntotal} vectors, the manifest records {manifest.counts.get(kind)}")
+    if index.ntotal != expected:
+        problems.append(f"{file_name} holds {index.ntotal} vectors, the manifest records {expected}")
     return problems
 
 
-def _load_generation(generation_dir: Path, verify_checksums: bool) -> tuple[Manifest, dict[str, FaissIndex]]:
-    manifest = _read_manifest(generation_dir)
-    problems = list(_check_files(generation_dir, manifest, verify_checksums).values())
-    indexes = {} if problems else {name: _faiss_io.read_index(generation_dir / name) for name in INDEX_FILES}
-    for file_name, index in indexes.items():
-        problems += _check_loaded(manifest, file_name, index)
-    if IMAGES_FILE in indexes and not problems:
-        try:  # also saved in the file; the manifest is what the server is told to use
-            _faiss_io.set_search_params(indexes[IMAGES_FILE], manifest.search_params)
-        except IndexFormatError as exc:
-            problems.append(f"{IMAGES_FILE}: {exc}")
-    if problems:
-        raise IndexFormatError(
-            f"generation {generation_dir.name} is unusable: {'; '.join(problems)}. "
-            "Run the indexer again to publish a fresh generation"
-        )
-    return manifest, indexes
+def _unusable(generation: str, problems: list[str]) -> IndexFormatError:
+    return IndexFormatError(
+        f"generation {generation} is unusable: {'; '.join(problems)}. Run the indexer again to publish a fresh "
+        "generation"
+    )
 
 
 class PublishedIndex:
@@ -139,13 +208,13 @@ class PublishedIndex:
     SQLite connection behind a lock. Later publishes do not affect an open instance (reopen to see them).
     """
 
-    def __init__(self, index_dir: Path, manifest: Manifest, indexes: dict[str, FaissIndex], catalog: Catalog) -> None:
+    def __init__(self, index_dir: Path, loaded: LoadedGeneration, catalog: Catalog) -> None:
         self.index_dir = index_dir
-        self.manifest = manifest
-        self._images = indexes[IMAGES_FILE]
-        self._texts = indexes[TEXTS_FILE]
+        self.manifest = loaded.manifest
+        self._segments = loaded.segments
+        self._texts = loaded.texts
         self._catalog = catalog
-        self._generation = generation_number(manifest.generation)
+        self._generation = generation_number(loaded.manifest.generation)
         self._lock = threading.Lock()
 
     @classmethod
@@ -158,14 +227,14 @@ class PublishedIndex:
                 where = "does not exist" if not index_dir.is_dir() else f"has no {CURRENT_FILE}: nothing is published"
                 raise IndexNotFoundError(f"no published index: {index_dir} {where}. Run the indexer to build one")
             try:
-                manifest, indexes = _load_generation(index_dir / GENERATIONS_DIR / name, verify_checksums)
+                loaded = load_generation(index_dir, name, verify_checksums)
             except (FileNotFoundError, IndexFormatError) as exc:
                 if current_generation(index_dir) != name:
                     continue  # a publish replaced the generation while we read it
                 if isinstance(exc, FileNotFoundError):
                     raise IndexFormatError(f"{CURRENT_FILE} of {index_dir} names {name}, but {exc}") from exc
                 raise
-            return cls(index_dir, manifest, indexes, Catalog.open(index_dir, readonly=True))
+            return cls(index_dir, loaded, Catalog.open(index_dir, readonly=True))
         raise IndexFormatError(f"{index_dir} was republished {OPEN_ATTEMPTS} times while opening it; try again")
 
     def close(self) -> None:
@@ -182,13 +251,15 @@ class PublishedIndex:
 
     def search(self, queries: Vectors, k: int) -> list[list[Hit]]:
         """Images nearest to ``queries`` [Q, D] float32 unit rows: Q lists of at most ``k`` hits, best first."""
-        return self._search(self._images, queries, k)
+        matrix = self._checked(queries, k)
+        return _hits(*search_segments(self._segments, matrix, k))
 
     def search_texts(self, queries: Vectors, k: int) -> list[list[Hit]]:
         """Indexed texts nearest to ``queries`` [Q, D] float32 unit rows, as :meth:`search`."""
-        return self._search(self._texts, queries, k)
+        matrix = self._checked(queries, k)
+        return _hits(*_faiss_io.search(self._texts, matrix, k))
 
-    def _search(self, index: FaissIndex, queries: Vectors, k: int) -> list[list[Hit]]:
+    def _checked(self, queries: Vectors, k: int) -> Vectors:
         matrix = np.asarray(queries)
         if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != self.manifest.embed_dim:
             raise EmbeddingError(
@@ -196,11 +267,7 @@ class PublishedIndex:
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        scores, ids = _faiss_io.search(index, np.ascontiguousarray(matrix), k)
-        return [
-            [Hit(int(i), float(s)) for s, i in zip(row_scores, row_ids, strict=True) if i != -1]
-            for row_scores, row_ids in zip(scores, ids, strict=True)
-        ]
+        return np.ascontiguousarray(matrix)
 
     def images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Records of ``ids`` as this generation shows them, whatever the catalog holds now; ids the generation does
@@ -224,9 +291,14 @@ class PublishedIndex:
             return self._catalog.image_root()
 
     def embedding(self, image_id: int) -> Vectors | None:
-        """The [D] float32 unit vector of an image this generation holds (None if it holds none): from FAISS if
-        stored exactly there, else from the catalog's version of the image for this generation."""
-        if not _faiss_io.is_lossy(self.manifest.factory):
-            return _faiss_io.reconstruct(self._images, image_id)
+        """The [D] float32 unit vector of an image this generation holds (None if it holds none): the catalog's
+        version of the image for this generation."""
         with self._lock:
             return self._catalog.embedding_at(image_id, self._generation)
+
+
+def _hits(scores: Vectors, ids: npt.NDArray[np.int64]) -> list[list[Hit]]:
+    return [
+        [Hit(int(i), float(s)) for s, i in zip(row_scores, row_ids, strict=True) if i != -1]
+        for row_scores, row_ids in zip(scores, ids, strict=True)
+    ]

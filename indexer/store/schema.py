@@ -80,7 +80,7 @@ CREATE TABLE {name} (
 )"""
 _INDEXES = """
 CREATE INDEX images_content_hash ON images (content_hash);
-CREATE INDEX images_pending ON images (id) WHERE gen IS NULL;
+CREATE INDEX images_gen ON images (gen);
 CREATE INDEX image_versions_id ON image_versions (id);
 """
 # The committed rows of each vector file: rows past ``rows`` are not part of the index (indexer.store.vectors).

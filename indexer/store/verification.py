@@ -12,8 +12,9 @@ from .. import _faiss_io
 from .._faiss_io import FaissIndex
 from ..errors import IndexerError, IndexFormatError
 from .catalog import Catalog
-from .format import CURRENT_FILE, GENERATIONS_DIR, IMAGES_FILE, INDEX_FILES, NORM_TOLERANCE, TEXTS_FILE, Manifest
-from .reader import _check_files, _check_loaded, _read_manifest, current_generation
+from .format import CURRENT_FILE, GENERATIONS_DIR, NORM_TOLERANCE, TEXTS_FILE, Manifest
+from .reader import _check_files, _read_manifest, current_generation, load_generation
+from .segments import LoadedSegment
 
 logger = logging.getLogger(__name__)
 
@@ -38,33 +39,50 @@ def verify(index_dir: Path, *, sample: int = VERIFY_SAMPLE_SIZE) -> list[str]:
         manifest = _read_manifest(generation_dir)
     except (OSError, IndexFormatError) as exc:
         return [str(exc)]
-    file_problems = _check_files(generation_dir, manifest, checksums=True)
-    problems = list(file_problems.values())
-    indexes: dict[str, FaissIndex] = {}
-    for file_name in INDEX_FILES:
-        if file_name not in file_problems:
-            try:
-                indexes[file_name] = _faiss_io.read_index(generation_dir / file_name)
-            except IndexFormatError as exc:
-                problems.append(str(exc))
-                continue
-            problems += _check_loaded(manifest, file_name, indexes[file_name])
-    if IMAGES_FILE in indexes:
-        saved = _faiss_io.get_search_params(indexes[IMAGES_FILE])
+    problems = list(_check_files(index_dir, manifest, checksums=True).values())
+    if problems:
+        return problems
+    try:
+        loaded = load_generation(index_dir, name, verify_checksums=False)  # hashed just above
+    except (OSError, IndexFormatError) as exc:
+        return [str(exc)]
+    for segment, saved in zip(loaded.segments, loaded.saved_params, strict=True):
         if any(saved.get(name) != value for name, value in manifest.search_params.items()):
             problems.append(
-                f"{IMAGES_FILE} has search parameters {saved}, the manifest records {manifest.search_params}"
+                f"{segment.record.file} has search parameters {saved}, the manifest records {manifest.search_params}"
             )
+    images, duplicates = _live_images(loaded.segments)
+    if duplicates:
+        problems.append(f"{len(duplicates)} image ids are live in two segments: {duplicates[:5]}")
+    texts = {int(i): loaded.texts for i in _faiss_io.index_ids(loaded.texts)}
     try:
         catalog = Catalog.open(index_dir, readonly=True)
     except IndexerError as exc:
         return [*problems, str(exc)]
     with catalog, catalog.snapshot():
-        problems += _check_catalog(catalog, manifest, indexes, sample)
+        problems += _check_catalog(catalog, manifest, {"images": images, "texts": texts}, sample)
     return problems
 
 
-def _check_catalog(catalog: Catalog, manifest: Manifest, indexes: Mapping[str, FaissIndex], sample: int) -> list[str]:
+def _live_images(segments: list[LoadedSegment]) -> tuple[dict[int, FaissIndex], list[int]]:
+    """id -> the segment index holding its live vector, and the ids live in more than one segment."""
+    live: dict[int, FaissIndex] = {}
+    duplicates = []
+    for segment in segments:
+        ids = _faiss_io.index_ids(segment.index)
+        if segment.deleted is not None:
+            ids = ids[~np.isin(ids, segment.deleted.ids())]
+        for image_id in ids.tolist():
+            if image_id in live:
+                duplicates.append(image_id)
+            live[image_id] = segment.index
+    return live, sorted(duplicates)
+
+
+def _check_catalog(
+    catalog: Catalog, manifest: Manifest, held: Mapping[str, Mapping[int, FaissIndex]], sample: int
+) -> list[str]:
+    """The ids each index holds (``held``: table -> id -> the index holding it) against the catalog's rows."""
     last_run = catalog.last_run()
     catalog_moved_on = last_run is not None and last_run["started_at"] > manifest.created_at
     model = catalog.model()
@@ -75,32 +93,31 @@ def _check_catalog(catalog: Catalog, manifest: Manifest, indexes: Mapping[str, F
         logger.info("%s: a later run (--rebuild?) switched models; its publish will replace the generation", message)
         return []
     problems = []
-    for table, file_name in (("images", IMAGES_FILE), ("texts", TEXTS_FILE)):
-        if file_name not in indexes:
-            continue
+    for table, where in (("images", "the image segments"), ("texts", TEXTS_FILE)):
         states = catalog._states(table)  # id -> (has an embedding, updated_at)
         newer = {i for i, (_, updated_at) in states.items() if updated_at > manifest.created_at}
         if newer:
             logger.info("%d %s rows changed after %s was published", len(newer), table, manifest.generation)
-        faiss_ids = set(_faiss_io.index_ids(indexes[file_name]).tolist())
+        faiss_ids = set(held[table])
         unknown = sorted(i for i in faiss_ids - newer if not states.get(i, (False, 0.0))[0])
         if unknown and (catalog_moved_on or newer):  # deleted by a later run: the next publish drops them
-            logger.info("%d ids in %s were removed from the catalog after publishing", len(unknown), file_name)
+            logger.info("%d ids in %s were removed from the catalog after publishing", len(unknown), where)
         elif unknown:
-            problems.append(
-                f"{len(unknown)} ids in {file_name} have no usable {table} row in the catalog: {unknown[:5]}"
-            )
+            problems.append(f"{len(unknown)} ids in {where} have no usable {table} row in the catalog: {unknown[:5]}")
         missing = sorted(i for i, (usable, _) in states.items() if usable and i not in faiss_ids and i not in newer)
         if missing:
-            problems.append(f"{len(missing)} {table} rows of the catalog are missing from {file_name}: {missing[:5]}")
+            problems.append(f"{len(missing)} {table} rows of the catalog are missing from {where}: {missing[:5]}")
         lossy = _faiss_io.is_lossy(manifest.factory if table == "images" else manifest.text_factory)
         checked = sorted(faiss_ids - newer - set(unknown))
-        problems += _check_vectors(catalog, table, None if lossy else indexes[file_name], checked, sample)
+        problems += _check_vectors(catalog, table, None if lossy else held[table], checked, sample)
     return problems
 
 
-def _check_vectors(catalog: Catalog, table: str, index: FaissIndex | None, ids: list[int], sample: int) -> list[str]:
-    """Up to ``sample`` of ``ids``: the catalog vector is unit-norm and, if ``index`` is given, equal to FAISS's."""
+def _check_vectors(
+    catalog: Catalog, table: str, held: Mapping[int, FaissIndex] | None, ids: list[int], sample: int
+) -> list[str]:
+    """Up to ``sample`` of ``ids``: the catalog vector is unit-norm and, if ``held`` (id -> index) is given, equal
+    to the one its index holds."""
     if not ids:
         return []
     chosen = np.random.default_rng(0).choice(np.asarray(ids, dtype=np.int64), size=min(sample, len(ids)), replace=False)
@@ -109,8 +126,8 @@ def _check_vectors(catalog: Catalog, table: str, index: FaissIndex | None, ids: 
         stored = catalog._vector(table, item_id)
         if stored is None or abs(float(np.linalg.norm(stored)) - 1.0) > NORM_TOLERANCE:
             bad_norm.append(item_id)
-        elif index is not None:
-            vector = _faiss_io.reconstruct(index, item_id)
+        elif held is not None:
+            vector = _faiss_io.reconstruct(held[item_id], item_id)
             if vector is None or float(np.max(np.abs(vector - stored))) > VECTOR_TOLERANCE:
                 differ.append(item_id)
     problems = []

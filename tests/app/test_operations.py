@@ -19,7 +19,7 @@ from app.logs import JsonFormatter, RequestIdFilter
 from app.main import create_app
 from clip_model.process_tuning.threads import default_thread_count
 from indexer.cli import main as clip_index
-from indexer.store import GENERATIONS_DIR, IMAGES_FILE, current_generation
+from indexer.store import current_generation, read_manifest
 from tests.app.conftest import IndexedFolder, build_folder, write_image
 
 
@@ -113,7 +113,8 @@ def test_a_corrupt_generation_is_not_served(indexed: IndexedFolder, tmp_path: Pa
     folder = build_folder(tmp_path / "copy", indexed.model)
     generation = current_generation(folder.index_dir)
     assert generation is not None
-    target = folder.index_dir / GENERATIONS_DIR / generation / IMAGES_FILE
+    segment = read_manifest(folder.index_dir, generation).segments[-1]["file"]
+    target = folder.index_dir / "segments" / segment
     data = bytearray(target.read_bytes())
     data[-10] ^= 0xFF
     target.write_bytes(bytes(data))

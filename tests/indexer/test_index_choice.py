@@ -114,11 +114,11 @@ def test_publish_above_the_flat_threshold_builds_a_calibrated_ivf(tmp_path: Path
     assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.95
     with PublishedIndex.open(index_dir) as index:
         assert index.manifest == manifest
-        assert _faiss_io.get_search_params(index._images) == manifest.search_params
+        assert _faiss_io.get_search_params(index._segments[0].index) == manifest.search_params
         assert recall_at_10(index, vectors, clustered(300, seed=99)) >= 0.95  # fresh queries, not the calibration's
         np.testing.assert_array_equal(index.embedding(7), vectors[6])  # lossy codes: the catalog's exact vector
     # the parameters are in the index file itself too, so any FAISS reader gets them
-    saved = faiss.read_index(str(index_dir / "generations" / manifest.generation / "images.faiss"))
+    saved = faiss.read_index(str(index_dir / "segments" / manifest.segments[0]["file"]))
     assert _faiss_io.get_search_params(saved) == manifest.search_params
     assert verify(index_dir) == []
 
@@ -134,7 +134,7 @@ def test_calibration_raises_nprobe_until_the_target_and_a_manifest_value_wins_on
     assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.96
     if nprobe > 1:  # the previous rung of the ladder did not reach the target
         ids = np.arange(1, 3001, dtype=np.int64)
-        index = faiss.read_index(str(index_dir / "generations" / manifest.generation / "images.faiss"))
+        index = faiss.read_index(str(index_dir / "segments" / manifest.segments[0]["file"]))
         lower = max(v for v in index_choice.KNOB_LADDER if v < nprobe)
         _faiss_io.set_search_params(index, {"nprobe": lower})
         queries = index_choice.recall_queries(vectors)
@@ -146,7 +146,7 @@ def test_calibration_raises_nprobe_until_the_target_and_a_manifest_value_wins_on
     data["search_params"] = {"nprobe": 64}
     (generation / "manifest.json").write_text(json.dumps(data))
     with PublishedIndex.open(index_dir) as index:
-        assert _faiss_io.get_search_params(index._images) == {"nprobe": 64}
+        assert _faiss_io.get_search_params(index._segments[0].index) == {"nprobe": 64}
     assert any("search parameters" in problem for problem in verify(index_dir))
 
 

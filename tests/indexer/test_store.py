@@ -519,15 +519,22 @@ def _edit_manifest(index_dir: Path, **changes: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _segment(index_dir: Path) -> Path:
+    """The published generation's (only) image segment file."""
+    manifest = json.loads((_generation(index_dir) / store.MANIFEST_FILE).read_text())
+    [segment] = manifest["segments"]
+    return index_dir / "segments" / segment["file"]
+
+
 def _flip_byte(index_dir: Path) -> None:
-    path = _generation(index_dir) / store.IMAGES_FILE
+    path = _segment(index_dir)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
 def _truncate(index_dir: Path) -> None:
-    path = _generation(index_dir) / store.IMAGES_FILE
+    path = _segment(index_dir)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
@@ -543,12 +550,12 @@ DAMAGE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         "malformed",
     ),
     "future format version": (
-        lambda d: _edit_manifest(d, format_version=2),
+        lambda d: _edit_manifest(d, format_version=3),
         IndexFormatError,
-        "format version 2; this code reads format version 1: upgrade",
+        "format version 3; this code reads format version 2: upgrade",
     ),
     "checksum mismatch": (_flip_byte, IndexFormatError, "sha256"),
-    "truncated images.faiss": (_truncate, IndexFormatError, "truncated"),
+    "truncated image segment": (_truncate, IndexFormatError, "truncated"),
     "missing CURRENT": (lambda d: (d / store.CURRENT_FILE).unlink(), IndexNotFoundError, "Run the indexer"),
     "garbage in CURRENT": (
         lambda d: (d / store.CURRENT_FILE).write_text("../../etc"),
@@ -572,10 +579,10 @@ def test_damaged_index_is_refused_with_a_clear_error(index_dir: Path, damage: st
 
 
 def test_unreadable_faiss_file_with_matching_checksum_is_refused(index_dir: Path) -> None:
-    path = _generation(index_dir) / store.IMAGES_FILE
+    path = _segment(index_dir)
     path.write_bytes(path.read_bytes()[:100])
     digest, manifest = _digest(path), json.loads((_generation(index_dir) / store.MANIFEST_FILE).read_text())
-    files = {**manifest["files"], store.IMAGES_FILE: {"sha256": digest.sha256, "bytes": digest.bytes}}
+    files = {**manifest["files"], path.name: {"sha256": digest.sha256, "bytes": digest.bytes}}
     _edit_manifest(index_dir, files=files)
     with pytest.raises(IndexFormatError, match="cannot read FAISS index"):
         PublishedIndex.open(index_dir, verify_checksums=False)
@@ -671,7 +678,7 @@ def test_verify_reports_catalog_rows_missing_from_faiss_and_vice_versa(index_dir
     problems = verify(index_dir)
     assert len(problems) == 3, problems
     assert "no usable images row in the catalog: [1]" in problems[0]
-    assert "missing from images.faiss" in problems[1]
+    assert "missing from the image segments" in problems[1]
     assert "differ from the catalog: ids [2]" in problems[2]
 
 

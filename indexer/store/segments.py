@@ -1,0 +1,162 @@
+"""Segments: the image index of a generation as immutable FAISS files, shared by the generations that hold them,
+each with the ids deleted from it since it was written.
+
+A segment covers the image rows stamped with generations ``first_gen..last_gen`` (:mod:`indexer.store.schema`: a
+row's ``gen`` is the first generation that shows its current version). It is written once into
+``<index_dir>/segments/`` and never changed. A later generation that stops showing a version (the image changed,
+moved, was touched or deleted) lists the image's id among the segment's deletions: a sorted int64 ``.npy`` file,
+written anew whenever the set grows. So a publish costs what changed: one new segment for the rows stamped with the
+new generation, new deletion files for the segments that lost rows, and the merges below.
+
+Search runs on every segment with its deletions excluded (a FAISS ``IDSelector``) and keeps the best ``k`` of the
+union by score. Over exact segments this is exactly the top-k of one index over the same vectors.
+
+Merge policy (log-structured, as Lucene's ``LogMergePolicy``): a segment's level is
+``floor(log(count / MIN_MERGE_VECTORS) / log(MERGE_FACTOR))`` (0 below ``MIN_MERGE_VECTORS``). Whenever the
+newest ``MERGE_FACTOR`` segments share a level they are merged into one, which is then one level up; and a segment
+more than ``MAX_DELETED_SHARE`` deleted is rewritten together with its newer neighbours. Merged segments are built
+from the catalog's current rows of their generations, so deletions are dropped there. Each vector is rewritten
+about ``log(N) / log(MERGE_FACTOR)`` times over the collection's life, and a collection has at most
+``MERGE_FACTOR - 1`` segments per level.
+
+Training: an index type that trains (IVF's coarse quantizer, a codec) is trained once; the trained, empty index is
+kept as ``trained-*.faiss`` and every new segment starts from a copy of it, so all segments share one quantizer.
+It is trained again (all rows into one segment) when the collection has grown or shrunk by ``RETRAIN_FACTOR``
+since, when the index type changes, and on ``clip-index build --retrain``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .. import _faiss_io
+from .._faiss_io import FaissIndex
+from .format import Ids, Vectors
+
+SEGMENTS_DIR = "segments"
+MERGE_FACTOR = 10
+MIN_MERGE_VECTORS = 1_000  # segments below this size are all level 0
+MAX_DELETED_SHARE = 0.3
+RETRAIN_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """One segment as a manifest lists it: its FAISS file, the generations it covers, the vectors the file holds,
+    and its deletions (file and count; None and 0: none)."""
+
+    file: str
+    first_gen: int
+    last_gen: int
+    count: int
+    deleted_file: str | None = None
+    deleted: int = 0
+
+    @property
+    def live(self) -> int:
+        return self.count - self.deleted
+
+    def covers(self, generation: int) -> bool:
+        return self.first_gen <= generation <= self.last_gen
+
+
+def segment_file(first_gen: int, last_gen: int, written_by: int) -> str:
+    """Name of a segment: the generations it covers and the generation that wrote it (unique in an index)."""
+    return f"s-{first_gen:06d}-{last_gen:06d}.g{written_by:06d}.faiss"
+
+
+def deleted_file(segment: str, written_by: int) -> str:
+    """Name of the deletions of ``segment`` as of generation ``written_by``."""
+    return f"{segment.removesuffix('.faiss')}.del-g{written_by:06d}.npy"
+
+
+def level(count: int) -> int:
+    """The merge level of a segment of ``count`` vectors (module docstring)."""
+    if count < MIN_MERGE_VECTORS:
+        return 0
+    return 1 + int(math.log(count / MIN_MERGE_VECTORS) / math.log(MERGE_FACTOR))
+
+
+def merges(segments: Sequence[SegmentRecord]) -> list[tuple[int, int]]:
+    """Ranges ``[start, stop)`` of ``segments`` (in generation order) to rewrite as one segment each, by the policy
+    of the module docstring: non-overlapping and in order; applying them and asking again gives none."""
+    groups = [_Group(i, i + 1, s.live) for i, s in enumerate(segments)]
+    worn = next((i for i, s in enumerate(segments) if s.deleted > MAX_DELETED_SHARE * s.count), None)
+    if worn is not None:
+        groups[worn:] = [_Group(worn, len(segments), sum(g.count for g in groups[worn:]), rewrite=True)]
+    while len(groups) >= MERGE_FACTOR and len({level(g.count) for g in groups[-MERGE_FACTOR:]}) == 1:
+        tail = groups[-MERGE_FACTOR:]
+        groups[-MERGE_FACTOR:] = [_Group(tail[0].start, tail[-1].stop, sum(g.count for g in tail), rewrite=True)]
+    return [(g.start, g.stop) for g in groups if g.rewrite]
+
+
+@dataclass
+class _Group:
+    start: int
+    stop: int
+    count: int
+    rewrite: bool = False
+
+
+def new_segment(template: FaissIndex | None, factory: str, ids: Ids, vectors: Vectors, dim: int) -> FaissIndex:
+    """A segment over ``ids`` [N] / ``vectors`` [N, dim]: a copy of the trained ``template`` with the vectors added,
+    or, for an index type that needs no training (``template`` None), a fresh index of ``factory``."""
+    if template is None:
+        return _faiss_io.build_index(ids, vectors, dim, factory)
+    index = faiss.clone_index(template)
+    if len(ids):
+        index.add_with_ids(vectors, ids)
+    _faiss_io.prepare_for_queries(index)
+    return index
+
+
+def trained_template(index: FaissIndex, factory: str, dim: int) -> FaissIndex | None:
+    """An empty copy of ``index`` of ``factory`` (its trained quantizer and codec, its search parameters), or None
+    when that type needs no training."""
+    if not _faiss_io.needs_training(factory, dim):
+        return None
+    template = faiss.clone_index(index)
+    template.reset()
+    return template
+
+
+@dataclass(frozen=True)
+class LoadedSegment:
+    """A segment's index and its deletions (None: none), ready to search."""
+
+    record: SegmentRecord
+    index: FaissIndex
+    deleted: _faiss_io.Exclusion | None
+
+    @classmethod
+    def of(cls, record: SegmentRecord, index: FaissIndex, deleted_ids: Ids) -> LoadedSegment:
+        exclusion = _faiss_io.exclusion(index, deleted_ids) if len(deleted_ids) else None
+        return cls(record, index, exclusion)
+
+    def search(self, queries: Vectors, k: int) -> tuple[Vectors, Ids]:
+        """Top-k of this segment without its deleted ids: (scores, ids) [Q, k'], -1 ids where fewer."""
+        return _faiss_io.search(self.index, queries, k, exclude=self.deleted)
+
+
+def search_segments(segments: Sequence[LoadedSegment], queries: Vectors, k: int) -> tuple[Vectors, Ids]:
+    """The best ``k`` of the union of the segments' results: (scores, ids) [Q, k'] best first, -1 ids where fewer
+    than k' were found (k' = min(k, live vectors))."""
+    found = [segment.search(queries, k) for segment in segments if segment.record.live]
+    if not found:
+        empty = np.empty((len(queries), 0))
+        return empty.astype(np.float32), empty.astype(np.int64)
+    if len(found) == 1:
+        return found[0]
+    scores = np.concatenate([f[0] for f in found], axis=1)
+    ids = np.concatenate([f[1] for f in found], axis=1)
+    scores = np.where(ids == -1, -np.inf, scores)
+    width = min(k, sum(s.record.live for s in segments))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    best_ids = np.take_along_axis(ids, order, axis=1)
+    best_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    return best_scores, best_ids
