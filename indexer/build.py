@@ -34,7 +34,6 @@ from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thre
 from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec
 from .errors import IndexerError, ModelMismatchError
-from .index_choice import AUTO
 from .pipeline import DEFAULT_BATCH_SIZE, Encoded, encode_files
 from .scan import PassedOver, ScannedFile, iter_images
 from .store import (
@@ -44,8 +43,7 @@ from .store import (
     WriterLock,
     current_generation,
     publish,
-    read_manifest,
-    resolve_index_request,
+    up_to_date,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,11 +168,9 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress, plan)
-        published = current_generation(options.index_dir)
-        asked = options.rebuild or options.retrain or _asks_for_other_index(catalog, options)
-        unchanged = not stats.changes_vectors and not asked
-        if published is not None and unchanged:
-            stats.generation = published  # nothing a reader would see changed: keep serving what is there
+        asked = options.rebuild or options.retrain
+        if not asked and up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):
+            stats.generation = current_generation(options.index_dir)  # nothing a reader would see changed
         else:
             with own_threads(plan.faiss_threads):
                 manifest = publish(
@@ -189,19 +185,6 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
         stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0
         catalog.finish_run(run_id, stats.as_dict())
     return stats
-
-
-def _asks_for_other_index(catalog: Catalog, options: BuildOptions) -> bool:
-    """Whether ``options`` ask for another index type or budget than the published generation was built with
-    (generations published before manifests recorded the request never count as different)."""
-    generation = current_generation(options.index_dir)
-    if generation is None:
-        return True
-    manifest = read_manifest(options.index_dir, generation)
-    requested, budget = resolve_index_request(catalog, options.factory, options.memory_budget)
-    if not manifest.requested_factory:
-        return False
-    return requested != manifest.requested_factory or (requested == AUTO and budget != manifest.memory_budget)
 
 
 @dataclass

@@ -38,7 +38,6 @@ from clip_model.process_tuning import ThreadPlan, own_threads
 
 from .build import check_provenance
 from .errors import IndexerError, ShardError
-from .index_choice import AUTO
 from .shards import ShardRows, ShardWriter, import_pyarrow, list_shards, read_shard, write_manifest
 from .shards import read_manifest as read_shards_manifest
 from .shards_clip_retrieval import list_parts, read_part
@@ -50,10 +49,9 @@ from .store import (
     WriterLock,
     current_generation,
     publish,
-    read_manifest,
-    resolve_index_request,
+    up_to_date,
 )
-from .store.format import HASH_CHUNK_BYTES, Vectors, generation_number
+from .store.format import HASH_CHUNK_BYTES, Vectors
 
 logger = logging.getLogger(__name__)
 
@@ -220,13 +218,10 @@ def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord],
 def _publish(options: IngestOptions, catalog: Catalog) -> str:
     """Publish a new generation unless the published one shows every image row as it is and was built as asked;
     returns the name of the generation served."""
-    published = current_generation(options.index_dir)
-    if published is not None and not catalog.has_unpublished_images(generation_number(published)):
-        manifest = read_manifest(options.index_dir, published)
-        requested, budget = resolve_index_request(catalog, options.factory, options.memory_budget)
-        same_budget = requested != AUTO or budget == manifest.memory_budget
-        if not manifest.requested_factory or (requested == manifest.requested_factory and same_budget):
-            return published  # generations published before manifests recorded the request count as asked
+    if up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):
+        published = current_generation(options.index_dir)
+        assert published is not None  # up to date: something is published
+        return published
     plan = options.plan or ThreadPlan.for_indexing()
     with own_threads(plan.faiss_threads):
         return publish(options.index_dir, catalog, options.factory, memory_budget=options.memory_budget).generation

@@ -28,7 +28,7 @@ from .format import (
     ModelInfo,
 )
 from .lock import WriterLock
-from .publishing import publish, resolve_index_request
+from .publishing import publish, resolve_index_request, up_to_date
 from .reader import ENV_PREFIX, Hit, PublishedIndex, current_generation, read_manifest
 from .schema import DEFAULT_FACTORY
 from .verification import verify
@@ -53,5 +53,6 @@ __all__ = [
     "publish",
     "read_manifest",
     "resolve_index_request",
+    "up_to_date",
     "verify",
 ]

@@ -98,6 +98,21 @@ def resolve_index_request(catalog: Catalog, factory: str | None, memory_budget: 
     return requested, budget
 
 
+def up_to_date(index_dir: Path, catalog: Catalog, factory: str | None, memory_budget: int | None) -> bool:
+    """Whether the published generation already shows every image row as the catalog holds it and was built as a
+    publish with ``factory`` and ``memory_budget`` would build it, so that publishing again would change nothing a
+    reader sees. False when rows were written or deleted since, also by a run killed before it published.
+    Generations published before manifests recorded the request count as built as asked."""
+    published = current_generation(index_dir)
+    if published is None or catalog.has_unpublished_images(generation_number(published)):
+        return False
+    manifest = read_manifest(index_dir, published)
+    requested, budget = resolve_index_request(catalog, factory, memory_budget)
+    if not manifest.requested_factory:
+        return True
+    return requested == manifest.requested_factory and (requested != AUTO or budget == manifest.memory_budget)
+
+
 def _publish_locked(index_dir: Path, catalog: Catalog, request: Request) -> Manifest:
     model = catalog.model()
     if model is None:

@@ -397,3 +397,25 @@ def test_rows_under_a_folder_that_cannot_be_listed_are_kept(
             "locked\\xe9/photo_00001.jpg",
             "photo_00000.jpg",
         ]
+
+
+def test_a_rerun_publishes_what_a_run_killed_before_its_publish_had_committed(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    write_photos(root, 3)
+    build(root, index_dir, tiny_model)
+    write_photos(root, 2, start=3)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the run's rows are committed; its publish never happens
+
+    with monkeypatch.context() as patch:
+        patch.setattr("indexer.build.publish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build(root, index_dir, tiny_model)
+    stats: Any = build(root, index_dir, tiny_model)  # finds nothing new in the folder...
+    assert stats.encoded == 0 and stats.unchanged == 5
+    with PublishedIndex.open(index_dir) as index:  # ...and still publishes what the killed run committed
+        assert index.manifest.counts["images"] == 5 and index.manifest.generation == stats.generation
+    assert verify(index_dir) == []
