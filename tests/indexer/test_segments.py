@@ -247,3 +247,80 @@ def test_clip_index_build_adds_a_segment_per_change_and_retrain_folds_them_into_
     assert clip_index([*argv, "--retrain"]) == 0  # nothing changed, but a retrain was asked for
     assert [s.count for s in segments_of(index_dir)] == [6]
     assert verify(index_dir) == []
+
+
+CHANGE_AND_PUBLISH_LOOP = """
+import random, sys, time
+from pathlib import Path
+import numpy as np
+from indexer import store
+from indexer.store import publishing
+index_dir, seed = Path(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+fsync = publishing._fsync
+def slow_fsync(path):  # spread each publish over its steps, so that kills land in every one of them
+    time.sleep(rng.uniform(0, 0.02))
+    fsync(path)
+publishing._fsync = slow_fsync
+def unit(n, s):
+    v = np.random.default_rng(s).standard_normal((n, 16)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+with store.Catalog.open(index_dir) as catalog:
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    for step in range(10**6):
+        s = seed * 10**6 + step
+        paths = sorted(r.path for r in catalog.files().values())
+        with catalog.transaction():  # new rows, changed rows and deleted rows: a segment, deletions, merges
+            for i, vector in enumerate(unit(20, s)):
+                catalog.add_image(f"k{s}/{i}.jpg", 1, 1, f"k{s}-{i}", 8, 8, vector)
+            for path, vector in zip(rng.sample(paths, 5), unit(5, s + 1)):
+                catalog.add_image(path, 2, 2, path + "'", 8, 8, vector)
+            gone = {r.path: r.id for r in catalog.files().values()}
+            catalog.delete([gone[p] for p in rng.sample(paths, 3)])
+        store.publish(index_dir, catalog)
+"""
+
+
+def test_kill_9_during_segment_writes_deletions_and_merges_keeps_a_whole_generation(tmp_path: Path) -> None:
+    """kill -9 at random moments of publishes that write segments and deletion files and merge (a merge every
+    MERGE_FACTOR publishes): the server's view is always a whole generation whose every vector is its image's."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.indexer.test_store import ROOT, SUBPROCESS_TIMEOUT_S, _env
+
+    index_dir = tmp_path / "index"
+    collection = Collection(index_dir)
+    collection.add(400)
+    collection.publish()
+    collection.catalog.close()
+    script = tmp_path / "loop.py"
+    script.write_text(CHANGE_AND_PUBLISH_LOOP)
+    rng = random.Random(4321)
+    generations = set()
+    for round_ in range(10):
+        command = [sys.executable, str(script), str(index_dir), str(round_ + 1)]
+        process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.05, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=SUBPROCESS_TIMEOUT_S)
+        assert verify(index_dir) == [], f"after kill {round_}"  # every held vector is its catalog row's
+        with PublishedIndex.open(index_dir) as index:
+            generations.add(index.manifest.generation)
+            hits = index.search(unit(1, seed=round_)[0][None], 100_000)[0]
+            assert len(hits) == len({h.id for h in hits}) == index.manifest.counts["images"]  # none twice
+    assert len(generations) > 3  # the kills interrupted publishers that were getting somewhere
+    with Catalog.open(index_dir) as catalog:  # a rerun converges: what the catalog holds is what is served
+        publish(index_dir, catalog)
+        ids, vectors = catalog.embeddings()
+    with PublishedIndex.open(index_dir) as index:
+        found = index.search(vectors[:20], 1)
+        assert [hits[0].id for hits in found] == ids[:20].tolist()
+        assert index.manifest.counts["images"] == len(ids)
+    assert verify(index_dir) == []
+    on_disk = {p.name for p in (index_dir / "segments").iterdir()}
+    assert not any(name.startswith(".tmp-") for name in on_disk)  # a crashed publish's temp files are swept
