@@ -166,6 +166,7 @@ class Manifest:
     trained: str | None = None  # the trained, empty index new segments copy (in segments/); None: needs none
     trained_count: int = 0  # images when it was trained
     auto_choice: str = ""  # what choose_index gave at that training ("" unless the type is "auto")
+    calibration: str | None = None  # ground truth of the knob's calibration (in segments/); None: no knob
 
     @property
     def model(self) -> ModelInfo:

@@ -21,10 +21,12 @@ import numpy as np
 from .. import _faiss_io
 from .._faiss_io import FaissIndex
 from ..index_choice import AUTO, build_calibrated, choose_index
+from .calibration import GroundTruth, recalibrate
 from .catalog import Catalog
 from .format import Ids, Manifest, ModelInfo, generation_number
 from .segments import (
     RETRAIN_FACTOR,
+    LoadedSegment,
     SegmentRecord,
     deleted_file,
     merges,
@@ -48,6 +50,8 @@ class ImageIndex:
     new_trained: FaissIndex | None = None  # written as ``trained`` when set
     trained_count: int = 0
     auto_choice: str = ""
+    calibration: str | None = None  # the ground truth the knob is set against (indexer.store.calibration)
+    new_calibration: GroundTruth | None = None  # written as ``calibration`` when set
     search_params: dict[str, int] = field(default_factory=dict)
     recall: float | None = None
     recall_queries: int = 0
@@ -124,6 +128,7 @@ def _rebuild(
     factory, reason = (auto_choice, auto_reason) if auto else (request.factory, "the factory asked for")
     built = build_calibrated(ids, vectors, model.embed_dim, factory, auto=auto, memory_budget_bytes=request.budget)
     template = trained_template(built.index, built.factory, model.embed_dim)
+    truth = None if _faiss_io.search_knob(built.index) is None else GroundTruth.of(ids, vectors)
     del vectors
     name = segment_file(0, generation, generation)
     tuned = built.calibration
@@ -145,6 +150,8 @@ def _rebuild(
         new_trained=template,
         trained_count=len(ids),
         auto_choice=auto_choice if auto else "",
+        calibration=None if truth is None else calibration_file(generation),
+        new_calibration=truth,
         search_params=tuned.search_params,
         recall=tuned.recall,
         recall_queries=tuned.queries,
@@ -170,6 +177,7 @@ def _update(
         trained=prior.trained,
         trained_count=prior.trained_count,
         auto_choice=prior.auto_choice,
+        calibration=prior.calibration,
         search_params=prior.search_params,
         recall=prior.recall_at_10,
         recall_queries=prior.recall_queries,
@@ -180,6 +188,13 @@ def _update(
     ]
     added = 0
     ids, vectors = catalog.stamped_embeddings(covered + 1, generation)
+    changed = bool(len(ids) or superseded)
+    if prior.calibration is not None and changed:
+        gone = np.unique(np.array([image_id for image_id, _ in superseded], dtype=np.int64))
+        result.new_calibration = (
+            GroundTruth.load(segments_dir / prior.calibration).without(gone).with_added(ids, vectors)
+        )
+        result.calibration = calibration_file(generation)
     if len(ids):
         name = segment_file(covered + 1, generation, generation)
         result.new_segments[name] = _segment(template, prior, ids, vectors, model.embed_dim)
@@ -195,6 +210,10 @@ def _update(
         )
         records[start:stop] = [SegmentRecord(name, first, last, len(ids))]
     result.segments = records
+    if result.new_calibration is not None:
+        loaded = _loaded_segments(segments_dir, records, result)
+        result.search_params, result.recall = recalibrate(loaded, result.new_calibration, prior.factory)
+        result.recall_queries = int(result.new_calibration.measurable().sum())
     kept = {r.deleted_file for r in records}
     result.new_deletions = {name: ids for name, ids in result.new_deletions.items() if name in kept}
     logger.info(
@@ -233,6 +252,23 @@ def _with_deletions(
     name = deleted_file(record.file, generation)
     result.new_deletions[name] = deleted
     return SegmentRecord(record.file, record.first_gen, record.last_gen, record.count, name, len(deleted))
+
+
+def _loaded_segments(segments_dir: Path, records: list[SegmentRecord], result: ImageIndex) -> list[LoadedSegment]:
+    """The segments of ``records`` ready to search: the new ones from memory, the others read from their files."""
+    loaded = []
+    for record in records:
+        index = result.new_segments.get(record.file) or _faiss_io.read_index(segments_dir / record.file)
+        if record.deleted_file in result.new_deletions:
+            deleted = result.new_deletions[record.deleted_file]
+        else:
+            deleted = load_deleted(segments_dir, record)
+        loaded.append(LoadedSegment.of(record, index, deleted))
+    return loaded
+
+
+def calibration_file(generation: int) -> str:
+    return f"calibration.g{generation:06d}.npz"
 
 
 def load_deleted(segments_dir: Path, record: SegmentRecord) -> Ids:

@@ -24,6 +24,7 @@ from .. import _faiss_io
 from .._faiss_io import FaissIndex
 from ..errors import IndexerError, IndexFormatError
 from ..index_choice import AUTO, FLAT_MAX_VECTORS
+from .calibration import GroundTruth
 from .catalog import Catalog
 from .format import (
     CATALOG_FILE,
@@ -161,6 +162,7 @@ def _publish_locked(index_dir: Path, catalog: Catalog, request: Request) -> Mani
         trained=images.trained,
         trained_count=images.trained_count,
         auto_choice=images.auto_choice,
+        calibration=images.calibration,
     )
     tmp_dir = generations / f"{TEMP_PREFIX}{name}"
     manifest = _write_generation(tmp_dir, manifest, {TEXTS_FILE: texts})
@@ -198,7 +200,9 @@ def _write_segment_files(segments_dir: Path, images: ImageIndex, prior: Manifest
     """Write the new segment, deletion and trained files (each durable under its final name before the generation
     that names them is published) and return the digests of every file the image index uses; unchanged files keep
     the digests the previous manifest recorded."""
-    written: dict[str, FaissIndex | Ids] = {**images.new_segments, **images.new_deletions}
+    written: dict[str, FaissIndex | Ids | GroundTruth] = {**images.new_segments, **images.new_deletions}
+    if images.new_calibration is not None and images.calibration is not None:
+        written[images.calibration] = images.new_calibration
     if images.new_trained is not None and images.trained is not None:
         written[images.trained] = images.new_trained
     files = {}
@@ -207,6 +211,8 @@ def _write_segment_files(segments_dir: Path, images: ImageIndex, prior: Manifest
         if isinstance(content, np.ndarray):
             with tmp.open("wb") as handle:
                 np.save(handle, content, allow_pickle=False)
+        elif isinstance(content, GroundTruth):
+            content.save(tmp)
         else:
             _faiss_io.write_index(content, tmp)
         _fsync(tmp)
@@ -214,7 +220,7 @@ def _write_segment_files(segments_dir: Path, images: ImageIndex, prior: Manifest
         files[file_name] = _digest(segments_dir / file_name)
     _fsync(segments_dir)
     used = [s.file for s in images.segments] + [s.deleted_file for s in images.segments if s.deleted_file]
-    used += [images.trained] if images.trained else []
+    used += [name for name in (images.trained, images.calibration) if name]
     known = prior.files if prior is not None else {}
     for file_name in used:
         if file_name not in files:

@@ -28,6 +28,7 @@ since, when the index type changes, and on ``clip-index build --retrain``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ class SegmentRecord:
 def segment_file(first_gen: int, last_gen: int, written_by: int) -> str:
     """Name of a segment: the generations it covers and the generation that wrote it (unique in an index)."""
     return f"s-{first_gen:06d}-{last_gen:06d}.g{written_by:06d}.faiss"
+
+
+def written_by(segment: str) -> int | None:
+    """The generation that wrote the segment file ``segment`` (None for a format 1 ``images.faiss``)."""
+    match = _SEGMENT_RE.fullmatch(segment)
+    return None if match is None else int(match.group(1))
+
+
+_SEGMENT_RE = re.compile(r"s-\d{6,}-\d{6,}\.g(\d{6,})\.faiss")
 
 
 def deleted_file(segment: str, written_by: int) -> str:

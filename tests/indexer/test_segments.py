@@ -324,3 +324,39 @@ def test_kill_9_during_segment_writes_deletions_and_merges_keeps_a_whole_generat
     assert verify(index_dir) == []
     on_disk = {p.name for p in (index_dir / "segments").iterdir()}
     assert not any(name.startswith(".tmp-") for name in on_disk)  # a crashed publish's temp files are swept
+
+
+def test_the_ground_truth_kept_up_to_date_equals_one_computed_afresh() -> None:
+    from indexer.store.calibration import GroundTruth
+
+    vectors = clustered(3000, seed=11, dim=DIM)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    truth = GroundTruth.of(ids[:2500], vectors[:2500])
+    rng = np.random.default_rng(3)
+    deleted = rng.choice(ids[:2500], size=200, replace=False)
+    updated = truth.without(deleted).with_added(ids[2500:], vectors[2500:])
+    keep = ~np.isin(ids, deleted)
+    exact = np.argsort(-(truth.queries @ vectors[keep].T), axis=1)[:, :10]
+    usable = updated.measurable()
+    assert usable.sum() > 150
+    np.testing.assert_array_equal(updated.ids[usable, :10], ids[keep][exact][usable])
+
+
+def test_an_update_sets_the_knob_again_against_the_ground_truth_it_keeps(collection: Collection) -> None:
+    import json
+
+    collection.add(3000, clustered(3000, seed=1, dim=DIM))
+    collection.publish("IVF32,Flat")
+    generation = collection.index_dir / "generations" / _current(collection.index_dir)
+    data = json.loads((generation / "manifest.json").read_text())
+    assert data["calibration"] is not None and data["search_params"]["nprobe"] > 1
+    data["search_params"] = {"nprobe": 1}  # a knob far too low, as a model of a collection that drifted
+    (generation / "manifest.json").write_text(json.dumps(data))
+    collection.add(300, clustered(300, seed=2, dim=DIM))
+    collection.delete(sorted(collection.vectors)[:100])
+    collection.publish()
+    manifest = read_manifest(collection.index_dir, _current(collection.index_dir))
+    assert manifest.search_params["nprobe"] > 1 and manifest.recall_at_10 is not None
+    assert manifest.recall_at_10 >= 0.95 and manifest.calibration != data["calibration"]
+    assert _recall(collection, clustered(200, seed=3, dim=DIM)) >= 0.93  # fresh queries agree
+    assert verify(collection.index_dir) == []
