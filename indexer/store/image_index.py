@@ -4,9 +4,8 @@
 write: new segment files, new deletion files and the manifest's fields. An update copies nothing that did not
 change: the previous segments stay where they are, referenced by both manifests.
 
-An update keeps the previous search parameters (IVF nprobe, HNSW efSearch) and recall: they were calibrated on the
-whole collection when the index was last trained, and a retrain (``RETRAIN_FACTOR``) comes before the collection
-has changed enough to need other ones.
+An update sets the search parameter (IVF nprobe, HNSW efSearch) again against the ground truth it keeps up to date
+(:mod:`indexer.store.calibration`), which costs the new rows, not the collection.
 """
 
 from __future__ import annotations
