@@ -182,14 +182,30 @@ def write_index(index: FaissIndex, path: Path) -> None:
     faiss.write_index(index, str(path))
 
 
-def read_index(path: Path) -> FaissIndex:
-    """Read an index file fully into memory; IndexFormatError if it is truncated or not a FAISS index."""
+def read_index(path: Path, *, mapped: bool = False) -> FaissIndex:
+    """Read an index file; IndexFormatError if it is truncated or not a FAISS index.
+
+    Everything is read into memory, except with ``mapped`` the inverted lists of an IVF index whose lists are
+    FAISS's plain arrays (IVF with Flat, SQ or PQ codes; not the fast-scan PQ codes): those are memory-mapped
+    read-only from the file as ``write_index`` wrote it (``IO_FLAG_MMAP``: an ``OnDiskInvertedLists`` over the
+    file), so their pages belong to the kernel's file cache, not to this process's memory. The file must then
+    never change while the index is open (segment files never do). Other index types ignore ``mapped``; see
+    :func:`is_memory_mapped`.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"FAISS index file {path} does not exist")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexFormatError(f"cannot read FAISS index {path} (truncated or corrupt?): {exc}") from exc
+
+
+def is_memory_mapped(index: FaissIndex) -> bool:
+    """Whether ``index``'s inverted lists are memory-mapped from its file (read with ``mapped``)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = ivf.invlists if ivf is not None else None
+    return lists is not None and isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
 
 
 def index_ids(index: FaissIndex) -> npt.NDArray[np.int64]:

@@ -7,6 +7,7 @@ environment variables both read.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from .format import (
     _digest,
     generation_number,
 )
-from .segments import SEGMENTS_DIR, LoadedSegment, SegmentRecord, search_segments
+from .segments import SEGMENTS_DIR, LoadedSegment, SegmentRecord, search_segments, served_mapped
 
 __all__ = [  # the server's whole view of the index
     "ENV_PREFIX",
@@ -50,6 +51,8 @@ __all__ = [  # the server's whole view of the index
     "file_path",  # the file a catalog path names under the image root
     "read_manifest",
 ]
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "CLIPSEARCH_"  # of the variables the indexer's CLI and the server's settings both read (e.g. INDEX_DIR)
 OPEN_ATTEMPTS = 3  # PublishedIndex.open retries when a publish swaps CURRENT while it reads
@@ -146,10 +149,15 @@ class LoadedGeneration:
     segments: list[LoadedSegment]
     texts: FaissIndex
     saved_params: list[dict[str, int]]  # each segment's search parameters as its file had them (the manifest's win)
+    memory_mapped: bool = False  # the segments' inverted lists are memory-mapped from their files
 
 
-def load_generation(index_dir: Path, generation: str, verify_checksums: bool) -> LoadedGeneration:
-    """Read and check ``generation``: IndexFormatError naming every problem when it is unusable."""
+def load_generation(
+    index_dir: Path, generation: str, verify_checksums: bool, memory_budget: int | None = None
+) -> LoadedGeneration:
+    """Read and check ``generation``: IndexFormatError naming every problem when it is unusable. The image segments
+    are memory-mapped when their files exceed ``memory_budget`` bytes (default: the manifest's), by the rule of
+    :func:`indexer.store.segments.served_mapped`."""
     generation_dir = index_dir / GENERATIONS_DIR / generation
     manifest = _read_manifest(generation_dir)
     problems = list(_check_files(index_dir, manifest, verify_checksums).values())
@@ -162,9 +170,11 @@ def load_generation(index_dir: Path, generation: str, verify_checksums: bool) ->
         records = [SegmentRecord(IMAGES_FILE, 0, generation_number(generation), manifest.counts.get("images", 0))]
     else:
         records = [SegmentRecord(**record) for record in manifest.segments]
+    budget = manifest.memory_budget if memory_budget is None else memory_budget
+    mapped = served_mapped(sum(_file_bytes(manifest, r.file) for r in records), budget)
     segments, saved_params = [], []
     for record in records:
-        index = _faiss_io.read_index(paths[record.file])
+        index = _faiss_io.read_index(paths[record.file], mapped=mapped)
         problems += _check_count(manifest, record.file, index, record.count)
         saved_params.append(_faiss_io.get_search_params(index))
         try:  # also saved in the file; the manifest is what the server is told to use
@@ -182,7 +192,15 @@ def load_generation(index_dir: Path, generation: str, verify_checksums: bool) ->
         problems.append(f"the segments hold {live} images, the manifest records {manifest.counts.get('images')}")
     if problems:
         raise _unusable(generation, problems)
-    return LoadedGeneration(manifest, segments, texts, saved_params)
+    mapped = any(_faiss_io.is_memory_mapped(s.index) for s in segments)
+    if mapped:
+        logger.info("%s: the inverted lists of its %d segment(s) are memory-mapped", generation, len(segments))
+    return LoadedGeneration(manifest, segments, texts, saved_params, mapped)
+
+
+def _file_bytes(manifest: Manifest, file_name: str) -> int:
+    digest = manifest.files.get(file_name)
+    return digest.bytes if digest is not None else 0
 
 
 def _check_count(manifest: Manifest, file_name: str, index: FaissIndex, expected: int | None) -> list[str]:
@@ -202,7 +220,8 @@ def _unusable(generation: str, problems: list[str]) -> IndexFormatError:
 
 
 class PublishedIndex:
-    """The published generation, loaded into memory, plus a read-only view of the catalog. Opening never writes.
+    """The published generation, loaded into memory (a large image index memory-mapped: :func:`load_generation`),
+    plus a read-only view of the catalog. Opening never writes.
 
     Thread-safe: searches run concurrently (FAISS searches are read-only); catalog lookups share one read-only
     SQLite connection behind a lock. Later publishes do not affect an open instance (reopen to see them).
@@ -212,14 +231,19 @@ class PublishedIndex:
         self.index_dir = index_dir
         self.manifest = loaded.manifest
         self._segments = loaded.segments
+        self.memory_mapped = loaded.memory_mapped  # the image index's inverted lists are pages of its files
         self._texts = loaded.texts
         self._catalog = catalog
         self._generation = generation_number(loaded.manifest.generation)
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, index_dir: Path, *, verify_checksums: bool = True) -> PublishedIndex:
-        """Load CURRENT's generation. IndexNotFoundError if nothing is published, IndexFormatError if it is unusable."""
+    def open(
+        cls, index_dir: Path, *, verify_checksums: bool = True, memory_budget: int | None = None
+    ) -> PublishedIndex:
+        """Load CURRENT's generation, its image index memory-mapped past ``memory_budget`` bytes (default: the
+        generation's, see :func:`load_generation`). IndexNotFoundError if nothing is published, IndexFormatError if
+        it is unusable."""
         index_dir = Path(index_dir)
         for _ in range(OPEN_ATTEMPTS):
             name = current_generation(index_dir)
@@ -227,7 +251,7 @@ class PublishedIndex:
                 where = "does not exist" if not index_dir.is_dir() else f"has no {CURRENT_FILE}: nothing is published"
                 raise IndexNotFoundError(f"no published index: {index_dir} {where}. Run the indexer to build one")
             try:
-                loaded = load_generation(index_dir, name, verify_checksums)
+                loaded = load_generation(index_dir, name, verify_checksums, memory_budget)
             except (FileNotFoundError, IndexFormatError) as exc:
                 if current_generation(index_dir) != name:
                     continue  # a publish replaced the generation while we read it

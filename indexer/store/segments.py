@@ -23,6 +23,13 @@ Training: an index type that trains (IVF's coarse quantizer, a codec) is trained
 kept as ``trained-*.faiss`` and every new segment starts from a copy of it, so all segments share one quantizer.
 It is trained again (all rows into one segment) when the collection has grown or shrunk by ``RETRAIN_FACTOR``
 since, when the index type changes, and on ``clip-index build --retrain``.
+
+Serving (:func:`served_mapped`): a reader keeps the segments in its own memory while their files together fit the
+memory budget, the generation's (``--memory-budget``, recorded for an auto-chosen type) or else
+``DEFAULT_MEMORY_BUDGET``; past it, it memory-maps the inverted lists of IVF segments from their files, so that
+the server's own memory holds only each segment's coarse centroids and id maps (tens of bytes per vector) and the
+codes are pages of the kernel's file cache, shared between the server's processes and evicted under pressure.
+Index types without plain inverted lists (Flat, HNSW, fast-scan PQ) are read into memory whatever their size.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ MERGE_FACTOR = 10
 MIN_MERGE_VECTORS = 1_000  # segments below this size are all level 0
 MAX_DELETED_SHARE = 0.3
 RETRAIN_FACTOR = 2.0
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of segment files a reader keeps in memory when the generation sets no budget
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,12 @@ def trained_template(index: FaissIndex, factory: str, dim: int) -> FaissIndex | 
     template = faiss.clone_index(index)
     template.reset()
     return template
+
+
+def served_mapped(segment_bytes: int, budget: int | None) -> bool:
+    """Whether a reader memory-maps segments whose files hold ``segment_bytes`` in all, under the memory budget
+    ``budget`` (None: ``DEFAULT_MEMORY_BUDGET``), by the rule of the module docstring."""
+    return segment_bytes > (DEFAULT_MEMORY_BUDGET if budget is None else budget)
 
 
 @dataclass(frozen=True)
