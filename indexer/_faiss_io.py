@@ -196,16 +196,27 @@ def read_index(path: Path, *, mapped: bool = False) -> FaissIndex:
         raise FileNotFoundError(f"FAISS index file {path} does not exist")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
     try:
-        return faiss.read_index(str(path), flags)
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexFormatError(f"cannot read FAISS index {path} (truncated or corrupt?): {exc}") from exc
+    lists = _mapped_lists(index)
+    if lists is not None:
+        # no prefetch threads: FAISS would start that many threads per search to touch the lists' pages first,
+        # which costs more than a search over cached pages (bench/README.md, "ondisk")
+        lists.prefetch_nthread = 0
+    return index
 
 
 def is_memory_mapped(index: FaissIndex) -> bool:
     """Whether ``index``'s inverted lists are memory-mapped from its file (read with ``mapped``)."""
+    return _mapped_lists(index) is not None
+
+
+def _mapped_lists(index: FaissIndex) -> Any:
+    """The ``OnDiskInvertedLists`` of an IVF ``index`` read memory-mapped, else None."""
     ivf = faiss.try_extract_index_ivf(index)
-    lists = ivf.invlists if ivf is not None else None
-    return lists is not None and isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None and ivf.invlists is not None else None
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
 def index_ids(index: FaissIndex) -> npt.NDArray[np.int64]:

@@ -53,6 +53,8 @@ def test_segments_past_the_budget_are_memory_mapped_and_answer_exactly_as_in_mem
         assert len(mapped.manifest.segments) == 3
         assert mapped.memory_mapped and not in_memory.memory_mapped
         assert all(_faiss_io.is_memory_mapped(s.index) for s in mapped._segments)
+        lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(s.index).invlists) for s in mapped._segments]
+        assert all(isinstance(x, faiss.OnDiskInvertedLists) and x.prefetch_nthread == 0 for x in lists)
         assert not any(_faiss_io.is_memory_mapped(s.index) for s in in_memory._segments)
         assert search_all(mapped, queries, 10) == search_all(in_memory, queries, 10)
         assert search_all(mapped, queries[:2], 5000) == search_all(in_memory, queries[:2], 5000)  # deletions too
