@@ -47,6 +47,10 @@ class Member:
 MEMBERS: dict[str, Member] = {
     "encoders": Member("bench_encoders", what="image/text encoders vs transformers; int8; torch.compile"),
     "index_types": Member("bench_index_types", what="flat vs HNSW vs IVF at 100k and 1M vectors"),
+    "ondisk": Member(
+        "bench_ondisk",
+        what="10M x 512 IVF-SQ8 served memory-mapped: build s, bytes, RssAnon, cold/warm latency, recall@10",
+    ),
     "indexer": Member(
         "bench_indexer", ("--only", "pipeline"), ("--smoke", "--only", "pipeline"), "indexing end to end, fp32"
     ),
