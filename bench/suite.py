@@ -84,6 +84,10 @@ MEMBERS: dict[str, Member] = {
         ("--smoke", "--vectors", "3000", "--concurrency", "1"),
         "memory and latency over 1M vectors",
     ),
+    "update": Member(
+        "bench_update",
+        what="adding and deleting 1,000 images in a 1M-image index: publish s, peak RSS, recall vs a rebuild",
+    ),
 }
 
 

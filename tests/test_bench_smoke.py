@@ -53,3 +53,4 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
     assert "| concurrency |" in report or skip  # the server's table
     assert "end to end img/s" in report
     assert "Whole first build over" in report  # indexer_full's line
+    assert "| update | publish s |" in report  # update's table
