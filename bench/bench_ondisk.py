@@ -60,6 +60,10 @@ TEXT_NOISE = 2.0  # norm of their isotropic noise
 NPROBES = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # warm sweep; the cold pass runs at the first reaching TARGET
 TARGET = 0.9  # recall@10 of both query kinds that the operating point must reach
 FULL_CHUNK = 250_000  # vectors drawn, added and scored against the queries at once (500 MB of float32 at 512-d)
+PROJECTED_SIZES = (100_000_000, 1_000_000_000)
+MACHINE_RAM_GB = 24  # of this bench's machine
+MACHINE_CACHE_SHARE = 0.8  # of a machine's memory left to the page cache and the server
+P50_TARGET_MS = 10.0
 IN_MEMORY = 1 << 62  # a reader budget no index exceeds
 READ_CHUNK = 1 << 24  # bytes per read when warming the page cache
 SEGMENT = "s-000000-000001.g000001.faiss"
@@ -331,6 +335,34 @@ def run_child(index_dir: Path, args: argparse.Namespace, nprobe: int | None = No
 # ------------------------------------------------------------------------------------------------------- reporting
 
 
+def projection(results: dict[str, Any], sizes: Sequence[int] = PROJECTED_SIZES) -> list[dict[str, float]]:
+    """What ``sizes`` vectors would take, from the measured per-vector costs: disk (the segment's bytes per vector),
+    the reader's anonymous memory (its growth on opening the mapped index, per vector), the RAM a warm page cache
+    needs (disk + anonymous), the build on this machine (adding scales with N x nlist, training with nlist^2), the
+    warm p50 at the operating nprobe (scaling with the vectors a list holds, N / nlist), and the machines of
+    ``MACHINE_RAM_GB`` it takes to keep it warm and, sharded, within ``P50_TARGET_MS`` (each shard searched in
+    parallel). ``nlist`` is :func:`choose_index`'s for each size."""
+    from indexer.index_choice import ivf_lists
+
+    n, built, warm = results["vectors"], results["build"], results["warm"]
+    disk = built["segment_bytes"] / n
+    anon = (warm["after_open"]["RssAnon"] - warm["after_imports"]["RssAnon"]) * 1024 / n
+    p50 = results["operating_point"]["p50_ms"]
+    rows = []
+    for size in sizes:
+        lists = ivf_lists(size) / built["nlist"]
+        build_h = (built["add_s"] * size / n * lists + built["train_s"] * lists**2) / 3600
+        p50_size = p50 * (size / ivf_lists(size)) / (n / built["nlist"])
+        ram = (disk + anon) * size
+        machines = max(
+            math.ceil(ram / (MACHINE_RAM_GB * 2**30 * MACHINE_CACHE_SHARE)), math.ceil(p50_size / P50_TARGET_MS)
+        )
+        rows.append({"vectors": size, "nlist": ivf_lists(size), "disk_gb": disk * size / 1e9,
+                     "anon_gb": anon * size / 1e9, "ram_gb": ram / 1e9, "build_h": build_h, "p50_ms": p50_size,
+                     "machines": machines})  # fmt: skip
+    return rows
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as the tables of bench/README.md's "ondisk" section."""
     built, warm, cold = results["build"], results["warm"], results["cold"]
@@ -372,6 +404,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"The same index read into memory: open {memory['open_s']:.1f} s, RssAnon {mib(memory, 'after_queries')} "
         f"MiB, warm p50 {same['p50_ms']:.2f} ms, p99 {same['p99_ms']:.2f} ms at nprobe {point['nprobe']}."
     )
+    lines += [
+        "",
+        f"| projected vectors | nlist | disk GB | RssAnon GB | RAM for a warm cache GB | build h (2 cores) "
+        f"| p50 ms, one shard | machines of {MACHINE_RAM_GB} GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['vectors']:,} | {r['nlist']} | {r['disk_gb']:.0f} | {r['anon_gb']:.1f} | {r['ram_gb']:.0f} "
+        f"| {r['build_h']:.1f} | {r['p50_ms']:.0f} | {r['machines']} |"
+        for r in projection(results)
+    ]
     return "\n".join(lines)
 
 
