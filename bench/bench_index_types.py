@@ -202,16 +202,16 @@ def batch_throughput(index: Any, queries: np.ndarray, repeat: int) -> dict[str, 
 def measure_point(
     index: Any, queries: np.ndarray, neighbours: np.ndarray, threads: Sequence[int], repeat: int
 ) -> dict[str, Any]:
-    from indexer import _faiss_io
+    from clip_model.process_tuning import set_own_thread_count
 
     point: dict[str, Any] = {}
-    _faiss_io.set_threads(max(threads))
+    set_own_thread_count(max(threads))
     _, found = index.search(queries, K)
     point["recall"] = recall_at_k(found, neighbours)
     for count in threads:
-        _faiss_io.set_threads(count)
+        set_own_thread_count(count)
         point[f"single_{count}t"] = single_query_times(index, queries, repeat)
-    _faiss_io.set_threads(max(threads))
+    set_own_thread_count(max(threads))
     point[f"batch{BATCH}_qps_{max(threads)}t"] = batch_throughput(index, queries, repeat)
     return point
 
@@ -222,6 +222,7 @@ def measure_point(
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one index kind over one data set in this (fresh) process and measure it; JSON-ready result."""
 
+    from clip_model.process_tuning import set_own_thread_count
     from indexer import _faiss_io, index_choice
 
     files = {name: Path(path) for name, path in spec["files"].items()}
@@ -232,7 +233,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     queries = np.load(files["queries"])
     neighbours = np.load(files["neighbours"])
     ids = np.arange(n, dtype=np.int64)
-    _faiss_io.set_threads(spec["build_threads"])
+    set_own_thread_count(spec["build_threads"])
     if kind == "auto":
         choice = index_choice.choose_index(n, dim, flat_max_vectors=spec["flat_max"])
         factory = choice.factory
@@ -302,6 +303,7 @@ def bench_blas(vectors: np.ndarray, queries: np.ndarray, threads: Sequence[int],
     """Exact search time per batch for each BLAS threshold, batch size and thread count."""
     import faiss
 
+    from clip_model.process_tuning import set_own_thread_count
     from indexer import _faiss_io
 
     index = _faiss_io.build_index(np.arange(len(vectors), dtype=np.int64), vectors, vectors.shape[1], "Flat")
@@ -312,7 +314,7 @@ def bench_blas(vectors: np.ndarray, queries: np.ndarray, threads: Sequence[int],
     try:
         for _ in range(repeat):  # interleaved, so that load changes hit every setting alike
             for count in threads:
-                _faiss_io.set_threads(count)
+                set_own_thread_count(count)
                 for name, threshold in thresholds.items():
                     faiss.cvar.distance_compute_blas_threshold = threshold
                     for batch in batches:
@@ -332,6 +334,7 @@ def bench_flat_scaling(
 ) -> dict[str, Any]:
     """Single-query p50/p99 of exact search at each size."""
 
+    from clip_model.process_tuning import set_own_thread_count
     from indexer import _faiss_io
 
     results: dict[str, Any] = {}
@@ -340,7 +343,7 @@ def bench_flat_scaling(
             np.arange(n, dtype=np.int64), np.ascontiguousarray(vectors[:n]), vectors.shape[1], "Flat"
         )
         for count in threads:
-            _faiss_io.set_threads(count)
+            set_own_thread_count(count)
             results.setdefault(str(n), {})[f"{count}t"] = single_query_times(index, queries, repeat)
     return results
 
