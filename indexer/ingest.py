@@ -161,7 +161,7 @@ def _source(options: IngestOptions) -> tuple[ModelInfo, Path, list[_Shard]]:
 def _ingest_shards(
     catalog: Catalog, shards: Sequence[_Shard], model: ModelInfo, progress: Progress | None
 ) -> IngestStats:
-    stats, done, known = IngestStats(), catalog.ingested_shards(), catalog.files()
+    stats, done = IngestStats(), catalog.ingested_shards()
     before = sum(shard.name in done for shard in shards)
     logger.info("ingesting %d of %d shards (%d ingested before)", len(shards) - before, len(shards), before)
     for number, shard in enumerate(shards, 1):
@@ -178,7 +178,7 @@ def _ingest_shards(
         else:
             rows_of_shard = shard.read(model)
             with catalog.transaction():
-                _write_rows(catalog, rows_of_shard, known, stats)
+                _write_rows(catalog, rows_of_shard, catalog.files_at(rows_of_shard.paths), stats)
                 catalog.record_ingested_shard(shard.name, digest, len(rows_of_shard))
             stats.shards += 1
             logger.debug("ingested %s: %d rows", shard.name, len(rows_of_shard))
@@ -188,7 +188,8 @@ def _ingest_shards(
 
 
 def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord], stats: IngestStats) -> None:
-    """Write the rows that differ from the catalog's (call in a transaction); ``known`` follows what is written."""
+    """Write the rows that differ from the catalog's ``known`` rows of the shard's paths (call in a transaction;
+    a shard's paths are unique, so each is looked at once)."""
     vectors = iter(rows.embeddings)  # the embedded rows' vectors, in row order
     for i, path in enumerate(rows.paths):
         error, sha256 = rows.errors[i], rows.sha256[i]
@@ -201,17 +202,16 @@ def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord],
             stats.unchanged += 1
             continue
         if error is not None:
-            image_id = catalog.add_skipped(path, size, mtime_ns, sha256, error)
+            catalog.add_skipped(path, size, mtime_ns, sha256, error)
             stats.skipped += 1
         else:
             width, height = rows.width[i], rows.height[i]
             assert vector is not None and sha256 is not None and width is not None and height is not None  # check_rows
-            image_id = catalog.add_image(path, size, mtime_ns, sha256, width, height, vector)
+            catalog.add_image(path, size, mtime_ns, sha256, width, height, vector)
             if previous is None:
                 stats.added += 1
             else:
                 stats.modified += 1
-        known[path] = FileRecord(image_id, path, size, mtime_ns, sha256, status)
     stats.rows += len(rows)
 
 

@@ -270,6 +270,17 @@ class Catalog:
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM images").fetchall()
         return {row[1]: FileRecord(*row) for row in rows}
 
+    def files_at(self, paths: Sequence[str]) -> dict[str, FileRecord]:
+        """The rows of those of ``paths`` the catalog holds, keyed by path (a lookup per chunk, not a scan)."""
+        unique = list(dict.fromkeys(paths))
+        found: dict[str, FileRecord] = {}
+        for start in range(0, len(unique), SQL_IDS_PER_QUERY):
+            chunk = unique[start : start + SQL_IDS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM images WHERE path IN ({marks})", chunk)
+            found.update((row[1], FileRecord(*row)) for row in rows.fetchall())
+        return found
+
     def find_by_hash(self, content_hash: str) -> list[FileRecord]:
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM images WHERE content_hash = ?", (content_hash,))
         return [FileRecord(*row) for row in rows.fetchall()]
