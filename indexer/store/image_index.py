@@ -254,10 +254,11 @@ def _with_deletions(
 
 
 def _loaded_segments(segments_dir: Path, records: list[SegmentRecord], result: ImageIndex) -> list[LoadedSegment]:
-    """The segments of ``records`` ready to search: the new ones from memory, the others read from their files."""
+    """The segments of ``records`` ready to search: the new ones from memory, the others from their files, IVF
+    lists memory-mapped (only searched here, so they need not be copied into this process's memory)."""
     loaded = []
     for record in records:
-        index = result.new_segments.get(record.file) or _faiss_io.read_index(segments_dir / record.file)
+        index = result.new_segments.get(record.file) or _faiss_io.read_index(segments_dir / record.file, mapped=True)
         if record.deleted_file in result.new_deletions:
             deleted = result.new_deletions[record.deleted_file]
         else:
