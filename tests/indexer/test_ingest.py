@@ -456,6 +456,7 @@ def kill_at(moments: tuple[tuple[str | None, int, float], ...], shards_dir: Path
     return states
 
 
+@pytest.mark.slow  # kills at 11 moments of ingests, each followed by a verify and a rerun
 def test_kill_9_at_any_moment_of_an_ingest_keeps_whole_shards_and_a_rerun_converges(tmp_path: Path) -> None:
     shards_dir, index_dir, reference = tmp_path / "shards", tmp_path / "index", tmp_path / "reference"
     rows = [make_rows(n * KILL_ROWS, KILL_ROWS, skipped=(7, 500)) for n in range(FIRST_SHARDS + MORE_SHARDS)]

@@ -281,6 +281,7 @@ with store.Catalog.open(index_dir) as catalog:
 """
 
 
+@pytest.mark.slow  # kills at 10 random moments of publishing processes
 def test_kill_9_during_segment_writes_deletions_and_merges_keeps_a_whole_generation(tmp_path: Path) -> None:
     """kill -9 at random moments of publishes that write segments and deletion files and merge (a merge every
     MERGE_FACTOR publishes): the server's view is always a whole generation whose every vector is its image's."""
