@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import IndexFormatError
-from .format import Ids, Vectors
+from .format import Ids, Vectors, _fsync
 
 MAGIC = b"CLIPVEC\0"
 FILE_FORMAT = 1
@@ -66,7 +66,7 @@ class VectorFile:
         handle.write(_HEADER.pack(MAGIC, FILE_FORMAT, dim).ljust(HEADER_BYTES, b"\0"))
         handle.flush()
         os.fsync(handle.fileno())
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
         return cls(path, dim, handle)
 
     @classmethod
@@ -162,11 +162,3 @@ class VectorFile:
         if self._handle is None:
             raise IndexFormatError(f"{self.path} is open for reading only")
         return self._handle
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
