@@ -132,8 +132,6 @@ def test_files_no_kept_generation_uses_are_removed(collection: Collection) -> No
         collection.delete(sorted(collection.vectors)[:1])
         collection.publish()
     used = set(read_manifest(collection.index_dir, _current(collection.index_dir)).files)
-    with PublishedIndex.open(collection.index_dir):
-        pass
     previous = sorted((collection.index_dir / "generations").iterdir())[0].name
     used |= set(read_manifest(collection.index_dir, previous).files)
     on_disk = {p.name for p in (collection.index_dir / "segments").iterdir()}
