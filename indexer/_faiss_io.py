@@ -15,7 +15,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,10 +44,23 @@ BLAS_THRESHOLD_FLOATS = 1536
 TRAIN_POINTS_PER_LIST = 64  # IVF trains on this many vectors per list (FAISS would take 256: 4x the k-means time)
 TRAIN_MAX_POINTS = 131_072  # training sample of codecs without lists (SQ, PQ)
 TRAIN_SEED = 0
+ADD_CHUNK_ROWS = 65_536  # rows read and added per call when filling an index (128 MB of 512-d float32)
 
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_FLOATS
 _IDMAP_PREFIX_RE = re.compile(r"^\s*IDMap2?\s*,\s*")
 _LOSSY_CODEC_RE = re.compile(r"PQ|SQ|RQ|LSH|RaBitQ|LSQ")  # codecs whose reconstruct() only approximates the input
+
+
+class VectorRows(Protocol):
+    """[N, D] float32 unit rows that the index builders read part by part: a numpy matrix, or rows kept on disk
+    (``indexer.store.vector_log.StoredRows``). Indexing by a slice or an integer array returns a new array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any, /) -> Any: ...
 
 
 def describe_backend() -> str:
@@ -75,14 +88,23 @@ def is_exact(factory: str) -> bool:
     return normalize_factory(factory) == IDMAP_PREFIX + "Flat"
 
 
-def build_index(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32], dim: int, factory: str) -> FaissIndex:
+def build_index(ids: npt.NDArray[np.int64], vectors: VectorRows, dim: int, factory: str) -> FaissIndex:
     """Build an inner-product index over ``vectors`` [N, dim] float32 unit rows with ``ids`` [N] int64.
 
     Trains, when the factory needs it (IVF, PQ, SQ...), on a seeded sample of the vectors themselves
     (``TRAIN_POINTS_PER_LIST`` per IVF list, else up to ``TRAIN_MAX_POINTS``), so that a rebuild from the same
-    catalog gives the same index; raises IndexBuildError when FAISS cannot build it (unknown factory string, too
-    few vectors to train).
+    catalog gives the same index; then adds the rows ``ADD_CHUNK_ROWS`` at a time, so rows on disk are read part by
+    part. Raises IndexBuildError when FAISS cannot build it (unknown factory string, too few vectors to train).
     """
+    index = trained_index(vectors, dim, factory)
+    add_rows(index, ids, vectors)
+    prepare_for_queries(index)
+    return index
+
+
+def trained_index(vectors: VectorRows, dim: int, factory: str) -> FaissIndex:
+    """An empty index of ``factory``, trained as :func:`build_index` trains it on ``vectors`` [N, dim] when the type
+    needs training (IndexBuildError as there)."""
     try:
         index = faiss.index_factory(dim, normalize_factory(factory), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -97,10 +119,14 @@ def build_index(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32], di
                 f"FAISS could not train {factory!r} on {len(vectors)} vectors: {exc}. "
                 "Use fewer IVF lists / PQ centroids, or 'IDMap2,Flat' for small collections."
             ) from exc
-    if len(vectors):
-        index.add_with_ids(vectors, ids)
-    prepare_for_queries(index)
     return index
+
+
+def add_rows(index: FaissIndex, ids: npt.NDArray[np.int64], vectors: VectorRows) -> None:
+    """Add ``vectors`` [N, D] with ``ids`` [N] to ``index``, ``ADD_CHUNK_ROWS`` rows per call."""
+    for start in range(0, len(ids), ADD_CHUNK_ROWS):
+        chunk = np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32)
+        index.add_with_ids(chunk, ids[start : start + ADD_CHUNK_ROWS])
 
 
 def prepare_for_queries(index: FaissIndex) -> None:
@@ -113,14 +139,14 @@ def prepare_for_queries(index: FaissIndex) -> None:
         ivf.make_direct_map()
 
 
-def _training_sample(index: FaissIndex, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _training_sample(index: FaissIndex, vectors: VectorRows) -> npt.NDArray[np.float32]:
     """The rows ``index`` trains on: a seeded random subset, in catalog order, of at most the size it needs."""
     ivf = faiss.try_extract_index_ivf(index)
     size = int(ivf.nlist) * TRAIN_POINTS_PER_LIST if ivf is not None else TRAIN_MAX_POINTS
     if len(vectors) <= size:
-        return vectors
+        return np.ascontiguousarray(vectors[:], dtype=np.float32)
     rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size=size, replace=False))
-    return np.ascontiguousarray(vectors[rows])
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
 def _layers(index: FaissIndex) -> list[FaissIndex]:

@@ -227,8 +227,10 @@ def _index_type_arguments(parser: argparse.ArgumentParser) -> None:
         type=_bytes,
         default=None,
         metavar="BYTES",
-        help="most memory the auto-chosen image index may take, e.g. 512M or 4G (0: no budget). Default: the last "
-        "one given to this index, none for a new index",
+        help="most memory the auto-chosen image index may take, e.g. 512M or 4G: smaller codes when they fit it, "
+        "else IVF-SQ8 whose lists the server memory-maps from disk; also the most one segment holds while the "
+        "indexer builds it (0: no budget, segments and the server's in-memory share then default to 2G). Default: "
+        "the last one given to this index, none for a new index",
     )
 
 

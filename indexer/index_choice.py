@@ -14,7 +14,9 @@ that grows past a threshold switches type). Its thresholds follow the bench's "i
   than Flat; SQfp16 codes double the memory for a higher recall ceiling that the target does not need.
 * Under a memory budget that SQ8 does not fit, smaller codes (SQ6, SQ4, 4-bit fast-scan PQ), which may not reach
   the target (PQ256x4fs stays well below it at any nprobe): the calibration then records what they reach.
-  Collections too small for IVF lists use the same codes without lists.
+  Collections too small for IVF lists use the same codes without lists. When none fits, IVF with SQ8 codes, whose
+  inverted lists the server memory-maps from disk past the budget (:mod:`indexer.store.segments`), so that its
+  own memory holds the coarse centroids and ids, not the codes.
 * Vectors without cluster structure (uniform random, the ANN worst case) need nearly every IVF list; when the
   calibrated nprobe exceeds ``MAX_PROBE_SHARE`` of the lists, :func:`build_calibrated` publishes Flat instead.
 
@@ -35,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _faiss_io
-from ._faiss_io import FaissIndex
+from ._faiss_io import FaissIndex, VectorRows
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,14 @@ def choose_index(
         if memory_budget_bytes is None or size <= memory_budget_bytes:
             why = f"{n} vectors > {flat_max_vectors}" if n > flat_max_vectors else f"Flat exceeds {budget}"
             return IndexChoice(_faiss_io.normalize_factory(body), params, f"{why}: {body}, ~{size:,} bytes")
+    if nlist:  # served from disk: the lists memory-mapped, the codes the target needs
+        body = candidates[0]
+        return IndexChoice(
+            _faiss_io.normalize_factory(body),
+            params,
+            f"no index type fits {budget} in memory; {body} (~{estimated_bytes(body, n, dim):,} bytes) with its "
+            "inverted lists memory-mapped from disk",
+        )
     body = candidates[-1]
     return IndexChoice(
         _faiss_io.normalize_factory(body),
@@ -174,7 +184,7 @@ class Calibration:
 
 
 def recall_queries(
-    vectors: npt.NDArray[np.float32], count: int = RECALL_QUERIES, seed: int = RECALL_SEED
+    vectors: VectorRows, count: int = RECALL_QUERIES, seed: int = RECALL_SEED
 ) -> npt.NDArray[np.float32]:
     """[min(count, N), D] float32 unit queries near stored vectors: a random sample, each perturbed by Gaussian
     noise of norm ~``QUERY_NOISE`` (cos ~0.9 to its source), so a query is near the collection but not in it."""
@@ -187,9 +197,7 @@ def recall_queries(
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 
-def exact_kth_scores(
-    vectors: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int
-) -> npt.NDArray[np.float32]:
+def exact_kth_scores(vectors: VectorRows, queries: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float32]:
     """[Q] float32: the k-th largest inner product of each query over ``vectors`` [N, D] (numpy, chunked; k <= N)."""
     best = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     for start in range(0, len(vectors), GROUND_TRUTH_CHUNK):
@@ -204,7 +212,7 @@ def exact_kth_scores(
 def measure_recall(
     index: FaissIndex,
     ids: npt.NDArray[np.int64],
-    vectors: npt.NDArray[np.float32],
+    vectors: VectorRows,
     queries: npt.NDArray[np.float32],
     kth: npt.NDArray[np.float32],
     k: int,
@@ -223,7 +231,7 @@ def measure_recall(
 def calibrate(
     index: FaissIndex,
     ids: npt.NDArray[np.int64],
-    vectors: npt.NDArray[np.float32],
+    vectors: VectorRows,
     factory: str,
     *,
     target: float = TARGET_RECALL + RECALL_MARGIN,
@@ -275,7 +283,7 @@ class BuiltIndex:
 
 def build_calibrated(
     ids: npt.NDArray[np.int64],
-    vectors: npt.NDArray[np.float32],
+    vectors: VectorRows,
     dim: int,
     factory: str,
     *,

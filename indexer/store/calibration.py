@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _faiss_io
+from .._faiss_io import VectorRows
 from ..index_choice import GROUND_TRUTH_CHUNK, KNOB_LADDER, RECALL_K, RECALL_MARGIN, TARGET_RECALL, recall_queries
 from .format import Ids, Vectors
 from .segments import LoadedSegment, search_segments
@@ -44,20 +45,22 @@ class GroundTruth:
     scores: npt.NDArray[np.float32]
 
     @classmethod
-    def of(cls, ids: Ids, vectors: Vectors) -> GroundTruth:
+    def of(cls, ids: Ids, vectors: VectorRows) -> GroundTruth:
         """The ground truth of the collection ``ids`` [N] / ``vectors`` [N, D] (a pass over it, in chunks)."""
         queries = recall_queries(vectors)
-        truth = cls(queries, np.full((len(queries), 0), -1, dtype=np.int64), np.empty((len(queries), 0), np.float32))
+        empty = cls(queries, np.full((len(queries), 0), -1, dtype=np.int64), np.empty((len(queries), 0), np.float32))
+        return empty.with_added(ids, vectors)
+
+    def with_added(self, ids: Ids, vectors: VectorRows) -> GroundTruth:
+        """The ground truth once ``vectors`` [N, D] (with their ``ids``, read ``GROUND_TRUTH_CHUNK`` rows at a time)
+        are in the collection too."""
+        truth = self
         for start in range(0, len(ids), GROUND_TRUTH_CHUNK):
-            truth = truth.with_added(
-                ids[start : start + GROUND_TRUTH_CHUNK], vectors[start : start + GROUND_TRUTH_CHUNK]
-            )
+            stop = start + GROUND_TRUTH_CHUNK
+            truth = truth._with_chunk(ids[start:stop], np.asarray(vectors[start:stop], dtype=np.float32))
         return truth
 
-    def with_added(self, ids: Ids, vectors: Vectors) -> GroundTruth:
-        """The ground truth once ``vectors`` (with their ``ids``) are in the collection too."""
-        if not len(ids):
-            return self
+    def _with_chunk(self, ids: Ids, vectors: Vectors) -> GroundTruth:
         scores = np.concatenate([self.scores, self.queries @ vectors.T], axis=1)
         all_ids = np.concatenate([self.ids, np.broadcast_to(ids, (len(self.queries), len(ids)))], axis=1)
         scores = np.where(all_ids == -1, -np.inf, scores)

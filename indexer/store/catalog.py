@@ -38,7 +38,7 @@ from .schema import (
     upgrade_from_1,
     user_version,
 )
-from .vector_log import Pointer, VectorLog
+from .vector_log import Pointer, StoredRows, VectorLog
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +375,10 @@ class Catalog:
         """(ids [N] int64, vectors [N, D] float32 unit rows) of every ok image, ordered by id. Memory: N*D*4 bytes."""
         return self._matrix("images", "WHERE status = 'ok'")
 
+    def embedding_rows(self) -> tuple[Ids, StoredRows]:
+        """:meth:`embeddings` with the vectors left in their files, read on demand (:class:`StoredRows`)."""
+        return self._stored_rows("images", "WHERE status = 'ok'")
+
     def embedding(self, image_id: int) -> Vectors | None:
         """The stored [D] float32 vector of an ok image, or None."""
         return self._vector("images", image_id)
@@ -401,10 +405,16 @@ class Catalog:
         ).fetchall()
         return [(int(image_id), int(gen)) for image_id, gen in rows]
 
-    def stamped_embeddings(self, first_gen: int, last_gen: int) -> tuple[Ids, Vectors]:
-        """(ids [N] int64, vectors [N, D] float32) of the ok images whose current version was stamped with a
-        generation in ``first_gen..last_gen``, ordered by id: what a segment covering those generations holds."""
-        return self._matrix("images", f"WHERE status = 'ok' AND gen BETWEEN {int(first_gen)} AND {int(last_gen)}")
+    def stamped_rows(
+        self, first_gen: int, last_gen: int, id_range: tuple[int, int] | None = None
+    ) -> tuple[Ids, StoredRows]:
+        """(ids [N] int64, vectors as :class:`StoredRows`) of the ok images whose current version was stamped with a
+        generation in ``first_gen..last_gen`` (and whose id is in ``id_range``, both ends included, if given),
+        ordered by id: what a segment covering those generations (and ids) holds."""
+        where = f"WHERE status = 'ok' AND gen BETWEEN {int(first_gen)} AND {int(last_gen)}"
+        if id_range is not None:
+            where += f" AND id BETWEEN {int(id_range[0])} AND {int(id_range[1])}"
+        return self._stored_rows("images", where)
 
     def image_count(self) -> int:
         """Ok images, which a published generation holds."""
@@ -606,15 +616,24 @@ class Catalog:
         return rows
 
     def _matrix(self, table: str, where: str) -> tuple[Ids, Vectors]:
-        dim = self._require_dim()
-        with self.snapshot():
-            rows = self._conn.execute(f"SELECT id, vec_file, vec_row FROM {table} {where} ORDER BY id").fetchall()
-            ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-            vectors = np.empty((len(rows), dim), dtype=np.float32)
-            for start in range(0, len(rows), MATRIX_CHUNK_ROWS):
-                chunk = rows[start : start + MATRIX_CHUNK_ROWS]
-                vectors[start : start + len(chunk)] = self._read_vectors([(row[1], row[2]) for row in chunk], dim)
+        ids, rows = self._stored_rows(table, where)
+        vectors = np.empty(rows.shape, dtype=np.float32)
+        for start in range(0, len(ids), MATRIX_CHUNK_ROWS):
+            vectors[start : start + MATRIX_CHUNK_ROWS] = rows[start : start + MATRIX_CHUNK_ROWS]
         return ids, vectors
+
+    def _stored_rows(self, table: str, where: str) -> tuple[Ids, StoredRows]:
+        """(ids [N] int64, their vectors as StoredRows) of ``table``'s rows matching ``where``, ordered by id; the
+        pointers are fetched in chunks, so memory is three int64 per row."""
+        dim = self._require_dim()
+        parts = []
+        with self.snapshot():
+            cursor = self._conn.execute(f"SELECT id, vec_file, vec_row FROM {table} {where} ORDER BY id")
+            while chunk := cursor.fetchmany(MATRIX_CHUNK_ROWS):
+                parts.append(np.array(chunk, dtype=np.int64).reshape(-1, 3))
+        pointers = np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.int64)
+        ids = np.ascontiguousarray(pointers[:, 0])
+        return ids, StoredRows(self._vectors, np.ascontiguousarray(pointers[:, 1]), pointers[:, 2].copy(), dim)
 
     def _read_vectors(self, pointers: list[Pointer], dim: int) -> Vectors:
         vectors = self._vectors.read(pointers)

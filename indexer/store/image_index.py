@@ -4,13 +4,19 @@
 write: new segment files, new deletion files and the manifest's fields. An update copies nothing that did not
 change: the previous segments stay where they are, referenced by both manifests.
 
+A rebuild over more rows than one segment may hold (:func:`indexer.store.segments.max_segment_vectors`) trains once
+on a sample, then fills and writes the parts one by one from the vector files, so the indexer holds one part, a
+chunk of rows and the training sample at a time, whatever the collection's size.
+
 An update sets the search parameter (IVF nprobe, HNSW efSearch) again against the ground truth it keeps up to date
 (:mod:`indexer.store.calibration`), which costs the new rows, not the collection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +30,19 @@ from .calibration import GroundTruth, recalibrate
 from .catalog import Catalog
 from .format import Ids, Manifest, ModelInfo, generation_number
 from .segments import (
+    DEFAULT_MEMORY_BUDGET,
     RETRAIN_FACTOR,
     LoadedSegment,
     SegmentRecord,
     deleted_file,
+    max_segment_vectors,
     merges,
     new_segment,
     segment_file,
+    stage_file,
     trained_template,
 )
+from .vector_log import StoredRows
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,7 @@ class ImageIndex:
     factory: str
     segments: list[SegmentRecord]
     new_segments: dict[str, FaissIndex] = field(default_factory=dict)  # file name -> index to write
+    staged: dict[str, Path] = field(default_factory=dict)  # file name -> the segment written already (stage_file)
     new_deletions: dict[str, Ids] = field(default_factory=dict)  # file name -> sorted ids to write
     trained: str | None = None
     new_trained: FaissIndex | None = None  # written as ``trained`` when set
@@ -72,6 +83,11 @@ class Request:
     flat_max_vectors: int
     retrain: bool = False
 
+    @property
+    def served_budget(self) -> int | None:
+        """The budget the manifest records, which readers serve under: only an auto-chosen type's."""
+        return self.budget if self.factory == AUTO else None
+
 
 def next_image_index(
     catalog: Catalog,
@@ -91,7 +107,7 @@ def next_image_index(
     reason = _rebuild_reason(prior, model, request, total, choice.factory)
     if reason is not None or prior is None:
         logger.info("building the image index over all %d images: %s", total, reason)
-        return _rebuild(catalog, model, generation, request, choice.factory, choice.reason)
+        return _rebuild(catalog, model, generation, request, choice.factory, choice.reason, segments_dir)
     return _update(catalog, model, generation, prior, segments_dir)
 
 
@@ -119,27 +135,31 @@ def _rebuild_reason(
 
 
 def _rebuild(
-    catalog: Catalog, model: ModelInfo, generation: int, request: Request, auto_choice: str, auto_reason: str
+    catalog: Catalog,
+    model: ModelInfo,
+    generation: int,
+    request: Request,
+    auto_choice: str,
+    auto_reason: str,
+    segments_dir: Path,
 ) -> ImageIndex:
     started = time.monotonic()
-    ids, vectors = catalog.embeddings()
+    ids, vectors = catalog.embedding_rows()
     auto = request.factory == AUTO
     factory, reason = (auto_choice, auto_reason) if auto else (request.factory, "the factory asked for")
-    built = build_calibrated(ids, vectors, model.embed_dim, factory, auto=auto, memory_budget_bytes=request.budget)
+    budget = request.served_budget
+    capacity = max_segment_vectors(factory, model.embed_dim, budget)
+    if len(ids) > capacity:
+        return _rebuild_split(ids, vectors, model, generation, factory, reason, capacity, segments_dir, started)
+    built = build_calibrated(
+        ids, vectors, model.embed_dim, factory, auto=auto, memory_budget_bytes=budget or DEFAULT_MEMORY_BUDGET
+    )
     template = trained_template(built.index, built.factory, model.embed_dim)
     truth = None if _faiss_io.search_knob(built.index) is None else GroundTruth.of(ids, vectors)
-    del vectors
     name = segment_file(0, generation, generation)
     tuned = built.calibration
-    logger.info(
-        "built and calibrated %s over %d images in %.1fs (%s); %s, recall@10 %s on %d queries",
-        built.factory,
-        len(ids),
-        time.monotonic() - started,
-        reason + built.note,
-        tuned.search_params or "no search parameters",
-        "n/a" if tuned.recall is None else f"{tuned.recall:.3f}",
-        tuned.queries,
+    _log_build(
+        built.factory, len(ids), 1, started, reason + built.note, tuned.search_params, tuned.recall, tuned.queries
     )
     return ImageIndex(
         factory=built.factory,
@@ -156,6 +176,82 @@ def _rebuild(
         recall_queries=tuned.queries,
         reason=reason + built.note,
         rebuilt=True,
+    )
+
+
+def _rebuild_split(
+    ids: Ids,
+    vectors: StoredRows,
+    model: ModelInfo,
+    generation: int,
+    factory: str,
+    reason: str,
+    capacity: int,
+    segments_dir: Path,
+    started: float,
+) -> ImageIndex:
+    """The rebuild of more rows than a segment may hold: parts of near equal size by id, each written as soon as
+    it is filled (so one is in memory at a time), all from one template trained on a sample of every row; then the
+    knob is calibrated over the written parts, memory-mapped. The auto choice's switch to exact Flat does not
+    apply: Flat would not fit the budget either."""
+    dim = model.embed_dim
+    empty = _faiss_io.trained_index(vectors, dim, factory)  # trained on a sample, if the type trains
+    template = empty if _faiss_io.needs_training(factory, dim) else None
+    parts = math.ceil(len(ids) / capacity)
+    size = math.ceil(len(ids) / parts)
+    result = ImageIndex(factory=factory, segments=[], trained_count=len(ids), reason=reason, rebuilt=True)
+    for part, start in enumerate(range(0, len(ids), size)):
+        stop = min(start + size, len(ids))
+        name = segment_file(0, generation, generation, part)
+        index = new_segment(template, factory, ids[start:stop], vectors.part(start, stop), dim)
+        result.staged[name] = stage_file(segments_dir, name, index)
+        del index
+        first_id, last_id = int(ids[start]), int(ids[stop - 1])
+        result.segments.append(SegmentRecord(name, 0, generation, stop - start, first_id=first_id, last_id=last_id))
+        logger.info("wrote part %d of %d (%d images) of the image index", part + 1, parts, stop - start)
+    knob = _faiss_io.search_knob(empty)
+    if not _faiss_io.is_exact(factory):
+        truth = GroundTruth.of(ids, vectors)
+        loaded = [
+            LoadedSegment.of(
+                record, _faiss_io.read_index(result.staged[record.file], mapped=True), np.empty(0, np.int64)
+            )
+            for record in result.segments
+        ]
+        result.search_params, result.recall = recalibrate(loaded, truth, factory)
+        result.recall_queries = int(truth.measurable().sum())
+        del loaded
+        if knob is not None:
+            result.calibration, result.new_calibration = calibration_file(generation), truth
+    else:
+        result.recall = 1.0
+    if template is not None:
+        _faiss_io.set_search_params(template, result.search_params)
+        result.trained, result.new_trained = f"trained.g{generation:06d}.faiss", template
+    _log_build(factory, len(ids), parts, started, reason, result.search_params, result.recall, result.recall_queries)
+    return result
+
+
+def _log_build(
+    factory: str,
+    count: int,
+    parts: int,
+    started: float,
+    reason: str,
+    params: dict[str, int],
+    recall: float | None,
+    queries: int,
+) -> None:
+    logger.info(
+        "built and calibrated %s over %d images in %d segment(s) in %.1fs (%s); %s, recall@10 %s on %d queries",
+        factory,
+        count,
+        parts,
+        time.monotonic() - started,
+        reason,
+        params or "no search parameters",
+        "n/a" if recall is None else f"{recall:.3f}",
+        queries,
     )
 
 
@@ -186,7 +282,7 @@ def _update(
         _with_deletions(SegmentRecord(**s), superseded, segments_dir, generation, result) for s in prior.segments
     ]
     added = 0
-    ids, vectors = catalog.stamped_embeddings(covered + 1, generation)
+    ids, vectors = catalog.stamped_rows(covered + 1, generation)
     changed = bool(len(ids) or superseded)
     if prior.calibration is not None and changed:
         gone = np.unique(np.array([image_id for image_id, _ in superseded], dtype=np.int64))
@@ -199,15 +295,19 @@ def _update(
         result.new_segments[name] = _segment(template, prior, ids, vectors, model.embed_dim)
         records.append(SegmentRecord(name, covered + 1, generation, len(ids)))
         added = len(ids)
-    for start, stop in reversed(merges(records)):
+    capacity = max_segment_vectors(prior.factory, model.embed_dim, prior.memory_budget)
+    for start, stop in reversed(merges(records, capacity)):
         first, last = records[start].first_gen, records[stop - 1].last_gen
-        ids, vectors = catalog.stamped_embeddings(first, last)
-        name = segment_file(first, last, generation)
+        id_range = records[start].id_range  # a part of a split build is rewritten alone, within its ids
+        ids, vectors = catalog.stamped_rows(first, last, id_range)
+        part = None if id_range is None else _part_number(records[start].file)
+        name = segment_file(first, last, generation, part)
         result.new_segments[name] = _segment(template, prior, ids, vectors, model.embed_dim)
         logger.info(
             "merged %d segments of generations %d-%d into one of %d images", stop - start, first, last, len(ids)
         )
-        records[start:stop] = [SegmentRecord(name, first, last, len(ids))]
+        low, high = id_range if id_range is not None else (None, None)
+        records[start:stop] = [SegmentRecord(name, first, last, len(ids), first_id=low, last_id=high)]
     result.segments = records
     if result.new_calibration is not None:
         loaded = _loaded_segments(segments_dir, records, result)
@@ -226,7 +326,12 @@ def _update(
     return result
 
 
-def _segment(template: FaissIndex | None, prior: Manifest, ids: Ids, vectors: np.ndarray, dim: int) -> FaissIndex:
+def _part_number(segment: str) -> int:
+    """The part number in the name of a part of a split build (segment_file's ``.pNNNN``)."""
+    return int(segment.rsplit(".p", 1)[1].removesuffix(".faiss"))
+
+
+def _segment(template: FaissIndex | None, prior: Manifest, ids: Ids, vectors: StoredRows, dim: int) -> FaissIndex:
     index = new_segment(template, prior.factory, ids, vectors, dim)
     if prior.search_params:
         _faiss_io.set_search_params(index, prior.search_params)
@@ -241,7 +346,7 @@ def _with_deletions(
     result: ImageIndex,
 ) -> SegmentRecord:
     """``record`` with the superseded versions of its generations added to its deletions (a new file if any)."""
-    gone = np.array([image_id for image_id, gen in superseded if record.covers(gen)], dtype=np.int64)
+    gone = np.array([image_id for image_id, gen in superseded if record.holds(image_id, gen)], dtype=np.int64)
     if not len(gone):
         return record
     before = load_deleted(segments_dir, record)
@@ -250,7 +355,7 @@ def _with_deletions(
         return record
     name = deleted_file(record.file, generation)
     result.new_deletions[name] = deleted
-    return SegmentRecord(record.file, record.first_gen, record.last_gen, record.count, name, len(deleted))
+    return dataclasses.replace(record, deleted_file=name, deleted=len(deleted))
 
 
 def _loaded_segments(segments_dir: Path, records: list[SegmentRecord], result: ImageIndex) -> list[LoadedSegment]:

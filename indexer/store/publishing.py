@@ -49,7 +49,7 @@ from .format import (
 from .image_index import ImageIndex, Request, next_image_index
 from .lock import _HELD_LOCKS, WriterLock
 from .reader import current_generation, read_manifest
-from .segments import SEGMENTS_DIR
+from .segments import SEGMENTS_DIR, install_staged
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _publish_locked(index_dir: Path, catalog: Catalog, request: Request) -> Mani
         search_params=images.search_params,
         recall_at_10=images.recall,
         recall_queries=images.recall_queries,
-        segments=[dataclasses.asdict(segment) for segment in images.segments],
+        segments=[segment.to_json() for segment in images.segments],
         trained=images.trained,
         trained_count=images.trained_count,
         auto_choice=images.auto_choice,
@@ -206,6 +206,8 @@ def _write_segment_files(segments_dir: Path, images: ImageIndex, prior: Manifest
     if images.new_trained is not None and images.trained is not None:
         written[images.trained] = images.new_trained
     files = {}
+    for file_name, staged in images.staged.items():
+        files[file_name] = _digest(install_staged(staged, file_name))
     for file_name, content in written.items():
         tmp = segments_dir / f"{TEMP_PREFIX}{file_name}"
         if isinstance(content, np.ndarray):

@@ -19,6 +19,13 @@ from the catalog's current rows of their generations, so deletions are dropped t
 about ``log(N) / log(MERGE_FACTOR)`` times over the collection's life, and a collection has at most
 ``MERGE_FACTOR - 1`` segments per level.
 
+Size: no segment holds more vectors than fit the memory budget (:func:`max_segment_vectors`, by the index type's
+estimated bytes per vector; the generation's budget or else ``DEFAULT_MEMORY_BUDGET``), so that building one never
+holds more than that in the indexer's memory. A build over more rows than that is split by id into parts of near
+equal size, each written as soon as it is filled; a part records its id range, is never merged with others
+(Lucene's segments at the maximum size are not either) and, when worn, is rewritten alone. Merges stop below the
+limit too.
+
 Training: an index type that trains (IVF's coarse quantizer, a codec) is trained once; the trained, empty index is
 kept as ``trained-*.faiss`` and every new segment starts from a copy of it, so all segments share one quantizer.
 It is trained again (all rows into one segment) when the collection has grown or shrunk by ``RETRAIN_FACTOR``
@@ -34,17 +41,21 @@ Index types without plain inverted lists (Flat, HNSW, fast-scan PQ) are read int
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 
 from .. import _faiss_io
-from .._faiss_io import FaissIndex
-from .format import Ids, Vectors
+from .._faiss_io import FaissIndex, VectorRows
+from ..index_choice import estimated_bytes
+from .format import TEMP_PREFIX, Ids, Vectors, _fsync
 
 SEGMENTS_DIR = "segments"
 MERGE_FACTOR = 10
@@ -57,7 +68,8 @@ DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of segment files a reader keeps in memo
 @dataclass(frozen=True)
 class SegmentRecord:
     """One segment as a manifest lists it: its FAISS file, the generations it covers, the vectors the file holds,
-    and its deletions (file and count; None and 0: none)."""
+    its deletions (file and count; None and 0: none) and, for a part of a build split by size, the ids it covers
+    (``first_id..last_id``, both included; None: every id)."""
 
     file: str
     first_gen: int
@@ -65,18 +77,33 @@ class SegmentRecord:
     count: int
     deleted_file: str | None = None
     deleted: int = 0
+    first_id: int | None = None
+    last_id: int | None = None
 
     @property
     def live(self) -> int:
         return self.count - self.deleted
 
-    def covers(self, generation: int) -> bool:
-        return self.first_gen <= generation <= self.last_gen
+    @property
+    def id_range(self) -> tuple[int, int] | None:
+        return None if self.first_id is None or self.last_id is None else (self.first_id, self.last_id)
+
+    def holds(self, image_id: int, generation: int) -> bool:
+        """Whether a version of ``image_id`` stamped with ``generation`` belongs in this segment."""
+        in_range = self.first_id is None or self.last_id is None or self.first_id <= image_id <= self.last_id
+        return self.first_gen <= generation <= self.last_gen and in_range
+
+    def to_json(self) -> dict[str, object]:
+        """The manifest's entry (the id range only when there is one)."""
+        entry = dataclasses.asdict(self)
+        return {key: value for key, value in entry.items() if key not in ("first_id", "last_id") or value is not None}
 
 
-def segment_file(first_gen: int, last_gen: int, written_by: int) -> str:
-    """Name of a segment: the generations it covers and the generation that wrote it (unique in an index)."""
-    return f"s-{first_gen:06d}-{last_gen:06d}.g{written_by:06d}.faiss"
+def segment_file(first_gen: int, last_gen: int, written_by: int, part: int | None = None) -> str:
+    """Name of a segment: the generations it covers, the generation that wrote it and, for a build split by size,
+    its part number (unique in an index)."""
+    suffix = "" if part is None else f".p{part:04d}"
+    return f"s-{first_gen:06d}-{last_gen:06d}.g{written_by:06d}{suffix}.faiss"
 
 
 def written_by(segment: str) -> int | None:
@@ -85,7 +112,7 @@ def written_by(segment: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
-_SEGMENT_RE = re.compile(r"s-\d{6,}-\d{6,}\.g(\d{6,})\.faiss")
+_SEGMENT_RE = re.compile(r"s-\d{6,}-\d{6,}\.g(\d{6,})(?:\.p\d{4,})?\.faiss")
 
 
 def deleted_file(segment: str, written_by: int) -> str:
@@ -100,16 +127,28 @@ def level(count: int) -> int:
     return 1 + int(math.log(count / MIN_MERGE_VECTORS) / math.log(MERGE_FACTOR))
 
 
-def merges(segments: Sequence[SegmentRecord]) -> list[tuple[int, int]]:
+def merges(segments: Sequence[SegmentRecord], max_count: int | None = None) -> list[tuple[int, int]]:
     """Ranges ``[start, stop)`` of ``segments`` (in generation order) to rewrite as one segment each, by the policy
-    of the module docstring: non-overlapping and in order; applying them and asking again gives none."""
-    groups = [_Group(i, i + 1, s.live) for i, s in enumerate(segments)]
+    of the module docstring, never into one of more than ``max_count`` vectors (None: no limit): non-overlapping
+    and in order; applying them and asking again gives none."""
+    most = math.inf if max_count is None else max_count
+    groups = [_Group(i, i + 1, s.live, sealed=s.id_range is not None) for i, s in enumerate(segments)]
     worn = next((i for i, s in enumerate(segments) if s.deleted > MAX_DELETED_SHARE * s.count), None)
     if worn is not None:
-        groups[worn:] = [_Group(worn, len(segments), sum(g.count for g in groups[worn:]), rewrite=True)]
+        stop = worn + 1
+        if not groups[worn].sealed:
+            while (
+                stop < len(groups) and not groups[stop].sealed and sum(g.count for g in groups[worn : stop + 1]) <= most
+            ):
+                stop += 1
+        merged = _Group(worn, stop, sum(g.count for g in groups[worn:stop]), rewrite=True, sealed=groups[worn].sealed)
+        groups[worn:stop] = [merged]
     while len(groups) >= MERGE_FACTOR and len({level(g.count) for g in groups[-MERGE_FACTOR:]}) == 1:
         tail = groups[-MERGE_FACTOR:]
-        groups[-MERGE_FACTOR:] = [_Group(tail[0].start, tail[-1].stop, sum(g.count for g in tail), rewrite=True)]
+        count = sum(g.count for g in tail)
+        if any(g.sealed for g in tail) or count > most:
+            break
+        groups[-MERGE_FACTOR:] = [_Group(tail[0].start, tail[-1].stop, count, rewrite=True)]
     return [(g.start, g.stop) for g in groups if g.rewrite]
 
 
@@ -119,16 +158,42 @@ class _Group:
     stop: int
     count: int
     rewrite: bool = False
+    sealed: bool = False  # a part of a split build: rewritten alone, never merged with others
 
 
-def new_segment(template: FaissIndex | None, factory: str, ids: Ids, vectors: Vectors, dim: int) -> FaissIndex:
-    """A segment over ``ids`` [N] / ``vectors`` [N, dim]: a copy of the trained ``template`` with the vectors added,
-    or, for an index type that needs no training (``template`` None), a fresh index of ``factory``."""
+def max_segment_vectors(factory: str, dim: int, budget: int | None) -> int:
+    """The most vectors one segment of ``factory`` may hold so that it takes at most the memory budget ``budget``
+    bytes (None: ``DEFAULT_MEMORY_BUDGET``), by :func:`indexer.index_choice.estimated_bytes`; at least 1."""
+    limit = DEFAULT_MEMORY_BUDGET if budget is None else budget
+    fixed = estimated_bytes(factory, 0, dim)
+    per_vector = max(1, estimated_bytes(factory, 1_000_000, dim) - fixed) / 1_000_000
+    return max(1, int((limit - fixed) / per_vector))
+
+
+def stage_file(directory: Path, name: str, index: FaissIndex) -> Path:
+    """Write ``index`` durably as ``<TEMP_PREFIX><name>`` in ``directory`` (fsynced; renamed to ``name`` by the
+    publish that lists it, swept by the next one if it never is) and return that path."""
+    path = directory / f"{TEMP_PREFIX}{name}"
+    _faiss_io.write_index(index, path)
+    _fsync(path)
+    return path
+
+
+def install_staged(staged: Path, name: str) -> Path:
+    """Rename a file :func:`stage_file` wrote to its final ``name`` (the caller fsyncs the directory)."""
+    final = staged.parent / name
+    os.replace(staged, final)
+    return final
+
+
+def new_segment(template: FaissIndex | None, factory: str, ids: Ids, vectors: VectorRows, dim: int) -> FaissIndex:
+    """A segment over ``ids`` [N] / ``vectors`` [N, dim] (read part by part): a copy of the trained ``template``
+    with the vectors added, or, for an index type that needs no training (``template`` None), a fresh index of
+    ``factory``."""
     if template is None:
         return _faiss_io.build_index(ids, vectors, dim, factory)
     index = faiss.clone_index(template)
-    if len(ids):
-        index.add_with_ids(vectors, ids)
+    _faiss_io.add_rows(index, ids, vectors)
     _faiss_io.prepare_for_queries(index)
     return index
 

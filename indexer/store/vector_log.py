@@ -72,10 +72,15 @@ class VectorLog:
     def read(self, pointers: Sequence[Pointer]) -> Vectors:
         """The vectors at ``pointers``, in their order: [N, D] float32. IndexFormatError when a pointer is outside
         the committed rows or the files have different widths."""
-        if not pointers:
-            return np.empty((0, 0), dtype=np.float32)
         numbers = np.fromiter((p[0] for p in pointers), dtype=np.int64, count=len(pointers))
         rows = np.fromiter((p[1] for p in pointers), dtype=np.int64, count=len(pointers))
+        return self.read_at(numbers, rows)
+
+    def read_at(self, numbers: Ids, rows: Ids) -> Vectors:
+        """The vectors at (``numbers[i]``, ``rows[i]``), in that order: [N, D] float32 (N = len(rows); [0, 0] when
+        empty). IndexFormatError as :meth:`read`."""
+        if not len(rows):
+            return np.empty((0, 0), dtype=np.float32)
         out: Vectors | None = None
         for number in np.unique(numbers):
             where = np.flatnonzero(numbers == number)
@@ -83,7 +88,7 @@ class VectorLog:
             committed = self._committed(int(number))
             _, vectors = file.read(rows[where], committed or 0)
             if out is None:
-                out = np.empty((len(pointers), file.dim), dtype=np.float32)
+                out = np.empty((len(rows), file.dim), dtype=np.float32)
             elif out.shape[1] != file.dim:
                 raise IndexFormatError(f"vectors of widths {out.shape[1]} and {file.dim} asked for together")
             out[where] = vectors
@@ -128,3 +133,47 @@ class VectorLog:
         except sqlite3.OperationalError:
             return None
         return None if row is None else int(row[0])
+
+
+class StoredRows:
+    """[N, D] float32 unit rows read from the vector files on demand, in the order of the catalog query that made
+    them: what a numpy matrix of the same rows would give for ``len``, ``shape`` and indexing (by an int, a slice
+    or an integer array of any shape, always a new array), without holding them in memory. Memory: two int64 per
+    row. Valid while the catalog that made it is open; committed rows never change, so reads need no snapshot."""
+
+    def __init__(self, log: VectorLog, files: Ids, rows: Ids, dim: int) -> None:
+        self._log = log
+        self._files = files
+        self._rows = rows
+        self.dim = dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._rows), self.dim)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: int | slice | Ids) -> Vectors:
+        if isinstance(key, slice):
+            files, rows = self._files[key], self._rows[key]
+        else:
+            wanted = np.asarray(key)
+            if wanted.dtype.kind not in "iu":
+                raise TypeError(f"stored rows are indexed by integers or a slice, not {wanted.dtype}")
+            files, rows = self._files[wanted.reshape(-1)], self._rows[wanted.reshape(-1)]
+            vectors = self._read(files, rows)
+            return vectors.reshape(*wanted.shape, self.dim)
+        return self._read(files, rows)
+
+    def part(self, start: int, stop: int) -> StoredRows:
+        """Rows ``start..stop-1`` as stored rows too (no read)."""
+        return StoredRows(self._log, self._files[start:stop], self._rows[start:stop], self.dim)
+
+    def _read(self, files: Ids, rows: Ids) -> Vectors:
+        if not len(rows):
+            return np.empty((0, self.dim), dtype=np.float32)
+        vectors = self._log.read_at(files, rows)
+        if vectors.shape[1] != self.dim:
+            raise IndexFormatError(f"the catalog's vectors are {vectors.shape[1]} wide, its model's {self.dim}")
+        return vectors
