@@ -46,6 +46,7 @@ from .store import (
     FileRecord,
     ImageRecord,
     ModelInfo,
+    NewImage,
     WriterLock,
     current_generation,
     publish,
@@ -189,29 +190,32 @@ def _ingest_shards(
 
 def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord], stats: IngestStats) -> None:
     """Write the rows that differ from the catalog's ``known`` rows of the shard's paths (call in a transaction;
-    a shard's paths are unique, so each is looked at once)."""
-    vectors = iter(rows.embeddings)  # the embedded rows' vectors, in row order
+    a shard's paths are unique, so each is looked at once). The embedded ones go in as one batch."""
+    images: list[NewImage] = []
+    embedded: list[int] = []  # positions in rows.embeddings of the images written
     for i, path in enumerate(rows.paths):
         error, sha256 = rows.errors[i], rows.sha256[i]
         size, mtime_ns = int(rows.size[i]), int(rows.mtime_ns[i])
-        vector = next(vectors) if error is None else None
         status = "ok" if error is None else "skipped"
         previous = known.get(path)
         facts = (size, mtime_ns, sha256, status)
         if previous is not None and (previous.size, previous.mtime_ns, previous.content_hash, previous.status) == facts:
             stats.unchanged += 1
-            continue
-        if error is not None:
+        elif error is not None:
             catalog.add_skipped(path, size, mtime_ns, sha256, error)
             stats.skipped += 1
         else:
             width, height = rows.width[i], rows.height[i]
-            assert vector is not None and sha256 is not None and width is not None and height is not None  # check_rows
-            catalog.add_image(path, size, mtime_ns, sha256, width, height, vector)
+            assert sha256 is not None and width is not None and height is not None  # check_rows
+            images.append(NewImage(path, size, mtime_ns, sha256, width, height))
+            embedded.append(i)
             if previous is None:
                 stats.added += 1
             else:
                 stats.modified += 1
+    if images:
+        positions = np.searchsorted(rows.embedded_rows, np.asarray(embedded, dtype=np.int64))
+        catalog.add_images(images, np.ascontiguousarray(rows.embeddings[positions]))
     stats.rows += len(rows)
 
 

@@ -26,6 +26,7 @@ from .format import (
     ImageRecord,
     Manifest,
     ModelInfo,
+    NewImage,
 )
 from .lock import WriterLock
 from .publishing import publish, resolve_index_request, up_to_date
@@ -43,6 +44,7 @@ __all__ = [
     "MANIFEST_FILE",
     "Catalog",
     "FileRecord",
+    "NewImage",
     "Hit",
     "ImageRecord",
     "Manifest",

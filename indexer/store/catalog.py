@@ -23,7 +23,7 @@ from ..errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
-from .format import CATALOG_FILE, NORM_TOLERANCE, FileRecord, Ids, ImageRecord, ModelInfo, Vectors
+from .format import CATALOG_FILE, NORM_TOLERANCE, FileRecord, Ids, ImageRecord, ModelInfo, NewImage, Vectors
 from .schema import (
     CATALOG_VERSION,
     DEFAULT_FACTORY,
@@ -47,6 +47,14 @@ SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
 _FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
 _VERSIONED_COLUMNS = f"{_IMAGE_COLUMNS}, vec_file, vec_row, gen"  # what image_versions keeps of an images row
+_ADD_COLUMNS = (
+    "id, path, size, mtime_ns, content_hash, width, height, status, error, vec_file, vec_row, updated_at".split(", ")
+)
+_ADD_UPDATES = ", ".join(f"{column} = excluded.{column}" for column in _ADD_COLUMNS if column not in ("id", "path"))
+_ADD_IMAGE = (  # insert, or replace every column of the row at that path but its id
+    f"INSERT INTO images ({', '.join(_ADD_COLUMNS)}) VALUES ({', '.join('?' * len(_ADD_COLUMNS))}) "
+    f"ON CONFLICT (path) DO UPDATE SET {_ADD_UPDATES}"
+)
 MATRIX_CHUNK_ROWS = 65_536  # pointers resolved per read when gathering many vectors
 UPGRADE_BATCH_ROWS = 4096  # embedding BLOBs moved into vector files per statement when upgrading format 2
 
@@ -298,13 +306,55 @@ class Catalog:
         """Insert or update the row for ``path`` (an existing path keeps its id). ``embedding`` [D] float32 unit-norm.
         Returns the id."""
         vector = _checked_vector(embedding, self._require_dim())
+        return int(self.add_images([NewImage(path, size, mtime_ns, content_hash, width, height)], vector[None])[0])
+
+    def add_images(self, images: Sequence[NewImage], embeddings: Vectors) -> Ids:
+        """:meth:`add_image` for many files at once, in one transaction: ``images`` [N] with distinct paths and
+        ``embeddings`` [N, D] float32 unit rows. Returns the ids [N] int64 (existing paths keep theirs)."""
+        dim = self._require_dim()
+        if embeddings.dtype != np.float32 or embeddings.shape != (len(images), dim):
+            raise EmbeddingError(
+                f"embeddings must be float32 [{len(images)}, {dim}], got {embeddings.dtype} {list(embeddings.shape)}"
+            )
+        _check_norms(embeddings)
+        paths = [_check_path(image.path) for image in images]
+        if len(set(paths)) != len(paths):
+            raise ValueError("add_images needs distinct paths")
+        now = time.time()
         with self.transaction():
-            row = self._conn.execute("SELECT id FROM images WHERE path = ?", (_check_path(path),)).fetchone()
-            image_id = int(row[0]) if row is not None else self._next_id("images")
-            number, first = self._vectors.append("images", np.array([image_id], dtype=np.int64), vector[None])
-            values = {"width": width, "height": height, "status": "ok", "error": None}
-            values |= {"vec_file": number, "vec_row": first, "id": image_id}
-            return self._upsert(path, size, mtime_ns, content_hash, values)
+            known = {path: record.id for path, record in self.files_at(paths).items()}
+            replaced = sorted(known.values())
+            next_id = self._next_id("images")
+            ids = np.empty(len(paths), dtype=np.int64)
+            for i, path in enumerate(paths):
+                if path not in known:
+                    known[path], next_id = next_id, next_id + 1
+                ids[i] = known[path]
+            number, first = self._vectors.append("images", ids, embeddings)
+            for start in range(0, len(replaced), SQL_IDS_PER_QUERY):
+                chunk = replaced[start : start + SQL_IDS_PER_QUERY]
+                self._keep_published(f"id IN ({','.join('?' * len(chunk))})", chunk)
+            self._conn.executemany(
+                _ADD_IMAGE,
+                [
+                    (
+                        int(ids[i]),
+                        path,
+                        image.size,
+                        image.mtime_ns,
+                        image.content_hash,
+                        image.width,
+                        image.height,
+                        "ok",
+                        None,
+                        number,
+                        first + i,
+                        now,
+                    )
+                    for i, (path, image) in enumerate(zip(paths, images, strict=True))
+                ],
+            )
+        return ids
 
     def add_skipped(self, path: str, size: int, mtime_ns: int, content_hash: str | None, error: str) -> int:
         """Record a file that could not be indexed, with the reason; it holds no embedding. Returns the id."""

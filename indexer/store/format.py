@@ -120,6 +120,18 @@ class FileRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class NewImage:
+    """An image file to record with its embedding (:meth:`indexer.store.Catalog.add_images`)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """What the app shows about one image; ``path`` is relative to the image root, in POSIX form."""
 

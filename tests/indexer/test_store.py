@@ -147,6 +147,28 @@ def test_add_image_for_an_existing_path_keeps_its_id(catalog: Catalog) -> None:
     assert catalog.embeddings()[0].size == 0 and catalog.files()["img/00000.jpg"].status == "skipped"
 
 
+def test_add_images_records_a_batch_as_add_image_would_one_by_one(tmp_path: Path, catalog: Catalog) -> None:
+    [kept_id] = add_images(catalog, unit_vectors(1, seed=1))
+    catalog.add_skipped("b/skipped.jpg", 1, 1, None, "truncated")
+    published = publish(catalog.index_dir, catalog)
+    vectors = unit_vectors(4, seed=3)
+    batch = [store.NewImage(p, 9, 9, f"h-{p}", 8, 6) for p in ("b/new1.jpg", "img/00000.jpg", "b/skipped.jpg", "b/2")]
+    ids = catalog.add_images(batch, vectors)
+    assert ids.dtype == np.int64 and ids[1] == kept_id and ids[2] == catalog.files()["b/skipped.jpg"].id
+    assert ids[0] > ids[2] and ids[3] == ids[0] + 1  # new paths get new ids, in order
+    for image_id, vector in zip(ids, vectors, strict=True):
+        np.testing.assert_array_equal(catalog.embedding(int(image_id)), vector)
+    assert catalog.counts()["ok"] == 4 and catalog.files()["img/00000.jpg"].content_hash == "h-img/00000.jpg"
+    assert catalog.superseded(after=int(published.generation.split("-")[1])) == [(kept_id, 1)]
+    with pytest.raises(ValueError, match="distinct paths"):
+        catalog.add_images(batch[:1] * 2, vectors[:2])
+    with pytest.raises(EmbeddingError, match="float32"):
+        catalog.add_images(batch, vectors[:3])
+    with pytest.raises(EmbeddingError, match="L2-normalized"):
+        catalog.add_images(batch[:1], vectors[:1] * 2)
+    assert catalog.counts()["ok"] == 4  # refused batches write nothing
+
+
 def test_move_touch_delete_and_find_by_hash(catalog: Catalog) -> None:
     ids = add_images(catalog, unit_vectors(3))
     vector = catalog.embedding(ids[0])
