@@ -14,6 +14,13 @@ index and a manifest of format ``FORMAT_VERSION`` naming them, and CURRENT. No c
 ``load_generation`` and ``search_segments`` are what the server runs, without the catalog lookups. Exact top-10
 ids of every query are accumulated chunk by chunk during the build.
 
+``--through-indexer`` builds with the indexer itself instead, as a user with N embeddings would: the same draws
+written chunk by chunk as embedding shards (fake but valid rows, the made-up model of ``bench.bench_update``), then
+``clip-index ingest`` in a child process (``bench.bench_update.run_child``: its wall time, its own peak RSS and the
+time of each step of ingest and publish), whose one publish builds the image index from the vector files in
+parts of at most the memory budget (``indexer.store.segments``, "Size"). The shards are removed after the ingest.
+Catalog ids are the rows' numbers plus one (ingest assigns them in shard order; checked).
+
 Queries, ``--queries`` of each kind: image-like, stored vectors perturbed as the indexer's calibration perturbs them
 (``index_choice.recall_queries``, cosine ~0.9 to their source); text-like, fresh draws from the mixture moved
 along one fixed random direction (a modality gap) and by isotropic noise (``TEXT_GAP``, ``TEXT_NOISE``), so that
@@ -200,6 +207,98 @@ def build(args: argparse.Namespace, index_dir: Path) -> dict[str, Any]:
     }
 
 
+def build_through_indexer(args: argparse.Namespace, workdir: Path, index_dir: Path) -> dict[str, Any]:
+    """Write the draws as embedding shards, then ``clip-index ingest`` them into ``index_dir`` (module doc); the
+    queries and their exact top-k (by catalog id) go to ``index_dir`` too. Returns the timings and sizes."""
+    import shutil
+
+    import faiss
+
+    from bench.bench_update import FILES_PER_DIR, bench_model, run_child, shard_rows
+    from indexer._faiss_io import TRAIN_POINTS_PER_LIST
+    from indexer.index_choice import recall_queries
+    from indexer.shards import ShardWriter, write_manifest
+    from indexer.store import Catalog, current_generation, read_manifest
+
+    shards_dir, model = workdir / "shards", bench_model()
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    shutil.rmtree(index_dir, ignore_errors=True)
+    (workdir / "images").mkdir(parents=True, exist_ok=True)  # the shards' image root: the rows are fake
+    write_manifest(shards_dir, model, workdir / "images")
+    mixture = Mixture(args.dim, SEED)
+    times = {"generate_s": 0.0, "exact_s": 0.0, "shards_s": 0.0}
+    top: TopK | None = None
+    started = time.perf_counter()
+    for start, vectors in chunks(mixture, args.vectors, args.chunk, SEED + 1):
+        times["generate_s"] += time.perf_counter() - started
+        if top is None:
+            image = recall_queries(vectors, args.queries, seed=SEED)
+            top = TopK(np.concatenate([image, text_like(mixture, args.queries, SEED + 2)]), K)
+        clock = time.perf_counter()
+        top.add(start + 1, vectors)  # catalog ids start at 1
+        times["exact_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        paths = [f"seed/{n // FILES_PER_DIR:06d}/img_{n:08d}.jpg" for n in range(start, start + len(vectors))]
+        with ShardWriter(shards_dir, f"{start // args.chunk:06d}", model) as writer:
+            writer.add(shard_rows(paths, vectors, start))
+        times["shards_s"] += time.perf_counter() - clock
+        print(
+            f"  {start + len(vectors):,} vectors written as shards ({time.perf_counter() - started:.0f} s)", flush=True
+        )
+        started = time.perf_counter()
+    assert top is not None
+    shard_bytes = sum(path.stat().st_size for path in shards_dir.iterdir())
+    print(f"ingesting {shard_bytes / 1e9:.1f} GB of shards with clip-index ingest", flush=True)
+    ingest = run_child("add", index_dir, shards_dir)
+    shutil.rmtree(shards_dir)
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        first = catalog.files_at(["seed/000000/img_00000000.jpg"])["seed/000000/img_00000000.jpg"]
+        if first.id != 1:
+            raise RuntimeError(f"the first row got catalog id {first.id}, not 1: the exact ids would be wrong")
+    np.save(index_dir / "queries.npy", top.queries)
+    np.save(index_dir / "exact_ids.npy", top.ids)
+    np.save(index_dir / "exact_scores.npy", top.scores)
+    manifest = read_manifest(index_dir, current_generation(index_dir) or "")
+    sizes = {part: sum(p.stat().st_size for p in (index_dir / part).rglob("*") if p.is_file())
+             for part in ("segments", "vectors")}  # fmt: skip
+    steps = ingest["steps"]
+
+    def step_s(label: str) -> float:
+        return float(steps.get(label, {}).get("seconds", 0.0))
+
+    nlist = int(faiss.extract_index_ivf(faiss.index_factory(args.dim, manifest.factory)).nlist)
+    return {
+        "factory": manifest.factory,
+        "nlist": nlist,
+        "train_vectors": min(args.vectors, nlist * TRAIN_POINTS_PER_LIST),
+        "segments": len(manifest.segments),
+        "search_params": manifest.search_params,
+        "publish_recall_at_10": manifest.recall_at_10,
+        **times,
+        "shard_bytes": shard_bytes,
+        "ingest_command_s": ingest["command_s"],
+        "ingest_rows_s": step_s("ingest: read shards, write rows"),
+        "publish_s": ingest["publish_s"],
+        "train_s": step_s("image index: train"),
+        "add_s": step_s("image index: add vectors"),
+        "write_s": step_s("image index: write a part (split rebuild)") + step_s("publish: write segment files"),
+        "ground_truth_s": step_s("image index: ground truth (rebuild)"),
+        "recalibrate_s": step_s("image index: recalibrate"),
+        "build_s": ingest["publish_s"],
+        "checksum_s": step_s("publish: sha256 of files"),
+        "segment_bytes": sizes["segments"],
+        "vector_file_bytes": sizes["vectors"],
+        "disk_bytes": sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file() and p.suffix != ".npy"),
+        "builder_peak_rss_kb": int(ingest["peak_rss_mb"] * 1024),
+        "builder_rss_after_imports_kb": int(ingest["rss_after_imports_mb"] * 1024),
+        "ingest_steps": steps,
+        "top1_cosine": {
+            "image": float(np.mean(top.scores[: args.queries, 0])),
+            "text": float(np.mean(top.scores[args.queries :, 0])),
+        },
+    }
+
+
 def write_generation(index_dir: Path, index: Any, factory: str, dim: int) -> float:
     """Write ``index`` as the one segment of a published generation (module doc). Returns the seconds spent hashing
     the segment file (what a reader that verifies checksums spends on it at start-up)."""
@@ -265,6 +364,20 @@ def drop_cached(path: Path) -> dict[str, Any]:
     return {"how": "posix_fadvise(DONTNEED)", "cached_kb_before": before, "cached_kb_after": cached_kb()}
 
 
+def segment_paths(index_dir: Path) -> list[Path]:
+    """The segment files of the published generation."""
+    from indexer.store.reader import current_generation, read_manifest
+
+    manifest = read_manifest(index_dir, current_generation(index_dir) or GENERATION)
+    return [index_dir / "segments" / record["file"] for record in manifest.segments]
+
+
+def drop_all_cached(index_dir: Path) -> dict[str, Any]:
+    """:func:`drop_cached` for every segment file; the page cache's size before the first and after the last."""
+    reports = [drop_cached(path) for path in segment_paths(index_dir)]
+    return {**reports[0], "cached_kb_after": reports[-1]["cached_kb_after"], "files": len(reports)}
+
+
 def warm(path: Path) -> float:
     """Read ``path`` once, so that its pages are in the page cache; seconds."""
     started = time.perf_counter()
@@ -291,7 +404,8 @@ def measured(segments: Any, nprobe: int, queries: np.ndarray, exact: np.ndarray,
     """Every query once at ``nprobe``: latency percentiles and recall@10 of each kind."""
     from indexer import _faiss_io
 
-    _faiss_io.set_search_params(segments[0].index, {"nprobe": nprobe})
+    for segment in segments:
+        _faiss_io.set_search_params(segment.index, {"nprobe": nprobe})
     found, times = timed_queries(segments, queries)
     row: dict[str, Any] = {"nprobe": nprobe, "p50_ms": np.percentile(times, 50), "p99_ms": np.percentile(times, 99)}
     for kind, rows in (("image", slice(0, per_kind)), ("text", slice(per_kind, 2 * per_kind))):
@@ -304,19 +418,20 @@ def serve(index_dir: Path, per_kind: int, nprobe: int | None, budget: int | None
     ("cold"), or, without ``nprobe``, after reading the segment into the page cache, at each of ``NPROBES``.
     ``budget``: the memory budget of the reader (None: the store's default rule)."""
     from clip_model.process_tuning import own_threads
-    from indexer.store.reader import load_generation
+    from indexer.store.reader import current_generation, load_generation
 
     queries, exact = np.load(index_dir / "queries.npy"), np.load(index_dir / "exact_ids.npy")
     report: dict[str, Any] = {"after_imports": memory()}
     with own_threads(1):
         started = time.perf_counter()
-        loaded = load_generation(index_dir, GENERATION, verify_checksums=False, memory_budget=budget)
+        generation = current_generation(index_dir) or GENERATION
+        loaded = load_generation(index_dir, generation, verify_checksums=False, memory_budget=budget)
         report |= {"open_s": time.perf_counter() - started, "after_open": memory()}
         report["memory_mapped"] = loaded.memory_mapped
         if nprobe is not None:
             report["cold"] = measured(loaded.segments, nprobe, queries, exact, per_kind)
         else:
-            report["warm_read_s"] = warm(index_dir / "segments" / SEGMENT)
+            report["warm_read_s"] = sum(warm(path) for path in segment_paths(index_dir))
             report["warm"] = [measured(loaded.segments, n, queries, exact, per_kind) for n in NPROBES]
         report |= {"after_queries": memory(), "peak_rss_kb": proc_status_kb("self", "VmHWM")}
     return report
@@ -398,6 +513,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"RssFile after the cold pass {mib(cold, 'after_queries', 'RssFile')} MiB. Mean top-1 cosine: image-like "
         f"{built['top1_cosine']['image']:.2f}, text-like {built['top1_cosine']['text']:.2f}.",
     ]
+    if results.get("through_indexer"):
+        lines.append(
+            f"Built by `clip-index ingest` of {built['shard_bytes'] / 1e9:.1f} GB of shards: the command "
+            f"{built['ingest_command_s']:.0f} s (rows {built['ingest_rows_s']:.0f} s, publish {built['publish_s']:.0f} "
+            f"s: train {built['train_s']:.0f}, add {built['add_s']:.0f}, write {built['write_s']:.0f}, ground truth "
+            f"{built['ground_truth_s']:.0f}, calibration {built['recalibrate_s']:.0f}), peak RSS "
+            f"{built['builder_peak_rss_kb'] / 2**20:.2f} GiB; {built['segments']} segment(s), vector files "
+            f"{built['vector_file_bytes'] / 1e9:.1f} GB (RSS after the command's imports "
+            f"{built['builder_rss_after_imports_kb'] / 2**20:.2f} GiB); the publish's own recall@10 "
+            f"{built['publish_recall_at_10']:.3f} at {built['search_params']}."
+        )
     memory = results["in_memory"]
     same = next(r for r in memory["warm"] if r["nprobe"] == point["nprobe"])
     lines.append(
@@ -432,6 +558,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-budget", type=int, default=None, help="the reader's, bytes (default: the store's; --smoke: 0)"
     )
+    parser.add_argument(
+        "--through-indexer", action="store_true", help="build with clip-index ingest from shards (module doc)"
+    )
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # internal: serve this index
     parser.add_argument("--nprobe", type=int, default=None, help=argparse.SUPPRESS)  # internal: the cold pass's
     args = parser.parse_args(argv)
@@ -446,13 +575,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results = new_results() | {"vectors": args.vectors, "dim": args.dim, "queries_per_kind": args.queries}
     results["memory_budget"] = args.memory_budget
     print(f"building {args.vectors:,} x {args.dim} in {index_dir}", flush=True)
-    results["build"] = build(args, index_dir)
+    results["through_indexer"] = args.through_indexer
+    results["build"] = (
+        build_through_indexer(args, workdir, index_dir) if args.through_indexer else build(args, index_dir)
+    )
     print(json.dumps(results["build"], indent=1), flush=True)
     results["warm"] = run_child(index_dir, args)
     sweep = results["warm"]["warm"]
     point = next((r for r in sweep if min(r["image"], r["text"]) >= TARGET), sweep[-1])
     results["operating_point"] = point
-    results["dropped"] = drop_cached(index_dir / "segments" / SEGMENT)
+    results["dropped"] = drop_all_cached(index_dir)
     results["cold"] = run_child(index_dir, args, point["nprobe"])
     results["in_memory"] = run_child(index_dir, args, budget=IN_MEMORY)  # the same index read into memory
     print("\n" + markdown(results))
