@@ -251,6 +251,15 @@ def index_ids(index: FaissIndex) -> npt.NDArray[np.int64]:
     return ids
 
 
+def _id_view(index: FaissIndex) -> npt.NDArray[np.int64]:
+    """The IDMap's position -> id map as a numpy view of FAISS's own vector (no copy; valid while ``index`` is)."""
+    size = int(index.id_map.size())
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    view: npt.NDArray[np.int64] = faiss.rev_swig_ptr(index.id_map.data(), size).view(np.int64)
+    return view
+
+
 def needs_training(factory: str, dim: int) -> bool:
     """Whether an index of ``factory`` must be trained before vectors go in (IVF, PQ, SQ; not Flat or HNSW,Flat)."""
     return not faiss.index_factory(dim, normalize_factory(factory), faiss.METRIC_INNER_PRODUCT).is_trained
@@ -283,48 +292,87 @@ def exclusion(index: FaissIndex, ids: npt.NDArray[np.int64]) -> Exclusion:
     return Exclusion(faiss.IDSelectorNot(members), id_map, bitmap, int(excluded.sum()), members)
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The ids a search may return, as a bitmap over the id space made once per query and shared by every index it
+    searches: bit ``i`` (little-endian within each byte) set when id ``i`` may be returned."""
+
+    bitmap: npt.NDArray[np.uint8]
+    count: int  # ids allowed
+    selector: Any  # faiss.IDSelectorBitmap over the bitmap (ids beyond it are not allowed)
+
+    @classmethod
+    def of(cls, ids: npt.NDArray[np.int64]) -> Allowed:
+        """Allowed ``ids`` [N] int64 >= 0."""
+        size = int(ids.max()) + 1 if len(ids) else 0
+        members = np.zeros(size, dtype=bool)
+        members[ids] = True
+        bitmap = np.packbits(members, bitorder="little")
+        return cls(bitmap, int(members.sum()), faiss.IDSelectorBitmap(size, faiss.swig_ptr(bitmap)))
+
+
 def search(
-    index: FaissIndex, queries: npt.NDArray[np.float32], k: int, exclude: Exclusion | None = None
+    index: FaissIndex,
+    queries: npt.NDArray[np.float32],
+    k: int,
+    exclude: Exclusion | None = None,
+    *,
+    allowed: Allowed | None = None,
+    params: dict[str, int] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous, leaving out ``exclude``. Returns
-    (scores, ids), each [Q, k'] with k' = min(k, vectors not excluded); rows best first; ids of -1 (fewer than k'
-    results, possible with HNSW/IVF) still present."""
+    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous, among the ids of ``allowed`` (None: all),
+    leaving out ``exclude``, with the search-time ``params`` (names as :func:`get_search_params` gives them) for this
+    search only instead of the index's own. Returns (scores, ids), each [Q, k'] with k' = min(k, vectors not
+    excluded); rows best first; ids of -1 (fewer than k' results: possible with HNSW/IVF, and wherever ``allowed``
+    holds fewer) still present."""
     k = min(k, int(index.ntotal) - (exclude.count if exclude is not None else 0))
+    if allowed is not None:
+        k = min(k, allowed.count)
     if k <= 0:
         empty = np.empty((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    if exclude is None:
+    if exclude is None and allowed is None and not params:
         scores, ids = index.search(queries, k)
         return scores, ids
     inner = faiss.downcast_index(index.index)
-    keep: list[Any] = []  # the nested parameter objects, alive until the search returns
-    scores, positions = inner.search(queries, k, params=_selecting_params(inner, exclude.selector, keep))
-    ids = np.where(positions >= 0, exclude.id_map[np.maximum(positions, 0)], -1)
+    keep: list[Any] = []  # the nested parameter and selector objects, alive until the search returns
+    selectors = [] if exclude is None else [exclude.selector]
+    if allowed is not None:  # positions -> ids through the IDMap's own map, then the id bitmap
+        selectors.append(faiss.IDSelectorTranslated(index.id_map, allowed.selector))
+    selector = selectors[0] if len(selectors) == 1 else None
+    if len(selectors) == 2:
+        selector = faiss.IDSelectorAnd(selectors[0], selectors[1])
+    keep += selectors
+    scores, positions = inner.search(queries, k, params=_selecting_params(inner, selector, keep, params or {}))
+    id_map = exclude.id_map if exclude is not None else _id_view(index)
+    ids = np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
     return scores, ids
 
 
-def _selecting_params(layer: FaissIndex, selector: Any, keep: list[Any]) -> Any:
-    """Search parameters for ``layer`` that carry ``selector`` down to the index that scans, and the layer's own
-    search-time settings (nprobe, efSearch, k_factor), which typed parameters would otherwise reset."""
+def _selecting_params(layer: FaissIndex, selector: Any, keep: list[Any], overrides: dict[str, int]) -> Any:
+    """Search parameters for ``layer`` that carry ``selector`` (None: none) down to the index that scans, and the
+    layer's search-time settings (nprobe, efSearch, k_factor), ``overrides`` replacing them, which typed parameters
+    would otherwise reset."""
     layer = faiss.downcast_index(layer)
     params: Any
     if isinstance(layer, faiss.IndexPreTransform):
         params = faiss.SearchParametersPreTransform()
-        params.index_params = _selecting_params(layer.index, selector, keep)
+        params.index_params = _selecting_params(layer.index, selector, keep, overrides)
     elif isinstance(layer, faiss.IndexRefine):
         params = faiss.IndexRefineSearchParameters()
-        params.k_factor = layer.k_factor
-        params.base_index_params = _selecting_params(layer.base_index, selector, keep)
+        params.k_factor = overrides.get("k_factor", layer.k_factor)
+        params.base_index_params = _selecting_params(layer.base_index, selector, keep, overrides)
     else:
         if isinstance(layer, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
-            params.nprobe = layer.nprobe
+            params.nprobe = overrides.get("nprobe", layer.nprobe)
         elif isinstance(layer, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
-            params.efSearch = layer.hnsw.efSearch
+            params.efSearch = overrides.get("efSearch", layer.hnsw.efSearch)
         else:
             params = faiss.SearchParameters()
-        params.sel = selector
+        if selector is not None:
+            params.sel = selector
     keep.append(params)
     return params
 

@@ -23,7 +23,9 @@ from ..errors import (
     IndexNotFoundError,
     ModelMismatchError,
 )
+from .filters import PhotoColumns, photo_columns, photo_columns_query
 from .format import CATALOG_FILE, NORM_TOLERANCE, FileRecord, Ids, ImageRecord, ModelInfo, NewImage, Vectors
+from .photo_records import PhotoRecords
 from .schema import (
     CATALOG_VERSION,
     DEFAULT_FACTORY,
@@ -465,6 +467,23 @@ class Catalog:
         if id_range is not None:
             where += f" AND id BETWEEN {int(id_range[0])} AND {int(id_range[1])}"
         return self._stored_rows("images", where)
+
+    @property
+    def photos(self) -> PhotoRecords:
+        """The photo metadata table (:mod:`indexer.store.photo_records`)."""
+        return PhotoRecords(self._conn)
+
+    def photo_columns_at(self, generation: int) -> PhotoColumns:
+        """The filterable attributes of the ok images generation number ``generation`` shows
+        (:mod:`indexer.store.filters`). Memory: about 50 bytes per image."""
+        with self.snapshot():
+            self._require_generation(generation)
+            query = photo_columns_query(self.photos.exists())
+            return photo_columns(self._conn.execute(query, {"g": generation}))
+
+    def stored_vectors(self, files: Ids, rows: Ids) -> Vectors:
+        """The [N, D] float32 vectors at (``files[i]``, ``rows[i]``) (pointers as PhotoColumns holds them)."""
+        return StoredRows(self._vectors, files, rows, self._require_dim())[:]
 
     def image_count(self) -> int:
         """Ok images, which a published generation holds."""

@@ -23,6 +23,7 @@ from .._faiss_io import FaissIndex, describe_backend
 from ..errors import EmbeddingError, IndexFormatError, IndexNotFoundError
 from ..paths import file_path
 from .catalog import Catalog
+from .filters import ORIENTATIONS, PhotoColumns, SearchFilter, plan
 from .format import (
     CURRENT_FILE,
     GENERATION_RE,
@@ -42,10 +43,12 @@ from .segments import SEGMENTS_DIR, LoadedSegment, SegmentRecord, search_segment
 
 __all__ = [  # the server's whole view of the index
     "ENV_PREFIX",
+    "ORIENTATIONS",
     "Hit",
     "ImageRecord",
     "ModelInfo",
     "PublishedIndex",
+    "SearchFilter",
     "current_generation",
     "describe_backend",  # for the server's start-up log
     "file_path",  # the file a catalog path names under the image root
@@ -236,6 +239,7 @@ class PublishedIndex:
         self._catalog = catalog
         self._generation = generation_number(loaded.manifest.generation)
         self._lock = threading.Lock()
+        self._columns: PhotoColumns | None = None
 
     @classmethod
     def open(
@@ -273,10 +277,31 @@ class PublishedIndex:
     ) -> None:
         self.close()
 
-    def search(self, queries: Vectors, k: int) -> list[list[Hit]]:
-        """Images nearest to ``queries`` [Q, D] float32 unit rows: Q lists of at most ``k`` hits, best first."""
+    def search(self, queries: Vectors, k: int, where: SearchFilter | None = None) -> list[list[Hit]]:
+        """Images nearest to ``queries`` [Q, D] float32 unit rows: Q lists of at most ``k`` hits, best first, among
+        the images ``where`` matches (None: all), by the plan of :mod:`indexer.store.filters`."""
         matrix = self._checked(queries, k)
-        return _hits(*search_segments(self._segments, matrix, k))
+        if where is None or where.empty:
+            return _hits(*search_segments(self._segments, matrix, k))
+        columns = self.photo_columns()
+        planned = plan(columns, where, self.manifest.counts.get("images", 0))
+        if planned.matching == 0:
+            return [[] for _ in range(len(matrix))]
+        if planned.allowed is not None:
+            return _hits(*search_segments(self._segments, matrix, k, planned.allowed, planned.boost))
+        with self._lock:
+            vectors = self._catalog.stored_vectors(columns.vec_files[planned.rows], columns.vec_rows[planned.rows])
+        scores = matrix @ vectors.T  # [Q, m], exact
+        width = min(k, planned.matching)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        return _hits(np.take_along_axis(scores, best, axis=1), columns.ids[planned.rows][best])
+
+    def photo_columns(self) -> PhotoColumns:
+        """This generation's filterable attributes, read from the catalog on first use and kept."""
+        with self._lock:
+            if self._columns is None:
+                self._columns = self._catalog.photo_columns_at(self._generation)
+            return self._columns
 
     def search_texts(self, queries: Vectors, k: int) -> list[list[Hit]]:
         """Indexed texts nearest to ``queries`` [Q, D] float32 unit rows, as :meth:`search`."""

@@ -8,7 +8,9 @@ status 'ok'|'skipped', error, where its vector is (vec_file, vec_row), updated_a
 ``text_versions`` (deleted texts a kept generation still holds); ``runs``; ``vector_files`` (each vector file of
 :mod:`indexer.store.vectors` and its committed rows). Ids are AUTOINCREMENT, so a deleted
 image's id is never given to another one.
-``ingested_shards``: the embedding shards :mod:`indexer.ingest` brought in.
+``ingested_shards``: the embedding shards :mod:`indexer.ingest` brought in. ``photo_metadata``: what each file
+content says about the photo (:mod:`indexer.photo_metadata`), keyed by content hash, so it needs no versions: a
+generation's row version names its content, and the content its metadata.
 
 One answer, one generation: a build commits rows long before it publishes, and a server keeps serving the
 generation it loaded, so the catalog records which generation shows which version of a row. ``images.gen`` is the
@@ -100,6 +102,23 @@ CREATE TABLE IF NOT EXISTS ingested_shards (
     rows INTEGER NOT NULL,
     ingested_at REAL NOT NULL
 )"""
+# Keyed by content: rows of equal content share it, and a row's version at any generation finds it through its hash.
+# ``extracted_by``: the METADATA_VERSION of the extractor; a build reads older ones again. A format 3 catalog may lack
+# the table, so writers create it on open (add_missing_tables).
+_PHOTO_METADATA = """
+CREATE TABLE IF NOT EXISTS photo_metadata (
+    content_hash TEXT PRIMARY KEY,
+    taken_at INTEGER,
+    taken_offset_min INTEGER,
+    camera_make TEXT,
+    camera_model TEXT,
+    lens TEXT,
+    gps_lat REAL,
+    gps_lon REAL,
+    orientation INTEGER,
+    format TEXT,
+    extracted_by INTEGER NOT NULL
+)"""
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 {_IMAGES.format(name="images")};
@@ -110,6 +129,7 @@ CREATE INDEX text_versions_id ON text_versions (id);
 CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL, finished_at REAL, root TEXT, stats TEXT);
 {_VECTOR_FILES};
 {_INGESTED_SHARDS};
+{_PHOTO_METADATA};
 {_INDEXES}
 """
 # Version 1 -> 2: generation bookkeeping (see "One answer, one generation" above); the existing rows get gen 0,
@@ -161,6 +181,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
 def add_missing_tables(conn: sqlite3.Connection) -> None:
     """The tables of format CATALOG_VERSION that a catalog of that format may lack (a no-op when it has them)."""
     conn.execute(_INGESTED_SHARDS)
+    conn.execute(_PHOTO_METADATA)
 
 
 def upgrade_from_1(conn: sqlite3.Connection) -> None:

@@ -55,6 +55,7 @@ import numpy as np
 from .. import _faiss_io
 from .._faiss_io import FaissIndex, VectorRows
 from ..index_choice import estimated_bytes
+from .filters import boosted_params
 from .format import TEMP_PREFIX, Ids, Vectors, _fsync
 
 SEGMENTS_DIR = "segments"
@@ -227,15 +228,26 @@ class LoadedSegment:
         exclusion = _faiss_io.exclusion(index, deleted_ids) if len(deleted_ids) else None
         return cls(record, index, exclusion)
 
-    def search(self, queries: Vectors, k: int) -> tuple[Vectors, Ids]:
-        """Top-k of this segment without its deleted ids: (scores, ids) [Q, k'], -1 ids where fewer."""
-        return _faiss_io.search(self.index, queries, k, exclude=self.deleted)
+    def search(
+        self, queries: Vectors, k: int, allowed: _faiss_io.Allowed | None = None, boost: float = 1.0
+    ) -> tuple[Vectors, Ids]:
+        """Top-k of this segment without its deleted ids, among ``allowed`` ids (None: all) with the knob raised
+        by ``boost`` (:mod:`indexer.store.filters`): (scores, ids) [Q, k'], -1 ids where fewer."""
+        params = boosted_params(self.index, {}, boost) if allowed is not None else None
+        return _faiss_io.search(self.index, queries, k, exclude=self.deleted, allowed=allowed, params=params)
 
 
-def search_segments(segments: Sequence[LoadedSegment], queries: Vectors, k: int) -> tuple[Vectors, Ids]:
-    """The best ``k`` of the union of the segments' results: (scores, ids) [Q, k'] best first, -1 ids where fewer
-    than k' were found (k' = min(k, live vectors))."""
-    found = [segment.search(queries, k) for segment in segments if segment.record.live]
+def search_segments(
+    segments: Sequence[LoadedSegment],
+    queries: Vectors,
+    k: int,
+    allowed: _faiss_io.Allowed | None = None,
+    boost: float = 1.0,
+) -> tuple[Vectors, Ids]:
+    """The best ``k`` of the union of the segments' results (among ``allowed`` ids, if given, with the knob
+    raised by ``boost``): (scores, ids) [Q, k'] best first, -1 ids where fewer than k' were found (k' = min(k, live
+    vectors))."""
+    found = [segment.search(queries, k, allowed, boost) for segment in segments if segment.record.live]
     if not found:
         empty = np.empty((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
