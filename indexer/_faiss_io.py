@@ -384,3 +384,22 @@ def reconstruct(index: FaissIndex, item_id: int) -> npt.NDArray[np.float32] | No
     except RuntimeError:  # IndexIDMap2 raises for an unknown id
         return None
     return vector
+
+
+def exact_index(vectors: npt.NDArray[np.float32]) -> FaissIndex:
+    """A flat inner-product index over ``vectors`` [N, D] float32 unit rows, addressed by row (no id map)."""
+    index = faiss.IndexFlatIP(int(vectors.shape[1]))
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def range_search(
+    index: FaissIndex, queries: npt.NDArray[np.float32], min_score: float
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Every (query, indexed row) pair of ``queries`` [Q, D] float32 and an :func:`exact_index` whose inner product
+    is at least ``min_score``: (query rows [P], indexed rows [P], scores [P]), grouped by query row."""
+    radius = float(np.nextafter(np.float32(min_score), np.float32(-np.inf)))  # FAISS keeps the scores above it
+    lims, scores, rows = index.range_search(np.ascontiguousarray(queries, dtype=np.float32), radius)
+    query_rows = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims).astype(np.int64))
+    keep = scores >= min_score
+    return query_rows[keep], rows[keep].astype(np.int64, copy=False), scores[keep]

@@ -722,6 +722,23 @@ class Catalog:
         rows = self._conn.execute(f"SELECT id, vec_row IS NOT NULL, updated_at FROM {table}").fetchall()
         return {row_id: (bool(usable), updated_at or 0.0) for row_id, usable, updated_at in rows}
 
+    def same_content_at(self, generation: int) -> list[list[int]]:
+        """The ok images generation number ``generation`` shows that share a content hash (byte-identical files):
+        their ids in groups of two or more, each group by id, the groups by their first id."""
+        shown = (
+            "SELECT id, content_hash FROM images WHERE gen <= :g AND status = 'ok' UNION ALL "
+            "SELECT id, content_hash FROM image_versions WHERE gen <= :g AND (until_gen IS NULL OR until_gen > :g) "
+            "AND status = 'ok'"
+        )
+        with self.snapshot():
+            self._require_generation(generation)
+            rows = self._conn.execute(
+                f"SELECT group_concat(id) FROM ({shown}) WHERE content_hash IS NOT NULL "
+                "GROUP BY content_hash HAVING COUNT(*) > 1",
+                {"g": generation},
+            ).fetchall()
+        return sorted(sorted(int(i) for i in row[0].split(",")) for row in rows)
+
 
 def _shown_at(columns: str) -> str:
     """SELECT of ``columns`` of the image versions generation ``:g`` shows (see :mod:`indexer.store.schema`), for

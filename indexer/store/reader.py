@@ -18,7 +18,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from .. import _faiss_io
+from .. import _faiss_io, duplicates
 from .._faiss_io import FaissIndex, describe_backend
 from ..errors import EmbeddingError, IndexFormatError, IndexNotFoundError
 from ..paths import file_path
@@ -51,6 +51,7 @@ __all__ = [  # the server's whole view of the index
     "SearchFilter",
     "current_generation",
     "describe_backend",  # for the server's start-up log
+    "duplicates",  # groups of duplicate images of a generation (indexer.duplicates)
     "file_path",  # the file a catalog path names under the image root
     "read_manifest",
 ]
@@ -344,6 +345,18 @@ class PublishedIndex:
         version of the image for this generation."""
         with self._lock:
             return self._catalog.embedding_at(image_id, self._generation)
+
+    def stored_vectors(self, files: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]) -> Vectors:
+        """The [N, D] float32 unit vectors at the pointers :meth:`photo_columns` gives (``vec_files[i]``,
+        ``vec_rows[i]``), in that order."""
+        with self._lock:
+            return self._catalog.stored_vectors(files, rows)
+
+    def same_content(self) -> list[list[int]]:
+        """The ids of this generation's images that share their bytes (content hash), in groups of two or more,
+        each by id, the groups by their first id."""
+        with self._lock:
+            return self._catalog.same_content_at(self._generation)
 
 
 def _hits(scores: Vectors, ids: npt.NDArray[np.int64]) -> list[list[Hit]]:
