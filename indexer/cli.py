@@ -9,6 +9,7 @@ The only place in ``indexer`` that configures logging, draws progress bars and m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -193,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD, help="image rows per shard"
     )
     export_parser.set_defaults(func=_cmd_export)
+    _duplicates_parser(sub)
     return parser
 
 
@@ -437,6 +439,64 @@ def _cmd_export(args: argparse.Namespace) -> int:
         "exported %(index_dir)s to %(out)s: %(rows)d rows (%(skipped)d skipped) in %(shards)d shards in %(seconds).1fs",
         {**stats.as_dict(), "index_dir": args.index_dir, "out": args.out},
     )
+    return 0
+
+
+# --- duplicates ---------------------------------------------------------------------------------------------------
+
+
+def _duplicates_parser(sub: Any) -> None:
+    from .duplicates import DEFAULT_THRESHOLD
+
+    duplicates = sub.add_parser(
+        "duplicates",
+        help="groups of duplicate images in the published index: byte-identical files and near-duplicates (resized, "
+        "recompressed, slightly cropped, rotated copies)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _index_dir_argument(duplicates)
+    duplicates.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help="cosine similarity from which two images count as near-duplicates: raise it toward 1 for copies of the "
+        "same pixels only, lower it (down to 0.9) to also group similar photos such as bursts",
+    )
+    duplicates.add_argument(
+        "--folder", default=None, metavar="PREFIX", help="compare only the images under this folder of the image root"
+    )
+    duplicates.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    duplicates.set_defaults(func=_cmd_duplicates)
+
+
+def _threshold(text: str) -> float:
+    from .duplicates import check_threshold
+
+    try:
+        return check_threshold(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from .duplicates import find_duplicates
+    from .store import PublishedIndex
+
+    with PublishedIndex.open(args.index_dir, verify_checksums=False) as index:
+        with own_threads(ThreadPlan.for_indexing(workers=0).faiss_threads):
+            found = find_duplicates(index, args.threshold, args.folder)
+    if args.json:
+        sys.stdout.write(json.dumps(dataclasses.asdict(found), indent=2) + "\n")
+        return 0
+    where = f" under {paths.display(found.folder)}" if found.folder is not None else ""
+    lines = [
+        f"{found.generation}: {len(found.groups)} group(s) of duplicates among {found.images} image(s){where} at "
+        f"similarity >= {found.threshold} ({found.seconds:.1f}s)"
+    ]
+    for number, group in enumerate(found.groups, 1):
+        lines.append(f"group {number}: {len(group.members)} images, {group.kind}")
+        lines += [f"  {m.similarity:.4f}  {m.kind:5}  {m.id:>9}  {paths.display(m.path)}" for m in group.members]
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
