@@ -72,8 +72,8 @@ class Member:
 class DuplicateGroup:
     """Two or more images that are copies of each other (module docstring), first member first."""
 
-    members: tuple[Member, ...]
     kind: Kind  # "exact" when every member has the same content hash, else "near"
+    members: tuple[Member, ...]
 
 
 @dataclass(frozen=True)
@@ -210,5 +210,5 @@ def _groups(
             )
             for image_id, score in ordered
         )
-        groups.append(DuplicateGroup(group, "exact" if len(hashes) == 1 else "near"))
+        groups.append(DuplicateGroup("exact" if len(hashes) == 1 else "near", group))
     return sorted(groups, key=lambda group: (-len(group.members), group.members[0].id))
