@@ -39,7 +39,7 @@ import torch
 
 import clip_model
 from clip_model.process_tuning import ThreadPlan, set_own_thread_count
-from indexer.store.reader import Hit, ModelInfo
+from indexer.store.reader import Hit, ModelInfo, SearchFilter
 
 from .compiled import CompiledText
 from .errors import ServiceBusyError
@@ -55,15 +55,17 @@ IMAGE_BATCH_SIZE = 32  # most images stacked into one encoder call
 class SearchableIndex(Protocol):
     """What a search job needs of an index (``indexer.store.reader.PublishedIndex`` is one)."""
 
-    def search(self, queries: Vectors, k: int) -> list[list[Hit]]: ...
+    def search(self, queries: Vectors, k: int, where: SearchFilter | None = None) -> list[list[Hit]]: ...
 
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Search ``index`` for the ``k`` nearest images of each of a job's vectors once they are encoded."""
+    """Search ``index`` for the ``k`` nearest images of each of a job's vectors once they are encoded, among the
+    images ``where`` matches (None: all)."""
 
     index: SearchableIndex
     k: int
+    where: SearchFilter | None = None
 
 
 @dataclass
@@ -276,18 +278,18 @@ class Encoder:
         return out
 
     def _search_batch(self, batch: list[_Job], vectors: list[Vectors]) -> None:
-        """Finish every job: one FAISS call per index for the jobs that search it, then each job's result."""
+        """Finish every job: one search per index and filter for the jobs that share them, then each job's result."""
         hits: list[list[list[Hit]] | None] = [None] * len(batch)
-        groups: dict[int, list[tuple[int, SearchRequest]]] = {}  # id(index) -> (job position, its search)
+        groups: dict[tuple[int, SearchFilter | None], list[tuple[int, SearchRequest]]] = {}  # -> (job, its search)
         for i, job in enumerate(batch):
             if job.search is not None:
-                groups.setdefault(id(job.search.index), []).append((i, job.search))
+                groups.setdefault((id(job.search.index), job.search.where), []).append((i, job.search))
         for members in groups.values():
             index, k = members[0][1].index, max(search.k for _, search in members)
             queries = np.concatenate([vectors[i] for i, _ in members])
             started = time.perf_counter()
             try:
-                found = index.search(queries, k)
+                found = index.search(queries, k, members[0][1].where)
             except BaseException as exc:  # handed to the waiting requests, which re-raise it
                 for i, _ in members:
                     batch[i].future.set_exception(exc)

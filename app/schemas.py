@@ -9,6 +9,7 @@ field a finite JSON number (not a boolean or a string); path and query integers 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -45,6 +46,45 @@ def _decimal_integer(value: object) -> object:
 # Metadata for path and query integers, after the parameter (so the schema keeps its bounds):
 # Annotated[int, Query(ge=1), DecimalInteger]
 DecimalInteger = BeforeValidator(_decimal_integer)
+
+
+MAX_FILTER_VALUES = 20  # folders, cameras or formats in one filter
+FilterText = Annotated[str, Field(min_length=0, max_length=TEXT_FIELD_MAX)]
+
+
+class SearchFilters(BaseModel):
+    """Conditions on the images a search returns, all of which must hold (none given: every image). As query
+    parameters, a list is the parameter repeated (`?folder=2023&folder=2024`); in a JSON body, an object.
+
+    Capture time is the camera's clock from EXIF when the photo has one, else the file's modification time (UTC);
+    ranges compare clock times: an offset given with a datetime is dropped, and a date alone means its midnight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: list[FilterText] = Field(
+        default_factory=list,
+        max_length=MAX_FILTER_VALUES,
+        description='folders relative to the image root ("2023/Holidays"): their images and their subfolders\' match',
+    )
+    taken_after: datetime | None = Field(None, description="captured at or after this date or datetime (ISO 8601)")
+    taken_before: datetime | None = Field(None, description="captured before this date or datetime (ISO 8601)")
+    camera: list[FilterText] = Field(
+        default_factory=list,
+        max_length=MAX_FILTER_VALUES,
+        description='camera make or model, any part of it, case-insensitive ("iphone", "Canon EOS")',
+    )
+    format: list[FilterText] = Field(
+        default_factory=list, max_length=MAX_FILTER_VALUES, description='file formats ("jpeg", "png", "heif", ...)'
+    )
+    min_width: int | None = Field(None, ge=1, le=10**6, description="upright width in pixels, at least")
+    min_height: int | None = Field(None, ge=1, le=10**6, description="upright height in pixels, at least")
+    orientation: Literal["landscape", "portrait", "square"] | None = Field(None, description="of the upright image")
+
+
+class QueryFilters(SearchFilters):
+    """:class:`SearchFilters` as query parameters, beside the route's others (which the model leaves alone)."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class ImageHit(BaseModel):
@@ -145,6 +185,7 @@ class CombinedQuery(BaseModel):
     parts: list[QueryPart] = Field(min_length=1, max_length=MAX_PARTS)
     k: int = K_FIELD
     min_score: float | None = MIN_SCORE_FIELD
+    filters: SearchFilters | None = Field(None, description="conditions on the images returned")
 
 
 class TextHit(BaseModel):

@@ -8,9 +8,11 @@ Vectors: every query vector is float32 [D], L2-normalized; scores are inner prod
 
 from __future__ import annotations
 
+import calendar
 import os
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from indexer.store.reader import Hit, ImageRecord
+from indexer.store.reader import Hit, ImageRecord, SearchFilter
 
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
@@ -33,6 +35,7 @@ from .schemas import (
     ImageInfo,
     LabelScore,
     ReadyResponse,
+    SearchFilters,
     SearchResponse,
     Stats,
     TextHit,
@@ -56,20 +59,27 @@ class SearchService:
 
     # --- text / image -> images ----------------------------------------------------------------------------------
 
-    def search_text(self, text: str, k: int, min_score: float | None) -> SearchResponse:
+    def search_text(
+        self, text: str, k: int, min_score: float | None, filters: SearchFilters | None = None
+    ) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        embedding, hits = state.encoder.search_text(self._check_text(text), SearchRequest(state.index, k))
+        request = SearchRequest(state.index, k, store_filter(filters))
+        embedding, hits = state.encoder.search_text(self._check_text(text), request)
         return self._respond(state, hits, k, min_score, started, truncated=embedding.truncated)
 
-    def search_upload(self, data: bytes, k: int, min_score: float | None) -> SearchResponse:
+    def search_upload(
+        self, data: bytes, k: int, min_score: float | None, filters: SearchFilters | None = None
+    ) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        return self._search(state, self._embed_upload(state, data), k, min_score, started)
+        return self._search(state, self._embed_upload(state, data), k, min_score, started, filters=filters)
 
-    def similar(self, image_id: int, k: int, min_score: float | None) -> SearchResponse:
+    def similar(
+        self, image_id: int, k: int, min_score: float | None, filters: SearchFilters | None = None
+    ) -> SearchResponse:
         """Images like an indexed one, from its stored embedding (no re-encoding); the image itself is left out."""
         started, state = time.perf_counter(), self.runtime.require()
         vector = self._stored_embedding(state, image_id)
-        return self._search(state, vector, k, min_score, started, exclude=image_id)
+        return self._search(state, vector, k, min_score, started, exclude=image_id, filters=filters)
 
     def search_combined(self, query: CombinedQuery) -> SearchResponse:
         """Normalized weighted sum of the parts' unit embeddings."""
@@ -88,7 +98,7 @@ class SearchService:
             raise BadRequestError("the weighted parts cancel out (their sum has no direction): change the weights")
         truncated = any(e.truncated for e in embedded.values())
         unit = (total / norm).astype(np.float32)
-        return self._search(state, unit, query.k, query.min_score, started, truncated=truncated)
+        return self._search(state, unit, query.k, query.min_score, started, truncated=truncated, filters=query.filters)
 
     def _search(
         self,
@@ -99,8 +109,9 @@ class SearchService:
         started: float,
         exclude: int | None = None,
         truncated: bool = False,
+        filters: SearchFilters | None = None,
     ) -> SearchResponse:
-        request = SearchRequest(state.index, k + (exclude is not None))
+        request = SearchRequest(state.index, k + (exclude is not None), store_filter(filters))
         hits = state.encoder.search_vectors(query[None], request)[0]
         return self._respond(state, hits, k, min_score, started, exclude, truncated)
 
@@ -349,3 +360,25 @@ def _image_hit(hit: Hit, record: ImageRecord) -> ImageHit:
         url=_file_url(hit.id),
         thumbnail_url=_thumbnail_url(hit.id),
     )
+
+
+def store_filter(filters: SearchFilters | None) -> SearchFilter | None:
+    """The index's filter for the API's (None when no condition is given). Datetimes become clock seconds: the
+    offset of an aware one is dropped (capture times are camera clocks, :mod:`indexer.store.filters`)."""
+    if filters is None:
+        return None
+    where = SearchFilter(
+        folders=tuple(filters.folder),
+        taken_from=_clock_seconds(filters.taken_after),
+        taken_until=_clock_seconds(filters.taken_before),
+        cameras=tuple(filters.camera),
+        formats=tuple(f.casefold() for f in filters.format),
+        min_width=filters.min_width,
+        min_height=filters.min_height,
+        orientation=filters.orientation,
+    )
+    return None if where.empty else where
+
+
+def _clock_seconds(moment: datetime | None) -> int | None:
+    return None if moment is None else calendar.timegm(moment.replace(tzinfo=None).timetuple())

@@ -19,7 +19,7 @@ from ..deps import ReadAccess, ServiceDep, SettingsDep
 from ..schemas import MAX_ID, DecimalInteger, ErrorResponse, ImageEmbedding, ImageInfo, SearchResponse
 from ..strict_json import StrictJSONRoute
 from ._common import ID_ERRORS, errors
-from .search import K, MinScore
+from .search import Filters, K, MinScore
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
 
@@ -111,10 +111,12 @@ def thumbnail(
 
 
 @router.get("/{image_id}/similar", response_model=SearchResponse, responses=ID_ERRORS, summary="More like this")
-def similar(image_id: ImageId, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
-    """Images most similar to an indexed one, from its stored embedding (nothing is re-encoded); the image itself
-    is left out. Example: `GET /api/images/7/similar?k=20`"""
-    return service.similar(image_id, k, min_score)
+def similar(
+    image_id: ImageId, service: ServiceDep, filters: Filters, k: K = 20, min_score: MinScore = None
+) -> SearchResponse:
+    """Images most similar to an indexed one, from its stored embedding (nothing is re-encoded), among those the
+    filters match; the image itself is left out. Example: `GET /api/images/7/similar?k=20&folder=2023`"""
+    return service.similar(image_id, k, min_score, filters)
 
 
 @router.get("/{image_id}/embedding", response_model=ImageEmbedding, responses=ID_ERRORS, summary="Stored embedding")

@@ -15,6 +15,7 @@ from ..schemas import (
     TEXT_FIELD_MAX,
     CombinedQuery,
     DecimalInteger,
+    QueryFilters,
     SearchResponse,
 )
 from ..strict_json import StrictJSONRoute
@@ -34,6 +35,7 @@ QueryText = Annotated[
         examples=["a dog on a beach"],
     ),
 ]
+Filters = Annotated[QueryFilters, Query()]
 # minLength: an empty file is no image (refused with a 422), and the schema says so
 Upload = Annotated[
     UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF image", json_schema_extra={"minLength": 1})
@@ -41,21 +43,26 @@ Upload = Annotated[
 
 
 @router.get("", response_model=SearchResponse, responses=QUERY_ERRORS, summary="Text -> images")
-def search_text(q: QueryText, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
-    """The `k` indexed images closest to the text `q`, best first.
+def search_text(
+    q: QueryText, service: ServiceDep, filters: Filters, k: K = 20, min_score: MinScore = None
+) -> SearchResponse:
+    """The `k` indexed images closest to the text `q`, best first, among those the filters match.
 
-    Example: `GET /api/search?q=a%20dog%20on%20a%20beach&k=10`
+    Example: `GET /api/search?q=a%20dog%20on%20a%20beach&k=10&folder=2023&taken_after=2023-06-01`
     """
-    return service.search_text(q, k, min_score)
+    return service.search_text(q, k, min_score, filters)
 
 
 @router.post("/image", response_model=SearchResponse, responses=UPLOAD_ERRORS, summary="Uploaded image -> images")
-def search_image(file: Upload, service: ServiceDep, k: K = 20, min_score: MinScore = None) -> SearchResponse:
-    """The `k` indexed images most similar to an uploaded image (multipart field `file`).
+def search_image(
+    file: Upload, service: ServiceDep, filters: Filters, k: K = 20, min_score: MinScore = None
+) -> SearchResponse:
+    """The `k` indexed images most similar to an uploaded image (multipart field `file`), among those the filters
+    (query parameters) match.
 
-    Example: `curl -F file=@cat.jpg 'http://localhost:8000/api/search/image?k=10'`
+    Example: `curl -F file=@cat.jpg 'http://localhost:8000/api/search/image?k=10&orientation=portrait'`
     """
-    return service.search_upload(file.file.read(), k, min_score)
+    return service.search_upload(file.file.read(), k, min_score, filters)
 
 
 @router.post("/combined", response_model=SearchResponse, responses=ID_BODY_ERRORS, summary="Weighted query arithmetic")

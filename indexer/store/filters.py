@@ -25,6 +25,7 @@ How a filtered search runs (:func:`plan`): with ``m`` of the generation's ``n`` 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class PhotoColumns:
 
     ids: Ids
     folder_codes: npt.NDArray[np.int32]
-    folders: list[str]
+    folders: list[str]  # sorted: the folders inside one are a range of codes
     taken_at: npt.NDArray[np.int64]  # wall-clock seconds: EXIF, else mtime
     taken_from_exif: npt.NDArray[np.bool_]
     camera_codes: npt.NDArray[np.int32]
@@ -95,22 +96,24 @@ class PhotoColumns:
         return len(self.ids)
 
     def mask(self, where: SearchFilter) -> npt.NDArray[np.bool_]:
-        """[N] bool: the rows ``where`` matches."""
+        """[N] bool: the rows ``where`` matches. Each condition on a string is decided once per distinct value, then
+        gathered by code (folders are coded in sorted order, so a prefix is a range of codes)."""
         keep = np.ones(len(self.ids), dtype=bool)
         if where.folders:
-            codes = [i for i, folder in enumerate(self.folders) if any(_inside(folder, p) for p in where.folders)]
-            keep &= np.isin(self.folder_codes, codes)
+            wanted = np.zeros(len(self.folders), dtype=bool)
+            for prefix in where.folders:
+                wanted[_folder_codes(self.folders, prefix)] = True
+            keep &= wanted[self.folder_codes]
         if where.taken_from is not None:
             keep &= self.taken_at >= where.taken_from
         if where.taken_until is not None:
             keep &= self.taken_at < where.taken_until
         if where.cameras:
-            wanted = [c.casefold() for c in where.cameras]
-            codes = [i for i, camera in enumerate(self.cameras) if any(w in camera.casefold() for w in wanted)]
-            keep &= np.isin(self.camera_codes, codes)
+            cameras = [c.casefold() for c in where.cameras]
+            keep &= _coded(self.camera_codes, [any(c in camera.casefold() for c in cameras) for camera in self.cameras])
         if where.formats:
             formats = {f.casefold() for f in where.formats}
-            keep &= np.isin(self.format_codes, [i for i, f in enumerate(self.formats) if f in formats])
+            keep &= _coded(self.format_codes, [f in formats for f in self.formats])
         if where.min_width is not None:
             keep &= self.width >= where.min_width
         if where.min_height is not None:
@@ -124,9 +127,21 @@ class PhotoColumns:
         return keep
 
 
-def _inside(folder: str, prefix: str) -> bool:
+def _coded(codes: npt.NDArray[np.int32], matches: list[bool]) -> npt.NDArray[np.bool_]:
+    """[N] bool: whether each row's value (``codes``, NO_CODE: none) is one that ``matches`` (by code) says yes to."""
+    table = np.array([False, *matches], dtype=bool)  # slot 0: NO_CODE
+    matched: npt.NDArray[np.bool_] = table[codes + 1]
+    return matched
+
+
+def _folder_codes(folders: list[str], prefix: str) -> list[int] | slice:
+    """The codes of ``folders`` (sorted) that are ``prefix`` or inside it ("a" holds "a/b", not "a-b")."""
     prefix = prefix.strip("/")
-    return not prefix or folder == prefix or folder.startswith(prefix + "/")
+    if not prefix:
+        return slice(0, len(folders))
+    inside = range(bisect.bisect_left(folders, prefix + "/"), bisect.bisect_left(folders, prefix + "0"))  # "0" > "/"
+    exact = bisect.bisect_left(folders, prefix)
+    return ([exact] if exact < len(folders) and folders[exact] == prefix else []) + list(inside)
 
 
 @dataclass(frozen=True)
@@ -227,7 +242,12 @@ def photo_columns(rows: Iterable[Sequence[Any]]) -> PhotoColumns:
         name: np.concatenate([part[name] for part in parts]) if parts else np.empty(0, dtype=dtype)
         for name, dtype in zip(names, dtypes, strict=True)
     }
-    folders = ["" if f == ROOT_FOLDER else f for f in tables["folders"]]
+    names = ["" if f == ROOT_FOLDER else f for f in tables["folders"]]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    recode = np.empty(len(names), dtype=np.int32)
+    recode[order] = np.arange(len(names), dtype=np.int32)
+    merged["folder_codes"] = recode[merged["folder_codes"]] if len(names) else merged["folder_codes"]
+    folders = [names[i] for i in order]
     return PhotoColumns(folders=folders, cameras=list(tables["cameras"]), formats=list(tables["formats"]), **merged)
 
 

@@ -132,7 +132,7 @@ class RecordingIndex:
         self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         self.calls: list[tuple[int, int]] = []  # (queries, k) of each call
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, where: object = None) -> list[list[Hit]]:
         self.calls.append((len(queries), k))
         scores = queries @ self.vectors.T
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -178,7 +178,7 @@ def test_searches_of_cached_texts_and_stored_vectors_join_the_text_batch(encoder
 
 def test_a_failing_index_fails_only_its_own_searches(encoder: Encoder) -> None:
     class BrokenIndex:
-        def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        def search(self, queries: np.ndarray, k: int, where: object = None) -> list[list[Hit]]:
             raise RuntimeError("index is closed")
 
     good, broken = RecordingIndex(encoder.info.embed_dim), BrokenIndex()
@@ -201,7 +201,7 @@ class ThreadCountIndex(RecordingIndex):
 
     seen: tuple[str, int, int] | None = None
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, where: object = None) -> list[list[Hit]]:
         import faiss
 
         self.seen = (threading.current_thread().name, torch.get_num_threads(), faiss.omp_get_max_threads())

@@ -12,7 +12,7 @@ import pytest
 
 from indexer.photo_metadata import PhotoMetadata
 from indexer.store import Catalog, ModelInfo, NewImage, PublishedIndex, publish
-from indexer.store.filters import EXACT_SCAN_MAX, SearchFilter, plan
+from indexer.store.filters import EXACT_SCAN_MAX, SearchFilter, photo_columns, plan
 from tests.indexer.test_index_choice import clustered
 
 DIM = 32
@@ -151,3 +151,26 @@ def test_a_filter_nothing_matches_returns_no_hits(published: tuple[Path, str, ob
     with PublishedIndex.open(index_dir) as index:
         assert index.search(clustered(3, 1, DIM), 10, SearchFilter(folders=("nowhere",))) == [[], [], []]
         assert index.search(clustered(3, 1, DIM), 10, SearchFilter(min_width=10**6)) == [[], [], []]
+
+
+def test_a_folder_holds_its_subfolders_only_and_strings_match_by_value() -> None:
+    paths = ["a/1.jpg", "a-b/2.jpg", "a/b/3.png", "ab/4.jpg", "5.jpg", "a/b/c/6.heic"]
+    cameras = [("Canon", "Canon EOS R5"), ("Apple", "iPhone 12"), (None, None), ("SONY", "ILCE-7M3"), None, None]
+    rows = [
+        (i + 1, path, 100, 50, 10**18, 1, i, None, *(camera or (None, None)), None)
+        for i, (path, camera) in enumerate(zip(paths, cameras, strict=True))
+    ]
+    columns = photo_columns(rows)
+
+    def ids(**conditions: object) -> list[int]:
+        return columns.ids[columns.mask(SearchFilter(**conditions))].tolist()  # type: ignore[arg-type]
+
+    assert ids(folders=("a",)) == [1, 3, 6] and ids(folders=("a/b",)) == [3, 6] and ids(folders=("a/",)) == [1, 3, 6]
+    assert (
+        ids(folders=("",)) == [1, 2, 3, 4, 5, 6] and ids(folders=("a-b", "ab")) == [2, 4] and ids(folders=("b",)) == []
+    )
+    assert (
+        ids(cameras=("canon",)) == [1] and ids(cameras=("iphone", "sony")) == [2, 4] and ids(cameras=("nikon",)) == []
+    )
+    assert columns.cameras == ["Canon EOS R5", "Apple iPhone 12", "SONY ILCE-7M3"]  # the make once
+    assert ids(formats=("jpeg",)) == [1, 2, 4, 5] and ids(formats=("heif", "png")) == [3, 6]  # from the extension
