@@ -88,6 +88,9 @@ MEMBERS: dict[str, Member] = {
         "bench_update",
         what="adding and deleting 1,000 images in a 1M-image index: publish s, peak RSS, recall vs a rebuild",
     ),
+    "filters": Member(
+        "bench_filters", what="filtered search at 1M images: p50 at 0.1-50% selectivity vs unfiltered, recall@10"
+    ),
 }
 
 

@@ -81,8 +81,12 @@ class VectorLog:
         empty). IndexFormatError as :meth:`read`."""
         if not len(rows):
             return np.empty((0, 0), dtype=np.float32)
+        files = np.unique(numbers)
+        if len(files) == 1:  # the usual case: no scatter into a second array
+            committed = self._committed(int(files[0]))
+            return self._file(int(files[0])).read(rows, committed or 0)[1]
         out: Vectors | None = None
-        for number in np.unique(numbers):
+        for number in files:
             where = np.flatnonzero(numbers == number)
             file = self._file(int(number))
             committed = self._committed(int(number))

@@ -148,15 +148,20 @@ class VectorFile:
             raise IndexFormatError(f"{self.path}: row {int(wanted.max())} is past the {committed} committed rows")
         if not wanted.size:
             return np.empty(0, dtype=np.int64), np.empty((0, self.dim), dtype=np.float32)
-        records = self._mapped(committed)[wanted]
-        return records["id"].astype(np.int64), np.ascontiguousarray(records["vector"], dtype=np.float32)
+        words = self._mapped(committed)  # [committed, 2 + dim] float32: the id's two words, then the vector
+        vectors: Vectors = words[wanted, 2:]  # one gather into a new C-contiguous array
+        ids: Ids = words[wanted, :2].view(np.int64)[:, 0]  # the two words of each id, read back as one int64
+        return ids, vectors
 
-    def _mapped(self, committed: int) -> np.memmap[tuple[int], np.dtype[np.void]]:
+    def _mapped(self, committed: int) -> npt.NDArray[np.float32]:
+        """The committed rows as a [committed, 2 + dim] float32 matrix over the mapped file (a plain ndarray view:
+        numpy's memmap subclass costs per indexing call)."""
         if self._map is None or len(self._map) < committed:
             if self._handle is not None:
                 self._handle.flush()
             self._map = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(committed,))
-        return self._map
+        words: npt.NDArray[np.float32] = np.asarray(self._map[:committed]).view(np.float32).reshape(committed, -1)
+        return words
 
     def _writable(self) -> BinaryIO:
         if self._handle is None:
