@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +188,8 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
 
 
 @dataclass
-class _Scan:
-    """The scan against the catalog: what needs work, what was seen, and where the scan could not look."""
+class FolderScan:
+    """A folder's scan against an index's rows: what needs work, what was seen, and where the scan could not look."""
 
     changed: list[ScannedFile] = field(default_factory=list)  # new or changed files: decoded
     passed: list[PassedOver] = field(default_factory=list)  # new or changed passed-over entries: recorded
@@ -198,11 +198,23 @@ class _Scan:
     unchanged: int = 0
     passed_over: int = 0
 
+    def vanished(self, known: Mapping[str, FileRecord]) -> dict[str, FileRecord]:
+        """The rows of ``known`` whose paths the scan did not see, sparing those under folders it could not list."""
+        spared = tuple(self.unreadable)
+        return {path: rec for path, rec in known.items() if path not in self.seen and not path.startswith(spared)}
 
-def _scan(options: BuildOptions, catalog: Catalog, known: dict[str, FileRecord]) -> _Scan:
-    """Scan ``options.root`` and sort what it finds by whether the catalog already holds it as it is."""
-    scan = _Scan()
-    skip_reasons = dict(catalog.skipped())
+
+def scan_folder(
+    root: Path,
+    extensions: frozenset[str] | None,
+    exclude: Sequence[str],
+    known: Mapping[str, FileRecord],
+    skip_reasons: Mapping[str, str],
+) -> FolderScan:
+    """Scan ``root`` and sort what it finds by whether ``known`` (an index's rows by stored path; ``skip_reasons``
+    its skipped rows' reasons) already holds it as it is: a file by its (size, mtime_ns), a passed-over entry by
+    those and its reason."""
+    scan = FolderScan()
 
     def note_unreadable(path: str, error: OSError) -> None:
         scan.unreadable.append(path.rstrip("/") + "/")  # its files are not gone, just out of reach
@@ -221,9 +233,7 @@ def _scan(options: BuildOptions, catalog: Catalog, known: dict[str, FileRecord])
         else:
             scan.passed.append(entry)
 
-    for scanned in iter_images(
-        options.root, options.extensions, options.exclude, on_error=note_unreadable, on_skip=note_passed
-    ):
+    for scanned in iter_images(root, extensions, exclude, on_error=note_unreadable, on_skip=note_passed):
         scan.seen.add(scanned.path)
         record = known.get(scanned.path)
         if record is not None and (record.size, record.mtime_ns) == (scanned.size, scanned.mtime_ns):
@@ -231,6 +241,14 @@ def _scan(options: BuildOptions, catalog: Catalog, known: dict[str, FileRecord])
         else:
             scan.changed.append(scanned)
     return scan
+
+
+def reuses_vector(decoded: Decoded, previous: FileRecord | None, reusable: Container[str]) -> bool:
+    """Whether ``decoded`` needs no encoding because the index holds its content's vector: under its own path
+    (``previous``, an ok row with the same content hash: a touch) or under a vanished path (its hash in
+    ``reusable``: a rename or move)."""
+    same_content = previous is not None and previous.status == "ok" and previous.content_hash == decoded.content_hash
+    return same_content or decoded.content_hash in reusable
 
 
 @dataclass
@@ -252,12 +270,8 @@ def _update(
     plan: ThreadPlan,
 ) -> BuildStats:
     known = catalog.files()
-    scan = _scan(options, catalog, known)
-    vanished = {
-        path: rec
-        for path, rec in known.items()
-        if path not in scan.seen and not path.startswith(tuple(scan.unreadable))
-    }
+    scan = scan_folder(options.root, options.extensions, options.exclude, known, dict(catalog.skipped()))
+    vanished = scan.vanished(known)
     reusable = {rec.content_hash: rec for rec in vanished.values() if rec.status == "ok" and rec.content_hash}
     changes = _Changes(known, vanished, reusable, BuildStats(scanned=len(scan.seen), unchanged=scan.unchanged))
     logger.info(
@@ -271,11 +285,7 @@ def _update(
     )
 
     def needs_encoding(decoded: Decoded) -> bool:
-        previous = known.get(decoded.path)
-        same_content = (
-            previous is not None and previous.status == "ok" and previous.content_hash == decoded.content_hash
-        )
-        return not same_content and decoded.content_hash not in reusable
+        return not reuses_vector(decoded, known.get(decoded.path), reusable)
 
     encoded = encode_files(
         options.root,

@@ -2,7 +2,8 @@
 
 Files go out to a pool of spawned workers (``indexer.decode.decode_file``) that end with this process, however it
 ends (``indexer.lifetime``); at most ``max_in_flight`` are outstanding at any time, so memory stays bounded whatever
-the folder size. Decoded images come back as uint8 crops, are normalized and stacked into batches here, and encoded
+the folder size; a caller that encodes many small sets of files keeps them between calls (:class:`DecodeWorkers`).
+Decoded images come back as uint8 crops, are normalized and stacked into batches here, and encoded
 by ``encoder`` while the workers keep decoding the next ones. Results are yielded in completion order, one per
 input file.
 
@@ -20,7 +21,8 @@ import logging
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,7 @@ def encode_files(
     decode: Decode = decode_file,
     streams: int = 1,
     stream_threads: int = 1,
+    kept: DecodeWorkers | None = None,
 ) -> Iterator[Encoded | DecodeFailure]:
     """Decode and encode ``files``; yields one ``Encoded`` or ``DecodeFailure`` per file.
 
@@ -72,13 +75,14 @@ def encode_files(
     encoder for images it can reuse (e.g. a renamed file whose content hash is known). A file that crashes its
     decoder process is skipped with a reason; the others are decoded again in new processes. ``streams`` batches
     are encoded at once, on threads of ``stream_threads`` torch threads each; with 1 the encoder runs here, on
-    the calling thread's count (see the module docstring). An error of the encoder is raised here.
+    the calling thread's count (see the module docstring). ``kept`` decodes on its processes instead of starting
+    ``workers`` for this call. An error of the encoder is raised here.
     """
     if streams < 1 or stream_threads < 1:
         raise ValueError(f"streams and stream_threads must be at least 1, got {streams} and {stream_threads}")
     max_in_flight = (IN_FLIGHT_PER_BATCH + streams - 1) * batch_size
     with _Batcher(spec, encoder, batch_size, streams, stream_threads) as batcher:
-        for result in _decoded(root, files, spec, workers, max_in_flight, decode):
+        for result in _decoded(root, files, spec, workers, max_in_flight, decode, kept):
             if isinstance(result, DecodeFailure):
                 yield result
             elif needs_encoding is not None and not needs_encoding(result):
@@ -145,16 +149,47 @@ class _Batcher:
         return done
 
 
+class DecodeWorkers:
+    """Decode worker processes kept from one :func:`encode_files` call to the next, for a caller that encodes many
+    small sets of files (a Ray actor, a partition per call) and should start its workers once: started on first
+    use (:func:`indexer.lifetime.worker_pool`: they end with this process), replaced after one of them dies, ended
+    by :meth:`close`."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"kept decode workers must be at least 1, got {workers}")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._stack = ExitStack()
+
+    def pool(self) -> ProcessPoolExecutor:
+        """The running pool, started if there is none."""
+        if self._pool is None:
+            self._pool = self._stack.enter_context(worker_pool(self.workers))
+        return self._pool
+
+    def close(self) -> None:
+        """End the workers (a later :meth:`pool` starts new ones)."""
+        self._pool = None
+        self._stack.close()
+
+
 def _decoded(
-    root: Path, files: Iterable[ScannedFile], spec: DecodeSpec, workers: int, max_in_flight: int, decode: Decode
+    root: Path,
+    files: Iterable[ScannedFile],
+    spec: DecodeSpec,
+    workers: int,
+    max_in_flight: int,
+    decode: Decode,
+    kept: DecodeWorkers | None = None,
 ) -> Iterator[Decoded | DecodeFailure]:
-    if workers <= 0:
+    if workers <= 0 and kept is None:
         for scanned in files:
             yield decode(root, scanned, spec)
         return
     pending = iter(files)
     while True:
-        failed = yield from _decode_in_pool(root, pending, spec, workers, max_in_flight, decode)
+        failed = yield from _decode_in_pool(root, pending, spec, workers, max_in_flight, decode, kept)
         if not failed:
             return
         # A worker died (a decoder crash: segfault, out of memory). Its pool is gone and with it every task in
@@ -165,11 +200,19 @@ def _decoded(
 
 
 def _decode_in_pool(
-    root: Path, files: Iterator[ScannedFile], spec: DecodeSpec, workers: int, max_in_flight: int, decode: Decode
+    root: Path,
+    files: Iterator[ScannedFile],
+    spec: DecodeSpec,
+    workers: int,
+    max_in_flight: int,
+    decode: Decode,
+    kept: DecodeWorkers | None,
 ) -> Generator[Decoded | DecodeFailure, None, list[ScannedFile]]:
-    """Decode ``files`` in a pool until they run out (returns []) or a worker dies (returns the files in flight)."""
-    with worker_pool(workers) as pool:  # spawned (a fork after torch started its threads can deadlock)
-        in_flight: deque[tuple[ScannedFile, Future[Decoded | DecodeFailure]]] = deque()
+    """Decode ``files`` in a pool (``kept``'s, else one of ``workers`` for this call) until they run out (returns
+    []) or a worker dies (returns the files in flight; a kept pool is closed, to be replaced on its next use)."""
+    # spawned (a fork after torch started its threads can deadlock)
+    with worker_pool(workers) if kept is None else nullcontext(kept.pool()) as pool:
+        in_flight: deque[tuple[ScannedFile, Future[Decoded | DecodeFailure] | None]] = deque()
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < max_in_flight:
@@ -177,12 +220,21 @@ def _decode_in_pool(
                 if scanned is None:
                     exhausted = True
                     break
-                in_flight.append((scanned, pool.submit(decode, root, scanned, spec)))
+                try:
+                    in_flight.append((scanned, pool.submit(decode, root, scanned, spec)))
+                except BrokenProcessPool:  # a kept pool whose worker died since the last call
+                    in_flight.append((scanned, None))
+                    break
             if not in_flight:
                 break
+            future = in_flight[0][1]
             try:
-                result = in_flight[0][1].result()
+                if future is None:
+                    raise BrokenProcessPool("a decode worker died")
+                result = future.result()
             except BrokenProcessPool:
+                if kept is not None:
+                    kept.close()
                 return [scanned for scanned, _ in in_flight]
             in_flight.popleft()
             yield result
