@@ -1,5 +1,5 @@
-"""``clip-index``: build/update an index directory from an image folder, inspect it, verify it, add texts, ingest
-and export embedding shards.
+"""``clip-index``: build/update an index directory from an image folder (here or on a Ray cluster), inspect it,
+verify it, add texts, encode a folder into embedding shards, ingest and export them.
 
 The only place in ``indexer`` that configures logging, draws progress bars and maps exceptions to exit codes:
 0 when the run completed (even with skipped files), 1 when it could not complete (the message says why),
@@ -26,9 +26,11 @@ from clip_model.process_tuning import ThreadPlan, own_threads, tune_malloc
 
 from . import paths
 from .build import BuildOptions, build_index, load_model
+from .encode import DEFAULT_PARTITION_SIZE, EncodeOptions, Engine, build_on_engine, encode_folder
 from .errors import IndexerError
 from .ingest import DEFAULT_ROWS_PER_SHARD, SOURCES, IngestOptions, export, ingest
 from .lifetime import exit_with_launcher
+from .partition_encoder import LocalEngine
 from .pipeline import DEFAULT_BATCH_SIZE
 from .scan import supported_extensions
 from .store import DEFAULT_FACTORY, ENV_PREFIX
@@ -38,6 +40,7 @@ logger = logging.getLogger("indexer")
 DEFAULT_MODEL = "ViT-B-32"
 LOG_EVERY_SECONDS = 10.0  # progress line interval when stderr is not a terminal
 SKIPPED_SHOWN = 20  # skipped files listed by `info`
+ENGINES = ("local", "ray")  # where build and encode encode: this process, or a Ray cluster
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -60,63 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         help="index a folder (incremental: rerunning only encodes new or changed files)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.add_argument(
-        "root", type=Path, nargs="?", default=_env("IMAGE_ROOT"), help="image folder ($CLIPSEARCH_IMAGE_ROOT)"
-    )
+    _root_argument(build)
     _index_dir_argument(build)
-    build.add_argument(
-        "--model",
-        default=_env("MODEL", DEFAULT_MODEL),
-        help="pretrained name (see clip_model.available_models()) or checkpoint path ($CLIPSEARCH_MODEL)",
-    )
-    build.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
-    build.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=_env("PRECISION", "fp32"),
-        help="encoder arithmetic: int8 = CPU int8 linear layers, faster encoding ($CLIPSEARCH_PRECISION)",
-    )
-    build.add_argument(
-        "--extensions",
-        default=None,
-        help="comma-separated file extensions to index (default: " + ",".join(sorted(supported_extensions())) + ")",
-    )
-    build.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="GLOB",
-        help="skip paths matching this glob (relative to the folder; repeatable)",
-    )
+    _encoding_arguments(build)
     _index_type_arguments(build)
-    build.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
-    build.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decode worker processes (0 decodes in the main process). Default: all cores but one for fp32, half of "
-        "them for int8, whose encoder is as fast as the decoding",
-    )
-    build.add_argument(
-        "--threads",
-        type=int,
-        default=_env("TORCH_THREADS", "0"),  # a string default goes through type=int too: bad values get its error
-        help="torch threads for encoding, split between the streams; 0: one per core ($CLIPSEARCH_TORCH_THREADS)",
-    )
-    build.add_argument(
-        "--streams",
-        type=int,
-        default=_env("ENCODE_STREAMS", "0"),
-        help="batches encoded at once, the torch threads split between them; 0: as many as split them evenly, up "
-        "to 4 (single-threaded streams scale better than one batch over several threads) "
-        "($CLIPSEARCH_ENCODE_STREAMS)",
-    )
-    build.add_argument(
-        "--no-draft",
-        dest="draft",
-        action="store_false",
-        help="decode JPEGs at full size instead of DCT-scaled (slower, exact)",
-    )
     build.add_argument(
         "--rebuild",
         action="store_true",
@@ -128,7 +78,27 @@ def _parser() -> argparse.ArgumentParser:
         help="build the image index anew over every image (trained again, one segment) instead of adding a segment "
         "of the changes; without it this happens by itself once the collection has doubled or halved",
     )
+    _engine_arguments(build, build=True)
     build.set_defaults(func=_cmd_build)
+
+    encode = sub.add_parser(
+        "encode",
+        help="encode a folder into embedding shards (the format ingest reads), here or on a Ray cluster, in "
+        "deterministic partitions: a rerun writes only the partitions a killed run left unwritten",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _root_argument(encode)
+    encode.add_argument("--out", type=Path, required=True, help="shards directory to write (a rerun into it resumes)")
+    encode.add_argument(
+        "--index-dir",
+        type=Path,
+        default=None,
+        help="encode only what this index does not hold as it is: files whose size and mtime, then whose sha256, "
+        "its catalog does not record (a changed file with the same content takes its vector from the index)",
+    )
+    _encoding_arguments(encode)
+    _engine_arguments(encode, build=False)
+    encode.set_defaults(func=_cmd_encode)
 
     info = sub.add_parser("info", help="what is in an index: model, counts, last run, skipped files")
     _index_dir_argument(info)
@@ -214,6 +184,100 @@ def _bytes(text: str) -> int:
     return int(number * _UNITS[unit])
 
 
+def _root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "root", type=Path, nargs="?", default=_env("IMAGE_ROOT"), help="image folder ($CLIPSEARCH_IMAGE_ROOT)"
+    )
+
+
+def _encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """What build and encode share: the model, the files, and how the local engine decodes and encodes."""
+    parser.add_argument(
+        "--model",
+        default=_env("MODEL", DEFAULT_MODEL),
+        help="pretrained name (see clip_model.available_models()) or checkpoint path ($CLIPSEARCH_MODEL)",
+    )
+    parser.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=_env("PRECISION", "fp32"),
+        help="encoder arithmetic: int8 = CPU int8 linear layers, faster encoding ($CLIPSEARCH_PRECISION)",
+    )
+    parser.add_argument(
+        "--extensions",
+        default=None,
+        help="comma-separated file extensions to index (default: " + ",".join(sorted(supported_extensions())) + ")",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip paths matching this glob (relative to the folder; repeatable)",
+    )
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoder call")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="--engine local: decode worker processes (0 decodes in the main process; default: all cores but one "
+        "for fp32, half of them for int8, whose encoder is as fast as the decoding). --engine ray: encoding actors "
+        "(default: as many as the cluster holds)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=_env("TORCH_THREADS", "0"),  # a string default goes through type=int too: bad values get its error
+        help="torch threads for encoding, split between the streams; 0: one per core (with --engine ray: per CPU of "
+        "the actor) ($CLIPSEARCH_TORCH_THREADS)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=_env("ENCODE_STREAMS", "0"),
+        help="batches encoded at once, the torch threads split between them; 0: as many as split them evenly, up "
+        "to 4 (single-threaded streams scale better than one batch over several threads) "
+        "($CLIPSEARCH_ENCODE_STREAMS)",
+    )
+    parser.add_argument(
+        "--no-draft",
+        dest="draft",
+        action="store_false",
+        help="decode JPEGs at full size instead of DCT-scaled (slower, exact)",
+    )
+
+
+def _engine_arguments(parser: argparse.ArgumentParser, *, build: bool) -> None:
+    """--engine and the Ray engine's options."""
+    ray_does = "encodes into shards under the index directory, then ingests them" if build else "writes the same shards"
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help=f"where to encode: this machine, or a Ray cluster (pip install 'clip-search[ray]'), which {ray_does}",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: the cluster: 'auto' (the one this machine is a node of), ray://HOST:10001 (Ray Client) "
+        "or HOST:PORT. Default: $RAY_ADDRESS, else a one-machine cluster started for the run",
+    )
+    parser.add_argument(
+        "--cpus-per-worker", type=int, default=None, help="--engine ray: CPUs each encoding actor takes (default 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=None, help="--engine ray: GPUs each encoding actor takes (default 0)"
+    )
+    parser.add_argument(
+        "--partition-size",
+        type=int,
+        default=None,
+        help=("--engine ray: " if build else "")
+        + f"files per partition (and shard), on average (default {DEFAULT_PARTITION_SIZE})",
+    )
+
+
 def _index_type_arguments(parser: argparse.ArgumentParser) -> None:
     """--factory and --memory-budget: which image index a publish builds."""
     parser.add_argument(
@@ -278,19 +342,12 @@ class _ProgressReporter:
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.root is None:
         raise IndexerError("no image folder given: pass it as an argument or set CLIPSEARCH_IMAGE_ROOT")
-    extensions = None
-    if args.extensions:
-        extensions = frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
-    try:
-        plan = ThreadPlan.for_indexing(args.precision, threads=args.threads, streams=args.streams, workers=args.workers)
-    except ValueError as exc:
-        raise IndexerError(str(exc)) from exc
     options = BuildOptions(
         root=args.root,
         index_dir=args.index_dir,
         model=args.model,
         arch=args.arch,
-        extensions=extensions,
+        extensions=_extensions(args),
         exclude=tuple(args.exclude),
         factory=args.factory,
         memory_budget=args.memory_budget,
@@ -299,8 +356,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         retrain=args.retrain,
         precision=args.precision,
-        plan=plan,
     )
+    if args.engine != "local":
+        return _build_on_engine(args, options)
+    if args.partition_size is not None:
+        raise IndexerError("--partition-size applies to --engine ray: the local build encodes in one pipeline")
+    _check_local(args)
+    options = dataclasses.replace(options, plan=_local_plan(args))
     reporter = _ProgressReporter()
     try:
         stats = build_index(options, progress=reporter)
@@ -319,6 +381,129 @@ def _cmd_build(args: argparse.Namespace) -> int:
         summary,
     )
     return 0
+
+
+def _build_on_engine(args: argparse.Namespace, options: BuildOptions) -> int:
+    engine = _engine(args)
+    reporter = _ProgressReporter()
+    try:
+        stats = build_on_engine(
+            options,
+            engine,
+            DEFAULT_PARTITION_SIZE if args.partition_size is None else args.partition_size,
+            progress=reporter,
+        )
+    finally:
+        reporter.close()
+    encoded, ingested = stats.encode, stats.ingest
+    logger.info(
+        "indexed %s into %s on the %s engine: %d files, %d unchanged, %d encoded, %d reused, %d skipped %s in %d "
+        "partitions (%d finished before) in %.1fs (%.1f images/s); %d rows of vanished files deleted; ingested "
+        "%d added, %d modified, %d skipped; published %s",
+        args.root,
+        args.index_dir,
+        engine.name,
+        encoded.scanned,
+        encoded.unchanged,
+        encoded.encoded,
+        encoded.reused,
+        encoded.skipped,
+        encoded.skipped_reasons or "",
+        encoded.partitions,
+        encoded.partitions_before,
+        encoded.seconds,
+        encoded.images_per_second,
+        stats.deleted,
+        ingested.added,
+        ingested.modified,
+        ingested.skipped,
+        ingested.generation,
+    )
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    if args.root is None:
+        raise IndexerError("no image folder given: pass it as an argument or set CLIPSEARCH_IMAGE_ROOT")
+    options = EncodeOptions(
+        root=args.root,
+        out=args.out,
+        model=args.model,
+        arch=args.arch,
+        extensions=_extensions(args),
+        exclude=tuple(args.exclude),
+        index_dir=args.index_dir,
+        partition_size=DEFAULT_PARTITION_SIZE if args.partition_size is None else args.partition_size,
+        batch_size=args.batch_size,
+        draft=args.draft,
+        precision=args.precision,
+    )
+    engine = _engine(args)
+    reporter = _ProgressReporter()
+    try:
+        stats = encode_folder(options, engine, progress=reporter).stats
+    finally:
+        reporter.close()
+    logger.info(
+        "encoded %(root)s into %(out)s on the %(engine)s engine: %(scanned)d files, %(unchanged)d unchanged; "
+        "%(partitions)d partitions, %(partitions_before)d finished before, %(shards)d written (%(rows)d rows: "
+        "%(encoded)d encoded, %(reused)d reused, %(skipped)d skipped %(reasons)s) in %(seconds).1fs "
+        "(%(images_per_second).1f images/s). Next: clip-index ingest %(out)s --index-dir DIR",
+        {
+            **stats.as_dict(),
+            "root": args.root,
+            "out": args.out,
+            "engine": engine.name,
+            "reasons": stats.skipped_reasons or "",
+        },
+    )
+    return 0
+
+
+def _extensions(args: argparse.Namespace) -> frozenset[str] | None:
+    if not args.extensions:
+        return None
+    return frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
+
+
+def _local_plan(args: argparse.Namespace) -> ThreadPlan:
+    try:
+        return ThreadPlan.for_indexing(args.precision, threads=args.threads, streams=args.streams, workers=args.workers)
+    except ValueError as exc:
+        raise IndexerError(str(exc)) from exc
+
+
+def _check_local(args: argparse.Namespace) -> None:
+    """Refuse the Ray engine's options without it."""
+    given = [
+        option
+        for option, value in (
+            ("--address", args.address),
+            ("--cpus-per-worker", args.cpus_per_worker),
+            ("--gpus-per-worker", args.gpus_per_worker),
+        )
+        if value is not None
+    ]
+    if given:
+        raise IndexerError(f"{', '.join(given)} apply to --engine ray only")
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    """The engine the command line asks for (Ray is imported when that engine starts)."""
+    if args.engine == "local":
+        _check_local(args)
+        return LocalEngine(_local_plan(args))
+    from .ray_engine import RayEngine, RaySettings
+
+    settings = RaySettings(
+        address=args.address,
+        workers=args.workers,
+        cpus_per_worker=1 if args.cpus_per_worker is None else args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker or 0.0,
+        threads=args.threads,
+        streams=args.streams,
+    )
+    return RayEngine(settings)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "torch==$TORCH_VERSION"          # first, so nothing below pulls another torch build
-"${pip[@]}" install -e ".[test]"
+"${pip[@]}" install -e ".[test,ray]"                # ray: the Ray engine's tests (tests/indexer/test_ray_engine.py)
 "${pip[@]}" install --no-deps "$CLIP_REFERENCE"    # never install torchvision: it breaks beside this torch build
 rm -f "$VENV"/.installed-*
 touch "$stamp"
