@@ -1,4 +1,4 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the service, the settings, and the API key checks."""
+"""FastAPI dependencies as ``Annotated`` aliases: the services, the settings, and the API key checks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 from pydantic import SecretStr
 
+from .duplicates_service import DuplicateFinder
 from .errors import ForbiddenError, UnauthorizedError
 from .reindex import Reindexer
 from .service import SearchService
@@ -31,9 +32,15 @@ def get_reindexer(request: Request) -> Reindexer:
     return reindexer
 
 
+def get_duplicates(request: Request) -> DuplicateFinder:
+    finder: DuplicateFinder = request.app.state.duplicates
+    return finder
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[SearchService, Depends(get_service)]
 ReindexerDep = Annotated[Reindexer, Depends(get_reindexer)]
+DuplicatesDep = Annotated[DuplicateFinder, Depends(get_duplicates)]
 KeyHeader = Annotated[str | None, Header(alias=API_KEY_HEADER, description="API key, when the server has one")]
 KeyQuery = Annotated[
     str | None, Query(alias="api_key", description="API key for clients that cannot set headers (<img src>)")

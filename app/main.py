@@ -18,11 +18,12 @@ from fastapi.staticfiles import StaticFiles
 from clip_model.errors import ClipModelError
 from clip_model.process_tuning import ThreadPlan
 
+from .duplicates_service import DuplicateFinder
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from .reindex import Reindexer
-from .routes import admin, classify, embed, images, ops, search, texts, web
+from .routes import admin, classify, duplicates, embed, images, ops, search, texts, web
 from .runtime import Runtime
 from .service import SearchService
 from .settings import Settings, get_settings
@@ -34,6 +35,7 @@ Semantic image search over a folder indexed by `clip-index`, on a CLIP model imp
 
 * **search**: text -> images, uploaded image -> images, weighted query arithmetic
 * **images**: metadata, file, thumbnail, "more like this" and stored embedding of an indexed image, by id
+* **duplicates**: groups of byte-identical and near-duplicate images, a page at a time
 * **image to text**: the texts that best describe an image (indexed corpus or candidates you send)
 * **zero-shot**: probabilities over your labels, with prompt ensembling
 * **embeddings**: vectors for texts and images
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, *, watch: bool = True, plan: Th
             raise
         app.state.runtime = runtime
         app.state.service = SearchService(runtime, settings)
+        app.state.duplicates = DuplicateFinder(runtime)
         try:
             yield
         finally:
@@ -78,7 +81,7 @@ def create_app(settings: Settings | None = None, *, watch: bool = True, plan: Th
     app.state.metrics = metrics
     app.state.reindexer = Reindexer()
     install_error_handlers(app)
-    for module in (search, images, texts, classify, embed, ops, admin, web):
+    for module in (search, images, duplicates, texts, classify, embed, ops, admin, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:

@@ -36,6 +36,7 @@ REQUEST_TIMEOUT_S = 120  # a schema-valid classification can ask for 100 labels 
 UPLOADS = ["POST /api/search/image", "POST /api/embed/image", "POST /api/describe/upload", "POST /api/classify/upload"]
 NOT_AN_IMAGE = ["2xx", 401, 403, 404, 409, 415]  # any non-empty bytes fit the schema's file part
 CANCELLING_WEIGHTS = ["2xx", 401, 403, 404, 409, 422]
+STALE_OR_FOREIGN_CURSOR = ["2xx", 401, 409, 422]  # a cursor (or a folder) the schema accepts but no page has
 HOSTILE_TEMPLATES = ["{} {x}", "{!r} {}", "{.__class__} {}", "{0} {}", "{{}}{:>200000000}", "{:}", "{} {}", "}{}"]
 
 
@@ -70,6 +71,10 @@ def fuzz_config(image_ids: list[int]) -> SchemathesisConfig:
                 {
                     "include-name": "POST /api/search/combined",
                     "checks": {"positive_data_acceptance": {"expected-statuses": CANCELLING_WEIGHTS}},
+                },
+                {
+                    "include-name": "GET /api/duplicates",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": STALE_OR_FOREIGN_CURSOR}},
                 },
             ],
         }
