@@ -156,6 +156,7 @@ class Runtime:
         try:
             encoder = self._encoder_for(index.manifest.model)
             image_root = self.settings.image_root or index.image_root()
+            index.photo_columns()  # read now, before it serves: filters, dates and their order need them
         except (ClipModelError, _MismatchError, OSError) as exc:
             index.close()
             return self._fail(index.manifest.generation, f"cannot serve generation {index.manifest.generation}: {exc}")

@@ -87,6 +87,15 @@ class QueryFilters(SearchFilters):
     model_config = ConfigDict(extra="ignore")
 
 
+SORT_DESCRIPTION = (
+    "order of the results: relevance (best first), or by capture time (newest or oldest first) among the best "
+    "10,000 results above the cut-off"
+)
+SortField = Annotated[Literal["relevance", "newest", "oldest"], Field(description=SORT_DESCRIPTION)]
+CURSOR_DESCRIPTION = "the next_cursor of the previous page, to get the page after it (same query, same parameters)"
+CursorField = Annotated[str | None, Field(max_length=512, description=CURSOR_DESCRIPTION)]
+
+
 class ImageHit(BaseModel):
     """One image result."""
 
@@ -97,6 +106,10 @@ class ImageHit(BaseModel):
     height: int | None = Field(description="upright height in pixels")
     url: str = Field(description="the original file")
     thumbnail_url: str = Field(description="a small JPEG preview")
+    taken_at: datetime | None = Field(
+        None, description="capture time on the camera's clock (EXIF), else the file's modification time (UTC)"
+    )
+    taken_from_exif: bool | None = Field(None, description="whether taken_at came from the photo's EXIF")
 
 
 class SearchResponse(BaseModel):
@@ -127,6 +140,9 @@ class SearchResponse(BaseModel):
     generation: str = Field(description="index generation that answered")
     took_ms: float = Field(description="server time spent on the query")
     truncated: bool = Field(False, description="a query text was longer than the model's context and was cut")
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` (same query) for the next page; null on the last page"
+    )
 
 
 # at least one character other than ASCII whitespace; spelled out, so that every regex engine (JSON Schema clients,
@@ -186,6 +202,8 @@ class CombinedQuery(BaseModel):
     k: int = K_FIELD
     min_score: float | None = MIN_SCORE_FIELD
     filters: SearchFilters | None = Field(None, description="conditions on the images returned")
+    sort: SortField = "relevance"
+    cursor: CursorField = None
 
 
 class TextHit(BaseModel):

@@ -9,10 +9,12 @@ Vectors: every query vector is float32 [D], L2-normalized; scores are inner prod
 from __future__ import annotations
 
 import calendar
+import hashlib
 import os
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from indexer.store.reader import Hit, ImageRecord, SearchFilter
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
+from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
 from .runtime import Runtime, Served
 from .schemas import (
     ClassifyResponse,
@@ -59,32 +62,32 @@ class SearchService:
 
     # --- text / image -> images ----------------------------------------------------------------------------------
 
-    def search_text(
-        self, text: str, k: int, min_score: float | None, filters: SearchFilters | None = None
-    ) -> SearchResponse:
+    def search_text(self, text: str, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        request = SearchRequest(state.index, k, store_filter(filters))
-        embedding, hits = state.encoder.search_text(self._check_text(text), request)
-        return self._respond(state, hits, k, min_score, started, truncated=embedding.truncated)
+        text = self._check_text(text)
+        page = _Page.of(state, options, ("text", text))
+        request = SearchRequest(state.index, page.depth, store_filter(options.filters))
+        embedding, hits = state.encoder.search_text(text, request)
+        return self._respond(state, hits, page, started, truncated=embedding.truncated)
 
-    def search_upload(
-        self, data: bytes, k: int, min_score: float | None, filters: SearchFilters | None = None
-    ) -> SearchResponse:
+    def search_upload(self, data: bytes, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        return self._search(state, self._embed_upload(state, data), k, min_score, started, filters=filters)
+        page = _Page.of(state, options, ("image", hashlib.sha256(data).hexdigest()))
+        return self._search(state, self._embed_upload(state, data), page, started)
 
-    def similar(
-        self, image_id: int, k: int, min_score: float | None, filters: SearchFilters | None = None
-    ) -> SearchResponse:
+    def similar(self, image_id: int, options: ResultOptions) -> SearchResponse:
         """Images like an indexed one, from its stored embedding (no re-encoding); the image itself is left out."""
         started, state = time.perf_counter(), self.runtime.require()
         vector = self._stored_embedding(state, image_id)
-        return self._search(state, vector, k, min_score, started, exclude=image_id, filters=filters)
+        page = _Page.of(state, options, ("similar", image_id), exclude=image_id)
+        return self._search(state, vector, page, started)
 
     def search_combined(self, query: CombinedQuery) -> SearchResponse:
         """Normalized weighted sum of the parts' unit embeddings."""
         started, state = time.perf_counter(), self.runtime.require()
         texts = [self._check_text(p.text) for p in query.parts if isinstance(p, TextPart)]
+        options = ResultOptions(query.k, query.min_score, query.filters, query.sort, query.cursor)
+        page = _Page.of(state, options, ("combined", [p.model_dump() for p in query.parts]))
         embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
         total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
         for part in query.parts:
@@ -98,39 +101,40 @@ class SearchService:
             raise BadRequestError("the weighted parts cancel out (their sum has no direction): change the weights")
         truncated = any(e.truncated for e in embedded.values())
         unit = (total / norm).astype(np.float32)
-        return self._search(state, unit, query.k, query.min_score, started, truncated=truncated, filters=query.filters)
+        return self._search(state, unit, page, started, truncated=truncated)
 
     def _search(
-        self,
-        state: Served,
-        query: Vector,
-        k: int,
-        min_score: float | None,
-        started: float,
-        exclude: int | None = None,
-        truncated: bool = False,
-        filters: SearchFilters | None = None,
+        self, state: Served, query: Vector, page: _Page, started: float, truncated: bool = False
     ) -> SearchResponse:
-        request = SearchRequest(state.index, k + (exclude is not None), store_filter(filters))
+        request = SearchRequest(state.index, page.depth, store_filter(page.options.filters))
         hits = state.encoder.search_vectors(query[None], request)[0]
-        return self._respond(state, hits, k, min_score, started, exclude, truncated)
+        return self._respond(state, hits, page, started, truncated)
 
     def _respond(
-        self,
-        state: Served,
-        hits: list[Hit],
-        k: int,
-        min_score: float | None,
-        started: float,
-        exclude: int | None = None,
-        truncated: bool = False,
+        self, state: Served, hits: list[Hit], page: _Page, started: float, truncated: bool = False
     ) -> SearchResponse:
-        hits = [h for h in hits if h.id != exclude and (min_score is None or h.score >= min_score)][:k]
-        records = state.index.images([h.id for h in hits])
-        results = [_image_hit(hit, records[hit.id]) for hit in hits if _servable(records.get(hit.id))]
+        """The page of ``hits`` (ranked to ``page.depth``) the request asked for, with the cursor of the next."""
+        options = page.options
+        found = len(hits)
+        hits = [h for h in hits if h.id != page.exclude]
+        kept = [h for h in hits if options.min_score is None or h.score >= options.min_score]
+        complete = len(kept) < len(hits) or found < page.depth  # nothing past the cut-off, or nothing more found
+        taken = _taken_at(state, kept)
+        ranked = ordered(kept, options.sort, taken[0] if taken is not None else None)
+        window = ranked[page.offset : page.offset + options.k]
+        records = state.index.images([h.id for h in window])
+        dates = _taken_at(state, window)
+        results = [
+            _image_hit(hit, records[hit.id], dates, i) for i, hit in enumerate(window) if _servable(records.get(hit.id))
+        ]
         took_ms = (time.perf_counter() - started) * 1000
+        cursor = next_cursor(state.generation, page.offset, options.k, len(ranked), complete, page.query)
         return SearchResponse(
-            results=results, generation=state.generation, took_ms=round(took_ms, 2), truncated=truncated
+            results=results,
+            generation=state.generation,
+            took_ms=round(took_ms, 2),
+            truncated=truncated,
+            next_cursor=cursor,
         )
 
     # --- image -> text and zero-shot -----------------------------------------------------------------------------
@@ -350,7 +354,10 @@ def _thumbnail_url(image_id: int) -> str:
     return f"/api/images/{image_id}/thumbnail"
 
 
-def _image_hit(hit: Hit, record: ImageRecord) -> ImageHit:
+def _image_hit(
+    hit: Hit, record: ImageRecord, dates: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None, row: int
+) -> ImageHit:
+    taken, from_exif = (None, None) if dates is None else (int(dates[0][row]), bool(dates[1][row]))
     return ImageHit(
         id=hit.id,
         path=record.path,
@@ -359,7 +366,51 @@ def _image_hit(hit: Hit, record: ImageRecord) -> ImageHit:
         height=record.height,
         url=_file_url(hit.id),
         thumbnail_url=_thumbnail_url(hit.id),
+        taken_at=None if taken is None else datetime.fromtimestamp(taken, UTC).replace(tzinfo=None),
+        taken_from_exif=from_exif,
     )
+
+
+def _taken_at(state: Served, hits: list[Hit]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None:
+    """Capture times (clock seconds) of ``hits`` and whether EXIF gave them, from the generation's columns."""
+    if not hits:
+        return None
+    columns = state.index.photo_columns()
+    ids = np.fromiter((h.id for h in hits), dtype=np.int64, count=len(hits))
+    rows = np.clip(np.searchsorted(columns.ids, ids), 0, max(0, len(columns.ids) - 1))
+    if not len(columns.ids) or not np.array_equal(columns.ids[rows], ids):
+        return None  # a hit the columns do not hold: cannot happen within one generation
+    return columns.taken_at[rows], columns.taken_from_exif[rows]
+
+
+@dataclass(frozen=True)
+class ResultOptions:
+    """What a search request asks of its results besides the query: page size ``k``, cut-off, filters, order and
+    the cursor of the page (None: the first)."""
+
+    k: int
+    min_score: float | None = None
+    filters: SearchFilters | None = None
+    sort: Sort = "relevance"
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class _Page:
+    """A request's page: its options, the offset its cursor gives, how deep to rank, the query's fingerprint."""
+
+    options: ResultOptions
+    offset: int
+    depth: int
+    query: str
+    exclude: int | None = None
+
+    @classmethod
+    def of(cls, state: Served, options: ResultOptions, query: object, exclude: int | None = None) -> _Page:
+        filters = options.filters.model_dump(mode="json") if options.filters is not None else None
+        key = fingerprint(query, filters, options.min_score, options.sort)
+        offset = open_cursor(options.cursor, state.generation, key)
+        return cls(options, offset, depth(offset, options.k, options.sort) + (exclude is not None), key, exclude)
 
 
 def store_filter(filters: SearchFilters | None) -> SearchFilter | None:

@@ -17,9 +17,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ..deps import ReadAccess, ServiceDep, SettingsDep
 from ..schemas import MAX_ID, DecimalInteger, ErrorResponse, ImageEmbedding, ImageInfo, SearchResponse
+from ..service import ResultOptions
 from ..strict_json import StrictJSONRoute
 from ._common import ID_ERRORS, errors
-from .search import Filters, K, MinScore
+from .search import CursorParam, Filters, K, MinScore, SortParam
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
 
@@ -112,11 +113,17 @@ def thumbnail(
 
 @router.get("/{image_id}/similar", response_model=SearchResponse, responses=ID_ERRORS, summary="More like this")
 def similar(
-    image_id: ImageId, service: ServiceDep, filters: Filters, k: K = 20, min_score: MinScore = None
+    image_id: ImageId,
+    service: ServiceDep,
+    filters: Filters,
+    k: K = 20,
+    min_score: MinScore = None,
+    sort: SortParam = "relevance",
+    cursor: CursorParam = None,
 ) -> SearchResponse:
     """Images most similar to an indexed one, from its stored embedding (nothing is re-encoded), among those the
     filters match; the image itself is left out. Example: `GET /api/images/7/similar?k=20&folder=2023`"""
-    return service.similar(image_id, k, min_score, filters)
+    return service.similar(image_id, ResultOptions(k, min_score, filters, sort, cursor))
 
 
 @router.get("/{image_id}/embedding", response_model=ImageEmbedding, responses=ID_ERRORS, summary="Stored embedding")
