@@ -242,12 +242,12 @@ def photo_columns(rows: Iterable[Sequence[Any]]) -> PhotoColumns:
         name: np.concatenate([part[name] for part in parts]) if parts else np.empty(0, dtype=dtype)
         for name, dtype in zip(names, dtypes, strict=True)
     }
-    names = ["" if f == ROOT_FOLDER else f for f in tables["folders"]]
-    order = sorted(range(len(names)), key=names.__getitem__)
-    recode = np.empty(len(names), dtype=np.int32)
-    recode[order] = np.arange(len(names), dtype=np.int32)
-    merged["folder_codes"] = recode[merged["folder_codes"]] if len(names) else merged["folder_codes"]
-    folders = [names[i] for i in order]
+    found = ["" if f == ROOT_FOLDER else f for f in tables["folders"]]
+    order = sorted(range(len(found)), key=found.__getitem__)
+    recode = np.empty(len(found), dtype=np.int32)
+    recode[order] = np.arange(len(found), dtype=np.int32)
+    merged["folder_codes"] = recode[merged["folder_codes"]] if len(found) else merged["folder_codes"]
+    folders = [found[i] for i in order]
     return PhotoColumns(folders=folders, cameras=list(tables["cameras"]), formats=list(tables["formats"]), **merged)
 
 
