@@ -91,6 +91,10 @@ MEMBERS: dict[str, Member] = {
     "filters": Member(
         "bench_filters", what="filtered search at 1M images: p50 at 0.1-50% selectivity vs unfiltered, recall@10"
     ),
+    "duplicates": Member(
+        "bench_duplicates",
+        what="duplicate groups over 100k images: seconds and peak RSS per threshold; similarity of planted copies",
+    ),
 }
 
 

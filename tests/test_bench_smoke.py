@@ -55,3 +55,4 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
     assert "Whole first build over" in report  # indexer_full's line
     assert "| update | publish s |" in report  # update's table
     assert "| filter | matching |" in report  # filters' table
+    assert "| threshold | seconds | groups |" in report  # duplicates' table
