@@ -67,6 +67,11 @@ MEMBERS: dict[str, Member] = {
         ("--smoke", "--only", "full", "--precision", "int8"),
         "a whole first build over 100,000 files, int8: images/s and peak RSS (~35 min on 2 cores)",
     ),
+    "ray": Member(
+        "bench_ray", what="clip-index encode on Ray (1 and 2 CPU workers) vs the local engine, 2,000 photos, fp32"
+    ),
+    # ray_int8's smoke command is ray's, so it runs once: the same code at another precision
+    "ray_int8": Member("bench_ray", ("--precision", "int8"), what="the same in int8"),
     "server": Member("bench_server", what="text queries over HTTP at concurrency 1, 8, 32 (100k vectors)"),
     "server_int8": Member("bench_server", ("--precision", "int8"), ("--smoke", "--precision", "int8"), "int8"),
     "server_int8_compiled": Member(

@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         help="build the image index anew over every image (trained again, one segment) instead of adding a segment "
         "of the changes; without it this happens by itself once the collection has doubled or halved",
     )
+    build.add_argument(
+        "--store-gps",
+        action="store_true",
+        default=_env("STORE_GPS", "") == "1",
+        help="keep the photos' GPS positions from EXIF in the catalog (off by default: positions are dropped, also "
+        "those an earlier run kept; turning it on reads every photo's metadata once more) ($CLIPSEARCH_STORE_GPS=1)",
+    )
     _engine_arguments(build, build=True)
     build.set_defaults(func=_cmd_build)
 
@@ -260,8 +267,9 @@ def _engine_arguments(parser: argparse.ArgumentParser, *, build: bool) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="--engine ray: the cluster: 'auto' (the one this machine is a node of), ray://HOST:10001 (Ray Client) "
-        "or HOST:PORT. Default: $RAY_ADDRESS, else a one-machine cluster started for the run",
+        help="--engine ray: the cluster: 'auto' (the one this machine is a node of), ray://HOST:10001 (Ray Client), "
+        "HOST:PORT, or 'local' (a one-machine cluster started for the run). Default: $RAY_ADDRESS, else the cluster "
+        "started on this machine with `ray start`, else 'local'",
     )
     parser.add_argument(
         "--cpus-per-worker", type=int, default=None, help="--engine ray: CPUs each encoding actor takes (default 1)"
@@ -356,6 +364,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         retrain=args.retrain,
         precision=args.precision,
+        store_gps=args.store_gps,
     )
     if args.engine != "local":
         return _build_on_engine(args, options)

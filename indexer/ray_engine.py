@@ -3,10 +3,11 @@
 Needs the ``ray`` extra (``pip install 'clip-search[ray]'``); Ray is imported when the engine starts, and its
 absence is an IndexerError that says how to install it.
 
-* Connecting (:meth:`RayEngine.start`): ``address`` None connects to ``$RAY_ADDRESS`` when it is set, else
-  starts a one-machine cluster inside this process (``ray.init()``) and stops it at the end; ``"auto"`` joins the
-  cluster this machine is a node of; ``"ray://HOST:10001"`` reaches a remote one through Ray Client. A process that
-  has called ``ray.init`` already keeps its connection. Every node must have clip-search installed with this extra
+* Connecting (:meth:`RayEngine.start`): ``address`` is ``ray.init``'s. None connects to ``$RAY_ADDRESS`` when it
+  is set, else to the cluster last started on this machine with ``ray start``, else starts a one-machine cluster
+  inside this process for the run (``"local"`` always does); ``"auto"`` joins the cluster this machine is a node
+  of; ``"ray://HOST:10001"`` reaches a remote one through Ray Client. A process that has called ``ray.init``
+  already keeps its connection. Every node must have clip-search installed with this extra
   (the actors import ``indexer``) and see the image folder and the model at the paths this process uses; the shards
   are written here.
 * Workers: ``workers`` actors of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs) each; by default as many
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'clip-search[ray]'"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # what ray.init(address=None) connects to when it is set
+LOCAL = "local"  # ray.init's address for "start a new one-machine cluster"
 GPU_DEVICE = "cuda"
 CALLS_QUEUED_PER_ACTOR = 1  # a partition waits for a free actor, not behind a busy one
 Column = npt.NDArray[Any]
@@ -74,7 +76,7 @@ def import_ray() -> Any:
 class RaySettings:
     """Where the Ray engine runs and how large its workers are (see ``indexer.cli`` for each option)."""
 
-    address: str | None = None  # None: a one-machine cluster in this process; "auto"; "ray://HOST:10001"
+    address: str | None = None  # ray.init's: None, "local", "auto", "HOST:PORT" or "ray://HOST:10001"
     workers: int | None = None  # None: as many as the cluster holds
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
@@ -129,7 +131,7 @@ class RayEngine:
         self._ray, self._job = ray, job
         if not ray.is_initialized():
             where: dict[str, Any] = {"address": self.settings.address}
-            if self._address() is None:  # a cluster of its own: no dashboard to serve
+            if self._address() in (None, LOCAL):  # a cluster of its own, if it starts one: no dashboard
                 where["include_dashboard"] = False
             ray.init(**where, logging_level=logging.WARNING)
             self._started_ray = True
@@ -146,7 +148,7 @@ class RayEngine:
     def describe(self) -> str:
         settings = self.settings
         gpus = f" and {settings.gpus_per_worker:g} GPU" if settings.gpus_per_worker else ""
-        where = self._address() or "a one-machine cluster in this process"
+        where = self._address() or "the local cluster (ray.init())"
         return f"ray engine at {where}: {self._workers} worker(s) of {settings.cpus_per_worker} CPU{gpus} each"
 
     def run(self, works: Sequence[Work], reusable: frozenset[str]) -> Iterator[WorkRows]:

@@ -54,5 +54,6 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
     assert "end to end img/s" in report
     assert "Whole first build over" in report  # indexer_full's line
     assert "| update | publish s |" in report  # update's table
+    assert "| engine | images/s | steady images/s |" in report  # ray's table
     assert "| filter | matching |" in report  # filters' table
     assert "| threshold | seconds | groups |" in report  # duplicates' table
