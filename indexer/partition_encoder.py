@@ -28,7 +28,7 @@ from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thre
 
 from .build import LoadedModel, load_model, reuses_vector
 from .decode import Decoded, DecodeFailure
-from .pipeline import DecodeWorkers, Encoded, encode_files
+from .pipeline import DEFAULT_BATCH_SIZE, DecodeWorkers, Encoded, encode_files
 from .scan import ScannedFile
 from .store import FileRecord, ModelInfo
 
@@ -47,7 +47,7 @@ class EncodeJob:
     arch: str | None = None
     precision: Precision = "fp32"
     draft: bool = True
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     reusable: frozenset[str] = frozenset()
 
 
