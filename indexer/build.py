@@ -34,6 +34,7 @@ from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thre
 from . import paths
 from .decode import Decoded, DecodeFailure, DecodeSpec
 from .errors import IndexerError, ModelMismatchError
+from .photo_metadata import read_file_metadata
 from .pipeline import DEFAULT_BATCH_SIZE, Encoded, encode_files
 from .scan import PassedOver, ScannedFile, iter_images
 from .store import (
@@ -49,6 +50,7 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 COMMIT_EVERY_N_FILES = 256  # catalog rows per transaction: the most work a kill -9 can cost
+METADATA_COMMIT_EVERY = 1000  # photo metadata rows per transaction when read apart from encoding
 Progress = Callable[[int, int], None]  # (files done, files to process)
 Result = PassedOver | Encoded | DecodeFailure  # one file's outcome, recorded by _record
 
@@ -71,6 +73,7 @@ class BuildOptions:
     retrain: bool = False  # build the image index anew over every image, whatever the segment policy says
     precision: Precision = "fp32"  # "int8": CPU int8 linear layers (quantize_int8); the fingerprint stays fp32's
     plan: ThreadPlan | None = None  # decode workers, encode streams and threads; None: ThreadPlan.for_indexing
+    store_gps: bool = False  # keep photos' GPS positions in the catalog (off: none kept, and those kept are dropped)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class BuildStats:
     seconds: float = 0.0
     images_per_second: float = 0.0
     generation: str | None = None
+    metadata_read: int = 0  # files whose photo metadata was read apart from encoding (older indexes, GPS turned on)
 
     @property
     def changes_vectors(self) -> bool:
@@ -113,9 +117,11 @@ class LoadedModel:
             features = self.model.encode_image(torch.from_numpy(batch), normalize=True)
         return np.ascontiguousarray(features.float().numpy())
 
-    def decode_spec(self, draft: bool) -> DecodeSpec:
+    def decode_spec(self, draft: bool, gps: bool = False) -> DecodeSpec:
         pre = self.info.preprocess
-        return DecodeSpec(image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft)
+        return DecodeSpec(
+            image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft, gps=gps
+        )
 
 
 def load_model(name: str, arch: str | None = None, precision: Precision = "fp32") -> LoadedModel:
@@ -168,7 +174,8 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress, plan)
-        asked = options.rebuild or options.retrain
+        stats.metadata_read = fill_metadata(catalog, options.root, options.store_gps)
+        asked = options.rebuild or options.retrain or stats.metadata_read > 0  # readers load metadata per generation
         if not asked and up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):
             stats.generation = current_generation(options.index_dir)  # nothing a reader would see changed
         else:
@@ -185,6 +192,31 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
         stats.images_per_second = stats.encoded / stats.seconds if stats.seconds else 0.0
         catalog.finish_run(run_id, stats.as_dict())
     return stats
+
+
+def fill_metadata(catalog: Catalog, root: Path, store_gps: bool) -> int:
+    """Photo metadata for the ok images whose content has none from this extractor (an index built before it was
+    read, or every image once GPS positions are asked for), read from each file's header and EXIF only, and no GPS
+    position kept unless ``store_gps``. Returns how many contents were read."""
+    photos = catalog.photos
+    with catalog.transaction():
+        if not store_gps:
+            dropped = photos.drop_gps()
+            if dropped:
+                logger.info("dropped the GPS positions of %d photos (--store-gps is off)", dropped)
+        everything = store_gps and not photos.gps_recorded()
+        missing = photos.missing(everything=everything)
+    if missing:
+        logger.info("reading the photo metadata of %d files (header and EXIF only)", len(missing))
+    items = list(missing.items())
+    for start in range(0, len(items), METADATA_COMMIT_EVERY):
+        chunk = items[start : start + METADATA_COMMIT_EVERY]
+        read = [(digest, read_file_metadata(paths.file_path(root, path), gps=store_gps)) for digest, path in chunk]
+        with catalog.transaction():
+            photos.record(read)
+    with catalog.transaction():
+        photos.set_gps_recorded(store_gps)
+    return len(items)
 
 
 @dataclass
@@ -290,7 +322,7 @@ def _update(
     encoded = encode_files(
         options.root,
         scan.changed,
-        loaded.decode_spec(options.draft),
+        loaded.decode_spec(options.draft, options.store_gps),
         loaded.encode,
         workers=plan.decode_workers,
         batch_size=options.batch_size,
@@ -366,6 +398,7 @@ def _record(catalog: Catalog, result: Result, changes: _Changes) -> None:
             decoded.height,
             result.embedding,
         )
+        catalog.photos.record([(decoded.content_hash, decoded.metadata)])
         stats.encoded += 1
         if previous is None:
             stats.added += 1

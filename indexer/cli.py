@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         help="build the image index anew over every image (trained again, one segment) instead of adding a segment "
         "of the changes; without it this happens by itself once the collection has doubled or halved",
     )
+    build.add_argument(
+        "--store-gps",
+        action="store_true",
+        default=_env("STORE_GPS", "") == "1",
+        help="keep the photos' GPS positions from EXIF in the catalog (off by default: positions are dropped, also "
+        "those an earlier run kept; turning it on reads every photo's metadata once more) ($CLIPSEARCH_STORE_GPS=1)",
+    )
     _engine_arguments(build, build=True)
     build.set_defaults(func=_cmd_build)
 
@@ -357,6 +364,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         retrain=args.retrain,
         precision=args.precision,
+        store_gps=args.store_gps,
     )
     if args.engine != "local":
         return _build_on_engine(args, options)

@@ -12,6 +12,9 @@ Contract of ``decode_file(root, scanned, spec)``:
   >= ``DRAFT_MARGIN * image_size``, so the bicubic resize that follows still reduces by >= 2x. The crop then
   differs from the full decode by about one 8-bit level on average (see tests/indexer/test_decode.py).
   ``width``/``height`` are always the upright ORIGINAL size.
+- The photo's metadata (:func:`indexer.photo_metadata.read_metadata`: capture time, camera, GPS only with
+  ``spec.gps``, ...) is read from the same opened image once it is decoded (a PNG's EXIF chunk may follow its
+  pixel data), so a file is read once.
 - Then ``clip_model.preprocess.to_rgb`` (EXIF orientation, alpha over white, first frame of animations) and
   ``resize_and_center_crop`` -> ``pixels`` uint8 ``[R, R, 3]``; the main process normalizes batches with
   ``clip_model.preprocess.normalize_pixels``, which equals ``Preprocess(R, mean, std)`` exactly.
@@ -49,6 +52,7 @@ from clip_model.preprocess import (
 )
 
 from . import paths
+from .photo_metadata import PhotoMetadata, read_metadata
 from .scan import AVIF_EXTENSIONS, HEIF_EXTENSIONS, ScannedFile, enable_heif, extension_of
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ class DecodeSpec:
     draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    gps: bool = False  # read GPS positions into the metadata (off unless the user asked)
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.max_pixels < 1 or self.max_bytes < 0:
@@ -100,6 +105,7 @@ class Decoded:
     width: int
     height: int
     pixels: npt.NDArray[np.uint8]
+    metadata: PhotoMetadata = PhotoMetadata()
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,8 @@ def decode_file(root: Path, scanned: ScannedFile, spec: DecodeSpec) -> Decoded |
         content_hash = hashlib.sha256(data).hexdigest()
         if not data:
             raise _Rejected("empty file")
-        width, height, pixels = _decode_pixels(data, scanned.path, spec)
-        return Decoded(scanned.path, size, mtime_ns, content_hash, width, height, pixels)
+        width, height, pixels, metadata = _decode_pixels(data, scanned.path, spec)
+        return Decoded(scanned.path, size, mtime_ns, content_hash, width, height, pixels, metadata)
     except _Rejected as rejected:
         reason = str(rejected)
     except Exception as exc:  # the per-file skip boundary: whatever goes wrong skips this file only
@@ -146,8 +152,10 @@ def decode_file(root: Path, scanned: ScannedFile, spec: DecodeSpec) -> Decoded |
     return DecodeFailure(scanned.path, size, mtime_ns, content_hash, reason)
 
 
-def _decode_pixels(data: bytes, relative: str, spec: DecodeSpec) -> tuple[int, int, npt.NDArray[np.uint8]]:
-    """(upright original width, height, uint8 crop [R, R, 3]) of an encoded image."""
+def _decode_pixels(
+    data: bytes, relative: str, spec: DecodeSpec
+) -> tuple[int, int, npt.NDArray[np.uint8], PhotoMetadata]:
+    """(upright original width, height, uint8 crop [R, R, 3], metadata) of an encoded image."""
     if extension_of(relative) in HEIF_EXTENSIONS:
         enable_heif()  # registers the opener in this (worker) process if pillow-heif is installed
     with warnings.catch_warnings(record=True) as caught:
@@ -165,13 +173,14 @@ def _decode_pixels(data: bytes, relative: str, spec: DecodeSpec) -> tuple[int, i
                     width, height = height, width
                 apply_draft(image, spec.image_size)
             upright = to_rgb(image)
+            metadata = read_metadata(image, gps=spec.gps)  # after decoding: PNG's EXIF may follow the pixels
             if not drafting:
                 width, height = upright.size  # full size (TIFF, for one, turns upright inside Pillow's loader)
             crop = resize_and_center_crop(upright, spec.image_size)
             pixels = np.array(crop, dtype=np.uint8)  # [R, R, 3], owned and C-contiguous
     for warning in caught:
         logger.debug("%s: %s", paths.display(relative), warning.message)
-    return width, height, pixels
+    return width, height, pixels, metadata
 
 
 def _failure_reason(exc: Exception, relative: str, read: bool) -> str:

@@ -24,7 +24,9 @@ import json
 import logging
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -122,6 +124,19 @@ def read_metadata(image: Image.Image, *, gps: bool = False) -> PhotoMetadata:
         orientation=orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None,
         format=image_format,
     )
+
+
+def read_file_metadata(path: Path, *, gps: bool = False) -> PhotoMetadata:
+    """:func:`read_metadata` of the image file at ``path``, opening only its header (no pixel is decoded); an empty
+    PhotoMetadata when the file cannot be opened as an image (the build's scan decides what happens to it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # corrupt EXIF and the like: read_metadata keeps what it can
+            with Image.open(path) as image:
+                return read_metadata(image, gps=gps)
+    except Exception:  # unreadable or not an image now: nothing to say about it
+        logger.debug("cannot read the metadata of %s", path, exc_info=True)
+        return PhotoMetadata()
 
 
 def _ifd(exif: Image.Exif, tag: int | None) -> dict[int, Any]:

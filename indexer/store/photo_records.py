@@ -25,6 +25,7 @@ _FIELDS = (
 )
 COLUMNS = ", ".join(_FIELDS)
 SQL_HASHES_PER_QUERY = 500
+GPS_KEY = "photo_gps"  # meta: "1" when the photo metadata was read keeping GPS positions
 
 
 class PhotoRecords:
@@ -59,18 +60,28 @@ class PhotoRecords:
             found.update((row[0], PhotoMetadata(**dict(zip(_FIELDS, row[1:], strict=True)))) for row in rows)
         return found
 
-    def missing(self) -> dict[str, str]:
-        """content hash -> one path, for the ok images whose content has no metadata from this extractor: what a
-        build reads again (the file's header and EXIF only) to fill it in."""
+    def missing(self, *, everything: bool = False) -> dict[str, str]:
+        """content hash -> one path, for the ok images whose content has no metadata from this extractor (with
+        ``everything``: all ok images): what a build reads (the file's header and EXIF only) to fill it in."""
         if not self.exists():
             return {}
         rows = self._conn.execute(
             "SELECT i.content_hash, MIN(i.path) FROM images i LEFT JOIN photo_metadata m USING (content_hash) "
-            "WHERE i.status = 'ok' AND i.content_hash IS NOT NULL AND (m.extracted_by IS NULL OR m.extracted_by < ?) "
-            "GROUP BY i.content_hash",
-            (METADATA_VERSION,),
+            "WHERE i.status = 'ok' AND i.content_hash IS NOT NULL "
+            "AND (? OR m.extracted_by IS NULL OR m.extracted_by < ?) GROUP BY i.content_hash",
+            (everything, METADATA_VERSION),
         ).fetchall()
         return {str(content_hash): str(path) for content_hash, path in rows}
+
+    def gps_recorded(self) -> bool:
+        """Whether the metadata was read with GPS positions kept (the last build's ``--store-gps``)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (GPS_KEY,)).fetchone()
+        return row is not None and row[0] == "1"
+
+    def set_gps_recorded(self, recorded: bool) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (GPS_KEY, "1" if recorded else "0")
+        )
 
     def drop_gps(self) -> int:
         """Forget every stored GPS position (the setting that allows storing them is off); returns how many."""
