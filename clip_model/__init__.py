@@ -9,10 +9,16 @@ Typical use::
     # clip_model.pack_for_cpu(model): float32 CPU inference with oneDNN-packed linear layers (faster, same results)
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
     text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
+
+SigLIP and SigLIP 2 (``clip_model.load("ViT-B-16-SigLIP/webli")``) load through the same calls and have the same
+encoders; their text goes through their own SentencePiece tokenizer (needs the ``siglip`` extra)::
+
+    tokenizer = clip_model.tokenizer_for(model)  # CLIP's BPE for a CLIP
+    text_features = model.encode_text(tokenizer(["a photo of a cat"], context_length=model.context_length))
 """
 
 from .checkpoint import read_checkpoint, save_checkpoint, weights_sha256
-from .config import CLIPConfig, get_config, infer_config, list_configs
+from .config import CLIPConfig, ModelConfig, SigLIPConfig, get_config, infer_config, list_configs
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -20,17 +26,29 @@ from .errors import (
     ClipModelError,
     DownloadError,
     ImageDecodeError,
+    MissingDependencyError,
     TokenizerError,
     UnknownModelError,
     UnsafeCheckpointError,
 )
-from .factory import PRECISIONS, Precision, available_models, create_model, load, preprocess_for
+from .factory import (
+    PRECISIONS,
+    Precision,
+    TextTokenizer,
+    available_models,
+    create_model,
+    load,
+    preprocess_for,
+    tokenizer_for,
+)
 from .inference import InferenceModel, load_for_inference
-from .model import CLIP
+from .model import CLIP, ImageTextModel
 from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
 from .quantize import is_quantized, quantize_int8
+from .siglip import SigLIP
 from .tokenizer import Tokenizer, get_tokenizer, tokenize, trim_tokens
+from .tokenizer_sentencepiece import SentencePieceTokenizer
 from .zeroshot import (
     build_zero_shot_classifier,
     classify,
@@ -49,10 +67,17 @@ __all__ = [
     "ClipModelError",
     "DownloadError",
     "ImageDecodeError",
+    "ImageTextModel",
     "InferenceModel",
+    "MissingDependencyError",
+    "ModelConfig",
     "PRECISIONS",
     "Precision",
     "Preprocess",
+    "SentencePieceTokenizer",
+    "SigLIP",
+    "SigLIPConfig",
+    "TextTokenizer",
     "TokenizerError",
     "Tokenizer",
     "UnknownModelError",
@@ -78,6 +103,7 @@ __all__ = [
     "save_checkpoint",
     "to_rgb",
     "tokenize",
+    "tokenizer_for",
     "trim_tokens",
     "weights_sha256",
     "zero_shot_prompts",

@@ -6,6 +6,9 @@ Supported inputs:
   ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed.
 - ``.safetensors`` files (OpenCLIP, and the files :func:`save_checkpoint` writes, which carry their config).
 - Hugging Face ``transformers`` CLIPModel directories, converted by :mod:`clip_model.hf_convert`.
+- SigLIP: OpenCLIP's layout (any of the containers above), Hugging Face ``SiglipModel`` directories and their
+  ``model.safetensors`` alone, converted by :mod:`clip_model.siglip_convert`; :func:`build_model` then makes a
+  :class:`~clip_model.siglip.SigLIP`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,29 @@ from typing import Any
 
 import torch
 
-from .config import Activation, CLIPConfig, PreprocessConfig, infer_config, with_known_name
+from .config import (
+    Activation,
+    ModelConfig,
+    PreprocessConfig,
+    SigLIPConfig,
+    config_from_dict,
+    infer_config,
+    infer_siglip_config,
+    with_known_name,
+)
 from .errors import CheckpointError, CheckpointMismatchError
 from .hf_convert import is_hf_clip_dir, read_hf_clip
-from .model import CLIP
+from .model import CLIP, ImageTextModel
+from .siglip import SigLIP
+from .siglip_convert import (
+    convert_hf_siglip_state_dict,
+    convert_open_clip_state_dict,
+    is_hf_siglip_dir,
+    is_hf_siglip_state_dict,
+    is_open_clip_siglip,
+    read_hf_siglip,
+    sentencepiece_file_in,
+)
 from .torchscript import OPENAI_EXTRA_KEYS, is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
@@ -37,6 +59,7 @@ OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_mode
 NON_PERSISTENT_KEYS = ("attn_mask",)  # causal masks some writers saved as buffers; rebuilt by our model
 SHOWN_KEYS = 5  # keys named in a mismatch message
 SAFETENSORS_SNIFF_BYTES = 9  # 8-byte header length + the header's opening brace
+SIGLIP_KEY = "logit_bias"  # canonical SigLIP state dicts have it, CLIP's do not
 
 
 @dataclass
@@ -44,10 +67,12 @@ class Checkpoint:
     """A canonical state dict plus whatever architecture information the file carried."""
 
     state_dict: dict[str, torch.Tensor]
-    config: CLIPConfig | None
+    config: ModelConfig | None
     activation: Activation | None  # known even without a full config (OpenAI archives: QuickGELU)
     source_format: str  # "torchscript", "hf", "safetensors", "state_dict"
-    preprocess: PreprocessConfig | None = None  # normalization statistics, when the file or its folder says
+    preprocess_cfg: dict[str, Any] | None = None  # mean, std (and resize_mode) when open_clip_config.json says
+    image_size: int | None = None  # the input side, when the folder's open_clip_config.json says
+    tokenizer_path: Path | None = None  # a SentencePiece vocabulary found beside the weights
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -55,10 +80,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir() and not is_hf_clip_dir(path):
+    if path.is_dir() and not is_hf_clip_dir(path) and not is_hf_siglip_dir(path):
         path = _open_clip_weights_in(path)
     if path.is_dir():
-        state_dict, config = read_hf_clip(path)
+        state_dict, config = read_hf_siglip(path) if is_hf_siglip_dir(path) else read_hf_clip(path)
         ckpt = Checkpoint(state_dict, config, config.activation, "hf")
     elif _looks_like_safetensors(path):
         ckpt = _read_safetensors(path)
@@ -67,8 +92,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     else:
         ckpt = _read_torch_file(path)
     ckpt.state_dict = _canonical(ckpt.state_dict, path)
-    if ckpt.config is None and (path.parent / OPEN_CLIP_CONFIG).is_file():
-        ckpt.activation, ckpt.preprocess = _read_open_clip_config(path.parent / OPEN_CLIP_CONFIG)
+    folder = path if path.is_dir() else path.parent
+    if ckpt.config is None and (folder / OPEN_CLIP_CONFIG).is_file():
+        ckpt.activation, ckpt.preprocess_cfg, ckpt.image_size = _read_open_clip_config(folder / OPEN_CLIP_CONFIG)
+    if SIGLIP_KEY in ckpt.state_dict:
+        ckpt.tokenizer_path = sentencepiece_file_in(folder)
     return ckpt
 
 
@@ -83,16 +111,18 @@ def _open_clip_weights_in(folder: Path) -> Path:
     return found[0]
 
 
-def _read_open_clip_config(path: Path) -> tuple[Activation, PreprocessConfig | None]:
-    """Activation and normalization from OpenCLIP's ``open_clip_config.json`` (``quick_gelu`` is absent if false)."""
+def _read_open_clip_config(path: Path) -> tuple[Activation, dict[str, Any] | None, int | None]:
+    """Activation, preprocessing and input side from OpenCLIP's ``open_clip_config.json`` (``quick_gelu`` is
+    absent if false; a SigLIP's towers ignore the activation: timm and OpenCLIP do not record theirs there)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    activation: Activation = "quick_gelu" if data.get("model_cfg", {}).get("quick_gelu") else "gelu"
-    pre = data.get("preprocess_cfg") or {}
-    stats = PreprocessConfig(mean=tuple(pre["mean"]), std=tuple(pre["std"])) if "mean" in pre and "std" in pre else None
-    return activation, stats
+    model_cfg = data.get("model_cfg") or {}
+    activation: Activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    pre = {k: v for k, v in (data.get("preprocess_cfg") or {}).items() if k in ("mean", "std", "resize_mode")}
+    side = (model_cfg.get("vision_cfg") or {}).get("image_size")
+    return activation, pre if "mean" in pre and "std" in pre else None, side if isinstance(side, int) else None
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -114,9 +144,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
         state_dict = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers and truncation
         raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-    config = (
-        CLIPConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in metadata else None
-    )
+    config = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in metadata else None
     return Checkpoint(state_dict, config, config.activation if config else None, "safetensors")
 
 
@@ -127,7 +155,7 @@ def _read_torch_file(path: Path) -> Checkpoint:
         raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
     config = None
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        config = CLIPConfig.from_dict(obj["config"])
+        config = config_from_dict(obj["config"])
     while isinstance(obj, dict) and not _holds_tensors(obj):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -158,6 +186,10 @@ def _canonical(state_dict: dict[str, Any], path: Path) -> dict[str, torch.Tensor
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"{path}: {key} holds a {type(value).__name__}, not a tensor")
         out[key] = value.float() if value.is_floating_point() else value
+    if is_open_clip_siglip(out):
+        out = convert_open_clip_state_dict(out)
+    elif is_hf_siglip_state_dict(out):
+        out = convert_hf_siglip_state_dict(out)
     if "text_projection" not in out and not any(k.startswith("visual.") for k in out):
         raise CheckpointMismatchError(
             f"{path}: not a CLIP checkpoint in any known layout (OpenAI, OpenCLIP, Hugging Face); "
@@ -183,28 +215,40 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         )
 
 
-def build_model(ckpt: Checkpoint, config: CLIPConfig | None = None) -> CLIP:
-    """A CLIP in eval mode holding ``ckpt``'s weights; ``config`` overrides what the file says or implies."""
-    if config is None:
-        config = ckpt.config or infer_config(ckpt.state_dict, activation=ckpt.activation)
-        if ckpt.preprocess is not None:
-            config = config.with_preprocess(ckpt.preprocess)
-        if ckpt.config is None and ckpt.activation is None:
+def _implied_config(ckpt: Checkpoint) -> ModelConfig:
+    """The config a checkpoint carries, or the one its shapes and its folder's open_clip_config.json imply."""
+    if ckpt.config is not None:
+        return ckpt.config
+    if SIGLIP_KEY in ckpt.state_dict:
+        config: ModelConfig = infer_siglip_config(ckpt.state_dict, image_size=ckpt.image_size)
+    else:
+        config = infer_config(ckpt.state_dict, activation=ckpt.activation)
+        if ckpt.activation is None:
             logger.warning(
                 "the checkpoint does not say which MLP activation it was trained with; assuming %s (config %s). "
                 "Pass arch= to load() to choose another.",
                 config.activation,
                 config.name or "inferred",
             )
-    config = with_known_name(config)
+    if ckpt.preprocess_cfg is not None:
+        config = config.with_preprocess(PreprocessConfig.from_dict(ckpt.preprocess_cfg, default=config.preprocess))
+    return config
+
+
+def build_model(ckpt: Checkpoint, config: ModelConfig | None = None) -> ImageTextModel:
+    """A CLIP or SigLIP in eval mode holding ``ckpt``'s weights; ``config`` overrides what the file says or implies."""
+    config = with_known_name(config or _implied_config(ckpt))
+    model: ImageTextModel
     with torch.device("meta"):  # no random init of weights that are about to be replaced
-        model = CLIP(config)
+        model = SigLIP(config) if isinstance(config, SigLIPConfig) else CLIP(config)
     check_state_dict(model, ckpt.state_dict)
     model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    if isinstance(model, SigLIP):
+        model.tokenizer_path = ckpt.tokenizer_path
     return model.eval()
 
 
-def save_checkpoint(model: CLIP, path: str | Path) -> Path:
+def save_checkpoint(model: ImageTextModel, path: str | Path) -> Path:
     """Write ``model`` as a ``.safetensors`` file whose metadata carries its config, so it loads without arch=."""
     from safetensors.torch import save_file
 

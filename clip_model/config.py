@@ -1,9 +1,14 @@
 """Architecture configs: frozen dataclasses, read from ``clip_model/configs/<name>.json`` or from state dict shapes.
 
-A config says everything needed to build an uninitialised CLIP: the two towers' sizes, the shared embedding
-width, the MLP activation (OpenAI checkpoints use QuickGELU, most OpenCLIP ones GELU) and the preprocessing the
-weights expect. Checkpoints do not carry heads or activation in their shapes, so configs are the source of truth
-for those; :func:`infer_config` falls back to OpenAI's ``width // 64`` rule only when no shipped config fits.
+A config says everything needed to build an uninitialised model: the two towers' sizes, the shared embedding
+width, the MLP activation (OpenAI checkpoints use QuickGELU, most OpenCLIP ones GELU, SigLIP GELU's tanh
+approximation) and the preprocessing the weights expect. Checkpoints do not carry heads or activation in their
+shapes, so configs are the source of truth for those; :func:`infer_config` falls back to OpenAI's ``width // 64``
+rule only when no shipped config fits.
+
+Two families share these tower configs: :class:`CLIPConfig` (softmax over cosine similarities; BPE tokenizer) and
+:class:`SigLIPConfig` (independent sigmoid scores; SentencePiece tokenizer). A JSON config names its family in
+``"family"`` (absent means ``"clip"``); :func:`config_from_dict` reads either.
 """
 
 from __future__ import annotations
@@ -14,16 +19,25 @@ import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from .constants import DEFAULT_CONTEXT_LENGTH, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, VOCAB_SIZE
+from .constants import (
+    DEFAULT_CONTEXT_LENGTH,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    VOCAB_SIZE,
+)
 from .errors import CheckpointMismatchError, UnknownModelError
 
 logger = logging.getLogger(__name__)
 
-Activation = Literal["quick_gelu", "gelu"]
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+ResizeMode = Literal["shortest", "squash"]  # shortest side to the input size + centre crop, or both sides to it
+SentencePieceFlavor = Literal["siglip", "siglip2"]  # see clip_model.tokenizer_sentencepiece
 HEAD_WIDTH = 64  # OpenAI's rule: attention heads = width // 64 (ViT and text); ResNet: width * 32 // 64
 
 
@@ -45,21 +59,31 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Text tower: a causal transformer over BPE tokens; the end-of-text token's feature is projected."""
+    """Text tower: a transformer over token ids (causal for CLIP, bidirectional for SigLIP) and its pooling."""
 
     width: int
     heads: int
     layers: int
     context_length: int = DEFAULT_CONTEXT_LENGTH
     vocab_size: int = VOCAB_SIZE
+    mlp_width: int | None = None  # defaults to 4 * width
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What the weights expect of an image: square side ``image_size`` plus normalization statistics."""
+    """What the weights expect of an image besides its side: normalization statistics and how it is resized."""
 
     mean: tuple[float, float, float] = OPENAI_DATASET_MEAN
     std: tuple[float, float, float] = OPENAI_DATASET_STD
+    resize_mode: ResizeMode = "shortest"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], default: PreprocessConfig | None = None) -> PreprocessConfig:
+        """Read the ``"preprocess"`` section of a JSON config; missing keys keep ``default``'s values."""
+        fields: dict[str, Any] = {k: tuple(data[k]) for k in ("mean", "std") if k in data}
+        if "resize_mode" in data:
+            fields["resize_mode"] = data["resize_mode"]
+        return dataclasses.replace(default or cls(), **fields)
 
 
 @dataclass(frozen=True)
@@ -83,18 +107,76 @@ class CLIPConfig:
         vision = dict(data["vision"])
         if isinstance(vision["layers"], list | tuple):
             vision["layers"] = tuple(vision["layers"])
-        pre = data.get("preprocess") or {}
         return cls(
             embed_dim=int(data["embed_dim"]),
             vision=VisionConfig(**vision),
             text=TextConfig(**data["text"]),
             activation=data.get("activation", "quick_gelu"),
-            preprocess=PreprocessConfig(**{k: tuple(v) for k, v in pre.items()}),
+            preprocess=PreprocessConfig.from_dict(data.get("preprocess") or {}),
             name=data.get("name"),
         )
 
     def with_preprocess(self, preprocess: PreprocessConfig) -> CLIPConfig:
         return dataclasses.replace(self, preprocess=preprocess)
+
+
+SIGLIP_LAYER_NORM_EPS = 1e-6
+SIGLIP_PREPROCESS = PreprocessConfig(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
+
+
+@dataclass(frozen=True)
+class SigLIPConfig:
+    """A SigLIP or SigLIP 2 model (fixed resolution): ``embed_dim`` is the shared embedding width.
+
+    The image tower is a ViT without class token whose patch convolution has a bias, pooled by attention to one
+    learned probe (the "MAP" head) and not projected (``embed_dim == vision.width``). The text tower is a
+    bidirectional transformer whose last position (padding included) is projected by a linear layer with bias.
+    ``tokenizer`` names the SentencePiece text normalization and special tokens the weights were trained with.
+    """
+
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig
+    tokenizer: SentencePieceFlavor
+    activation: Activation = "gelu_tanh"
+    layer_norm_eps: float = SIGLIP_LAYER_NORM_EPS
+    preprocess: PreprocessConfig = SIGLIP_PREPROCESS
+    name: str | None = None
+
+    family: ClassVar[str] = "siglip"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict that :func:`config_from_dict` reads back."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SigLIPConfig:
+        """Build from a dict of the shape :meth:`to_dict` writes (the JSON config format)."""
+        return cls(
+            embed_dim=int(data["embed_dim"]),
+            vision=VisionConfig(**data["vision"]),
+            text=TextConfig(**data["text"]),
+            tokenizer=data["tokenizer"],
+            activation=data.get("activation", "gelu_tanh"),
+            layer_norm_eps=float(data.get("layer_norm_eps", SIGLIP_LAYER_NORM_EPS)),
+            preprocess=PreprocessConfig.from_dict(data.get("preprocess") or {}, default=SIGLIP_PREPROCESS),
+            name=data.get("name"),
+        )
+
+    def with_preprocess(self, preprocess: PreprocessConfig) -> SigLIPConfig:
+        return dataclasses.replace(self, preprocess=preprocess)
+
+
+ModelConfig = CLIPConfig | SigLIPConfig
+FAMILIES: dict[str, type[CLIPConfig] | type[SigLIPConfig]] = {"clip": CLIPConfig, "siglip": SigLIPConfig}
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A :class:`CLIPConfig` or :class:`SigLIPConfig`, as the dict's ``"family"`` says (default ``"clip"``)."""
+    family = data.get("family", "clip")
+    if family not in FAMILIES:
+        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family].from_dict(data)
 
 
 @lru_cache
@@ -105,14 +187,18 @@ def list_configs() -> tuple[str, ...]:
 
 
 @lru_cache
-def get_config(name: str) -> CLIPConfig:
-    """The shipped config called ``name`` (e.g. ``"ViT-B-32"``, ``"RN50"``, ``"ViT-H-14"``)."""
+def get_config(name: str) -> ModelConfig:
+    """The shipped config called ``name`` (e.g. ``"ViT-B-32"``, ``"RN50"``, ``"ViT-B-16-SigLIP"``)."""
     if name not in list_configs():
         raise UnknownModelError(f"unknown architecture {name!r}; known: {', '.join(list_configs())}")
     text = (resources.files("clip_model") / "configs" / f"{name}.json").read_text(encoding="utf-8")
     data = json.loads(text)
     data["name"] = name
-    return CLIPConfig.from_dict(data)
+    return config_from_dict(data)
+
+
+def _shipped(family: type[CLIPConfig] | type[SigLIPConfig]) -> list[ModelConfig]:
+    return [c for c in map(get_config, list_configs()) if isinstance(c, family)]
 
 
 def _shape(state_dict: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -187,16 +273,58 @@ def _same_shapes(a: CLIPConfig, b: CLIPConfig) -> bool:
 
 def _shape_matches(inferred: CLIPConfig) -> list[CLIPConfig]:
     """Shipped configs with the same shapes, QuickGELU ones first."""
-    matches = [get_config(n) for n in list_configs() if _same_shapes(get_config(n), inferred)]
+    matches = [c for c in _shipped(CLIPConfig) if isinstance(c, CLIPConfig) and _same_shapes(c, inferred)]
     return sorted(matches, key=lambda c: c.activation != "quick_gelu")
 
 
-def with_known_name(config: CLIPConfig) -> CLIPConfig:
+def with_known_name(config: ModelConfig) -> ModelConfig:
     """``config`` named after the shipped config with identical architecture (heads and activation included)."""
     if config.name is not None:
         return config
-    for name in list_configs():
-        known = get_config(name)
+    for known in _shipped(type(config)):
         if dataclasses.replace(known, name=None, preprocess=config.preprocess) == config:
-            return dataclasses.replace(config, name=name)
+            return dataclasses.replace(config, name=known.name)
     return config
+
+
+def infer_siglip_config(state_dict: dict[str, torch.Tensor], image_size: int | None = None) -> SigLIPConfig:
+    """The shipped SigLIP config whose shapes a canonical SigLIP state dict has.
+
+    Heads, activation, tokenizer and the input side are not in the shapes, so the state dict must match exactly one
+    shipped config (``image_size``, when the file's folder says it, separates e.g. 378 from 384 with patch 14);
+    otherwise :class:`CheckpointMismatchError` asks for ``arch=``.
+    """
+    width, _, patch_size, _ = _shape(state_dict, "visual.conv1.weight")
+    text_width = _shape(state_dict, "ln_final.weight")[0]
+    shapes = {
+        "embed_dim": _shape(state_dict, "text_projection.weight")[0],
+        "vision": (width, patch_size, _shape(state_dict, "visual.positional_embedding")[0],
+                   _count_blocks(state_dict, "visual.transformer.resblocks."),
+                   _shape(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0]),
+        "text": (text_width, _count_blocks(state_dict, "transformer.resblocks."),
+                 _shape(state_dict, "positional_embedding")[0], _shape(state_dict, "token_embedding.weight")[0],
+                 _shape(state_dict, "transformer.resblocks.0.mlp.c_fc.weight")[0]),
+    }  # fmt: skip
+    matches = [
+        c
+        for c in _shipped(SigLIPConfig)
+        if isinstance(c, SigLIPConfig) and _siglip_shapes(c) == shapes and image_size in (None, c.vision.image_size)
+    ]
+    if len(matches) != 1:
+        found = ", ".join(str(c.name) for c in matches) or "none"
+        raise CheckpointMismatchError(
+            f"a SigLIP state dict with shapes {shapes} matches {len(matches)} shipped configs ({found}); "
+            "pass arch= to name the architecture"
+        )
+    return matches[0]
+
+
+def _siglip_shapes(config: SigLIPConfig) -> dict[str, Any]:
+    v, t = config.vision, config.text
+    assert v.patch_size is not None  # every SigLIP config is a ViT
+    grid = v.image_size // v.patch_size
+    return {
+        "embed_dim": config.embed_dim,
+        "vision": (v.width, v.patch_size, grid * grid, v.layers, v.mlp_width or 4 * v.width),
+        "text": (t.width, t.layers, t.context_length, t.vocab_size, t.mlp_width or 4 * t.width),
+    }

@@ -109,6 +109,29 @@ def download_weights(
     return fetch(weights.url, target, expected, progress=progress, timeout=timeout, allow_unverified=True)
 
 
+def download_tokenizer(
+    weights: PretrainedWeights,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    *,
+    allow_unverified: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> Path:
+    """Path of the SentencePiece vocabulary ``weights`` were published with, in the cache, downloading and verifying
+    it first if needed (the same rules as :func:`download_weights`). Raises ValueError for weights without one."""
+    tokenizer = weights.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{weights.name} has no tokenizer file in the registry")
+    target = Path(cache_dir if cache_dir is not None else default_cache_dir()) / tokenizer.filename
+    if tokenizer.sha256 is None and not _unverified_allowed(allow_unverified):
+        raise DownloadError(
+            f"No verified sha256 is recorded for the tokenizer of {weights.name} ({tokenizer.url}), so it will not be "
+            f"downloaded unchecked. Accept an unverified file knowingly with allow_unverified=True or "
+            f"{ALLOW_UNVERIFIED_ENV_VAR}=1, or place the file by hand at {target}."
+        )
+    return fetch(tokenizer.url, target, tokenizer.sha256, progress=progress, timeout=timeout, allow_unverified=True)
+
+
 def fetch(
     url: str,
     target: Path,

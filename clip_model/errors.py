@@ -37,3 +37,7 @@ class TokenizerError(ClipModelError, ValueError):
 
 class ImageDecodeError(ClipModelError, ValueError):
     """An image cannot be converted to RGB for the encoder (unsupported mode, broken data)."""
+
+
+class MissingDependencyError(ClipModelError, ImportError):
+    """An optional package a model needs is not installed; the message names the extra that installs it."""

@@ -1,8 +1,9 @@
-"""``load`` and friends: turn a model name or a checkpoint path into ``(model, preprocess)``.
+"""``load`` and friends: turn a model name or a checkpoint path into ``(model, preprocess)``, and a model into its
+tokenizer (:func:`tokenizer_for`).
 
-A name is looked up in the pretrained registry (downloaded once into the cache, sha256-verified); a path is read
-by :mod:`clip_model.checkpoint`. Nothing here ever substitutes random weights for missing ones: random init is
-only what :func:`create_model` gives, on purpose.
+A name is looked up in the pretrained registry (downloaded once into the cache, sha256-verified, with a SigLIP's
+SentencePiece vocabulary); a path is read by :mod:`clip_model.checkpoint`. Nothing here ever substitutes random
+weights for missing ones: random init is only what :func:`create_model` gives, on purpose.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from typing import Literal, get_args
 import torch
 
 from .checkpoint import build_model, read_checkpoint
-from .config import CLIPConfig, PreprocessConfig, get_config, list_configs
-from .download import download_weights
-from .errors import UnknownModelError
-from .model import CLIP
+from .config import ModelConfig, PreprocessConfig, SigLIPConfig, get_config, list_configs
+from .download import download_tokenizer, download_weights
+from .errors import TokenizerError, UnknownModelError
+from .model import CLIP, ImageTextModel
 from .preprocess import Preprocess
 from .pretrained import list_pretrained, resolve_pretrained
 from .quantize import quantize_int8
+from .siglip import SigLIP
+from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer_sentencepiece import SentencePieceTokenizer, load_sentencepiece
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "int8"]  # inference arithmetic: float32, or int8 linear layers on the CPU (quantize_int8)
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+TextTokenizer = Tokenizer | SentencePieceTokenizer  # both: (texts, context_length, truncate) -> LongTensor [N, L]
 
 
 def available_models() -> list[str]:
@@ -33,12 +38,13 @@ def available_models() -> list[str]:
     return list_pretrained()
 
 
-def preprocess_for(config: CLIPConfig) -> Preprocess:
-    """The image transform matching ``config``'s input size and normalization statistics."""
-    return Preprocess(config.vision.image_size, mean=config.preprocess.mean, std=config.preprocess.std)
+def preprocess_for(config: ModelConfig) -> Preprocess:
+    """The image transform matching ``config``'s input size, normalization statistics and resize rule."""
+    pre = config.preprocess
+    return Preprocess(config.vision.image_size, mean=pre.mean, std=pre.std, resize_mode=pre.resize_mode)
 
 
-def _place(model: CLIP, device: str | torch.device, dtype: torch.dtype | None) -> CLIP:
+def _place(model: ImageTextModel, device: str | torch.device, dtype: torch.dtype | None) -> ImageTextModel:
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
@@ -62,13 +68,15 @@ def load(
     precision: Precision = "fp32",
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> tuple[CLIP, Preprocess]:
-    """Load pretrained CLIP weights.
+) -> tuple[ImageTextModel, Preprocess]:
+    """Load pretrained CLIP or SigLIP weights.
 
     Args:
-        name_or_path: a registry name (``"ViT-B-32"``, ``"ViT-B/32"``, ``"ViT-L-14/laion2b_s32b_b82k"``; see
-            :func:`available_models`), a checkpoint file (OpenAI ``.pt``, OpenCLIP ``.pt``/``.bin``/``.safetensors``)
-            or a Hugging Face CLIPModel directory.
+        name_or_path: a registry name (``"ViT-B-32"``, ``"ViT-B/32"``, ``"ViT-L-14/laion2b_s32b_b82k"``,
+            ``"ViT-B-16-SigLIP/webli"``; see :func:`available_models`), a checkpoint file (OpenAI ``.pt``, OpenCLIP
+            ``.pt``/``.bin``/``.safetensors``), an OpenCLIP hub folder, or a Hugging Face CLIPModel or SiglipModel
+            directory. A SigLIP's SentencePiece vocabulary is read from beside the weights (``spiece.model``,
+            ``tokenizer.model``) or downloaded with registry weights; see :func:`tokenizer_for`.
         device: where the model goes. Weights are read as float32.
         arch: architecture config name (see :func:`clip_model.config.list_configs`) for checkpoint files that do not
             carry one; by default it is read from the file or inferred from its shapes.
@@ -86,13 +94,18 @@ def load(
     path = Path(name_or_path).expanduser()
     config = get_config(arch) if arch is not None else None
     weights = None if path.exists() else resolve_pretrained(str(name_or_path))
+    tokenizer_path = None
     if weights is not None:
-        path = download_weights(weights, Path(cache_dir) if cache_dir else None, progress=progress)
-        pre = PreprocessConfig(mean=tuple(weights.mean), std=tuple(weights.std))  # type: ignore[arg-type]  # 3 floats
-        config = (config or get_config(weights.config)).with_preprocess(pre)
+        cache = Path(cache_dir) if cache_dir else None
+        path = download_weights(weights, cache, progress=progress)
+        tokenizer_path = download_tokenizer(weights, cache, progress=progress) if weights.tokenizer else None
+        config = config or get_config(weights.config)
+        config = config.with_preprocess(PreprocessConfig(weights.mean, weights.std, config.preprocess.resize_mode))
     elif not path.exists():
         raise UnknownModelError(_unknown_message(str(name_or_path)))
     model = build_model(read_checkpoint(path), config)
+    if isinstance(model, SigLIP) and tokenizer_path is not None:
+        model.tokenizer_path = tokenizer_path
     logger.info("loaded %s (%s) from %s", name_or_path, model.config.name or "inferred config", path)
     if precision == "int8":
         model = quantize_int8(model)
@@ -101,17 +114,42 @@ def load(
 
 
 def create_model(
-    arch: str | CLIPConfig, device: str | torch.device = "cpu", *, seed: int | None = None
-) -> tuple[CLIP, Preprocess]:
-    """A randomly initialised CLIP of architecture ``arch`` (for training from scratch and tests), in train mode."""
-    config = arch if isinstance(arch, CLIPConfig) else get_config(arch)
-    if seed is not None:
-        with torch.random.fork_rng():
+    arch: str | ModelConfig, device: str | torch.device = "cpu", *, seed: int | None = None
+) -> tuple[ImageTextModel, Preprocess]:
+    """A randomly initialised CLIP or SigLIP of architecture ``arch`` (for training from scratch and tests), in
+    train mode."""
+    config = get_config(arch) if isinstance(arch, str) else arch
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            model = CLIP(config)
-    else:
-        model = CLIP(config)
+        model: ImageTextModel = SigLIP(config) if isinstance(config, SigLIPConfig) else CLIP(config)
     return model.to(device), preprocess_for(config)
+
+
+def tokenizer_for(model: ImageTextModel) -> TextTokenizer:
+    """The tokenizer whose rows ``model.encode_text`` expects; call it with ``context_length=model.context_length``.
+
+    CLIP: the shared BPE tokenizer. SigLIP: the SentencePiece tokenizer of ``model.config.tokenizer``'s flavor over
+    ``model.tokenizer_path``, read once per file. Raises :class:`TokenizerError` for a SigLIP without a vocabulary
+    file (random weights, or a checkpoint with no ``spiece.model`` / ``tokenizer.model`` beside it: set
+    ``model.tokenizer_path``) or with one larger than its embedding table, and
+    :class:`~clip_model.errors.MissingDependencyError` when sentencepiece is not installed.
+    """
+    if isinstance(model, CLIP):
+        return get_tokenizer()
+    if model.tokenizer_path is None:
+        raise TokenizerError(
+            f"this SigLIP ({model.config.name or 'unnamed config'}) has no SentencePiece vocabulary: put the file its "
+            "weights were published with (spiece.model, or tokenizer.model for SigLIP 2) beside the checkpoint, or "
+            "set model.tokenizer_path"
+        )
+    tokenizer = load_sentencepiece(Path(model.tokenizer_path), model.config.tokenizer)
+    if tokenizer.vocab_size > model.config.text.vocab_size:
+        raise TokenizerError(
+            f"{model.tokenizer_path} has {tokenizer.vocab_size} pieces, more than the {model.config.text.vocab_size} "
+            "token embeddings of the model: not the vocabulary these weights were trained with"
+        )
+    return tokenizer
 
 
 def _unknown_message(name: str) -> str:

@@ -108,7 +108,7 @@ _QKV_KEY = re.compile(r"^self_attn\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)$
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL:?\s+([\w.]+)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -118,17 +118,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _weight_file(folder: Path) -> Path | None:
+def hf_weight_file(folder: Path) -> Path | None:
     return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
 
 
 def is_hf_clip_dir(path: Path) -> bool:
     """True for a folder with a CLIPModel ``config.json`` and its weights (single file or sharded index)."""
     config_path = path / CONFIG_FILE
-    if not path.is_dir() or not config_path.is_file() or _weight_file(path) is None:
+    if not path.is_dir() or not config_path.is_file() or hf_weight_file(path) is None:
         return False
     try:
-        config = _read_json(config_path)
+        config = read_json(config_path)
     except CheckpointError:
         return False
     architectures = config.get("architectures") or []
@@ -155,14 +155,14 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, from one file or from the shards an index lists."""
-    weight_file = _weight_file(folder)
+    weight_file = hf_weight_file(folder)
     if weight_file is None:
         raise CheckpointError(f"{folder}: no {' / '.join(WEIGHT_FILES)} found")
     if not weight_file.name.endswith(".index.json"):
         return _load_weight_file(weight_file)
-    weight_map = _read_json(weight_file).get("weight_map")
+    weight_map = read_json(weight_file).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{weight_file}: no weight_map")
     weights: dict[str, torch.Tensor] = {}
@@ -186,7 +186,7 @@ def _tower_config(config: dict[str, Any], tower: str, defaults: dict[str, Any]) 
     return merged
 
 
-def _square(value: Any, what: str) -> int:
+def square_side(value: Any, what: str) -> int:
     if isinstance(value, list | tuple):
         if len(value) != 2 or value[0] != value[1]:
             raise CheckpointMismatchError(f"{what} {value!r}: only square images and patches are supported")
@@ -211,7 +211,7 @@ def _preprocess(folder: Path) -> PreprocessConfig:
     path = folder / PREPROCESSOR_FILE
     if not path.is_file():
         return PreprocessConfig()
-    data = _read_json(path)
+    data = read_json(path)
     mean, std = data.get("image_mean"), data.get("image_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == IMAGE_CHANNELS):
         return PreprocessConfig()
@@ -221,7 +221,7 @@ def _preprocess(folder: Path) -> PreprocessConfig:
 
 
 def _clip_config(folder: Path) -> CLIPConfig:
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     text = _tower_config(config, "text", TEXT_DEFAULTS)
     vision = _tower_config(config, "vision", VISION_DEFAULTS)
     activation = _activation(text, vision)
@@ -246,11 +246,11 @@ def _clip_config(folder: Path) -> CLIPConfig:
     return CLIPConfig(
         embed_dim=int(config.get("projection_dim") or DEFAULT_PROJECTION_DIM),
         vision=VisionConfig(
-            image_size=_square(vision["image_size"], "vision_config.image_size"),
+            image_size=square_side(vision["image_size"], "vision_config.image_size"),
             layers=int(vision["num_hidden_layers"]),
             width=int(vision["hidden_size"]),
             heads=int(vision["num_attention_heads"]),
-            patch_size=_square(vision["patch_size"], "vision_config.patch_size"),
+            patch_size=square_side(vision["patch_size"], "vision_config.patch_size"),
             mlp_width=int(vision["intermediate_size"]),
         ),
         text=TextConfig(
@@ -323,7 +323,7 @@ def read_hf_clip(path: Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     if not is_hf_clip_dir(path):
         raise CheckpointError(f"{path}: not a Hugging Face CLIPModel folder ({CONFIG_FILE} + weights)")
     config = _clip_config(path)
-    state_dict = convert_hf_state_dict(_load_weights(path))
+    state_dict = convert_hf_state_dict(read_hf_weights(path))
     vision_layers = config.vision.layers if isinstance(config.vision.layers, int) else 0  # always a ViT here
     expected = _expected_keys(config.text.layers, vision_layers)
     missing, surplus = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import weights_sha256
 from .factory import PRECISIONS, Precision, load
-from .model import CLIP
+from .model import ImageTextModel
 from .packed import pack_for_cpu
 from .preprocess import Preprocess
 from .quantize import quantize_int8
@@ -33,7 +33,7 @@ class InferenceModel:
     weights as loaded.
     """
 
-    model: CLIP
+    model: ImageTextModel
     preprocess: Preprocess
     name: str
     weights_sha256: str

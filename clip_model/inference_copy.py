@@ -9,11 +9,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .model import CLIP
+from .model import ImageTextModel
 from .transformer import SelfAttention
 
 
-def check_float32_cpu(model: CLIP, what: str) -> None:
+def check_float32_cpu(model: ImageTextModel, what: str) -> None:
     """Raise ``ValueError`` naming ``what`` (e.g. "int8 quantization") unless ``model`` is float32 on the CPU."""
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:
@@ -22,7 +22,7 @@ def check_float32_cpu(model: CLIP, what: str) -> None:
         raise ValueError(f"{what} needs a float32 model, not {model.dtype}")
 
 
-def swapped_copy(model: CLIP, swap_children: Callable[[nn.Module], None], what: str) -> CLIP:
+def swapped_copy(model: ImageTextModel, swap_children: Callable[[nn.Module], None], what: str) -> ImageTextModel:
     """A copy of ``model`` with ``swap_children`` applied to it (under ``no_grad``), in eval mode with
     ``requires_grad`` off; ``model`` is left unchanged.
 

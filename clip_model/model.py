@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import CLIPConfig
 from .resnet import ModifiedResNet
+from .siglip import SigLIP
 from .transformer import LayerNorm, Transformer
 from .vision_transformer import VisionTransformer
 
@@ -37,7 +38,9 @@ class CLIP(nn.Module):
             self.visual = ModifiedResNet(config.vision, config.embed_dim)
         else:
             self.visual = VisionTransformer(config.vision, config.embed_dim, config.activation)
-        self.transformer = Transformer(text.width, text.layers, text.heads, 4 * text.width, config.activation)
+        self.transformer = Transformer(
+            text.width, text.layers, text.heads, text.mlp_width or 4 * text.width, config.activation
+        )
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
         self.ln_final = LayerNorm(text.width)
@@ -103,3 +106,6 @@ class CLIP(nn.Module):
         self.transformer.grad_checkpointing = enable
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
+
+
+ImageTextModel = CLIP | SigLIP  # what clip_model.load returns: both have the same encoders and attributes

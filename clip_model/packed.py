@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .inference_copy import check_float32_cpu, swapped_copy
-from .model import CLIP
+from .model import ImageTextModel
 from .transformer import ProjectedSelfAttention, SelfAttention
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _pack_children(module: nn.Module) -> None:
             _pack_children(child)
 
 
-def pack_for_cpu(model: CLIP) -> CLIP:
+def pack_for_cpu(model: ImageTextModel) -> ImageTextModel:
     """A copy of a float32 CPU ``model`` for inference, with packed linear layers; ``model`` is left unchanged.
 
     The copy is in eval mode with ``requires_grad`` off, and keeps the encoders' contracts (float32

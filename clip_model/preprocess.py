@@ -1,6 +1,6 @@
-"""CLIP image preprocessing on Pillow and NumPy (no torchvision).
+"""CLIP and SigLIP image preprocessing on Pillow and NumPy (no torchvision).
 
-Contract of ``Preprocess(n)(image)``, a float32 tensor ``[3, n, n]``:
+Contract of ``Preprocess(n, mean, std, resize_mode)(image)``, a float32 tensor ``[3, n, n]``:
 
 1. ``to_rgb``: decode the pixels (``load()`` is forced, so broken files raise ``ImageDecodeError`` here), apply the
    EXIF orientation, convert any mode to 8-bit RGB (see ``to_rgb`` for alpha, 16-bit, float and CMYK data).
@@ -8,7 +8,9 @@ Contract of ``Preprocess(n)(image)``, a float32 tensor ``[3, n, n]``:
    ``int(n * long / short)``; then the ``n x n`` window at top ``round((H - n) / 2)`` and left ``round((W - n) / 2)``
    (Python ``round``: exact halves go to the even integer). These are torchvision's ``Resize(n)`` and
    ``CenterCrop(n)`` rules for PIL images; CenterCrop's zero padding of images smaller than the crop never applies,
-   since the resized short side is ``n`` and the long side at least ``n``.
+   since the resized short side is ``n`` and the long side at least ``n``. With ``resize_mode="squash"`` (SigLIP's
+   rule: OpenCLIP's ``resize_mode='squash'``, transformers' ``SiglipImageProcessor``) the whole image is instead
+   resized to ``n x n`` with Pillow BICUBIC, aspect ratio not kept: ``resize_squash``. ``resize_for`` picks the rule.
 3. ``image_to_tensor``: uint8 HWC -> float32 CHW, ``(pixel / 255 - mean) / std``, each step in float32
    (``normalize_pixels``, which the indexer also applies to its batches of decoded crops).
 
@@ -31,6 +33,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps
 
+from .config import ResizeMode
 from .constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from .errors import ImageDecodeError
 
@@ -161,6 +164,23 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
+def resize_squash(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize of the whole image to ``size x size`` (aspect ratio not kept), as SigLIP's weights expect."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"cannot preprocess an empty {width}x{height} image")
+    return image.resize((size, size), RESAMPLE)
+
+
+def resize_for(image: Image.Image, size: int, resize_mode: ResizeMode) -> Image.Image:
+    """``image`` (from ``to_rgb``) as a ``size x size`` model input by ``resize_mode``'s rule (module docstring)."""
+    if resize_mode == "squash":
+        return resize_squash(image, size)
+    if resize_mode == "shortest":
+        return resize_and_center_crop(image, size)
+    raise ValueError(f"unknown resize_mode {resize_mode!r}; expected 'shortest' or 'squash'")
+
+
 def image_to_array(image: Image.Image, mean: Triple, std: Triple) -> npt.NDArray[np.float32]:
     """RGB image -> C-contiguous float32 array ``[3, H, W]``: :func:`normalize_pixels` of its pixels."""
     if image.mode != "RGB":
@@ -189,19 +209,30 @@ def image_to_tensor(image: Image.Image, mean: Triple, std: Triple) -> torch.Tens
 
 
 class Preprocess:
-    """Callable PIL image -> float32 tensor ``[3, image_size, image_size]``, normalized with ``mean``/``std``."""
+    """Callable PIL image -> float32 tensor ``[3, image_size, image_size]``, normalized with ``mean``/``std``,
+    resized by ``resize_mode``'s rule (``"shortest"``: CLIP's resize and centre crop; ``"squash"``: SigLIP's)."""
 
-    def __init__(self, image_size: int, mean: Triple = OPENAI_DATASET_MEAN, std: Triple = OPENAI_DATASET_STD) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        mean: Triple = OPENAI_DATASET_MEAN,
+        std: Triple = OPENAI_DATASET_STD,
+        resize_mode: ResizeMode = "shortest",
+    ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if len(mean) != 3 or len(std) != 3 or 0 in std:
             raise ValueError(f"mean and std need 3 values each and std no zero, got {mean} and {std}")
+        if resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
         self.image_size = image_size
         self.mean: Triple = (float(mean[0]), float(mean[1]), float(mean[2]))
         self.std: Triple = (float(std[0]), float(std[1]), float(std[2]))
+        self.resize_mode: ResizeMode = resize_mode
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return image_to_tensor(resize_and_center_crop(to_rgb(image), self.image_size), self.mean, self.std)
+        return image_to_tensor(resize_for(to_rgb(image), self.image_size, self.resize_mode), self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(image_size={self.image_size}, mean={self.mean}, std={self.std})"
+        name, mode = type(self).__name__, self.resize_mode
+        return f"{name}(image_size={self.image_size}, mean={self.mean}, std={self.std}, resize_mode={mode!r})"

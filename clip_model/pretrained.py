@@ -31,6 +31,15 @@ SUGGESTION_CUTOFF = 0.5  # difflib similarity ratio in [0, 1]
 
 
 @dataclass(frozen=True)
+class TokenizerFile:
+    """A SigLIP model's SentencePiece vocabulary, published beside its weights; ``sha256`` as for the weights."""
+
+    url: str
+    sha256: str | None
+    filename: str
+
+
+@dataclass(frozen=True)
 class PretrainedWeights:
     """One downloadable checkpoint: where it lives, its sha256, and how to build and feed the model it fits.
 
@@ -47,6 +56,7 @@ class PretrainedWeights:
     std: tuple[float, float, float]
     format: WeightsFormat
     source: str
+    tokenizer: TokenizerFile | None = None  # SigLIP's SentencePiece model; CLIP's BPE vocabulary ships with clip_model
 
     @property
     def verified(self) -> bool:
@@ -67,13 +77,30 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-def _parse_entry(name: str, raw: dict[str, Any]) -> PretrainedWeights:
+def _checked_sha256(raw: dict[str, Any], what: str) -> str | None:
     sha256 = raw.get("sha256")
     if sha256 is not None and (not isinstance(sha256, str) or not SHA256_PATTERN.fullmatch(sha256)):
-        raise ValueError(f"pretrained registry: {name}: sha256 must be 64 lowercase hex digits or null")
+        raise ValueError(f"pretrained registry: {what}: sha256 must be 64 lowercase hex digits or null")
+    return sha256
+
+
+def _checked_filename(raw: dict[str, Any], what: str) -> str:
     filename = raw["filename"]
     if not filename or "/" in filename or "\\" in filename or filename in {".", ".."}:
-        raise ValueError(f"pretrained registry: {name}: filename must be a plain file name, got {filename!r}")
+        raise ValueError(f"pretrained registry: {what}: filename must be a plain file name, got {filename!r}")
+    return str(filename)
+
+
+def _parse_tokenizer(name: str, raw: dict[str, Any] | None) -> TokenizerFile | None:
+    if raw is None:
+        return None
+    what = f"{name}: tokenizer"
+    return TokenizerFile(url=raw["url"], sha256=_checked_sha256(raw, what), filename=_checked_filename(raw, what))
+
+
+def _parse_entry(name: str, raw: dict[str, Any]) -> PretrainedWeights:
+    sha256 = _checked_sha256(raw, name)
+    filename = _checked_filename(raw, name)
     if raw["format"] not in WEIGHTS_FORMATS:
         raise ValueError(f"pretrained registry: {name}: unknown format {raw['format']!r}")
     return PretrainedWeights(
@@ -86,6 +113,7 @@ def _parse_entry(name: str, raw: dict[str, Any]) -> PretrainedWeights:
         std=_triple(raw["std"], f"{name}: std"),
         format=raw["format"],
         source=raw["source"],
+        tokenizer=_parse_tokenizer(name, raw.get("tokenizer")),
     )
 
 

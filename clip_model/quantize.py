@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .inference_copy import swapped_copy
-from .model import CLIP
+from .model import ImageTextModel
 from .transformer import ProjectedSelfAttention, ResidualAttentionBlock, SelfAttention
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never produced, so negation cannot overflow
@@ -144,7 +144,7 @@ def _quantize_children(module: nn.Module) -> None:
             _quantize_children(child)
 
 
-def quantize_int8(model: CLIP) -> CLIP:
+def quantize_int8(model: ImageTextModel) -> ImageTextModel:
     """An int8 copy of ``model`` for CPU inference; ``model`` itself is left unchanged.
 
     Every ``nn.Linear`` and every fused attention projection of both towers becomes an :class:`Int8Linear` (see

@@ -117,7 +117,7 @@ def _read_merges(vocab_path: Path | None) -> list[tuple[str, str]]:
     return merges
 
 
-def _preview(text: str) -> str:
+def preview(text: str) -> str:
     """Quoted start of ``text`` for error messages, with "..." when cut."""
     return repr(text[:PREVIEW_CHARS]) + ("..." if len(text) > PREVIEW_CHARS else "")
 
@@ -221,17 +221,17 @@ class Tokenizer:
             if len(ids) > max_ids:
                 if not truncate:
                     raise TokenizerError(
-                        f"text {index} ({_preview(text)}) has {len(ids) + 2} tokens with the start and end tokens, "
+                        f"text {index} ({preview(text)}) has {len(ids) + 2} tokens with the start and end tokens, "
                         f"more than context_length={context_length}; pass truncate=True to cut it to fit"
                     )
                 ids = ids[:max_ids]
             rows.append([self._sot, *ids, self._eot])
-        return _pack(rows, context_length)
+        return pack_rows(rows, context_length)
 
 
-def _pack(rows: list[list[int]], context_length: int) -> torch.Tensor:
-    """Rows of at most ``context_length`` ids, left-aligned and zero-padded into one int64 tensor."""
-    out = torch.zeros((len(rows), context_length), dtype=torch.int64)
+def pack_rows(rows: list[list[int]], context_length: int, pad_id: int = 0) -> torch.Tensor:
+    """Rows of at most ``context_length`` ids, left-aligned and padded with ``pad_id`` into one int64 tensor."""
+    out = torch.full((len(rows), context_length), pad_id, dtype=torch.int64)
     if rows:
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
         filled = torch.arange(context_length) < lengths[:, None]

@@ -16,6 +16,7 @@ from torch import nn
 from .config import Activation
 
 QUICK_GELU_SCALE = 1.702  # sigmoid(1.702 x) approximates the Gaussian CDF in GELU
+LAYER_NORM_EPS = 1e-5  # OpenAI's and OpenCLIP's CLIP towers; SigLIP's use 1e-6 (its config says)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -33,12 +34,15 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: Activation) -> nn.Module:
-    """The MLP activation a config names: ``"quick_gelu"`` (OpenAI) or ``"gelu"`` (exact erf GELU, OpenCLIP)."""
+    """The MLP activation a config names: ``"quick_gelu"`` (OpenAI), ``"gelu"`` (exact erf GELU, OpenCLIP) or
+    ``"gelu_tanh"`` (GELU's tanh approximation, which SigLIP was trained with)."""
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu', 'gelu' or 'gelu_tanh'")
 
 
 class SelfAttention(nn.Module):
@@ -93,11 +97,13 @@ class ProjectedSelfAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int, activation: Activation) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_width: int, activation: Activation, eps: float = LAYER_NORM_EPS
+    ) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
@@ -117,11 +123,13 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of ``layers`` residual attention blocks; ``causal=True`` lets token i attend to tokens <= i only."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Activation) -> None:
+    def __init__(
+        self, width: int, layers: int, heads: int, mlp_width: int, activation: Activation, eps: float = LAYER_NORM_EPS
+    ) -> None:
         super().__init__()
         self.width = width
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_width, activation) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_width, activation, eps) for _ in range(layers)
         )
         self.grad_checkpointing = False
 

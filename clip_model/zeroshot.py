@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 from string import Formatter
 
 import torch
 
-from .model import CLIP
+from .factory import tokenizer_for
+from .model import ImageTextModel
 
 TEMPLATE_SETS = ("imagenet_80", "imagenet_7")  # the CLIP paper's 80 ImageNet prompts and its 7-prompt subset
 DEFAULT_TEMPLATE_SET = "imagenet_80"
@@ -43,7 +44,7 @@ def prompt_templates(name: str = DEFAULT_TEMPLATE_SET) -> tuple[str, ...]:
 
 
 def build_zero_shot_classifier(
-    model: CLIP,
+    model: ImageTextModel,
     classnames: Sequence[str],
     templates: Sequence[str] | None = None,
     tokenize: Tokenize | None = None,
@@ -53,15 +54,14 @@ def build_zero_shot_classifier(
     Args:
         classnames: C labels, e.g. ``["cat", "dog"]``.
         templates: T format strings with one ``{}``; defaults to the 80 ImageNet templates.
-        tokenize: texts -> LongTensor [N, context_length]; defaults to :func:`clip_model.tokenize`.
+        tokenize: texts -> LongTensor [N, context_length]; defaults to the model's own tokenizer
+            (:func:`clip_model.tokenizer_for`) at its context length.
     Returns:
         float tensor [embed_dim, C], each column unit-norm, on the model's device.
     """
     prompts = zero_shot_prompts(classnames, templates)
     if tokenize is None:
-        from .tokenizer import tokenize as default_tokenize
-
-        tokenize = default_tokenize
+        tokenize = partial(tokenizer_for(model), context_length=model.context_length)
     device = next(model.parameters()).device
     with torch.no_grad():
         chunks = [
@@ -136,7 +136,7 @@ def zero_shot_probabilities(
     return logits.float().softmax(dim=-1)
 
 
-def classify(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+def classify(model: ImageTextModel, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Class probabilities for preprocessed images.
 
     Args:

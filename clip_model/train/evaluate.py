@@ -28,10 +28,9 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from ..factory import load
-from ..model import CLIP
+from ..factory import load, tokenizer_for
+from ..model import ImageTextModel
 from ..preprocess import Preprocess
-from ..tokenizer import tokenize
 from ..zeroshot import build_zero_shot_classifier, prompt_templates
 from .data import DatasetError, Pair, read_labelled, read_pairs
 
@@ -69,12 +68,12 @@ def normalize_caption(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _device(model: CLIP) -> torch.device:
+def _device(model: ImageTextModel) -> torch.device:
     return next(model.parameters()).device
 
 
 def encode_images(
-    model: CLIP, preprocess: Preprocess, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE
+    model: ImageTextModel, preprocess: Preprocess, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE
 ) -> torch.Tensor:
     """Unit image embeddings of image files: float32 ``[len(paths), embed_dim]`` on CPU, in ``paths`` order."""
     if batch_size < 1:
@@ -91,11 +90,11 @@ def encode_images(
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
 
 
-def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+def encode_texts(model: ImageTextModel, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """Unit text embeddings: float32 ``[len(texts), embed_dim]`` on CPU; texts longer than the context are cut."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device, chunks = _device(model), []
+    device, chunks, tokenize = _device(model), [], tokenizer_for(model)
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             tokens = tokenize(texts[start : start + batch_size], context_length=model.context_length, truncate=True)
@@ -104,7 +103,7 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = DEFAULT_BA
 
 
 def encode_dataset(
-    model: CLIP, preprocess: Preprocess, pairs: Sequence[Pair], batch_size: int = DEFAULT_BATCH_SIZE
+    model: ImageTextModel, preprocess: Preprocess, pairs: Sequence[Pair], batch_size: int = DEFAULT_BATCH_SIZE
 ) -> EncodedDataset:
     """Encode every image of ``pairs`` and each distinct normalized caption once (see :class:`EncodedDataset`)."""
     if not pairs:
@@ -176,7 +175,7 @@ def retrieval_metrics(
 
 
 def zero_shot_accuracy(
-    model: CLIP,
+    model: ImageTextModel,
     preprocess: Preprocess,
     labelled_pairs: Sequence[Pair],
     templates: Sequence[str],
@@ -198,7 +197,7 @@ def zero_shot_accuracy(
     if image_features is None:
         image_features = encode_images(model, preprocess, [p.image for p in labelled_pairs], batch_size)
     with torch.inference_mode():
-        tokenizer = partial(tokenize, context_length=model.context_length, truncate=True)
+        tokenizer = partial(tokenizer_for(model), context_length=model.context_length, truncate=True)
         classifier = build_zero_shot_classifier(model, classnames, templates, tokenize=tokenizer).float().cpu()
     predicted = (image_features.float() @ classifier).argmax(dim=1)  # [N]
     column = {name: c for c, name in enumerate(classnames)}
@@ -207,7 +206,7 @@ def zero_shot_accuracy(
 
 
 def evaluate(
-    model: CLIP,
+    model: ImageTextModel,
     preprocess: Preprocess,
     pairs: Sequence[Pair],
     batch_size: int = DEFAULT_BATCH_SIZE,

@@ -54,7 +54,7 @@ from ..config import CLIPConfig, list_configs
 from ..errors import ClipModelError, UnknownModelError
 from ..factory import create_model, load
 from ..loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
-from ..model import CLIP
+from ..model import CLIP, ImageTextModel
 from ..preprocess import Preprocess
 from ..tokenizer import trim_tokens
 from .data import DatasetError, Pair, PairDataset, PreloadedPairDataset, preloaded_bytes, read_pairs
@@ -320,18 +320,25 @@ def split_pairs(pairs: Sequence[Pair], val_fraction: float) -> tuple[list[Pair],
     return train, [p for i, p in enumerate(pairs) if i in held]
 
 
+def _clip_only(built: tuple[ImageTextModel, Preprocess], what: str) -> tuple[CLIP, Preprocess]:
+    model, preprocess = built
+    if not isinstance(model, CLIP):
+        raise UnknownModelError(f"--model {what!r} is a SigLIP; clip-train fit trains CLIP architectures only")
+    return model, preprocess
+
+
 def _build_model(options: FitOptions, state: TrainingState | None) -> tuple[CLIP, Preprocess]:
     """Resume: the checkpoint's architecture (weights restored later); else from scratch or the model to fine-tune."""
     if state is not None:
-        return create_model(CLIPConfig.from_dict(state.config), seed=options.seed)
+        return _clip_only(create_model(CLIPConfig.from_dict(state.config), seed=options.seed), options.model)
     path = Path(options.model).expanduser()
     if path.suffix == ".json" and path.is_file():
-        model, preprocess = create_model(_read_config(path), seed=options.seed)
+        model, preprocess = _clip_only(create_model(_read_config(path), seed=options.seed), options.model)
     elif options.model in list_configs() and not path.exists():
-        model, preprocess = create_model(options.model, seed=options.seed)
+        model, preprocess = _clip_only(create_model(options.model, seed=options.seed), options.model)
     else:
         try:
-            model, preprocess = load(options.model)
+            model, preprocess = _clip_only(load(options.model), options.model)
         except UnknownModelError as exc:
             raise UnknownModelError(
                 f"--model {options.model!r} is not an architecture ({', '.join(list_configs())}), an architecture "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..checkpoint import weights_sha256
 from ..errors import ClipModelError
 from ..factory import load
-from ..model import CLIP
+from ..model import ImageTextModel
 from ..preprocess import Preprocess
 from .data import DatasetError, Pair, read_labelled
 from .evaluate import DEFAULT_BATCH_SIZE, add_model_arguments, encode_images, write_json
@@ -138,7 +138,7 @@ def load_probe(path: str | Path, model: torch.nn.Module | None = None) -> Linear
 
 def predict_images(
     probe: LinearProbe,
-    model: CLIP,
+    model: ImageTextModel,
     preprocess: Preprocess,
     paths: Sequence[Path],
     batch_size: int = DEFAULT_BATCH_SIZE,

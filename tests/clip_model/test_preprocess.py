@@ -369,7 +369,8 @@ def test_draft_keeps_both_sides_at_least_twice_the_crop(
 def test_preprocess_attributes_and_repr() -> None:
     pre = Preprocess(336)
     assert (pre.image_size, pre.mean, pre.std) == (336, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-    assert repr(pre) == f"Preprocess(image_size=336, mean={OPENAI_DATASET_MEAN}, std={OPENAI_DATASET_STD})"
+    stats = f"mean={OPENAI_DATASET_MEAN}, std={OPENAI_DATASET_STD}"
+    assert repr(pre) == f"Preprocess(image_size=336, {stats}, resize_mode='shortest')"
 
 
 @pytest.mark.parametrize(

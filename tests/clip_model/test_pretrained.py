@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from clip_model import pretrained
+from clip_model.config import SigLIPConfig, get_config
 from clip_model.constants import INCEPTION_MEAN, INCEPTION_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clip_model.errors import UnknownModelError
 from clip_model.pretrained import PretrainedWeights, get_pretrained, list_aliases, list_pretrained, resolve_pretrained
@@ -96,10 +97,13 @@ def test_required_openclip_entries(name: str) -> None:
 
 
 def test_inception_statistics_only_where_trained_with_them() -> None:
+    """SigLIP models and one LAION CLIP were trained on pixels scaled to [-1, 1]; the other CLIPs on OpenAI's."""
     assert get_pretrained("ViT-L-14/laion2b_s32b_b82k").mean == INCEPTION_MEAN
     assert get_pretrained("ViT-L-14/laion2b_s32b_b82k").std == INCEPTION_STD
     for weights in _all():
-        if weights.name != "ViT-L-14/laion2b_s32b_b82k":
+        if isinstance(get_config(weights.config), SigLIPConfig):
+            assert (weights.mean, weights.std) == (INCEPTION_MEAN, INCEPTION_STD), weights.name
+        elif weights.name != "ViT-L-14/laion2b_s32b_b82k":
             assert (weights.mean, weights.std) == (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), weights.name
 
 
@@ -187,7 +191,8 @@ def test_registry_file_has_notice_and_only_known_fields() -> None:
     assert "OpenAI" in doc["notice"] and "open_clip" in doc["notice"]
     fields = {"url", "sha256", "filename", "config", "mean", "std", "format", "source"}
     for name, entry in doc["weights"].items():
-        assert set(entry) == fields, name
+        siglip = isinstance(get_config(entry["config"]), SigLIPConfig)  # whose vocabulary is published beside it
+        assert set(entry) == (fields | {"tokenizer"} if siglip else fields), name
         assert entry["source"].strip(), name
 
 
