@@ -20,7 +20,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -28,6 +28,7 @@ from .config import (
     Activation,
     ModelConfig,
     PreprocessConfig,
+    ResizeMode,
     SigLIPConfig,
     config_from_dict,
     infer_config,
@@ -121,6 +122,9 @@ def _read_open_clip_config(path: Path) -> tuple[Activation, dict[str, Any] | Non
     model_cfg = data.get("model_cfg") or {}
     activation: Activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     pre = {k: v for k, v in (data.get("preprocess_cfg") or {}).items() if k in ("mean", "std", "resize_mode")}
+    if pre.get("resize_mode", "shortest") not in get_args(ResizeMode):
+        logger.warning("%s: resize_mode %r is not supported; the config's own rule is used", path, pre["resize_mode"])
+        del pre["resize_mode"]
     side = (model_cfg.get("vision_cfg") or {}).get("image_size")
     return activation, pre if "mean" in pre and "std" in pre else None, side if isinstance(side, int) else None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,10 +109,11 @@ def measure(model: SigLIP, reference: transformers.SiglipModel, batch: int = 1) 
         }
 
 
-def assert_matches(model: SigLIP, reference: transformers.SiglipModel) -> None:
+def assert_matches(model: SigLIP, reference: transformers.SiglipModel) -> dict[str, float]:
     diffs = measure(model, reference)
     assert max(diffs["image"], diffs["text"], diffs["logits"]) <= TOLERANCE, diffs
     assert diffs["raw_image_relative"] <= TOLERANCE, diffs
+    return diffs
 
 
 def small_config(patch: int, side: int, tokenizer: str = "siglip") -> SigLIPConfig:
@@ -244,6 +246,18 @@ def test_open_clip_layout_gives_transformers_outputs(patch: int, side: int, tmp_
     model = build_model(read_checkpoint(write_open_clip_folder(reference, tmp_path)), small_config(patch, side))
     assert isinstance(model, SigLIP)
     assert_matches(model, reference)
+
+
+def test_open_clip_folder_preprocessing_is_read_and_an_unsupported_resize_rule_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_open_clip_folder(hf_siglip("small", 16, 32, SMALL_VOCAB), tmp_path)
+    assert read_checkpoint(folder).preprocess_cfg == {"mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["resize_mode"] = "longest"  # OpenCLIP's letterboxing, which clip_model does not do
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    assert read_checkpoint(folder).preprocess_cfg == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert "resize_mode 'longest' is not supported" in caplog.text
 
 
 def test_open_clip_pytorch_bin_container_reads_like_safetensors(tmp_path: Path) -> None:
@@ -396,17 +410,17 @@ FULL_CASES = [  # (size, patch, side, vocab, shipped config of the same architec
 @pytest.mark.slow
 @pytest.mark.parametrize(("size", "patch", "side", "vocab", "name"), FULL_CASES)
 def test_full_size_models_match_transformers_from_both_layouts(
-    size: str, patch: int, side: int, vocab: int, name: str, tmp_path: Path
+    size: str, patch: int, side: int, vocab: int, name: str, tmp_path: Path, record_property: Callable[..., None]
 ) -> None:
     reference = hf_siglip(size, patch, side, vocab)
     reference.save_pretrained(tmp_path / "hf")
     model, _ = clip_model.load(tmp_path / "hf")
     assert isinstance(model, SigLIP) and model.config.name == name
-    assert_matches(model, reference)
+    record_property("hf_layout", assert_matches(model, reference))  # the measured differences, for --junitxml
     del model
     folder = write_open_clip_folder(reference, tmp_path / "open_clip")
     del reference  # keep one full-size copy in memory at a time
     model, _ = clip_model.load(folder)
     assert isinstance(model, SigLIP) and model.config.name == name
     reference = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
-    assert_matches(model, reference)
+    record_property("open_clip_layout", assert_matches(model, reference))
