@@ -45,6 +45,9 @@ from .vector_log import Pointer, StoredRows, VectorLog
 logger = logging.getLogger(__name__)
 
 SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's lock
+# pages a writer keeps in memory: inserts into the content-hash index land on random pages, which SQLite's
+# default 2 MiB cache re-reads from the file once a catalog holds millions of rows
+WRITER_CACHE_KIB = 256 * 1024
 SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
 _FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
@@ -96,6 +99,7 @@ class Catalog:
                 conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_TIMEOUT_S)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
             catalog = cls(index_dir, conn, readonly)
             catalog._check_version(create=create and not readonly)
             if not readonly:
