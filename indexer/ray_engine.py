@@ -174,7 +174,11 @@ class RayEngine:
                 for blob in batch["rows"]:
                     yield pickle.loads(blob)
         except ray.exceptions.RayError as exc:
-            raise IndexerError(f"the Ray job failed ({type(exc).__name__}): {exc}") from exc
+            raise IndexerError(
+                f"the Ray job failed ({type(exc).__name__}): {exc}\nThe shards written so far are kept and a rerun "
+                "writes the rest. An actor that cannot start needs clip-search with the ray extra on its node, and the "
+                "model and the image folder at the paths this machine uses"
+            ) from exc
 
     def close(self) -> None:
         if self._started_ray and self._ray is not None:
