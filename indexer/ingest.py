@@ -38,6 +38,7 @@ from clip_model.process_tuning import ThreadPlan, own_threads
 
 from .build import check_provenance
 from .errors import IndexerError, ShardError
+from .photo_metadata import PhotoMetadata
 from .shards import ShardRows, ShardWriter, import_pyarrow, list_shards, read_shard, write_manifest
 from .shards import read_manifest as read_shards_manifest
 from .shards_clip_retrieval import list_parts, read_part
@@ -216,6 +217,8 @@ def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord],
     if images:
         positions = np.searchsorted(rows.embedded_rows, np.asarray(embedded, dtype=np.int64))
         catalog.add_images(images, np.ascontiguousarray(rows.embeddings[positions]))
+        photos = [(image.content_hash, rows.photos[i]) for image, i in zip(images, embedded, strict=True)]
+        catalog.photos.record([(digest, PhotoMetadata.from_json(text)) for digest, text in photos if text is not None])
     stats.rows += len(rows)
 
 
@@ -266,8 +269,9 @@ def export(index_dir: Path, out_dir: Path, *, rows_per_shard: int = DEFAULT_ROWS
             records, vectors = catalog.image_page(after, rows_per_shard)
             if not records:
                 break
+            photos = catalog.photos.of([r.content_hash for r in records if r.status == "ok" and r.content_hash])
             with ShardWriter(out_dir, f"{stats.shards:06d}", model) as writer:
-                writer.add(_shard_rows(records, vectors))
+                writer.add(_shard_rows(records, vectors, photos))
             stats.shards += 1
             stats.rows += len(records)
             stats.skipped += sum(record.status == "skipped" for record in records)
@@ -276,8 +280,9 @@ def export(index_dir: Path, out_dir: Path, *, rows_per_shard: int = DEFAULT_ROWS
     return stats
 
 
-def _shard_rows(records: Sequence[ImageRecord], vectors: Vectors) -> ShardRows:
-    """Catalog rows as shard rows; ``vectors`` [M, D] are those of the ok ones, in order."""
+def _shard_rows(records: Sequence[ImageRecord], vectors: Vectors, photos: dict[str, PhotoMetadata]) -> ShardRows:
+    """Catalog rows as shard rows; ``vectors`` [M, D] are those of the ok ones, in order; ``photos`` their
+    metadata by content hash."""
     return ShardRows(
         paths=[record.path for record in records],
         sha256=[record.content_hash for record in records],
@@ -287,4 +292,7 @@ def _shard_rows(records: Sequence[ImageRecord], vectors: Vectors) -> ShardRows:
         height=[record.height for record in records],
         errors=[record.error if record.status == "skipped" else None for record in records],
         embeddings=vectors,
+        photo=[
+            photos[r.content_hash].to_json() if r.status == "ok" and r.content_hash in photos else None for r in records
+        ],
     )

@@ -1,10 +1,10 @@
 """Embedding shards: the one interface between encoding (the local pipeline, a Ray job, ``clip-index export``) and
 indexing (``clip-index ingest``).
 
-Layout, format version 1 (:data:`FORMAT_VERSION`)::
+Layout, format version 2 (:data:`FORMAT_VERSION`; version 1, without the ``photo`` column, is read too)::
 
     SHARDS_DIR/
-      manifest.json                     {"format_version": 1,
+      manifest.json                     {"format_version": 2,
                                          "model": {"name", "weights_sha256", "embed_dim",
                                                    "preprocess": {"image_size", "mean", "std"}},
                                          "image_root": the image folder as the encoder was given it,
@@ -24,6 +24,8 @@ Parquet schema of a shard, these columns in this order (Arrow types, saved with 
                                                      (:mod:`indexer.store.format`); null iff skipped
     error      string     null, or why the file was skipped, as the local indexer records it (a reason of
                           :mod:`indexer.decode` or :mod:`indexer.scan`)
+    photo      string     null, or the photo's metadata as read from the file (capture time, camera...): the
+                          JSON object of :meth:`indexer.photo_metadata.PhotoMetadata.to_json`
 
 The schema's key-value metadata holds ``clip_search.model`` (the model as in the manifest, JSON) and
 ``clip_search.format_version``, so a shard moved to another directory still says which weights made it.
@@ -56,13 +58,15 @@ import numpy.typing as npt
 from indexer import paths
 from indexer.errors import EmbeddingError, IndexerError
 from indexer.errors import ShardError as ShardError  # re-exported: the errors of this module's format
+from indexer.photo_metadata import PhotoMetadata
 from indexer.store import ModelInfo
 from indexer.store.format import (
     NORM_TOLERANCE,
     _fsync,  # the store's one fsync of a file or directory
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 has no photo column
 MANIFEST_FILE = "manifest.json"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
 TEMP_PREFIX = ".tmp-"
@@ -94,11 +98,12 @@ class ShardRows:
     height: list[int | None]
     errors: list[str | None]
     embeddings: Vectors
+    photo: list[str | None] | None = None  # PhotoMetadata JSON per row (None: no row has any)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", np.asarray(self.size, dtype=np.int64))
         object.__setattr__(self, "mtime_ns", np.asarray(self.mtime_ns, dtype=np.int64))
-        columns = (self.sha256, self.size, self.mtime_ns, self.width, self.height, self.errors)
+        columns = (self.sha256, self.size, self.mtime_ns, self.width, self.height, self.errors, self.photos)
         if any(len(column) != len(self.paths) for column in columns):
             raise ValueError(f"shard columns differ in length: {[len(self.paths), *(len(c) for c in columns)]}")
         if self.embeddings.dtype != np.float32 or self.embeddings.ndim != 2:
@@ -111,6 +116,11 @@ class ShardRows:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def photos(self) -> list[str | None]:
+        """The photo metadata JSON of each row (None where there is none)."""
+        return self.photo if self.photo is not None else [None] * len(self.paths)
 
     @property
     def embedded_rows(self) -> Int64s:
@@ -166,9 +176,9 @@ def read_manifest(shards_dir: Path, expected: ModelInfo | None = None) -> Shards
     version = data.get("format_version") if isinstance(data, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
         raise ShardError(f"{source} has no integer format_version: write the shards again")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         remedy = "upgrade clip-search" if version > FORMAT_VERSION else "write the shards again"
-        raise ShardError(f"{source} has format version {version}; this clip-search reads {FORMAT_VERSION}: {remedy}")
+        raise ShardError(f"{source} has format version {version}; this clip-search reads {READABLE_VERSIONS}: {remedy}")
     try:
         manifest = ShardsManifest(
             _model_of(data["model"]), _text(data["image_root"]), _text(data["created_by"]), version
@@ -259,6 +269,7 @@ def read_shard(path: Path, model: ModelInfo) -> ShardRows:
     width: list[int | None] = []
     height: list[int | None] = []
     errors: list[str | None] = []
+    photo: list[str | None] = []
     seen: set[str] = set()
     try:
         with pq.ParquetFile(source) as file:
@@ -277,10 +288,11 @@ def read_shard(path: Path, model: ModelInfo) -> ShardRows:
                 width += rows.width
                 height += rows.height
                 errors += rows.errors
+                photo += rows.photos
     except (OSError, pa.ArrowException) as exc:
         raise ShardError(f"{source} is not a readable Parquet file ({exc}): write it again") from exc
     return ShardRows(
-        stored, sha256, np.concatenate(size), np.concatenate(mtime_ns), width, height, errors, embeddings[:count]
+        stored, sha256, np.concatenate(size), np.concatenate(mtime_ns), width, height, errors, embeddings[:count], photo
     )
 
 
@@ -309,6 +321,13 @@ def check_rows(rows: ShardRows, embed_dim: int, source: str, first_row: int = 0,
         for name, value in (("width", rows.width[i]), ("height", rows.height[i])):
             if (value is None and error is None) or (value is not None and value < 1):
                 raise refuse_row(source, row, f"{name} {value!r} is not a pixel count", "record the image's size")
+        photo = rows.photos[i]
+        if photo is not None:
+            try:
+                PhotoMetadata.from_json(photo)
+            except ValueError as exc:
+                problem = f"photo metadata {photo[:80]!r}: {exc}"
+                raise refuse_row(source, row, problem, "write it as the format says") from None
     negative = np.flatnonzero(rows.size < 0)
     if negative.size:
         raise refuse_row(source, first_row + int(negative[0]), "size is negative", "record the file's size in bytes")
@@ -342,6 +361,7 @@ def shard_schema(model: ModelInfo) -> Any:
         pa.field("height", pa.int32()),
         pa.field("embedding", pa.list_(pa.float32(), model.embed_dim)),
         pa.field("error", pa.string()),
+        pa.field("photo", pa.string()),
     ]
     model_json = json.dumps(dataclasses.asdict(model), sort_keys=True)
     return pa.schema(fields, metadata={MODEL_KEY: model_json.encode(), FORMAT_KEY: str(FORMAT_VERSION).encode()})
@@ -358,7 +378,8 @@ def _record_batch(rows: ShardRows, schema: Any) -> Any:
     )
     columns = (rows.paths, rows.sha256, rows.size, rows.mtime_ns, rows.width, rows.height)
     arrays = [pa.array(values, type=schema.field(i).type) for i, values in enumerate(columns)]
-    return pa.RecordBatch.from_arrays([*arrays, embedding, pa.array(rows.errors, pa.string())], schema=schema)
+    extra = [pa.array(rows.errors, pa.string()), pa.array(rows.photos, pa.string())]
+    return pa.RecordBatch.from_arrays([*arrays, embedding, *extra], schema=schema)
 
 
 def _rows_of(batch: Any, source: Path, first_row: int) -> ShardRows:
@@ -379,7 +400,8 @@ def _rows_of(batch: Any, source: Path, first_row: int) -> ShardRows:
     vectors = values.reshape(len(column), dim)[embedded]  # [M, D]; a null float inside a vector becomes NaN
     path, sha256, width, height = (batch.column(name).to_pylist() for name in ("path", "sha256", "width", "height"))
     size, mtime_ns = (batch.column(name).to_numpy() for name in ("size", "mtime_ns"))
-    return ShardRows(path, sha256, size, mtime_ns, width, height, errors, vectors)
+    photo = batch.column("photo").to_pylist() if "photo" in batch.schema.names else None
+    return ShardRows(path, sha256, size, mtime_ns, width, height, errors, vectors, photo)
 
 
 def _check_metadata(source: Path, schema: Any, model: ModelInfo) -> None:
@@ -392,10 +414,12 @@ def _check_metadata(source: Path, schema: Any, model: ModelInfo) -> None:
         version, made_by = int(metadata[FORMAT_KEY]), _model_of(json.loads(metadata[MODEL_KEY]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ShardError(f"{source} has malformed shard metadata ({exc!r}): write it again") from exc
-    if version != FORMAT_VERSION:
-        raise ShardError(f"{source} has shard format version {version}; this clip-search reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ShardError(f"{source} has shard format version {version}; this clip-search reads {READABLE_VERSIONS}")
     _check_model(source, made_by, model)
     expected = shard_schema(made_by)
+    if version == 1:
+        expected = expected.remove(expected.get_field_index("photo"))
     if schema.names != expected.names:
         raise ShardError(f"{source} has columns {schema.names}, the format has {expected.names}: write it again")
     for name in expected.names:

@@ -141,6 +141,15 @@ def test_export_then_ingest_gives_the_same_rows_vectors_and_search_results(built
         assert index.manifest.model == model
         some = after["trip/photo_00010.jpg"]
         assert index.embedding(some[0]).tobytes() == some[8]  # type: ignore[union-attr]
+    assert photo_metadata(index_dir) == photo_metadata(built_index) and len(photo_metadata(index_dir)) == 13
+
+
+def photo_metadata(index_dir: Path) -> dict[str, object]:
+    """The photo metadata of the index's ok images, by path."""
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        files = {r.path: r.content_hash for r in catalog.files().values() if r.status == "ok"}
+        found = catalog.photos.of([h for h in files.values() if h])
+    return {path: found[digest] for path, digest in files.items() if digest in found}
 
 
 def test_export_refuses_a_directory_that_holds_shards(built_index: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from indexer import paths, shards
 from indexer.errors import IndexerError
+from indexer.photo_metadata import PhotoMetadata
 from indexer.shards import (
     ShardError,
     ShardRows,
@@ -371,7 +372,7 @@ def test_reader_refuses_another_schema(tmp_path: Path, change: Any, message: str
     [
         ({}, "does not say which model made it"),
         (model_metadata(OTHER_WEIGHTS), "another model's weights are refused"),
-        (model_metadata(MODEL, b"2"), "shard format version 2"),
+        (model_metadata(MODEL, b"3"), "shard format version 3"),
         ({b"clip_search.model": b"{", b"clip_search.format_version": b"1"}, "malformed shard metadata"),
     ],
     ids=["no model", "other weights", "newer format", "garbled model"],
@@ -400,7 +401,7 @@ def test_manifest_round_trips_and_a_rerun_keeps_it(tmp_path: Path) -> None:
     data = json.loads((shards_dir / "manifest.json").read_text())
 
     assert data == {
-        "format_version": 1,
+        "format_version": 2,
         "model": {"name": "tiny", "weights_sha256": "a" * 64, "embed_dim": DIM, "preprocess": MODEL.preprocess},
         "image_root": "/photos",
         "created_by": "test 1.0",
@@ -436,8 +437,8 @@ def test_missing_manifest(tmp_path: Path) -> None:
         ("{", "cannot be read"),
         ("[]", "no integer format_version"),
         ('{"format_version": "1"}', "no integer format_version"),
-        ('{"format_version": 2}', "format version 2; this clip-search reads 1: upgrade clip-search"),
-        ('{"format_version": 0}', "format version 0; this clip-search reads 1: write the shards again"),
+        ('{"format_version": 3}', "format version 3; this clip-search reads (1, 2): upgrade clip-search"),
+        ('{"format_version": 0}', "format version 0; this clip-search reads (1, 2): write the shards again"),
         ('{"format_version": 1, "image_root": "/p", "created_by": "x"}', "missing a field"),
     ],
     ids=["garbled", "not an object", "string version", "newer", "older", "no model"],
@@ -596,3 +597,27 @@ def test_clip_retrieval_incomplete_or_foreign_output(tmp_path: Path, image_root:
 
     with pytest.raises(ShardError, match="is .* clip-retrieval's output"):
         list_parts(tmp_path / "nothing")
+
+
+# --- photo metadata (format 2) -----------------------------------------------------------------------------------
+
+
+def test_photo_metadata_round_trips_and_a_format_1_shard_reads_without_it(tmp_path: Path) -> None:
+    rows = make_rows(4, skipped=(2,))
+    taken = PhotoMetadata(taken_at=1_700_000_000, camera_make="Canon", format="jpeg").to_json()
+    with_photo = dataclasses.replace(rows, photo=[taken, None, None, PhotoMetadata(format="png").to_json()])
+    with shards.ShardWriter(tmp_path, "p", MODEL) as writer:
+        writer.add(with_photo)
+    got = shards.read_shard(tmp_path / "shard-p.parquet", MODEL)
+    assert_same_rows(got, rows)
+    assert got.photos == with_photo.photos
+    old = write_raw(tmp_path / "shard-old.parquet", valid_columns())  # format 1: no photo column
+    assert shards.read_shard(old, MODEL).photos == [None] * 5
+
+
+@pytest.mark.parametrize("photo", ['{"taken_at": "noon"}', '{"colour": "red"}', "not json", "[]"])
+def test_bad_photo_metadata_refuses_the_shard_naming_the_row(tmp_path: Path, photo: str) -> None:
+    columns = {**valid_columns(), "photo": [None, None, photo, None, None]}
+    path = write_raw(tmp_path / "shard-b.parquet", columns, metadata=model_metadata(MODEL, b"2"))
+    with pytest.raises(ShardError, match=r"shard-b\.parquet.* row 2: photo metadata"):
+        shards.read_shard(path, MODEL)
