@@ -19,6 +19,7 @@ import pytest
 from clip_model.process_tuning import ThreadPlan
 from indexer.build import BuildOptions, build_index
 from indexer.cli import main as cli_main
+from indexer.decode import DecodeFailure
 from indexer.encode import (
     ENCODE_SHARDS_DIR,
     EncodeOptions,
@@ -291,25 +292,41 @@ def mean_encoder(batch: np.ndarray) -> np.ndarray:
     return normalized
 
 
-def test_kept_decode_workers_serve_every_call_and_are_replaced_after_one_dies(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def decode_spec(tiny_model: Path) -> Any:
     from indexer.build import load_model
 
+    return load_model(str(tiny_model)).decode_spec(draft=True)
+
+
+def test_kept_decode_workers_serve_every_call(decode_spec: Any, tmp_path: Path) -> None:
     write_photos(tmp_path, 6)
-    (tmp_path / "poison.jpg").write_bytes(b"crash")
     files = list(iter_images(tmp_path))
-    spec = load_model(str(tiny_model)).decode_spec(draft=True)
     kept = DecodeWorkers(1)
     try:
-        first = list(encode_files(tmp_path, files[:3], spec, mean_encoder, workers=0, batch_size=2, kept=kept))
+        first = list(encode_files(tmp_path, files[:3], decode_spec, mean_encoder, workers=0, batch_size=2, kept=kept))
         pool = kept.pool()
-        second = list(encode_files(tmp_path, files[3:6], spec, mean_encoder, workers=0, batch_size=2, kept=kept))
+        second = list(encode_files(tmp_path, files[3:], decode_spec, mean_encoder, workers=0, batch_size=2, kept=kept))
         assert kept.pool() is pool and len(first) == len(second) == 3  # the same processes served both calls
+    finally:
+        kept.close()
 
-        poisoned = list(
-            encode_files(tmp_path, files, spec, mean_encoder, workers=0, batch_size=2, kept=kept, decode=crash_on)
+
+@pytest.mark.slow  # the files in flight when the worker died are decoded again one process each: seconds
+def test_kept_decode_workers_are_replaced_after_one_dies(decode_spec: Any, tmp_path: Path) -> None:
+    write_photos(tmp_path, 4)
+    (tmp_path / "poison.jpg").write_bytes(b"crash")
+    files = list(iter_images(tmp_path))
+    kept = DecodeWorkers(1)
+    try:
+        pool = kept.pool()
+        results = list(
+            encode_files(
+                tmp_path, files, decode_spec, mean_encoder, workers=0, batch_size=1, kept=kept, decode=crash_on
+            )
         )
-        assert sorted(r.path for r in poisoned if not hasattr(r, "decoded")) == ["poison.jpg"]
-        assert len(poisoned) == len(files) and kept.pool() is not pool  # a new pool after the crash
+        assert sorted(r.path for r in results if isinstance(r, DecodeFailure)) == ["poison.jpg"]
+        assert len(results) == len(files) and kept.pool() is not pool  # a new pool after the crash
     finally:
         kept.close()
 
