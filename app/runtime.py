@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import clip_model
 from clip_model.errors import ClipModelError
 from clip_model.process_tuning import (
@@ -36,6 +38,7 @@ from indexer.store.reader import ModelInfo, PublishedIndex, current_generation, 
 from .encoder import Encoder
 from .errors import NotReadyError
 from .metrics import Metrics
+from .relevance import RelevanceScale, unrelated_prompts
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,11 +48,13 @@ RETIRE_AFTER_S = 30.0  # a replaced generation stays open this long for the requ
 
 @dataclass(frozen=True)
 class Served:
-    """One consistent view: the encoder, the index generation it can search, and where the image files are."""
+    """One consistent view: the encoder, the index generation it can search, where the image files are, and the
+    generation's relevance scale for text queries (:mod:`app.relevance`; None while it holds no image)."""
 
     encoder: Encoder
     index: PublishedIndex
     image_root: Path | None
+    relevance: RelevanceScale | None = None
 
     @property
     def generation(self) -> str:
@@ -157,10 +162,11 @@ class Runtime:
             encoder = self._encoder_for(index.manifest.model)
             image_root = self.settings.image_root or index.image_root()
             index.photo_columns()  # read now, before it serves: filters, dates and their order need them
+            relevance = relevance_scale(encoder, index)
         except (ClipModelError, _MismatchError, OSError) as exc:
             index.close()
             return self._fail(index.manifest.generation, f"cannot serve generation {index.manifest.generation}: {exc}")
-        old, self.state = self.state, Served(encoder, index, image_root)
+        old, self.state = self.state, Served(encoder, index, image_root, relevance)
         self.problem, self._failed_generation = None, None
         self._observe(index)
         summary = {
@@ -256,3 +262,19 @@ class Runtime:
 
 class _MismatchError(Exception):
     """The index's embeddings come from other weights than the model the server can use."""
+
+
+def relevance_scale(encoder: Encoder, index: PublishedIndex) -> RelevanceScale | None:
+    """The generation's relevance scale (:mod:`app.relevance`): the unrelated prompts' best scores over it."""
+    if not index.manifest.counts.get("images", 0):
+        return None
+    prompts = encoder.encode_text_matrix(unrelated_prompts())
+    best = np.array([hits[0].score for hits in index.search(prompts, 1) if hits], dtype=np.float32)
+    scale = RelevanceScale.of_best_scores(best)
+    logger.info(
+        "relevance scale of %s: unrelated prompts' best scores median %.4f, spread %.4f",
+        index.manifest.generation,
+        scale.median,
+        scale.spread,
+    )
+    return scale

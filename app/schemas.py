@@ -33,6 +33,14 @@ MIN_SCORE_FIELD = Field(
     allow_inf_nan=False,
     description="drop results scoring below this cosine similarity",
 )
+MIN_RELEVANCE_FIELD = Field(
+    None,
+    ge=0.0,
+    le=1.0,
+    strict=True,
+    allow_inf_nan=False,
+    description="text queries only: drop results below this relevance (0..1; the web page uses 0.95)",
+)
 DECIMAL_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000", " 7" and "٧"
 
 
@@ -110,6 +118,11 @@ class ImageHit(BaseModel):
         None, description="capture time on the camera's clock (EXIF), else the file's modification time (UTC)"
     )
     taken_from_exif: bool | None = Field(None, description="whether taken_at came from the photo's EXIF")
+    relevance: float | None = Field(
+        None,
+        description="for text queries, 0..1: 0.5 is what the best match of a query unrelated to the collection "
+        "scores, 0.99 what one such query in a hundred reaches (calibrated per collection and model)",
+    )
 
 
 class SearchResponse(BaseModel):
@@ -202,6 +215,7 @@ class CombinedQuery(BaseModel):
     k: int = K_FIELD
     min_score: float | None = MIN_SCORE_FIELD
     filters: SearchFilters | None = Field(None, description="conditions on the images returned")
+    min_relevance: float | None = MIN_RELEVANCE_FIELD
     sort: SortField = "relevance"
     cursor: CursorField = None
 

@@ -28,6 +28,7 @@ from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
+from .relevance import RelevanceScale
 from .runtime import Runtime, Served
 from .schemas import (
     ClassifyResponse,
@@ -65,7 +66,7 @@ class SearchService:
     def search_text(self, text: str, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
         text = self._check_text(text)
-        page = _Page.of(state, options, ("text", text))
+        page = _Page.of(state, options, ("text", text), text_query=True)
         request = SearchRequest(state.index, page.depth, store_filter(options.filters))
         embedding, hits = state.encoder.search_text(text, request)
         return self._respond(state, hits, page, started, truncated=embedding.truncated)
@@ -86,8 +87,9 @@ class SearchService:
         """Normalized weighted sum of the parts' unit embeddings."""
         started, state = time.perf_counter(), self.runtime.require()
         texts = [self._check_text(p.text) for p in query.parts if isinstance(p, TextPart)]
-        options = ResultOptions(query.k, query.min_score, query.filters, query.sort, query.cursor)
-        page = _Page.of(state, options, ("combined", [p.model_dump() for p in query.parts]))
+        options = ResultOptions(query.k, query.min_score, query.filters, query.sort, query.cursor, query.min_relevance)
+        only_texts = all(isinstance(p, TextPart) for p in query.parts)
+        page = _Page.of(state, options, ("combined", [p.model_dump() for p in query.parts]), text_query=only_texts)
         embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
         total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
         for part in query.parts:
@@ -117,7 +119,8 @@ class SearchService:
         options = page.options
         found = len(hits)
         hits = [h for h in hits if h.id != page.exclude]
-        kept = [h for h in hits if options.min_score is None or h.score >= options.min_score]
+        cut_off = page.cut_off()
+        kept = [h for h in hits if cut_off is None or h.score >= cut_off]
         complete = len(kept) < len(hits) or found < page.depth  # nothing past the cut-off, or nothing more found
         taken = _taken_at(state, kept)
         ranked = ordered(kept, options.sort, taken[0] if taken is not None else None)
@@ -125,7 +128,9 @@ class SearchService:
         records = state.index.images([h.id for h in window])
         dates = _taken_at(state, window)
         results = [
-            _image_hit(hit, records[hit.id], dates, i) for i, hit in enumerate(window) if _servable(records.get(hit.id))
+            _image_hit(hit, records[hit.id], dates, i, page.scale)
+            for i, hit in enumerate(window)
+            if _servable(records.get(hit.id))
         ]
         took_ms = (time.perf_counter() - started) * 1000
         cursor = next_cursor(state.generation, page.offset, options.k, len(ranked), complete, page.query)
@@ -355,10 +360,15 @@ def _thumbnail_url(image_id: int) -> str:
 
 
 def _image_hit(
-    hit: Hit, record: ImageRecord, dates: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None, row: int
+    hit: Hit,
+    record: ImageRecord,
+    dates: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None,
+    row: int,
+    scale: RelevanceScale | None,
 ) -> ImageHit:
     taken, from_exif = (None, None) if dates is None else (int(dates[0][row]), bool(dates[1][row]))
     return ImageHit(
+        relevance=None if scale is None else round(scale.relevance(hit.score), 4),
         id=hit.id,
         path=record.path,
         score=round(hit.score, 6),
@@ -393,24 +403,39 @@ class ResultOptions:
     filters: SearchFilters | None = None
     sort: Sort = "relevance"
     cursor: str | None = None
+    min_relevance: float | None = None
 
 
 @dataclass(frozen=True)
 class _Page:
-    """A request's page: its options, the offset its cursor gives, how deep to rank, the query's fingerprint."""
+    """A request's page: its options, the offset its cursor gives, how deep to rank, the query's fingerprint, and
+    the relevance scale when the query is a text one (:mod:`app.relevance`)."""
 
     options: ResultOptions
     offset: int
     depth: int
     query: str
     exclude: int | None = None
+    scale: RelevanceScale | None = None
 
     @classmethod
-    def of(cls, state: Served, options: ResultOptions, query: object, exclude: int | None = None) -> _Page:
+    def of(
+        cls, state: Served, options: ResultOptions, query: object, exclude: int | None = None, text_query: bool = False
+    ) -> _Page:
+        if options.min_relevance is not None and not text_query:
+            raise BadRequestError("min_relevance applies to text queries: image queries have no relevance scale")
         filters = options.filters.model_dump(mode="json") if options.filters is not None else None
-        key = fingerprint(query, filters, options.min_score, options.sort)
+        key = fingerprint(query, filters, options.min_score, options.min_relevance, options.sort)
         offset = open_cursor(options.cursor, state.generation, key)
-        return cls(options, offset, depth(offset, options.k, options.sort) + (exclude is not None), key, exclude)
+        ranked = depth(offset, options.k, options.sort) + (exclude is not None)
+        return cls(options, offset, ranked, key, exclude, state.relevance if text_query else None)
+
+    def cut_off(self) -> float | None:
+        """The lowest score a result may have: ``min_score``, raised to ``min_relevance``'s score if given."""
+        limits = [] if self.options.min_score is None else [self.options.min_score]
+        if self.options.min_relevance is not None and self.scale is not None:
+            limits.append(self.scale.min_score(self.options.min_relevance))
+        return max(limits) if limits else None
 
 
 def store_filter(filters: SearchFilters | None) -> SearchFilter | None:

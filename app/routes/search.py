@@ -11,6 +11,7 @@ from ..schemas import (
     CURSOR_DESCRIPTION,
     K_FIELD,
     MAX_K,
+    MIN_RELEVANCE_FIELD,
     MIN_SCORE_FIELD,
     NOT_BLANK,
     SORT_DESCRIPTION,
@@ -28,6 +29,9 @@ router = APIRouter(route_class=StrictJSONRoute, prefix="/api/search", tags=["sea
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description=K_FIELD.description), DecimalInteger]
 MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_FIELD.description)]
+MinRelevance = Annotated[
+    float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False, description=MIN_RELEVANCE_FIELD.description)
+]
 QueryText = Annotated[
     str,
     Query(
@@ -54,6 +58,7 @@ def search_text(
     filters: Filters,
     k: K = 20,
     min_score: MinScore = None,
+    min_relevance: MinRelevance = None,
     sort: SortParam = "relevance",
     cursor: CursorParam = None,
 ) -> SearchResponse:
@@ -62,7 +67,7 @@ def search_text(
 
     Example: `GET /api/search?q=a%20dog%20on%20a%20beach&k=10&folder=2023&taken_after=2023-06-01`
     """
-    return service.search_text(q, ResultOptions(k, min_score, filters, sort, cursor))
+    return service.search_text(q, ResultOptions(k, min_score, filters, sort, cursor, min_relevance))
 
 
 @router.post("/image", response_model=SearchResponse, responses=UPLOAD_ERRORS, summary="Uploaded image -> images")

@@ -8,6 +8,7 @@
   const MAX_K = 1000;
   const LARGE_SIZE = 512; // px: thumbnail size for the selected image
   const READY_POLL_MS = 5000; // while not ready or empty: how often the status is checked again
+  const MIN_RELEVANCE = 0.95; // "only relevant" text results: the server's relevance scale (app/relevance.py)
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -16,6 +17,7 @@
     searchForm: $("search-form"),
     query: $("query"),
     k: $("k"),
+    relevant: $("relevant"),
     upload: $("upload"),
     dropZone: $("drop-zone"),
     preview: $("upload-preview"),
@@ -225,7 +227,7 @@
   }
 
   /** Run one grid request: ``load()`` returns the search response; stale answers are dropped. */
-  async function runSearch(load, heading, describe) {
+  async function runSearch(load, heading, describe, cutOff = false) {
     const seq = ++requestSeq;
     setStatus("Searching\u2026", "busy");
     try {
@@ -233,7 +235,8 @@
       if (seq !== requestSeq) return;
       renderResults(body.results, heading);
       if (!body.results.length) {
-        setStatus("No results.", "warning");
+        const why = cutOff ? " Nothing indexed looks relevant: untick \u201conly relevant\u201d to see the closest." : "";
+        setStatus(`No results.${why}`, "warning");
         return;
       }
       const cut = body.truncated ? " The query was longer than the model's context and was cut." : "";
@@ -254,8 +257,9 @@
     }
     if (k === null) return;
     lastAction = searchText;
-    const url = withParams("/api/search", { q, k });
-    runSearch(() => api(url), `Results for \u201c${q}\u201d`, "for your text");
+    const params = el.relevant.checked ? { q, k, min_relevance: MIN_RELEVANCE } : { q, k };
+    const url = withParams("/api/search", params);
+    runSearch(() => api(url), `Results for \u201c${q}\u201d`, "for your text", el.relevant.checked);
   }
 
   function searchImage(file) {

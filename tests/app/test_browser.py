@@ -88,11 +88,13 @@ def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
     page.close()
 
 
-def _search(page: Page, query: str, k: int | None = None) -> None:
+def _search(page: Page, query: str, k: int | None = None, only_relevant: bool = False) -> None:
+    """Search for ``query``; the tiny random model finds nothing relevant, so the cut-off is off unless asked."""
     from playwright.sync_api import expect
 
     if k is not None:
         page.fill("#k", str(k))
+    page.set_checked("#relevant", only_relevant)
     page.fill("#query", query)
     page.click("#search-form button[type=submit]")
     expect(page.locator("#results-heading")).to_have_text(f"Results for \u201c{query}\u201d")
@@ -127,6 +129,25 @@ def test_text_search_shows_loaded_thumbnails(page: Page, tmp_path: Path) -> None
     data = _screenshot(page, tmp_path / "search.png").read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 10_000
+
+
+def test_only_relevant_is_on_by_default_and_asks_the_server_for_its_cut_off(page: Page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#relevant")).to_be_checked()
+    page.fill("#query", "a red square")
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        page.click("#search-form button[type=submit]")
+    assert "min_relevance=0.95" in sent.value.url
+    expect(page.locator("#results-heading")).to_have_text("Results for \u201ca red square\u201d")
+    if page.locator(".result").count() == 0:  # the tiny random model: nothing stands out from unrelated queries
+        expect(page.locator("#status")).to_contain_text("only relevant")
+    page.uncheck("#relevant")
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        page.click("#search-form button[type=submit]")
+    assert "min_relevance" not in sent.value.url
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    assert page.locator(".result").count() > 0
 
 
 def test_uploaded_image_finds_itself_first(page: Page, indexed: IndexedFolder) -> None:
@@ -216,8 +237,10 @@ def test_error_bodies_and_empty_results_are_shown(browser: Browser, live_server:
         page.fill("#query", "anything")
         page.click("#search-form button[type=submit]")
         expect(status).to_contain_text(expected)
-    page.click("#search-form button[type=submit]")
-    expect(status).to_have_text("No results.")
+    page.click("#search-form button[type=submit]")  # "only relevant" is on: the message says how to see more
+    expect(status).to_have_text(
+        "No results. Nothing indexed looks relevant: untick \u201conly relevant\u201d to see the closest."
+    )
     expect(page.locator(".result")).to_have_count(0)
     page.close()
 
