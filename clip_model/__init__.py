@@ -10,15 +10,24 @@ Typical use::
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
     text_features = model.encode_text(clip_model.tokenize(["a photo of a cat"]), normalize=True)
 
-SigLIP and SigLIP 2 (``clip_model.load("ViT-B-16-SigLIP/webli")``) load through the same calls and have the same
-encoders; their text goes through their own SentencePiece tokenizer (needs the ``siglip`` extra)::
+SigLIP and SigLIP 2 (``clip_model.load("ViT-B-16-SigLIP/webli")``) and OpenCLIP's multilingual models (an XLM-RoBERTa
+text tower) load through the same calls and have the same encoders; their text goes through their own SentencePiece
+tokenizer (needs the ``siglip`` extra)::
 
     tokenizer = clip_model.tokenizer_for(model)  # CLIP's BPE for a CLIP
     text_features = model.encode_text(tokenizer(["a photo of a cat"], context_length=model.context_length))
 """
 
 from .checkpoint import read_checkpoint, save_checkpoint, weights_sha256
-from .config import CLIPConfig, ModelConfig, SigLIPConfig, get_config, infer_config, list_configs
+from .config import (
+    CLIPConfig,
+    ModelConfig,
+    SigLIPConfig,
+    XLMRobertaCLIPConfig,
+    get_config,
+    infer_config,
+    list_configs,
+)
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -40,6 +49,7 @@ from .factory import (
     load,
     preprocess_for,
     tokenizer_for,
+    trim_for,
 )
 from .inference import InferenceModel, load_for_inference
 from .model import CLIP, ImageTextModel
@@ -49,6 +59,7 @@ from .quantize import is_quantized, quantize_int8
 from .siglip import SigLIP
 from .tokenizer import Tokenizer, get_tokenizer, tokenize, trim_tokens
 from .tokenizer_sentencepiece import SentencePieceTokenizer
+from .xlm_roberta import XLMRobertaCLIP
 from .zeroshot import (
     build_zero_shot_classifier,
     classify,
@@ -82,6 +93,8 @@ __all__ = [
     "Tokenizer",
     "UnknownModelError",
     "UnsafeCheckpointError",
+    "XLMRobertaCLIP",
+    "XLMRobertaCLIPConfig",
     "available_models",
     "build_zero_shot_classifier",
     "classify",
@@ -104,6 +117,7 @@ __all__ = [
     "to_rgb",
     "tokenize",
     "tokenizer_for",
+    "trim_for",
     "trim_tokens",
     "weights_sha256",
     "zero_shot_prompts",

@@ -29,16 +29,15 @@ from .config import (
     ModelConfig,
     PreprocessConfig,
     ResizeMode,
-    SigLIPConfig,
     config_from_dict,
     infer_config,
     infer_siglip_config,
+    infer_xlm_roberta_config,
     with_known_name,
 )
 from .errors import CheckpointError, CheckpointMismatchError
 from .hf_convert import is_hf_clip_dir, read_hf_clip
-from .model import CLIP, ImageTextModel
-from .siglip import SigLIP
+from .model import CLIP, ImageTextModel, model_for
 from .siglip_convert import (
     convert_hf_siglip_state_dict,
     convert_open_clip_state_dict,
@@ -57,10 +56,12 @@ WRAPPER_KEYS = ("state_dict", "model", "module")  # dict entries that wrap the r
 PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # written next to the weights in OpenCLIP's hub folders
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-NON_PERSISTENT_KEYS = ("attn_mask",)  # causal masks some writers saved as buffers; rebuilt by our model
+NON_PERSISTENT_KEYS = ("attn_mask", "position_ids")  # buffers some writers saved (causal masks, transformers'
+# position ids); rebuilt by our models
 SHOWN_KEYS = 5  # keys named in a mismatch message
 SAFETENSORS_SNIFF_BYTES = 9  # 8-byte header length + the header's opening brace
 SIGLIP_KEY = "logit_bias"  # canonical SigLIP state dicts have it, CLIP's do not
+XLM_ROBERTA_KEY = "text.transformer.embeddings.word_embeddings.weight"  # OpenCLIP's multilingual text tower
 
 
 @dataclass
@@ -96,7 +97,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     folder = path if path.is_dir() else path.parent
     if ckpt.config is None and (folder / OPEN_CLIP_CONFIG).is_file():
         ckpt.activation, ckpt.preprocess_cfg, ckpt.image_size = _read_open_clip_config(folder / OPEN_CLIP_CONFIG)
-    if SIGLIP_KEY in ckpt.state_dict:
+    if SIGLIP_KEY in ckpt.state_dict or XLM_ROBERTA_KEY in ckpt.state_dict:
         ckpt.tokenizer_path = sentencepiece_file_in(folder)
     return ckpt
 
@@ -225,6 +226,8 @@ def _implied_config(ckpt: Checkpoint) -> ModelConfig:
         return ckpt.config
     if SIGLIP_KEY in ckpt.state_dict:
         config: ModelConfig = infer_siglip_config(ckpt.state_dict, image_size=ckpt.image_size)
+    elif XLM_ROBERTA_KEY in ckpt.state_dict:
+        config = infer_xlm_roberta_config(ckpt.state_dict)
     else:
         config = infer_config(ckpt.state_dict, activation=ckpt.activation)
         if ckpt.activation is None:
@@ -242,12 +245,11 @@ def _implied_config(ckpt: Checkpoint) -> ModelConfig:
 def build_model(ckpt: Checkpoint, config: ModelConfig | None = None) -> ImageTextModel:
     """A CLIP or SigLIP in eval mode holding ``ckpt``'s weights; ``config`` overrides what the file says or implies."""
     config = with_known_name(config or _implied_config(ckpt))
-    model: ImageTextModel
     with torch.device("meta"):  # no random init of weights that are about to be replaced
-        model = SigLIP(config) if isinstance(config, SigLIPConfig) else CLIP(config)
+        model = model_for(config)
     check_state_dict(model, ckpt.state_dict)
     model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
-    if isinstance(model, SigLIP):
+    if not isinstance(model, CLIP):
         model.tokenizer_path = ckpt.tokenizer_path
     return model.eval()
 

@@ -37,8 +37,12 @@ logger = logging.getLogger(__name__)
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 ResizeMode = Literal["shortest", "squash"]  # shortest side to the input size + centre crop, or both sides to it
-SentencePieceFlavor = Literal["siglip", "siglip2"]  # see clip_model.tokenizer_sentencepiece
+SentencePieceFlavor = Literal["siglip", "siglip2", "xlm-roberta"]  # see clip_model.tokenizer_sentencepiece
 HEAD_WIDTH = 64  # OpenAI's rule: attention heads = width // 64 (ViT and text); ResNet: width * 32 // 64
+LAYER_NORM_EPS = 1e-5  # XLM-RoBERTa's (and CLIP's)
+XLM_ROBERTA_VOCAB_SIZE = 250_002  # the SentencePiece model's 250,000 pieces in fairseq numbering, plus <mask>
+XLM_ROBERTA_MAX_POSITIONS = 514  # 512 tokens + the 2 position ids fairseq reserves below the first token
+XLM_ROBERTA_PAD_ID = 1
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,67 @@ class SigLIPConfig:
         return dataclasses.replace(self, preprocess=preprocess)
 
 
-ModelConfig = CLIPConfig | SigLIPConfig
-FAMILIES: dict[str, type[CLIPConfig] | type[SigLIPConfig]] = {"clip": CLIPConfig, "siglip": SigLIPConfig}
+@dataclass(frozen=True)
+class XLMRobertaTextConfig:
+    """An XLM-RoBERTa text tower (post-LayerNorm, bidirectional), mean-pooled over its non-padding tokens.
+
+    ``context_length`` is the row length of the tokenizer's output; the position table has ``max_positions`` rows,
+    of which the first ``pad_token_id + 1`` are never used by a token (fairseq numbering).
+    """
+
+    width: int
+    heads: int
+    layers: int
+    mlp_width: int
+    vocab_size: int = XLM_ROBERTA_VOCAB_SIZE
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    max_positions: int = XLM_ROBERTA_MAX_POSITIONS
+    pad_token_id: int = XLM_ROBERTA_PAD_ID
+    type_vocab_size: int = 1
+    layer_norm_eps: float = LAYER_NORM_EPS
+
+
+@dataclass(frozen=True)
+class XLMRobertaCLIPConfig:
+    """OpenCLIP's multilingual CLIP: a CLIP image tower beside an XLM-RoBERTa text tower whose mean-pooled feature
+    goes through a two-layer MLP (``width -> (width + embed_dim) // 2 -> embed_dim``, GELU, no biases)."""
+
+    embed_dim: int
+    vision: VisionConfig
+    text: XLMRobertaTextConfig
+    activation: Activation = "gelu"  # the image tower's; XLM-RoBERTa's MLP uses exact GELU
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    name: str | None = None
+
+    family: ClassVar[str] = "xlm-roberta"
+    tokenizer: ClassVar[SentencePieceFlavor] = "xlm-roberta"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict that :func:`config_from_dict` reads back."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XLMRobertaCLIPConfig:
+        """Build from a dict of the shape :meth:`to_dict` writes (the JSON config format)."""
+        return cls(
+            embed_dim=int(data["embed_dim"]),
+            vision=VisionConfig(**data["vision"]),
+            text=XLMRobertaTextConfig(**data["text"]),
+            activation=data.get("activation", "gelu"),
+            preprocess=PreprocessConfig.from_dict(data.get("preprocess") or {}),
+            name=data.get("name"),
+        )
+
+    def with_preprocess(self, preprocess: PreprocessConfig) -> XLMRobertaCLIPConfig:
+        return dataclasses.replace(self, preprocess=preprocess)
+
+
+ModelConfig = CLIPConfig | SigLIPConfig | XLMRobertaCLIPConfig
+FAMILIES: dict[str, type[ModelConfig]] = {
+    "clip": CLIPConfig,
+    "siglip": SigLIPConfig,
+    "xlm-roberta": XLMRobertaCLIPConfig,
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -197,7 +260,7 @@ def get_config(name: str) -> ModelConfig:
     return config_from_dict(data)
 
 
-def _shipped(family: type[CLIPConfig] | type[SigLIPConfig]) -> list[ModelConfig]:
+def _shipped(family: type[ModelConfig]) -> list[ModelConfig]:
     return [c for c in map(get_config, list_configs()) if isinstance(c, family)]
 
 
@@ -317,6 +380,42 @@ def infer_siglip_config(state_dict: dict[str, torch.Tensor], image_size: int | N
             "pass arch= to name the architecture"
         )
     return matches[0]
+
+
+def infer_xlm_roberta_config(state_dict: dict[str, torch.Tensor]) -> XLMRobertaCLIPConfig:
+    """The shipped multilingual (XLM-RoBERTa text tower) config whose shapes a state dict has; heads and the image
+    tower's activation are not in the shapes, so exactly one must match, else :class:`CheckpointMismatchError`."""
+    width, _, patch_size, _ = _shape(state_dict, "visual.conv1.weight")
+    text = "text.transformer."
+    shapes = {
+        "embed_dim": _shape(state_dict, "text.proj.2.weight")[0],
+        "vision": (width, patch_size, _shape(state_dict, "visual.positional_embedding")[0],
+                   _count_blocks(state_dict, "visual.transformer.resblocks.")),
+        "text": (_shape(state_dict, f"{text}embeddings.word_embeddings.weight"),
+                 _shape(state_dict, f"{text}embeddings.position_embeddings.weight")[0],
+                 _count_blocks(state_dict, f"{text}encoder.layer."),
+                 _shape(state_dict, f"{text}encoder.layer.0.intermediate.dense.weight")[0]),
+    }  # fmt: skip
+    matches = [
+        c for c in _shipped(XLMRobertaCLIPConfig) if isinstance(c, XLMRobertaCLIPConfig) and _xlmr_shapes(c) == shapes
+    ]
+    if len(matches) != 1:
+        raise CheckpointMismatchError(
+            f"an XLM-RoBERTa CLIP state dict with shapes {shapes} matches {len(matches)} shipped configs; "
+            "pass arch= to name the architecture"
+        )
+    return matches[0]
+
+
+def _xlmr_shapes(config: XLMRobertaCLIPConfig) -> dict[str, Any]:
+    v, t = config.vision, config.text
+    assert v.patch_size is not None  # the shipped multilingual configs are ViTs
+    grid = v.image_size // v.patch_size
+    return {
+        "embed_dim": config.embed_dim,
+        "vision": (v.width, v.patch_size, grid * grid + 1, v.layers),
+        "text": ((t.vocab_size, t.width), t.max_positions, t.layers, t.mlp_width),
+    }
 
 
 def _siglip_shapes(config: SigLIPConfig) -> dict[str, Any]:

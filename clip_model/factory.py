@@ -15,15 +15,15 @@ from typing import Literal, get_args
 import torch
 
 from .checkpoint import build_model, read_checkpoint
-from .config import ModelConfig, PreprocessConfig, SigLIPConfig, get_config, list_configs
+from .config import ModelConfig, PreprocessConfig, get_config, list_configs
 from .download import download_tokenizer, download_weights
 from .errors import TokenizerError, UnknownModelError
-from .model import CLIP, ImageTextModel
+from .model import CLIP, ImageTextModel, model_for
 from .preprocess import Preprocess
 from .pretrained import list_pretrained, resolve_pretrained
 from .quantize import quantize_int8
 from .siglip import SigLIP
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, get_tokenizer, trim_tokens
 from .tokenizer_sentencepiece import SentencePieceTokenizer, load_sentencepiece
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def load(
     elif not path.exists():
         raise UnknownModelError(_unknown_message(str(name_or_path)))
     model = build_model(read_checkpoint(path), config)
-    if isinstance(model, SigLIP) and tokenizer_path is not None:
+    if not isinstance(model, CLIP) and tokenizer_path is not None:
         model.tokenizer_path = tokenizer_path
     logger.info("loaded %s (%s) from %s", name_or_path, model.config.name or "inferred config", path)
     if precision == "int8":
@@ -122,26 +122,27 @@ def create_model(
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model: ImageTextModel = SigLIP(config) if isinstance(config, SigLIPConfig) else CLIP(config)
+        model = model_for(config)
     return model.to(device), preprocess_for(config)
 
 
 def tokenizer_for(model: ImageTextModel) -> TextTokenizer:
     """The tokenizer whose rows ``model.encode_text`` expects; call it with ``context_length=model.context_length``.
 
-    CLIP: the shared BPE tokenizer. SigLIP: the SentencePiece tokenizer of ``model.config.tokenizer``'s flavor over
-    ``model.tokenizer_path``, read once per file. Raises :class:`TokenizerError` for a SigLIP without a vocabulary
-    file (random weights, or a checkpoint with no ``spiece.model`` / ``tokenizer.model`` beside it: set
-    ``model.tokenizer_path``) or with one larger than its embedding table, and
+    CLIP: the shared BPE tokenizer. SigLIP and XLM-RoBERTa CLIP: the SentencePiece tokenizer of
+    ``model.config.tokenizer``'s flavor over ``model.tokenizer_path``, read once per file. Raises
+    :class:`TokenizerError` for such a model without a vocabulary file (random weights, or a checkpoint with no
+    ``spiece.model`` / ``tokenizer.model`` / ``sentencepiece.bpe.model`` beside it: set ``model.tokenizer_path``)
+    or with one larger than its embedding table, and
     :class:`~clip_model.errors.MissingDependencyError` when sentencepiece is not installed.
     """
     if isinstance(model, CLIP):
         return get_tokenizer()
     if model.tokenizer_path is None:
         raise TokenizerError(
-            f"this SigLIP ({model.config.name or 'unnamed config'}) has no SentencePiece vocabulary: put the file its "
-            "weights were published with (spiece.model, or tokenizer.model for SigLIP 2) beside the checkpoint, or "
-            "set model.tokenizer_path"
+            f"this {type(model).__name__} ({model.config.name or 'unnamed config'}) has no SentencePiece vocabulary: "
+            "put the file its weights were published with (spiece.model, tokenizer.model for SigLIP 2, "
+            "sentencepiece.bpe.model for XLM-RoBERTa) beside the checkpoint, or set model.tokenizer_path"
         )
     tokenizer = load_sentencepiece(Path(model.tokenizer_path), model.config.tokenizer)
     if tokenizer.vocab_size > model.config.text.vocab_size:
@@ -150,6 +151,19 @@ def tokenizer_for(model: ImageTextModel) -> TextTokenizer:
             "token embeddings of the model: not the vocabulary these weights were trained with"
         )
     return tokenizer
+
+
+def trim_for(model: ImageTextModel, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, L]`` from :func:`tokenizer_for` cut to the columns ``model.encode_text`` needs: the same features
+    for less work. CLIP: after the batch's last end-of-text token (:func:`~clip_model.tokenizer.trim_tokens`; the
+    causal mask hides what follows); XLM-RoBERTa: after the last column holding a non-padding token (padding is
+    masked out); SigLIP: not cut, since it reads the last position of the full row."""
+    if isinstance(model, CLIP):
+        return trim_tokens(tokens)
+    if isinstance(model, SigLIP):
+        return tokens
+    used = (tokens != model.config.text.pad_token_id).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if used.numel() else tokens
 
 
 def _unknown_message(name: str) -> str:

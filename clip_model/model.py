@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPConfig
+from .config import CLIPConfig, ModelConfig, SigLIPConfig, XLMRobertaCLIPConfig
 from .resnet import ModifiedResNet
 from .siglip import SigLIP
 from .transformer import LayerNorm, Transformer
 from .vision_transformer import VisionTransformer
+from .xlm_roberta import XLMRobertaCLIP
 
 INITIAL_TEMPERATURE = 0.07  # logit_scale starts at log(1 / 0.07), as in the CLIP paper
 
@@ -108,4 +109,13 @@ class CLIP(nn.Module):
             self.visual.transformer.grad_checkpointing = enable
 
 
-ImageTextModel = CLIP | SigLIP  # what clip_model.load returns: both have the same encoders and attributes
+ImageTextModel = CLIP | SigLIP | XLMRobertaCLIP  # what clip_model.load returns: the same encoders and attributes
+
+
+def model_for(config: ModelConfig) -> ImageTextModel:
+    """The model of ``config``'s family, randomly initialised (or on the meta device, under ``torch.device``)."""
+    if isinstance(config, SigLIPConfig):
+        return SigLIP(config)
+    if isinstance(config, XLMRobertaCLIPConfig):
+        return XLMRobertaCLIP(config)
+    return CLIP(config)

@@ -46,7 +46,8 @@ MODEL_TYPE = "siglip"
 ARCHITECTURE = "SiglipModel"
 NAFLEX_MODEL_TYPE = "siglip2"  # transformers' Siglip2Model: variable resolution, not supported here
 TOKENIZER_CONFIG = "tokenizer_config.json"
-SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")  # SiglipTokenizer's vocabulary file; Gemma's (SigLIP 2)
+# SiglipTokenizer's vocabulary file, Gemma's (SigLIP 2), XLMRobertaTokenizer's
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 GEMMA_VOCAB_SIZE = 256_000  # SigLIP 2's Gemma vocabulary; SigLIP's are 32,000 (English) and 250,000 (i18n)
 SIGLIP2_TOKENIZER_CLASSES = frozenset({"GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer"})
 IMAGE_CHANNELS = 3
@@ -229,7 +230,8 @@ def is_hf_siglip_dir(path: Path) -> bool:
 
 
 def sentencepiece_file_in(folder: Path) -> Path | None:
-    """The SentencePiece vocabulary saved beside the weights (``spiece.model`` or ``tokenizer.model``), if any."""
+    """The SentencePiece vocabulary saved beside the weights (``spiece.model``, ``tokenizer.model`` or
+    ``sentencepiece.bpe.model``), if any."""
     return next((folder / name for name in SENTENCEPIECE_FILES if (folder / name).is_file()), None)
 
 

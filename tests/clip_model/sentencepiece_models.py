@@ -1,9 +1,13 @@
-"""Small SentencePiece models trained in the tests, shaped like the real SigLIP vocabularies.
+"""Small SentencePiece models trained in the tests, shaped like the real SigLIP and XLM-RoBERTa vocabularies.
 
-``train_siglip_model`` makes a unigram model with T5's special pieces (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), as
-SigLIP's ``spiece.model``; ``train_gemma_model`` a byte-fallback BPE model with Gemma's (``<pad>`` 0, ``<eos>`` 1,
-``<bos>`` 2, ``<unk>`` 3, ``<mask>``), identity normalization, no dummy prefix and split digits, as SigLIP 2's
-``tokenizer.model``. The corpus mixes English words, accented and non-Latin words, digits and made-up words.
+- ``train_siglip_model``: unigram, T5's special pieces (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), as SigLIP's
+  ``spiece.model``;
+- ``train_gemma_model``: byte-fallback BPE with Gemma's (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3,
+  ``<mask>``), identity normalization, no dummy prefix and split digits, as SigLIP 2's ``tokenizer.model``;
+- ``train_xlm_roberta_model``: unigram with ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 and no pad piece, as XLM-RoBERTa's
+  ``sentencepiece.bpe.model`` (transformers renumbers its ids as fairseq does).
+
+The corpus mixes English words, accented and non-Latin words, digits and made-up words.
 """
 
 from __future__ import annotations
@@ -53,3 +57,13 @@ def train_gemma_model(folder: Path) -> Path:
         allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2,
     )  # fmt: skip
     return folder / "tokenizer.model"
+
+
+def train_xlm_roberta_model(folder: Path) -> Path:
+    """An XLM-RoBERTa-like ``sentencepiece.bpe.model`` in ``folder``."""
+    spm.SentencePieceTrainer.train(
+        input=str(_corpus(folder / "corpus.txt")), model_prefix=str(folder / "sentencepiece.bpe"),
+        vocab_size=SIGLIP_VOCAB, model_type="unigram", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    return folder / "sentencepiece.bpe.model"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clip_model import pretrained
-from clip_model.config import SigLIPConfig, get_config
+from clip_model.config import CLIPConfig, SigLIPConfig, get_config
 from clip_model.constants import INCEPTION_MEAN, INCEPTION_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clip_model.errors import UnknownModelError
 from clip_model.pretrained import PretrainedWeights, get_pretrained, list_aliases, list_pretrained, resolve_pretrained
@@ -191,8 +191,8 @@ def test_registry_file_has_notice_and_only_known_fields() -> None:
     assert "OpenAI" in doc["notice"] and "open_clip" in doc["notice"]
     fields = {"url", "sha256", "filename", "config", "mean", "std", "format", "source"}
     for name, entry in doc["weights"].items():
-        siglip = isinstance(get_config(entry["config"]), SigLIPConfig)  # whose vocabulary is published beside it
-        assert set(entry) == (fields | {"tokenizer"} if siglip else fields), name
+        sentencepiece = not isinstance(get_config(entry["config"]), CLIPConfig)  # its vocabulary is not bundled
+        assert set(entry) == (fields | {"tokenizer"} if sentencepiece else fields), name
         assert entry["source"].strip(), name
 
 

@@ -1,8 +1,10 @@
-"""SigLIP / SigLIP 2 tokenization against transformers' tokenizers, on SentencePiece models trained here.
+"""SigLIP, SigLIP 2 and XLM-RoBERTa tokenization against transformers' tokenizers, on SentencePiece models trained
+here.
 
 transformers is called as its docs say the models were trained: ``padding="max_length", truncation=True``, rows
 padded on the right. Its ``SiglipTokenizer`` reads ``spiece.model``; SigLIP 2's tokenizer (``Siglip2Tokenizer``:
-Gemma's BPE plus lower-casing) is converted by transformers from ``tokenizer.model``, the file this module reads.
+Gemma's BPE plus lower-casing) and ``XLMRobertaTokenizer`` are converted by transformers from ``tokenizer.model`` and
+``sentencepiece.bpe.model``, the files this module reads.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import transformers
 
 from clip_model.errors import MissingDependencyError, TokenizerError
 from clip_model.tokenizer_sentencepiece import SentencePieceTokenizer, canonicalize, lowercase_chars
-from tests.clip_model.sentencepiece_models import train_gemma_model, train_siglip_model
+from tests.clip_model.sentencepiece_models import train_gemma_model, train_siglip_model, train_xlm_roberta_model
 
 CONTEXT = 16
 TRICKY = [
@@ -67,15 +69,29 @@ def gemma_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, transfo
     return path, reference
 
 
+@pytest.fixture(scope="module")
+def xlmr_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, transformers.PreTrainedTokenizerBase]:
+    path = train_xlm_roberta_model(tmp_path_factory.mktemp("xlmr"))
+    return path, transformers.XLMRobertaTokenizer.from_pretrained(str(path.parent))
+
+
+@pytest.fixture
+def files(
+    request: pytest.FixtureRequest, siglip_files: tuple, gemma_files: tuple, xlmr_files: tuple
+) -> tuple[Path, transformers.PreTrainedTokenizerBase]:
+    """The (model file, transformers tokenizer) of the ``flavor`` the test is parametrized with."""
+    return {"siglip": siglip_files, "siglip2": gemma_files, "xlm-roberta": xlmr_files}[
+        request.getfixturevalue("flavor")
+    ]
+
+
 def reference_ids(reference: transformers.PreTrainedTokenizerBase, texts: list[str], length: int) -> torch.Tensor:
     return reference(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
 
 
-@pytest.mark.parametrize("flavor", ["siglip", "siglip2"])
-def test_ids_and_padding_match_transformers_on_tricky_strings(
-    flavor: str, siglip_files: tuple, gemma_files: tuple
-) -> None:
-    path, reference = siglip_files if flavor == "siglip" else gemma_files
+@pytest.mark.parametrize("flavor", ["siglip", "siglip2", "xlm-roberta"])
+def test_ids_and_padding_match_transformers_on_tricky_strings(flavor: str, files: tuple) -> None:
+    path, reference = files
     ours = SentencePieceTokenizer(path, flavor)  # type: ignore[arg-type]
     expected = reference_ids(reference, TRICKY, CONTEXT)
     got = ours(TRICKY, context_length=CONTEXT, truncate=True)
@@ -100,16 +116,15 @@ def test_siglip2_rows_end_with_eos_and_pad_with_pad(gemma_files: tuple) -> None:
     assert row == [*ids, 1] + [0] * (CONTEXT - len(ids) - 1)
 
 
-@pytest.mark.parametrize("flavor", ["siglip", "siglip2"])
-def test_long_text_keeps_its_end_token_when_cut_and_is_refused_uncut(
-    flavor: str, siglip_files: tuple, gemma_files: tuple
-) -> None:
-    path, reference = siglip_files if flavor == "siglip" else gemma_files
+@pytest.mark.parametrize("flavor", ["siglip", "siglip2", "xlm-roberta"])
+def test_long_text_keeps_its_end_token_when_cut_and_is_refused_uncut(flavor: str, files: tuple) -> None:
+    path, reference = files
     ours = SentencePieceTokenizer(path, flavor)  # type: ignore[arg-type]
     text = "the cat on the beach " * 20
     row = ours(text, context_length=CONTEXT, truncate=True)[0]
+    start = [0] if flavor == "xlm-roberta" else []  # XLM-RoBERTa's rows open with <s>
     assert row[-1].item() == ours.eot_token_id
-    assert row[:-1].tolist() == ours.encode(text)[: CONTEXT - 1]
+    assert row[:-1].tolist() == start + ours.encode(text)[: CONTEXT - 1 - len(start)]
     assert row.equal(reference_ids(reference, [text], CONTEXT)[0])
     with pytest.raises(TokenizerError, match="truncate=True"):
         ours(text, context_length=CONTEXT)
@@ -122,6 +137,15 @@ def test_special_token_spellings_are_text_not_control_tokens(siglip_files: tuple
     assert siglip.eot_token_id not in siglip.encode("</s> end")
     assert siglip.normalize("</s> end") == "s end"
     assert not {gemma.eot_token_id, gemma.pad_token_id} & set(gemma.encode("<eos> <pad> end"))
+
+
+def test_xlm_roberta_rows_use_fairseq_numbering(xlmr_files: tuple) -> None:
+    ours = SentencePieceTokenizer(xlmr_files[0], "xlm-roberta")
+    row = ours("a photo of a cat", context_length=CONTEXT)[0].tolist()
+    ids = ours.encode("a photo of a cat")
+    assert (ours.eot_token_id, ours.pad_token_id, ours.vocab_size) == (2, 1, xlmr_files[1].vocab_size)
+    assert row == [0, *ids, 2] + [1] * (CONTEXT - len(ids) - 2)
+    assert ours.decode(row) == "a photo of a cat"
 
 
 def test_normalizations() -> None:
