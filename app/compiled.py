@@ -50,7 +50,7 @@ class CompiledText:
     """``encode(tokens)`` = the text tower's unit embeddings, compiled once :meth:`start` has finished in the
     background, eager before that (see the module docstring)."""
 
-    def __init__(self, model: clip_model.CLIP, threads: int) -> None:
+    def __init__(self, model: clip_model.ImageTextModel, threads: int) -> None:
         self._model = model
         self._threads = threads
         self._compiled: TextFn | None = None

@@ -95,7 +95,7 @@ class Encoder:
 
     def __init__(
         self,
-        model: clip_model.CLIP,
+        model: clip_model.ImageTextModel,
         preprocess: clip_model.Preprocess,
         info: ModelInfo,
         metrics: Metrics,

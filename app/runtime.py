@@ -237,7 +237,7 @@ class Runtime:
     def _load_encoder(self, name: str) -> Encoder:
         """Load ``name`` on a short-lived thread (its OpenMP team ends with it) and start its inference thread."""
 
-        def load() -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
+        def load() -> tuple[clip_model.ImageTextModel, clip_model.Preprocess, ModelInfo]:
             set_own_thread_count(self.plan.torch_threads)  # a thread that ends when loaded may use every core
             return self._load_model(name)
 
@@ -254,7 +254,7 @@ class Runtime:
             compile_text=self.settings.compile_text,
         )
 
-    def _load_model(self, name: str) -> tuple[clip_model.CLIP, clip_model.Preprocess, ModelInfo]:
+    def _load_model(self, name: str) -> tuple[clip_model.ImageTextModel, clip_model.Preprocess, ModelInfo]:
         logger.info("loading model %s (%s)", name, self.settings.precision)
         loaded = clip_model.load_for_inference(name, arch=self.settings.arch, precision=self.settings.precision)
         return loaded.model, loaded.preprocess, ModelInfo.of(**loaded.provenance())

@@ -108,7 +108,7 @@ class BuildStats:
 class LoadedModel:
     """The CLIP used for a run, with the provenance an index records."""
 
-    model: clip_model.CLIP
+    model: clip_model.ImageTextModel
     info: ModelInfo
 
     def encode(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
