@@ -9,7 +9,7 @@ field a finite JSON number (not a boolean or a string); path and query integers 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -56,6 +56,18 @@ def _decimal_integer(value: object) -> object:
 DecimalInteger = BeforeValidator(_decimal_integer)
 
 
+ISO_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?")
+
+
+def _iso_text(value: object) -> object:
+    """Dates and datetimes arrive as ISO 8601 text only (pydantic would also read numbers, even as text, as Unix
+    times)."""
+    if not isinstance(value, str) or not ISO_MOMENT.fullmatch(value):
+        raise ValueError("must be an ISO 8601 date or datetime, such as 2024-06-01 or 2024-06-01T14:00:00")
+    return value
+
+
+IsoMoment = Annotated[datetime | date, BeforeValidator(_iso_text)]
 MAX_FILTER_VALUES = 20  # folders, cameras or formats in one filter
 FilterText = Annotated[str, Field(min_length=0, max_length=TEXT_FIELD_MAX)]
 
@@ -74,8 +86,8 @@ class SearchFilters(BaseModel):
         max_length=MAX_FILTER_VALUES,
         description='folders relative to the image root ("2023/Holidays"): their images and their subfolders\' match',
     )
-    taken_after: datetime | None = Field(None, description="captured at or after this date or datetime (ISO 8601)")
-    taken_before: datetime | None = Field(None, description="captured before this date or datetime (ISO 8601)")
+    taken_after: IsoMoment | None = Field(None, description="captured at or after this date or datetime (ISO 8601)")
+    taken_before: IsoMoment | None = Field(None, description="captured before this date or datetime (ISO 8601)")
     camera: list[FilterText] = Field(
         default_factory=list,
         max_length=MAX_FILTER_VALUES,
@@ -114,8 +126,11 @@ class ImageHit(BaseModel):
     height: int | None = Field(description="upright height in pixels")
     url: str = Field(description="the original file")
     thumbnail_url: str = Field(description="a small JPEG preview")
-    taken_at: datetime | None = Field(
-        None, description="capture time on the camera's clock (EXIF), else the file's modification time (UTC)"
+    taken_at: str | None = Field(
+        None,
+        description="capture time, YYYY-MM-DDTHH:MM:SS on the camera's clock (EXIF; no offset: a clock time, not an "
+        "instant), else the file's modification time in UTC",
+        examples=["2024-06-01T14:03:59"],
     )
     taken_from_exif: bool | None = Field(None, description="whether taken_at came from the photo's EXIF")
     relevance: float | None = Field(

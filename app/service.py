@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -376,7 +376,7 @@ def _image_hit(
         height=record.height,
         url=_file_url(hit.id),
         thumbnail_url=_thumbnail_url(hit.id),
-        taken_at=None if taken is None else datetime.fromtimestamp(taken, UTC).replace(tzinfo=None),
+        taken_at=None if taken is None else datetime.fromtimestamp(taken, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         taken_from_exif=from_exif,
     )
 
@@ -456,5 +456,10 @@ def store_filter(filters: SearchFilters | None) -> SearchFilter | None:
     return None if where.empty else where
 
 
-def _clock_seconds(moment: datetime | None) -> int | None:
-    return None if moment is None else calendar.timegm(moment.replace(tzinfo=None).timetuple())
+def _clock_seconds(moment: datetime | date | None) -> int | None:
+    """Clock seconds of a datetime (its offset dropped) or of a date's midnight."""
+    if moment is None:
+        return None
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    return calendar.timegm(moment.replace(tzinfo=None).timetuple())
