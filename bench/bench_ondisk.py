@@ -291,6 +291,7 @@ def build_through_indexer(args: argparse.Namespace, workdir: Path, index_dir: Pa
         "disk_bytes": sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file() and p.suffix != ".npy"),
         "builder_peak_rss_kb": int(ingest["peak_rss_mb"] * 1024),
         "builder_rss_after_imports_kb": int(ingest["rss_after_imports_mb"] * 1024),
+        "builder_peak_rss_anon_kb": int(ingest.get("peak_rss_anon_mb", 0) * 1024),
         "ingest_steps": steps,
         "top1_cosine": {
             "image": float(np.mean(top.scores[: args.queries, 0])),
@@ -519,7 +520,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{built['ingest_command_s']:.0f} s (rows {built['ingest_rows_s']:.0f} s, publish {built['publish_s']:.0f} "
             f"s: train {built['train_s']:.0f}, add {built['add_s']:.0f}, write {built['write_s']:.0f}, ground truth "
             f"{built['ground_truth_s']:.0f}, calibration {built['recalibrate_s']:.0f}), peak RSS "
-            f"{built['builder_peak_rss_kb'] / 2**20:.2f} GiB; {built['segments']} segment(s), vector files "
+            f"{built['builder_peak_rss_kb'] / 2**20:.2f} GiB (anonymous "
+            f"{built['builder_peak_rss_anon_kb'] / 2**20:.2f} GiB, the rest pages of the vector files it read); "
+            f"{built['segments']} segment(s), vector files "
             f"{built['vector_file_bytes'] / 1e9:.1f} GB (RSS after the command's imports "
             f"{built['builder_rss_after_imports_kb'] / 2**20:.2f} GiB); the publish's own recall@10 "
             f"{built['publish_recall_at_10']:.3f} at {built['search_params']}."

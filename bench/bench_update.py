@@ -83,6 +83,7 @@ POOL_FILE = "add-pool.npy"
 WRITTEN_PARTS = ("segments", "vectors", "generations")  # where an update writes besides the SQLite catalog
 MB = 2**20
 KIB = 1024
+ANON_SAMPLE_S = 0.05
 DEFAULTS = {"vectors": 1_000_000, "batch": 1000, "repeat": 3}
 SMOKE = {"vectors": 30_000, "batch": 1000, "repeat": 2}
 TARGETS = {"publish_s_max": 5.0, "peak_rss_mb_max": 1.5 * 1024, "recall_difference_max": 0.01}
@@ -167,6 +168,29 @@ class StepTimes:
         return timed
 
 
+class AnonymousPeak:
+    """The largest RssAnon of this process, sampled every ``ANON_SAMPLE_S`` on a thread until :meth:`stop`: its own
+    memory, unlike VmHWM, which also counts the pages of files it maps (vector files read during a rebuild)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._peak = proc_status_kb("self", "RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-anon", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(ANON_SAMPLE_S):
+            self._peak = max(self._peak, proc_status_kb("self", "RssAnon"))
+
+    def stop(self) -> int:
+        """kB."""
+        self._done.set()
+        self._thread.join()
+        return max(self._peak, proc_status_kb("self", "RssAnon"))
+
+
 def _io_write_mb() -> float:
     """Bytes this process caused to be written to storage so far (``/proc/self/io`` write_bytes), in MB."""
     try:
@@ -184,6 +208,7 @@ def child_main(kind: str, index_dir: Path, argument: Path | None) -> None:
     import indexer.cli  # what `python -m indexer` imports
 
     rss_after_imports = proc_status_kb("self", "VmRSS") / KIB
+    anonymous = AnonymousPeak()
     times = StepTimes()
     untimed = times.patch_all()
     started = time.perf_counter()
@@ -197,6 +222,7 @@ def child_main(kind: str, index_dir: Path, argument: Path | None) -> None:
         "seconds": time.perf_counter() - started,
         "rss_after_imports_mb": rss_after_imports,
         "vmhwm_mb": proc_status_kb("self", "VmHWM") / KIB,
+        "peak_rss_anon_mb": anonymous.stop() / KIB,
         "io_write_mb": _io_write_mb(),
         "steps": times.steps,
         "untimed": untimed,
@@ -483,7 +509,8 @@ def update_runs(index_dir: Path, seed_dir: Path, args: argparse.Namespace) -> di
 def summarize(runs: list[dict[str, Any]], *extra: str) -> dict[str, Any]:
     """Summaries of the repetitions' numbers (and of ``extra`` ones) and of each step's seconds, with every
     repetition's report."""
-    keys = ("publish_s", "command_s", "peak_rss_mb", "rss_after_imports_mb", "written_mb", "io_write_mb", *extra)
+    keys = ("publish_s", "command_s", "peak_rss_mb", "peak_rss_anon_mb", "rss_after_imports_mb", "written_mb",
+            "io_write_mb", *extra)  # fmt: skip
     out: dict[str, Any] = {key: summary([run[key] for run in runs]) for key in keys}
     labels = [
         label for label in dict.fromkeys(label for label, _, _ in STEPS) if any(label in r["steps"] for r in runs)
