@@ -52,7 +52,9 @@ class Cursor:
         """The cursor ``text`` encodes; BadRequestError when it is not one :meth:`encode` made."""
         try:
             fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            cursor = cls(str(fields["g"]), float(fields["t"]), fields["f"], int(fields["o"]))
+            cursor = cls(
+                str(fields["g"]), duplicates.check_threshold(float(fields["t"])), fields["f"], int(fields["o"])
+            )
             valid = fields["v"] == CURSOR_VERSION and cursor.offset > 0 and isinstance(cursor.folder, str | None)
         except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, KeyError, OverflowError):
             valid = False

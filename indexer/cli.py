@@ -679,6 +679,10 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     with PublishedIndex.open(args.index_dir, verify_checksums=False) as index:
         with own_threads(ThreadPlan.for_indexing(workers=0).faiss_threads):
             found = find_duplicates(index, args.threshold, args.folder)
+    if args.folder is not None and found.images == 0:
+        raise IndexerError(
+            f"no indexed image lies under the folder {args.folder!r}: give one relative to the image root"
+        )
     if args.json:
         sys.stdout.write(json.dumps(dataclasses.asdict(found), indent=2) + "\n")
         return 0

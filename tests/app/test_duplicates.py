@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.duplicates_service import Cursor
 from app.main import create_app
 from app.settings import Settings
 from indexer import duplicates
@@ -120,6 +121,13 @@ def test_bad_cursors_and_unknown_folders_are_422s(client: TestClient, params: di
 @pytest.mark.parametrize("params", [{"threshold": 0.5}, {"threshold": 1.5}, {"page_size": 0}, {"page_size": 1001}])
 def test_parameters_out_of_range_are_422s(client: TestClient, params: dict[str, float]) -> None:
     assert client.get("/api/duplicates", params=params).status_code == 422
+
+
+def test_a_cursor_edited_to_a_threshold_out_of_range_is_a_422(client: TestClient) -> None:
+    generation = client.get("/api/duplicates").json()["generation"]
+    edited = Cursor(generation, 0.1, None, 1).encode()
+    response = client.get("/api/duplicates", params={"cursor": edited})
+    assert response.status_code == 422 and "cursor is not one this server gave out" in response.json()["detail"]
 
 
 def test_a_cursor_keeps_its_threshold_and_folder(client: TestClient) -> None:

@@ -162,6 +162,11 @@ def test_cli_prints_the_groups_as_text_and_json(
     assert "copies/rotated/scene_000.jpg" in text
 
 
+def test_cli_refuses_a_folder_without_images(planted_index: PlantedIndex, caplog: pytest.LogCaptureFixture) -> None:
+    assert clip_index(["duplicates", "--index-dir", str(planted_index.index_dir), "--folder", "nowhere"]) == 1
+    assert "no indexed image lies under the folder 'nowhere'" in caplog.text
+
+
 def test_cli_refuses_a_threshold_out_of_range(planted_index: PlantedIndex, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         clip_index(["duplicates", "--index-dir", str(planted_index.index_dir), "--threshold", "1.5"])
