@@ -33,7 +33,7 @@ from .lifetime import exit_with_launcher
 from .partition_encoder import LocalEngine
 from .pipeline import DEFAULT_BATCH_SIZE
 from .scan import supported_extensions
-from .store import DEFAULT_FACTORY, ENV_PREFIX
+from .store import CATALOG_FILE, DEFAULT_FACTORY, ENV_PREFIX, Catalog
 
 logger = logging.getLogger("indexer")
 
@@ -201,8 +201,9 @@ def _encoding_arguments(parser: argparse.ArgumentParser) -> None:
     """What build and encode share: the model, the files, and how the local engine decodes and encodes."""
     parser.add_argument(
         "--model",
-        default=_env("MODEL", DEFAULT_MODEL),
-        help="pretrained name (see clip_model.available_models()) or checkpoint path ($CLIPSEARCH_MODEL)",
+        default=_env("MODEL"),
+        help="pretrained name (see clip_model.available_models()) or checkpoint path ($CLIPSEARCH_MODEL). Default: "
+        f"the model the index was built with, {DEFAULT_MODEL} for a new one",
     )
     parser.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
     parser.add_argument(
@@ -347,13 +348,28 @@ class _ProgressReporter:
             self._bar.close()
 
 
+def _model(args: argparse.Namespace) -> str:
+    """--model, else the model the index directory was built with (as the server follows its index), else
+    DEFAULT_MODEL."""
+    if args.model is not None:
+        return str(args.model)
+    index_dir = getattr(args, "index_dir", None)
+    if index_dir is not None and (Path(index_dir) / CATALOG_FILE).is_file():
+        with Catalog.open(Path(index_dir), readonly=True) as catalog:
+            built_with = catalog.model()
+        if built_with is not None:
+            logger.info("model: %s, which the index was built with", built_with.name)
+            return built_with.name
+    return DEFAULT_MODEL
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.root is None:
         raise IndexerError("no image folder given: pass it as an argument or set CLIPSEARCH_IMAGE_ROOT")
     options = BuildOptions(
         root=args.root,
         index_dir=args.index_dir,
-        model=args.model,
+        model=_model(args),
         arch=args.arch,
         extensions=_extensions(args),
         exclude=tuple(args.exclude),
@@ -437,7 +453,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     options = EncodeOptions(
         root=args.root,
         out=args.out,
-        model=args.model,
+        model=_model(args),
         arch=args.arch,
         extensions=_extensions(args),
         exclude=tuple(args.exclude),
