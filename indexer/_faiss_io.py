@@ -288,7 +288,7 @@ def exclusion(index: FaissIndex, ids: npt.NDArray[np.int64]) -> Exclusion:
     id_map = index_ids(index).copy()
     excluded = np.isin(id_map, ids)
     bitmap = np.packbits(excluded, bitorder="little")
-    members = faiss.IDSelectorBitmap(len(id_map), faiss.swig_ptr(bitmap))
+    members = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: the bitmap's bytes, not bits
     return Exclusion(faiss.IDSelectorNot(members), id_map, bitmap, int(excluded.sum()), members)
 
 
@@ -308,7 +308,8 @@ class Allowed:
         members = np.zeros(size, dtype=bool)
         members[ids] = True
         bitmap = np.packbits(members, bitorder="little")
-        return cls(bitmap, int(members.sum()), faiss.IDSelectorBitmap(size, faiss.swig_ptr(bitmap)))
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: the bitmap's bytes, not bits
+        return cls(bitmap, int(members.sum()), selector)
 
 
 def search(

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from indexer import _faiss_io
 from indexer.photo_metadata import PhotoMetadata
 from indexer.store import Catalog, ModelInfo, NewImage, PublishedIndex, publish
 from indexer.store.filters import EXACT_SCAN_MAX, SearchFilter, photo_columns, plan
@@ -174,3 +175,20 @@ def test_a_folder_holds_its_subfolders_only_and_strings_match_by_value() -> None
     )
     assert columns.cameras == ["Canon EOS R5", "Apple iPhone 12", "SONY ILCE-7M3"]  # the make once
     assert ids(formats=("jpeg",)) == [1, 2, 4, 5] and ids(formats=("heif", "png")) == [3, 6]  # from the extension
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_an_id_selector_returns_only_allowed_ids_whatever_ids_lie_beyond_them(factory: str) -> None:
+    """The allowed ids' bitmap ends at their largest id: the ids past it (most of the index here) are not allowed."""
+    vectors = clustered(4000, 9, DIM)
+    ids = np.arange(1, 4001, dtype=np.int64)
+    index = _faiss_io.build_index(ids, vectors, DIM, factory)
+    allowed = _faiss_io.Allowed.of(np.arange(10, 60, dtype=np.int64))
+    queries = vectors[3000:3020]  # nearest to themselves, which are not allowed
+    _, found = _faiss_io.search(
+        index, queries, 10, allowed=allowed, params={"nprobe": 16} if "IVF" in factory else None
+    )
+    assert found.size and ((found >= 10) & (found < 60)).all()
+    excluded = _faiss_io.exclusion(index, np.arange(10, 30, dtype=np.int64))
+    _, found = _faiss_io.search(index, queries, 10, excluded, allowed=allowed, params=None)
+    assert ((found >= 30) & (found < 60) | (found == -1)).all()
