@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         "its catalog does not record (a changed file with the same content takes its vector from the index)",
     )
     _encoding_arguments(encode)
+    encode.add_argument(
+        "--store-gps",
+        action="store_true",
+        default=_env("STORE_GPS", "") == "1",
+        help="keep the photos' GPS positions in the shards' photo metadata ($CLIPSEARCH_STORE_GPS=1)",
+    )
     _engine_arguments(encode, build=False)
     encode.set_defaults(func=_cmd_encode)
 
@@ -462,6 +468,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         draft=args.draft,
         precision=args.precision,
+        store_gps=args.store_gps,
     )
     engine = _engine(args)
     reporter = _ProgressReporter()

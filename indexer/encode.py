@@ -108,6 +108,7 @@ class EncodeOptions:
     draft: bool = True
     precision: Precision = "fp32"
     replace_stale: bool = False  # remove shards no partition names instead of refusing to run
+    store_gps: bool = False  # keep GPS positions in the shards' photo metadata
 
 
 @dataclass
@@ -156,7 +157,9 @@ def encode_folder(options: EncodeOptions, engine: Engine, progress: Progress | N
         raise IndexerError(f"{options.index_dir} holds no index (no {CATALOG_FILE}): leave out --index-dir")
     import_pyarrow()  # first: without it nothing is written, and the error says how to install it
     root = options.root.resolve()
-    job = EncodeJob(root, options.model, options.arch, options.precision, options.draft, options.batch_size)
+    job = EncodeJob(
+        root, options.model, options.arch, options.precision, options.draft, options.batch_size, gps=options.store_gps
+    )
     try:
         info = engine.start(job)
         logger.info("encoding on the %s", engine.describe())
@@ -294,16 +297,19 @@ def _shard_rows(passed: Sequence[PassedOver], rows: WorkRows | None, index: _Ind
     order.sort()
     columns: dict[str, list[Any]] = {name: [] for name in ("paths", "sha256", "size", "mtime_ns", "width", "height")}
     errors: list[str | None] = []
+    photo: list[str | None] = []
     vectors: list[np.ndarray] = []
     for path, i in order:
         if i < 0:
             entry = passed[-1 - i]
             values: tuple[Any, ...] = (path, None, entry.size, entry.mtime_ns, None, None)
             errors.append(entry.reason)
+            photo.append(None)
         else:
             assert rows is not None  # only rows' indexes are >= 0
             values = (path, rows.sha256[i], rows.size[i], rows.mtime_ns[i], rows.width[i], rows.height[i])
             errors.append(rows.errors[i])
+            photo.append(rows.photo[i] if rows.errors[i] is None else None)
             if rows.errors[i] is None:
                 vectors.append(index.vector(path, rows.sha256[i]) if rows.reused[i] else rows.embeddings[i])
         for name, value in zip(columns, values, strict=True):
@@ -318,6 +324,7 @@ def _shard_rows(passed: Sequence[PassedOver], rows: WorkRows | None, index: _Ind
         height=columns["height"],
         errors=errors,
         embeddings=embeddings,
+        photo=photo,
     )
 
 
@@ -410,6 +417,7 @@ def build_on_engine(
             draft=options.draft,
             precision=options.precision,
             replace_stale=True,
+            store_gps=options.store_gps,
         ),
         engine,
         progress,

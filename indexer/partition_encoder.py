@@ -49,6 +49,7 @@ class EncodeJob:
     draft: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
     reusable: frozenset[str] = frozenset()
+    gps: bool = False  # keep GPS positions in the photo metadata (the build's --store-gps)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class WorkRows:
     errors: list[str | None]
     reused: list[bool]
     embeddings: Vectors
+    photo: list[str | None]  # the photo metadata JSON of each decoded file (None: skipped)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -97,7 +99,7 @@ class PartitionEncoder:
 
     def __init__(self, loaded: LoadedModel, job: EncodeJob, plan: ThreadPlan) -> None:
         self.loaded, self.job, self.plan = loaded, job, plan
-        self._spec = loaded.decode_spec(job.draft)
+        self._spec = loaded.decode_spec(job.draft, job.gps)
         self._workers = DecodeWorkers(plan.decode_workers) if plan.decode_workers else None
 
     @classmethod
@@ -175,6 +177,7 @@ class PartitionEncoder:
             [None] * count,
             [False] * count,
             np.zeros((count, self.info.embed_dim), dtype=np.float32),
+            [None] * count,
         )
         for i, scanned in enumerate(work.files):
             result = results[scanned.path]
@@ -185,6 +188,7 @@ class PartitionEncoder:
             decoded = result.decoded
             rows.sha256[i], rows.size[i], rows.mtime_ns[i] = decoded.content_hash, decoded.size, decoded.mtime_ns
             rows.width[i], rows.height[i] = decoded.width, decoded.height
+            rows.photo[i] = decoded.metadata.to_json()
             if result.embedding is None:
                 rows.reused[i] = True
             else:

@@ -36,7 +36,7 @@ from indexer.ray_engine import INSTALL_HINT, RayEngine, RaySettings
 from indexer.report import index_info
 from indexer.scan import PassedOver, ScannedFile, iter_images
 from indexer.shards import list_shards
-from indexer.store import ModelInfo
+from indexer.store import Catalog, ModelInfo
 from tests.indexer.conftest import write_photo, write_photos
 from tests.indexer.encoding_checks import (
     UNINDEXABLE,
@@ -157,6 +157,15 @@ def test_ingesting_the_shards_gives_the_builds_index_and_info_shows_the_skipped_
     info = index_info(tmp_path / "index")
     assert info["images_skipped"] == len(UNINDEXABLE)
     assert {path for path, _ in info["skipped_files"]} == set(UNINDEXABLE)
+    assert photo_formats(tmp_path / "index") == photo_formats(built) and photo_formats(built)  # metadata came along
+
+
+def photo_formats(index_dir: Path) -> dict[str, str | None]:
+    """path -> the format its photo metadata records, for the index's ok images."""
+    with Catalog.open(index_dir, readonly=True) as catalog:
+        files = {r.path: r.content_hash for r in catalog.files().values() if r.status == "ok" and r.content_hash}
+        found = catalog.photos.of(list(files.values()))
+    return {path: found[digest].format for path, digest in files.items() if digest in found}
 
 
 class Interrupting:
