@@ -15,6 +15,7 @@ from indexer.store import Catalog, PublishedIndex
 from indexer.store.filters import SearchFilter
 from tests.indexer.test_build import build
 
+pytestmark = pytest.mark.slow  # two builds each: left out of make check (tests/indexer/test_photo_metadata.py stays)
 JUNE_1 = calendar.timegm((2024, 6, 1, 14, 3, 59, 0, 0, 0))
 
 

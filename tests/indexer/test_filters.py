@@ -85,7 +85,7 @@ FILTERS = {  # selectivities from about 0.1% to 100%
 }
 
 
-@pytest.fixture(scope="module", params=["Flat", "IVF64,Flat"])
+@pytest.fixture(scope="module", params=["Flat", pytest.param("IVF64,Flat", marks=pytest.mark.slow)])
 def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, object]:
     index_dir = tmp_path_factory.mktemp("filters") / "index"
     attributes, by_id = build(index_dir, request.param)
