@@ -2,7 +2,7 @@
 copies, second exposures and unrelated photos are under the models at hand (what the default threshold rests on).
 
 Run from the repository root: ``.venv/bin/python -m bench.bench_duplicates [--workdir DIR] [--vectors 100000]
-[--thresholds 0.995,0.95,0.9] [--demo-model PATH] [--smoke]``.
+[--thresholds 0.995,0.9] [--repeat 3] [--demo-model PATH] [--smoke]``.
 
 Scale. ``--vectors`` CLIP-like 512-d unit vectors (:func:`bench.inputs.make_clip_like`), of which ``PLANTED_SHARE``
 are replaced by planted copies of other rows, in groups of 2 to 4: most a near copy (the source plus noise, cosine
@@ -10,7 +10,8 @@ are replaced by planted copies of other rows, in groups of 2 to 4: most a near c
 new index directory through the store's API (``Catalog.add_images``, then ``publish`` with an exact index), made
 once per workdir (``seed-n<vectors>/seed.json``). Each threshold is then timed in a fresh child process that opens
 the published index and runs ``find_duplicates`` on every core: seconds, the child's peak RSS (VmHWM) and its RSS
-once the index is open, groups and images in them, and how many planted groups came out whole.
+once the index is open, groups and images in them, and how many planted groups came out whole; ``--repeat`` runs
+per threshold, the thresholds interleaved (median, min and max of the times).
 
 Separation. The folder of the tests (:mod:`tests.indexer.scenes`: ``SCENES`` photo-like scenes, the first
 ``PLANTED_SCENES`` with a resized, a recompressed, a cropped and an EXIF-rotated copy, the next ``BURST_SCENES``
@@ -40,9 +41,11 @@ from bench.common import (
     REPO,
     RESULTS_DIR,
     fill_unset,
+    median_min_max,
     new_results,
     proc_status_kb,
     results_file,
+    summary,
     workdir_or_temporary,
     write_json,
 )
@@ -57,8 +60,8 @@ SEED_FILE = "seed.json"
 PLANTED_FILE = "planted.json"
 SCENES, PLANTED_SCENES, BURST_SCENES = 60, 10, 10
 MB = 2**20
-DEFAULTS = {"vectors": 100_000, "thresholds": "0.995,0.95,0.9", "scenes": SCENES}
-SMOKE = {"vectors": 3_000, "thresholds": "0.995", "scenes": 12}
+DEFAULTS = {"vectors": 100_000, "thresholds": "0.995,0.9", "repeat": 3, "scenes": SCENES}
+SMOKE = {"vectors": 3_000, "thresholds": "0.995", "repeat": 1, "scenes": 12}
 
 
 # ------------------------------------------------------------------------------------------------------------ scale
@@ -211,11 +214,20 @@ def separation_models(workdir: Path, demo_model: Path | None, smoke: bool) -> di
 def run(args: argparse.Namespace, workdir: Path) -> None:
     results = new_results() | {"settings": {"vectors": args.vectors, "planted_share": PLANTED_SHARE}}
     seed_dir = seeded(workdir, args.vectors)
-    results["scale"] = []
-    for threshold in [float(t) for t in args.thresholds.split(",")]:
-        measured = run_child(seed_dir / "index", threshold, seed_dir / PLANTED_FILE)
-        print(f"threshold {threshold}: {measured['seconds']:.1f} s, {measured['groups']} groups", flush=True)
-        results["scale"].append(measured)
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    runs: dict[float, list[dict[str, Any]]] = {threshold: [] for threshold in thresholds}
+    for _ in range(args.repeat):  # the thresholds interleaved, so a busy spell of the machine hits them alike
+        for threshold in thresholds:
+            measured = run_child(seed_dir / "index", threshold, seed_dir / PLANTED_FILE)
+            print(f"threshold {threshold}: {measured['seconds']:.1f} s, {measured['groups']} groups", flush=True)
+            runs[threshold].append(measured)
+    results["scale"] = [
+        {
+            **measured[0],
+            **{key: summary([m[key] for m in measured]) for key in ("seconds", "peak_rss_mb", "rss_open_mb")},
+        }
+        for measured in runs.values()
+    ]
     results["separation"] = {}
     for name, model in separation_models(workdir, args.demo_model, args.smoke).items():
         print(f"separation under {name} ({model})", flush=True)
@@ -233,15 +245,18 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
         f"{s['vectors']:,} CLIP-like 512-d vectors, {s['planted_share']:.0%} of them planted copies in groups of 2-4 "
-        f"(near copies at cosine {NEAR_COPY_COSINE}, one in {EXACT_EVERY} exact); peak RSS is the child's VmHWM.",
+        f"(near copies at cosine {NEAR_COPY_COSINE}, one in {EXACT_EVERY} exact); RSS once the index is open and "
+        "peak RSS (VmHWM) of the child, which includes the file pages of the vectors it read.",
         "",
-        "| threshold | seconds | groups | images in groups | largest | planted found whole | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| threshold | seconds | groups | images in groups | largest | planted found whole | RSS open MB | peak RSS MB "
+        "|",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in results["scale"]:
         lines.append(
-            f"| {m['threshold']} | {m['seconds']:.1f} | {m['groups']:,} | {m['grouped_images']:,} | "
-            f"{m['largest_group']:,} | {m['planted_found_whole']}/{m['planted_groups']} | {m['peak_rss_mb']:.0f} |"
+            f"| {m['threshold']} | {median_min_max(m['seconds'], '.1f')} | {m['groups']:,} | {m['grouped_images']:,} | "
+            f"{m['largest_group']:,} | {m['planted_found_whole']}/{m['planted_groups']} | "
+            f"{m['rss_open_mb']['median']:.0f} | {m['peak_rss_mb']['median']:.0f} |"
         )
     kinds = ["exact", "resized", "recompressed", "rotated", "cropped", "burst", "unrelated"]
     lines += ["", "Cosine similarity to the original, min / median / max (unrelated: between scenes):", ""]
@@ -260,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="cache folder (default: a temporary directory)")
     parser.add_argument("--vectors", type=int, help=f"images of the timed index (default {DEFAULTS['vectors']:,})")
     parser.add_argument("--thresholds", help=f"comma-separated thresholds to time (default {DEFAULTS['thresholds']})")
+    parser.add_argument("--repeat", type=int, help=f"runs per threshold (default {DEFAULTS['repeat']})")
     parser.add_argument("--scenes", type=int, help=f"scenes of the separation folder (default {DEFAULTS['scenes']})")
     parser.add_argument("--demo-model", type=Path, default=None, help="the demo model's checkpoint, if trained")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, the tiny model only (< 1 min)")
