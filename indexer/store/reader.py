@@ -47,6 +47,7 @@ __all__ = [  # the server's whole view of the index
     "Hit",
     "ImageRecord",
     "ModelInfo",
+    "PhotoColumns",  # a generation's filterable attributes (PublishedIndex.photo_columns)
     "PublishedIndex",
     "SearchFilter",
     "current_generation",
