@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ SQLITE_TIMEOUT_S = 30.0  # how long a statement waits for another connection's l
 # default 2 MiB cache re-reads from the file once a catalog holds millions of rows
 WRITER_CACHE_KIB = 256 * 1024
 SQL_IDS_PER_QUERY = 500  # ids per "WHERE id IN (...)" statement
+WAL_SUFFIXES = ("-wal", "-shm")  # SQLite's write-ahead log and its index, beside the database file
 _FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, status"
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, content_hash, width, height, status, error"
 _VERSIONED_COLUMNS = f"{_IMAGE_COLUMNS}, vec_file, vec_row, gen"  # what image_versions keeps of an images row
@@ -62,6 +64,28 @@ _ADD_IMAGE = (  # insert, or replace every column of the row at that path but it
 )
 MATRIX_CHUNK_ROWS = 65_536  # pointers resolved per read when gathering many vectors
 UPGRADE_BATCH_ROWS = 4096  # embedding BLOBs moved into vector files per statement when upgrading format 2
+
+
+def keep_wal_files(path: Path) -> None:
+    """Create the -wal and -shm files of the catalog at ``path`` where the last connection's close removed them.
+
+    SQLite opens a WAL database without write access to its directory (a read-only mount, a server's user without
+    write permission) only when both files exist; then it reads the log and builds its index in memory. Empty files
+    are an empty log, and an index SQLite rebuilds. An existing file is left as it is (never truncated)."""
+    for suffix in WAL_SUFFIXES:
+        os.close(os.open(f"{path}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _read_only_hint(path: Path) -> str:
+    """Why a read-only open failed, where it is the missing -wal/-shm files in a directory this process cannot write."""
+    missing = [path.name + suffix for suffix in WAL_SUFFIXES if not Path(f"{path}{suffix}").exists()]
+    if not missing or os.access(path.parent, os.W_OK):
+        return ""
+    return (
+        f" ({' and '.join(missing)} missing from {path.parent}, which this process cannot write: a reader without "
+        "write access needs them, and every indexer run leaves them; run `clip-index build` on it once with write "
+        "access)"
+    )
 
 
 class Catalog:
@@ -105,7 +129,8 @@ class Catalog:
             if not readonly:
                 add_missing_tables(conn)
         except sqlite3.DatabaseError as exc:
-            raise IndexFormatError(f"{path} is not a readable SQLite catalog: {exc}") from exc
+            hint = _read_only_hint(path) if readonly else ""
+            raise IndexFormatError(f"{path} is not a readable SQLite catalog: {exc}{hint}") from exc
         return catalog
 
     def _check_version(self, create: bool) -> None:
@@ -157,8 +182,11 @@ class Catalog:
         drop_embedding_columns(self._conn, self.index_dir / CATALOG_FILE)
 
     def close(self) -> None:
+        """Close the catalog. A writer's close leaves the -wal and -shm files in place (:func:`keep_wal_files`)."""
         self._vectors.close()
         self._conn.close()
+        if not self.readonly:
+            keep_wal_files(self.index_dir / CATALOG_FILE)
 
     def __enter__(self) -> Self:
         return self
