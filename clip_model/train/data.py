@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +30,7 @@ from ..tokenizer import tokenize
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 REQUIRED_FIELDS = ("path", "caption")
+TextTokenizer = Callable[..., torch.Tensor]  # (texts, context_length=, truncate=) -> [N, context_length] int64
 
 
 class DatasetError(ValueError):
@@ -133,12 +134,20 @@ def _read_sidecars(root: Path) -> list[Pair]:
 
 
 class PairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """``(image [3, R, R] float32, tokens [context_length] int64)`` per pair, for a DataLoader."""
+    """``(image [3, R, R] float32, tokens [context_length] int64)`` per pair, for a DataLoader. ``tokenizer``:
+    the model's (:func:`clip_model.tokenizer_for`); default CLIP's BPE."""
 
-    def __init__(self, pairs: Sequence[Pair], preprocess: Preprocess, context_length: int = 77) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        preprocess: Preprocess,
+        context_length: int = 77,
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
         self.pairs = list(pairs)
         self.preprocess = preprocess
         self.context_length = context_length
+        self.tokenizer = tokenizer or tokenize
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -147,7 +156,7 @@ class PairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         pair = self.pairs[index]
         with Image.open(pair.image) as image:
             pixels = self.preprocess(image)
-        tokens = tokenize([pair.caption], context_length=self.context_length, truncate=True)[0]
+        tokens = self.tokenizer([pair.caption], context_length=self.context_length, truncate=True)[0]
         return pixels, tokens
 
 
@@ -159,7 +168,7 @@ def preloaded_bytes(pairs: Sequence[Pair], image_size: int) -> int:
 class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """:class:`PairDataset` with every image decoded once, up front, and kept in memory as uint8.
 
-    Items are bit-identical to ``PairDataset(pairs, preprocess, context_length)``'s: the pixels are the same
+    Items are bit-identical to ``PairDataset(pairs, preprocess, context_length, tokenizer)``'s: the pixels are the same
     ``to_rgb`` + ``resize_and_center_crop`` output, normalized through a per-channel table that
     :func:`clip_model.preprocess.image_to_array` itself computes for every uint8 level, and the captions are
     tokenized the same way. For a training set small enough to hold (:func:`preloaded_bytes`), this removes the
@@ -167,7 +176,13 @@ class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Te
     broken image fails here, before training.
     """
 
-    def __init__(self, pairs: Sequence[Pair], preprocess: Preprocess, context_length: int = 77) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        preprocess: Preprocess,
+        context_length: int = 77,
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
         size = preprocess.image_size
         self.pixels = torch.empty((len(pairs), 3, size, size), dtype=torch.uint8)  # [N, 3, R, R]
         for index, pair in enumerate(pairs):
@@ -181,7 +196,7 @@ class PreloadedPairDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Te
         table = image_to_array(Image.fromarray(levels, "RGB"), preprocess.mean, preprocess.std)  # [3, 1, 256]
         self.table = torch.from_numpy(table.reshape(3, UINT8_MAX + 1))  # [3, 256] float32: channel c, uint8 level v
         captions = [pair.caption for pair in pairs]
-        self.tokens = tokenize(captions, context_length=context_length, truncate=True)  # [N, context_length]
+        self.tokens = (tokenizer or tokenize)(captions, context_length=context_length, truncate=True)  # [N, L]
 
     def __len__(self) -> int:
         return len(self.tokens)
