@@ -55,8 +55,10 @@ from .inference import InferenceModel, load_for_inference
 from .model import CLIP, ImageTextModel
 from .packed import is_packed, pack_for_cpu
 from .preprocess import Preprocess, to_rgb
+from .provenance import input_provenance
 from .quantize import is_quantized, quantize_int8
 from .siglip import SigLIP
+from .text_input import LONG_TEXT_MODES, LongText, TextInput, TextRows, chunk_windows, encode_texts
 from .tokenizer import Tokenizer, get_tokenizer, tokenize, trim_tokens
 from .tokenizer_sentencepiece import SentencePieceTokenizer
 from .xlm_roberta import XLMRobertaCLIP
@@ -80,6 +82,8 @@ __all__ = [
     "ImageDecodeError",
     "ImageTextModel",
     "InferenceModel",
+    "LONG_TEXT_MODES",
+    "LongText",
     "MissingDependencyError",
     "ModelConfig",
     "PRECISIONS",
@@ -88,6 +92,8 @@ __all__ = [
     "SentencePieceTokenizer",
     "SigLIP",
     "SigLIPConfig",
+    "TextInput",
+    "TextRows",
     "TextTokenizer",
     "TokenizerError",
     "Tokenizer",
@@ -97,12 +103,15 @@ __all__ = [
     "XLMRobertaCLIPConfig",
     "available_models",
     "build_zero_shot_classifier",
+    "chunk_windows",
     "classify",
     "create_model",
+    "encode_texts",
     "ensemble_prompts",
     "get_config",
     "get_tokenizer",
     "infer_config",
+    "input_provenance",
     "is_packed",
     "is_quantized",
     "list_configs",
