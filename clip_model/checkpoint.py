@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -254,17 +255,23 @@ def build_model(ckpt: Checkpoint, config: ModelConfig | None = None) -> ImageTex
     return model.eval()
 
 
-def save_checkpoint(model: ImageTextModel, path: str | Path) -> Path:
-    """Write ``model`` as a ``.safetensors`` file whose metadata carries its config, so it loads without arch=."""
+def save_checkpoint(model: ImageTextModel, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model`` as a ``.safetensors`` file whose metadata carries its config, so it loads without arch=.
+
+    ``metadata``: more string entries for the file's metadata (a fine-tuned model's provenance); readers ignore them.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_checkpoint writes safetensors; name the file *.safetensors, not {path.name}")
+    if metadata is not None and CONFIG_METADATA_KEY in metadata:
+        raise ValueError(f"metadata must not replace {CONFIG_METADATA_KEY!r}, the model's own config")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        save_file(state, str(partial), metadata={CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())})
+        entries = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+        save_file(state, str(partial), metadata=entries)
         os.replace(partial, path)  # readers see the old file or the complete new one, never a torn write
     finally:
         partial.unlink(missing_ok=True)
