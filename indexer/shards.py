@@ -6,7 +6,8 @@ Layout, format version 2 (:data:`FORMAT_VERSION`; version 1, without the ``photo
     SHARDS_DIR/
       manifest.json                     {"format_version": 2,
                                          "model": {"name", "weights_sha256", "embed_dim",
-                                                   "preprocess": {"image_size", "mean", "std"}},
+                                                   "preprocess": {"image_size", "mean", "std",
+                                                                  "resize_mode", "family", "tokenizer"}},
                                          "image_root": the image folder as the encoder was given it,
                                          "created_by": e.g. "clip-search 0.1.0"}
       shard-<partition>.parquet         one row per image file; <partition> is [A-Za-z0-9_-]+
@@ -61,6 +62,7 @@ from indexer.errors import ShardError as ShardError  # re-exported: the errors o
 from indexer.photo_metadata import PhotoMetadata
 from indexer.store import ModelInfo
 from indexer.store.format import (
+    LEGACY_INPUTS,
     NORM_TOLERANCE,
     _fsync,  # the store's one fsync of a file or directory
 )
@@ -445,7 +447,9 @@ def _model_of(data: Any) -> ModelInfo:
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ValueError(f"embed_dim {dim!r} is not a positive integer")
     mean, std = list(preprocess["mean"]), list(preprocess["std"])
-    return ModelInfo.of(_text(data["name"]), _text(data["weights_sha256"]), dim, preprocess["image_size"], mean, std)
+    inputs = {key: _text(preprocess[key]) for key in LEGACY_INPUTS if key in preprocess}
+    name, weights = _text(data["name"]), _text(data["weights_sha256"])
+    return ModelInfo.of(name, weights, dim, preprocess["image_size"], mean, std, **inputs)
 
 
 def _text(value: Any) -> str:

@@ -72,9 +72,17 @@ Vectors = npt.NDArray[np.float32]
 Ids = npt.NDArray[np.int64]
 
 
+# How inputs reach the model besides the pixels' size and normalization (clip_model.input_provenance). A record
+# written before these keys describes what the indexer and the server could only do then: CLIP's BPE tokenizer and
+# the shortest-side resize with a centre crop, so such an index still matches a CLIP loaded today.
+LEGACY_INPUTS = {"family": "clip", "tokenizer": "clip-bpe", "resize_mode": "shortest"}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """Provenance of the embeddings: which encoder, which weights, which preprocessing (JSON-able)."""
+    """Provenance of the embeddings: which encoder, which weights, which preprocessing (JSON-able). ``preprocess``
+    holds the image side (``image_size``, ``mean``, ``std``, ``resize_mode``) and the model's ``family`` and
+    ``tokenizer``; keys a record lacks read as :data:`LEGACY_INPUTS`."""
 
     name: str
     weights_sha256: str
@@ -82,7 +90,7 @@ class ModelInfo:
     preprocess: dict[str, Any]
 
     def __post_init__(self) -> None:  # canonical JSON form, so tuples and lists compare equal after a round trip
-        object.__setattr__(self, "preprocess", json.loads(json.dumps(self.preprocess)))
+        object.__setattr__(self, "preprocess", json.loads(json.dumps({**LEGACY_INPUTS, **self.preprocess})))
 
     @classmethod
     def of(
@@ -93,9 +101,15 @@ class ModelInfo:
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        **inputs: str,
     ) -> ModelInfo:
-        """The provenance record of a loaded model, in the one form indexer and app both write and compare."""
+        """The provenance record of a loaded model, in the one form indexer and app both write and compare.
+        ``inputs``: ``family``, ``tokenizer``, ``resize_mode`` (:data:`LEGACY_INPUTS` where not given)."""
+        unknown = set(inputs) - set(LEGACY_INPUTS)
+        if unknown:
+            raise TypeError(f"unknown provenance fields {sorted(unknown)}; known: {sorted(LEGACY_INPUTS)}")
         preprocess = {"image_size": int(image_size), "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+        preprocess |= {key: str(value) for key, value in inputs.items()}
         return cls(name=name, weights_sha256=weights_sha256, embed_dim=int(embed_dim), preprocess=preprocess)
 
     def same_embeddings(self, other: ModelInfo) -> bool:
