@@ -1,4 +1,5 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the services, the settings, and the API key checks."""
+"""FastAPI dependencies as ``Annotated`` aliases: the services, the settings, the API key checks, and the options
+every image search takes for its results (:func:`result_options`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ from pydantic import SecretStr
 
 from .duplicates_service import DuplicateFinder
 from .errors import ForbiddenError, UnauthorizedError
+from .paging import Sort
 from .reindex import Reindexer
-from .service import SearchService
+from .schemas import (
+    CURSOR_DESCRIPTION,
+    K_FIELD,
+    MAX_CURSOR_CHARS,
+    MAX_K,
+    MIN_RELEVANCE_FIELD,
+    MIN_SCORE_FIELD,
+    SORT_DESCRIPTION,
+    DecimalInteger,
+    QueryFilters,
+)
+from .service import ResultOptions, SearchService
 from .settings import Settings
 
 API_KEY_HEADER = "X-API-Key"
@@ -41,6 +54,30 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[SearchService, Depends(get_service)]
 ReindexerDep = Annotated[Reindexer, Depends(get_reindexer)]
 DuplicatesDep = Annotated[DuplicateFinder, Depends(get_duplicates)]
+K = Annotated[int, Query(ge=1, le=MAX_K, description=K_FIELD.description), DecimalInteger]
+MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description=MIN_SCORE_FIELD.description)]
+MinRelevance = Annotated[
+    float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False, description=MIN_RELEVANCE_FIELD.description)
+]
+Filters = Annotated[QueryFilters, Query()]
+SortParam = Annotated[Sort, Query(description=SORT_DESCRIPTION)]
+CursorParam = Annotated[str | None, Query(min_length=1, max_length=MAX_CURSOR_CHARS, description=CURSOR_DESCRIPTION)]
+
+
+def result_options(
+    filters: Filters,
+    k: K = 20,
+    min_score: MinScore = None,
+    min_relevance: MinRelevance = None,
+    sort: SortParam = "relevance",
+    cursor: CursorParam = None,
+) -> ResultOptions:
+    """The query parameters every image search takes for its results: page size, cut-offs, filters, order, cursor
+    (a JSON body carries the same fields: :class:`app.schemas.CombinedQuery`)."""
+    return ResultOptions(k, min_score, filters, sort, cursor, min_relevance)
+
+
+ResultOptionsDep = Annotated[ResultOptions, Depends(result_options)]
 KeyHeader = Annotated[str | None, Header(alias=API_KEY_HEADER, description="API key, when the server has one")]
 KeyQuery = Annotated[
     str | None, Query(alias="api_key", description="API key for clients that cannot set headers (<img src>)")

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PAGE_SIZE = 1000  # groups per page
 DEFAULT_PAGE_SIZE = 50
-MAX_CURSOR_CHARS = 1000
 Kind = Literal["exact", "near"]
 
 

@@ -6,17 +6,16 @@ Contracts:
 * Finding the groups compares every image with every other (``indexer.duplicates``), far too slow to redo per
   request: the result is kept for the ``CACHED_RESULTS`` latest (threshold, folder) pairs of the served generation;
   requests for one pair that arrive while it is being found wait for that search instead of starting another.
-* A cursor names the generation, threshold, folder and the first group of the next page. The groups of one
-  generation and arguments always come in the same order, so pages neither repeat nor skip a group within a
-  generation. A cursor from another generation is refused (409: ask again without it), as is one this server did
-  not make (422).
+* Pages are continued by the cursor of :mod:`app.paging` (the one format of every paged list), which carries the
+  threshold and folder, so a request with a cursor may leave them out. The groups of one generation and arguments
+  always come in the same order, so pages neither repeat nor skip a group within a generation. A cursor from another
+  generation is refused (409: ask again without it), as is one this server did not make or one past the last group
+  (422).
+* A folder that holds no indexed image is refused (422) as a search's folder filter is (:mod:`app.facets`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,42 +24,29 @@ from clip_model.process_tuning import own_threads
 from indexer.store.reader import duplicates
 
 from .duplicate_schemas import DuplicateGroup, DuplicateMember, DuplicatesPage
-from .errors import BadRequestError, ConflictError
+from .errors import BadRequestError
+from .facets import FacetCache, check_filters
+from .paging import NOT_A_CURSOR, Cursor, fingerprint
 from .runtime import Runtime, Served
+from .schemas import SearchFilters
 
 CACHED_RESULTS = 8  # (threshold, folder) results kept for the served generation
-CURSOR_VERSION = 1
 
 Key = tuple[str, float, str | None]  # generation, threshold, folder
 
 
 @dataclass(frozen=True)
-class Cursor:
-    """Where the next page starts: group ``offset`` of the groups of ``generation`` at ``threshold`` (``folder``)."""
+class _Position:
+    """Where a request's page starts: the groups at ``threshold`` (``folder``), from group ``offset``."""
 
-    generation: str
     threshold: float
     folder: str | None
     offset: int
 
-    def encode(self) -> str:
-        fields = {"v": CURSOR_VERSION, "g": self.generation, "t": self.threshold, "f": self.folder, "o": self.offset}
-        return base64.urlsafe_b64encode(json.dumps(fields, separators=(",", ":")).encode()).decode().rstrip("=")
 
-    @classmethod
-    def decode(cls, text: str) -> Cursor:
-        """The cursor ``text`` encodes; BadRequestError when it is not one :meth:`encode` made."""
-        try:
-            fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            cursor = cls(
-                str(fields["g"]), duplicates.check_threshold(float(fields["t"])), fields["f"], int(fields["o"])
-            )
-            valid = fields["v"] == CURSOR_VERSION and cursor.offset > 0 and isinstance(cursor.folder, str | None)
-        except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, KeyError, OverflowError):
-            valid = False
-        if not valid:
-            raise BadRequestError("cursor is not one this server gave out: leave it out to start from the first page")
-        return cursor
+def _list_of(threshold: float, folder: str | None) -> str:
+    """The fingerprint of the groups at ``threshold`` and ``folder`` (:func:`app.paging.fingerprint`)."""
+    return fingerprint("duplicates", threshold, folder)
 
 
 @dataclass
@@ -75,8 +61,9 @@ class _Entry:
 class DuplicateFinder:
     """Pages of duplicate groups of the runtime's served generation."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, facets: FacetCache) -> None:
         self.runtime = runtime
+        self.facets = facets
         self._lock = threading.Lock()
         self._entries: dict[Key, _Entry] = {}  # oldest first
 
@@ -85,49 +72,48 @@ class DuplicateFinder:
         the cursor's, else to the default threshold and every image."""
         started, state = time.perf_counter(), self.runtime.require()
         folder = None if folder is None or not folder.strip("/") else folder.strip("/")
+        if folder is not None:
+            check_filters(self.facets, state, SearchFilters(folder=[folder]))
         position = self._position(state, threshold, folder, cursor)
-        if position is not None:
-            threshold, folder = position.threshold, position.folder
-        elif threshold is None:
-            threshold = duplicates.DEFAULT_THRESHOLD
-        found = self._found(state, threshold, folder)
-        if folder is not None and found.images == 0:
-            raise BadRequestError(
-                f"no indexed image lies under the folder {folder!r}: give one relative to the image root"
-            )
-        offset = position.offset if position is not None else 0
-        if offset >= len(found.groups):
+        found = self._found(state, position.threshold, position.folder)
+        if position.offset and position.offset >= len(found.groups):
             raise BadRequestError("cursor is past the last group: leave it out to start from the first page")
-        end = offset + page_size
-        following = Cursor(state.generation, threshold, folder, end).encode() if end < len(found.groups) else None
+        end = position.offset + page_size
+        following = None
+        if end < len(found.groups):
+            carried = {"threshold": position.threshold, "folder": position.folder}
+            following = Cursor(state.generation, end, _list_of(position.threshold, position.folder), carried).encode()
         return DuplicatesPage(
-            groups=[_group(group) for group in found.groups[offset:end]],
+            groups=[_group(group) for group in found.groups[position.offset : end]],
             total_groups=len(found.groups),
             images=found.images,
-            threshold=threshold,
-            folder=folder,
+            threshold=position.threshold,
+            folder=position.folder,
             generation=found.generation,
             next_cursor=following,
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
-    def _position(self, state: Served, threshold: float | None, folder: str | None, text: str | None) -> Cursor | None:
+    def _position(self, state: Served, threshold: float | None, folder: str | None, text: str | None) -> _Position:
+        """The first page's position for the arguments, or the cursor's, checked against them and the generation."""
         if text is None:
-            return None
+            return _Position(duplicates.DEFAULT_THRESHOLD if threshold is None else threshold, folder, 0)
         cursor = Cursor.decode(text)
-        if cursor.generation != state.generation:
-            raise ConflictError(
-                f"the index changed since this cursor was made (it was {cursor.generation}, it is {state.generation} "
-                "now): the groups may have changed, so ask for them again without the cursor"
-            )
-        if (threshold is not None and threshold != cursor.threshold) or (
-            folder is not None and folder != cursor.folder
-        ):
+        kept_threshold, kept_folder = cursor.carried.get("threshold"), cursor.carried.get("folder", 0.0)
+        # a search's cursor carries neither; one made by hand may carry anything
+        if not isinstance(kept_threshold, float) or not isinstance(kept_folder, str | None):
+            raise BadRequestError(NOT_A_CURSOR)
+        try:
+            duplicates.check_threshold(kept_threshold)
+        except ValueError:
+            raise BadRequestError(NOT_A_CURSOR) from None
+        if (threshold is not None and threshold != kept_threshold) or (folder is not None and folder != kept_folder):
             raise BadRequestError(
-                f"the cursor continues the groups at threshold {cursor.threshold} and folder {cursor.folder!r}: give "
+                f"the cursor continues the groups at threshold {kept_threshold} and folder {kept_folder!r}: give "
                 "the same or leave threshold and folder out"
             )
-        return cursor
+        offset = cursor.offset_in(state.generation, _list_of(kept_threshold, kept_folder))
+        return _Position(kept_threshold, kept_folder, offset)
 
     def _found(self, state: Served, threshold: float, folder: str | None) -> duplicates.Duplicates:
         """The groups of (state's generation, threshold, folder): kept, being found by another request, or found

@@ -8,11 +8,12 @@ field a finite JSON number (not a boolean or a string); path and query integers 
 
 from __future__ import annotations
 
+import calendar
 import re
-from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from clip_model import Precision
 from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
@@ -68,6 +69,22 @@ def _iso_text(value: object) -> object:
 
 
 IsoMoment = Annotated[datetime | date, BeforeValidator(_iso_text)]
+CLOCK_FORMAT = "%Y-%m-%dT%H:%M:%S"  # how the API writes capture times: a clock time, no offset
+
+
+def clock_seconds(moment: datetime | date) -> int:
+    """Clock seconds (since 1970-01-01T00:00 of the same clock) of a datetime, its offset dropped, or of a date's
+    midnight: capture times are camera clocks (:mod:`indexer.store.filters`)."""
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day)
+    return calendar.timegm(moment.replace(tzinfo=None).timetuple())
+
+
+def clock_text(seconds: int) -> str:
+    """The API's text of clock seconds: YYYY-MM-DDTHH:MM:SS."""
+    return datetime.fromtimestamp(seconds, UTC).strftime(CLOCK_FORMAT)
+
+
 MAX_FILTER_VALUES = 20  # folders, cameras or formats in one filter
 FilterText = Annotated[str, Field(min_length=0, max_length=TEXT_FIELD_MAX)]
 
@@ -100,6 +117,17 @@ class SearchFilters(BaseModel):
     min_height: int | None = Field(None, ge=1, le=10**6, description="upright height in pixels, at least")
     orientation: Literal["landscape", "portrait", "square"] | None = Field(None, description="of the upright image")
 
+    @model_validator(mode="after")
+    def _range_not_inverted(self) -> Self:
+        """taken_before must come after taken_after (on the clock, as the search compares them)."""
+        if self.taken_after is not None and self.taken_before is not None:
+            if clock_seconds(self.taken_before) <= clock_seconds(self.taken_after):
+                raise ValueError(
+                    "taken_before must be later than taken_after (taken_before is exclusive: for the single day "
+                    "2024-06-01, give taken_after=2024-06-01 and taken_before=2024-06-02)"
+                )
+        return self
+
 
 class QueryFilters(SearchFilters):
     """:class:`SearchFilters` as query parameters, beside the route's others (which the model leaves alone)."""
@@ -113,7 +141,9 @@ SORT_DESCRIPTION = (
 )
 SortField = Annotated[Literal["relevance", "newest", "oldest"], Field(description=SORT_DESCRIPTION)]
 CURSOR_DESCRIPTION = "the next_cursor of the previous page, to get the page after it (same query, same parameters)"
-CursorField = Annotated[str | None, Field(max_length=512, description=CURSOR_DESCRIPTION)]
+# a duplicates cursor carries its folder (up to TEXT_FIELD_MAX characters, 4 UTF-8 bytes each at most), in base64
+MAX_CURSOR_CHARS = 8192
+CursorField = Annotated[str | None, Field(min_length=1, max_length=MAX_CURSOR_CHARS, description=CURSOR_DESCRIPTION)]
 
 
 class ImageHit(BaseModel):

@@ -8,13 +8,11 @@ Vectors: every query vector is float32 [D], L2-normalized; scores are inner prod
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from indexer.store.reader import Hit, ImageRecord, SearchFilter
 
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
+from .facet_schemas import Facets
+from .facets import FacetCache, check_filters
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
 from .relevance import RelevanceScale
@@ -45,6 +45,8 @@ from .schemas import (
     TextHit,
     TextPart,
     TextsResponse,
+    clock_seconds,
+    clock_text,
 )
 from .settings import Settings
 
@@ -56,9 +58,10 @@ THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)  # the sizes made: a request is roun
 class SearchService:
     """Search, image -> text, zero-shot, embeddings and image files, for one runtime."""
 
-    def __init__(self, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, facets: FacetCache) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.facet_cache = facets
         self.thumbnails = ThumbnailCache(settings.cache_dir / "thumbnails", settings.max_image_pixels)
 
     # --- text / image -> images ----------------------------------------------------------------------------------
@@ -66,21 +69,21 @@ class SearchService:
     def search_text(self, text: str, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
         text = self._check_text(text)
-        page = _Page.of(state, options, ("text", text), text_query=True)
-        request = SearchRequest(state.index, page.depth, store_filter(options.filters))
+        page = self._page(state, options, ("text", text), text_query=True)
+        request = SearchRequest(state.index, page.depth, page.where)
         embedding, hits = state.encoder.search_text(text, request)
         return self._respond(state, hits, page, started, truncated=embedding.truncated)
 
     def search_upload(self, data: bytes, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        page = _Page.of(state, options, ("image", hashlib.sha256(data).hexdigest()))
+        page = self._page(state, options, ("image", hashlib.sha256(data).hexdigest()))
         return self._search(state, self._embed_upload(state, data), page, started)
 
     def similar(self, image_id: int, options: ResultOptions) -> SearchResponse:
         """Images like an indexed one, from its stored embedding (no re-encoding); the image itself is left out."""
         started, state = time.perf_counter(), self.runtime.require()
         vector = self._stored_embedding(state, image_id)
-        page = _Page.of(state, options, ("similar", image_id), exclude=image_id)
+        page = self._page(state, options, ("similar", image_id), exclude=image_id)
         return self._search(state, vector, page, started)
 
     def search_combined(self, query: CombinedQuery) -> SearchResponse:
@@ -89,7 +92,7 @@ class SearchService:
         texts = [self._check_text(p.text) for p in query.parts if isinstance(p, TextPart)]
         options = ResultOptions(query.k, query.min_score, query.filters, query.sort, query.cursor, query.min_relevance)
         only_texts = all(isinstance(p, TextPart) for p in query.parts)
-        page = _Page.of(state, options, ("combined", [p.model_dump() for p in query.parts]), text_query=only_texts)
+        page = self._page(state, options, ("combined", [p.model_dump() for p in query.parts]), text_query=only_texts)
         embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
         total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
         for part in query.parts:
@@ -108,9 +111,17 @@ class SearchService:
     def _search(
         self, state: Served, query: Vector, page: _Page, started: float, truncated: bool = False
     ) -> SearchResponse:
-        request = SearchRequest(state.index, page.depth, store_filter(page.options.filters))
+        request = SearchRequest(state.index, page.depth, page.where)
         hits = state.encoder.search_vectors(query[None], request)[0]
         return self._respond(state, hits, page, started, truncated)
+
+    def _page(
+        self, state: Served, options: ResultOptions, query: object, exclude: int | None = None, text_query: bool = False
+    ) -> _Page:
+        """The request's page, once its filters are checked against what the generation holds (422 for a folder,
+        camera or format no image has: :mod:`app.facets`)."""
+        check_filters(self.facet_cache, state, options.filters)
+        return _Page.of(state, options, query, exclude, text_query)
 
     def _respond(
         self, state: Served, hits: list[Hit], page: _Page, started: float, truncated: bool = False
@@ -266,6 +277,10 @@ class SearchService:
             )
         return resolve_image_path(state.image_root, record.path)
 
+    def facets(self) -> Facets:
+        """The values the served generation holds for the folder, camera and format filters, and its capture times."""
+        return self.facet_cache.of(self.runtime.require()).described
+
     # --- operations ----------------------------------------------------------------------------------------------
 
     def ready(self) -> ReadyResponse:
@@ -376,7 +391,7 @@ def _image_hit(
         height=record.height,
         url=_file_url(hit.id),
         thumbnail_url=_thumbnail_url(hit.id),
-        taken_at=None if taken is None else datetime.fromtimestamp(taken, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        taken_at=None if taken is None else clock_text(taken),
         taken_from_exif=from_exif,
     )
 
@@ -408,10 +423,11 @@ class ResultOptions:
 
 @dataclass(frozen=True)
 class _Page:
-    """A request's page: its options, the offset its cursor gives, how deep to rank, the query's fingerprint, and
-    the relevance scale when the query is a text one (:mod:`app.relevance`)."""
+    """A request's page: its options, the index's filter for them, the offset its cursor gives, how deep to rank,
+    the query's fingerprint, and the relevance scale when the query is a text one (:mod:`app.relevance`)."""
 
     options: ResultOptions
+    where: SearchFilter | None
     offset: int
     depth: int
     query: str
@@ -428,7 +444,8 @@ class _Page:
         key = fingerprint(query, filters, options.min_score, options.min_relevance, options.sort)
         offset = open_cursor(options.cursor, state.generation, key)
         ranked = depth(offset, options.k, options.sort) + (exclude is not None)
-        return cls(options, offset, ranked, key, exclude, state.relevance if text_query else None)
+        scale = state.relevance if text_query else None
+        return cls(options, store_filter(options.filters), offset, ranked, key, exclude, scale)
 
     def cut_off(self) -> float | None:
         """The lowest score a result may have: ``min_score``, raised to ``min_relevance``'s score if given."""
@@ -439,27 +456,18 @@ class _Page:
 
 
 def store_filter(filters: SearchFilters | None) -> SearchFilter | None:
-    """The index's filter for the API's (None when no condition is given). Datetimes become clock seconds: the
-    offset of an aware one is dropped (capture times are camera clocks, :mod:`indexer.store.filters`)."""
+    """The index's filter for the API's (None when no condition is given). Datetimes become clock seconds
+    (:func:`app.schemas.clock_seconds`)."""
     if filters is None:
         return None
     where = SearchFilter(
         folders=tuple(filters.folder),
-        taken_from=_clock_seconds(filters.taken_after),
-        taken_until=_clock_seconds(filters.taken_before),
+        taken_from=None if filters.taken_after is None else clock_seconds(filters.taken_after),
+        taken_until=None if filters.taken_before is None else clock_seconds(filters.taken_before),
         cameras=tuple(filters.camera),
-        formats=tuple(f.casefold() for f in filters.format),
+        formats=tuple(filters.format),
         min_width=filters.min_width,
         min_height=filters.min_height,
         orientation=filters.orientation,
     )
     return None if where.empty else where
-
-
-def _clock_seconds(moment: datetime | date | None) -> int | None:
-    """Clock seconds of a datetime (its offset dropped) or of a date's midnight."""
-    if moment is None:
-        return None
-    if not isinstance(moment, datetime):
-        moment = datetime(moment.year, moment.month, moment.day)
-    return calendar.timegm(moment.replace(tzinfo=None).timetuple())

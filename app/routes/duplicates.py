@@ -9,19 +9,16 @@ from fastapi import APIRouter, Query
 from indexer.store.reader import duplicates
 
 from ..deps import DuplicatesDep, ReadAccess
-from ..duplicate_schemas import DEFAULT_PAGE_SIZE, MAX_CURSOR_CHARS, MAX_PAGE_SIZE, DuplicatesPage
-from ..schemas import TEXT_FIELD_MAX, DecimalInteger, ErrorResponse
+from ..duplicate_schemas import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, DuplicatesPage
+from ..schemas import MAX_CURSOR_CHARS, TEXT_FIELD_MAX, DecimalInteger
 from ..strict_json import StrictJSONRoute
-from ._common import errors
+from ._common import errors, paged
 
 router = APIRouter(
     route_class=StrictJSONRoute, prefix="/api/duplicates", tags=["duplicates"], dependencies=[ReadAccess]
 )
 
-_RESPONSES = {
-    **errors(401, 422, 503),
-    409: {"model": ErrorResponse, "description": "the cursor is from an index generation no longer served: ask again"},
-}
+_RESPONSES = paged(errors(401, 422, 503))
 Threshold = Annotated[
     float | None,
     Query(
@@ -34,7 +31,11 @@ Threshold = Annotated[
 ]
 Folder = Annotated[
     str | None,
-    Query(max_length=TEXT_FIELD_MAX, description='compare only the images under this folder ("2023/Holidays")'),
+    Query(
+        max_length=TEXT_FIELD_MAX,
+        description='compare only the images under this folder ("2023/Holidays"); one that holds no indexed image is a '
+        "422 (GET /api/facets lists the folders)",
+    ),
 ]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="groups per page"), DecimalInteger]
 Cursor = Annotated[

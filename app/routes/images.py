@@ -15,12 +15,10 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from ..deps import ReadAccess, ServiceDep, SettingsDep
+from ..deps import ReadAccess, ResultOptionsDep, ServiceDep, SettingsDep
 from ..schemas import MAX_ID, DecimalInteger, ErrorResponse, ImageEmbedding, ImageInfo, SearchResponse
-from ..service import ResultOptions
 from ..strict_json import StrictJSONRoute
-from ._common import ID_ERRORS, errors
-from .search import CursorParam, Filters, K, MinScore, SortParam
+from ._common import ID_ERRORS, SIMILAR_ERRORS, errors
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/api/images", tags=["images"], dependencies=[ReadAccess])
 
@@ -111,19 +109,12 @@ def thumbnail(
     return _conditional(request, path, f'"{key}"', _cache_control(settings, THUMBNAIL_MAX_AGE_S), "image/jpeg", None)
 
 
-@router.get("/{image_id}/similar", response_model=SearchResponse, responses=ID_ERRORS, summary="More like this")
-def similar(
-    image_id: ImageId,
-    service: ServiceDep,
-    filters: Filters,
-    k: K = 20,
-    min_score: MinScore = None,
-    sort: SortParam = "relevance",
-    cursor: CursorParam = None,
-) -> SearchResponse:
+@router.get("/{image_id}/similar", response_model=SearchResponse, responses=SIMILAR_ERRORS, summary="More like this")
+def similar(image_id: ImageId, service: ServiceDep, options: ResultOptionsDep) -> SearchResponse:
     """Images most similar to an indexed one, from its stored embedding (nothing is re-encoded), among those the
-    filters match; the image itself is left out. Example: `GET /api/images/7/similar?k=20&folder=2023`"""
-    return service.similar(image_id, ResultOptions(k, min_score, filters, sort, cursor))
+    filters match; the image itself is left out. Pages and order as for text search (`min_relevance` is for text
+    queries only: 422). Example: `GET /api/images/7/similar?k=20&folder=2023`"""
+    return service.similar(image_id, options)
 
 
 @router.get("/{image_id}/embedding", response_model=ImageEmbedding, responses=ID_ERRORS, summary="Stored embedding")

@@ -3,6 +3,7 @@ indexer's duplicates module finds, in pages, cached per generation, and the refu
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from collections.abc import Iterator
@@ -13,8 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.duplicates_service import Cursor
 from app.main import create_app
+from app.paging import Cursor
 from app.settings import Settings
 from indexer import duplicates
 from indexer.cli import main as clip_index
@@ -98,7 +99,7 @@ def test_a_cursor_from_a_replaced_generation_is_a_409(planted_index: PlantedInde
         assert client.app.state.runtime.refresh()  # type: ignore[attr-defined]  # the app's lifespan state
         response = client.get("/api/duplicates", params={"cursor": first["next_cursor"]})
         assert response.status_code == 409
-        assert "ask for them again without the cursor" in response.json()["detail"]
+        assert "search again without the cursor" in response.json()["detail"]
         fresh = client.get("/api/duplicates").json()
         assert fresh["generation"] != first["generation"]
         assert fresh["total_groups"] == first["total_groups"] + 1
@@ -109,7 +110,8 @@ def test_a_cursor_from_a_replaced_generation_is_a_409(planted_index: PlantedInde
     [
         ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor is not one this server gave out"),
         ({"cursor": "%%%"}, "cursor is not one this server gave out"),
-        ({"folder": "no/such/folder"}, "no indexed image lies under the folder"),
+        ({"folder": "no/such/folder"}, "unknown folder 'no/such/folder': no indexed image matches it"),
+        ({"folder": "Copies"}, "did you mean 'copies'?"),
     ],
 )
 def test_bad_cursors_and_unknown_folders_are_422s(client: TestClient, params: dict[str, str], detail: str) -> None:
@@ -125,7 +127,7 @@ def test_parameters_out_of_range_are_422s(client: TestClient, params: dict[str, 
 
 def test_a_cursor_edited_to_a_threshold_out_of_range_is_a_422(client: TestClient) -> None:
     generation = client.get("/api/duplicates").json()["generation"]
-    edited = Cursor(generation, 0.1, None, 1).encode()
+    edited = Cursor(generation, 1, "any", {"threshold": 0.1, "folder": None}).encode()
     response = client.get("/api/duplicates", params={"cursor": edited})
     assert response.status_code == 422 and "cursor is not one this server gave out" in response.json()["detail"]
 
@@ -135,3 +137,27 @@ def test_a_cursor_keeps_its_threshold_and_folder(client: TestClient) -> None:
     assert client.get("/api/duplicates", params={"cursor": cursor}).json()["threshold"] == 0.99
     response = client.get("/api/duplicates", params={"cursor": cursor, "threshold": 0.995})
     assert response.status_code == 422 and "the cursor continues the groups" in response.json()["detail"]
+
+
+def test_a_folder_without_duplicates_is_an_empty_page(client: TestClient) -> None:
+    body = client.get("/api/duplicates", params={"folder": "camera", "threshold": 1.0}).json()
+    assert body["images"] > 0 and (body["groups"], body["total_groups"], body["next_cursor"]) == ([], 0, None)
+
+
+def test_search_and_duplicate_cursors_share_one_format_but_not_their_lists(client: TestClient) -> None:
+    search = client.get("/api/search", params={"q": "a photo", "k": 1}).json()["next_cursor"]
+    groups = client.get("/api/duplicates", params={"threshold": 0.99, "page_size": 1}).json()["next_cursor"]
+    assert Cursor.decode(search).generation == Cursor.decode(groups).generation
+    refused = client.get("/api/duplicates", params={"cursor": search})
+    assert refused.status_code == 422 and "cursor is not one this server gave out" in refused.json()["detail"]
+    refused = client.get("/api/search", params={"q": "a photo", "k": 1, "cursor": groups})
+    assert refused.status_code == 422 and "cursor belongs to another query" in refused.json()["detail"]
+
+
+def test_an_edited_cursor_is_a_422(client: TestClient) -> None:
+    cursor = client.get("/api/duplicates", params={"threshold": 0.99, "page_size": 1}).json()["next_cursor"]
+    fields = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for edit in ({"o": 2}, {"p": {"threshold": 0.99, "folder": "copies"}}, {"g": "g-000009"}):
+        edited = base64.urlsafe_b64encode(json.dumps({**fields, **edit}).encode()).decode()
+        response = client.get("/api/duplicates", params={"cursor": edited})
+        assert response.status_code == 422 and "cursor is not one this server gave out" in response.json()["detail"]

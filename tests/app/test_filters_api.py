@@ -1,16 +1,23 @@
 """Metadata filters through the HTTP API: every image search (text, upload, similar, combined) takes them, as query
-parameters or in the JSON body, and refuses bad ones with a 422."""
+parameters or in the JSON body, and refuses bad ones with a 422 that says what to change (unknown folders, cameras
+and formats alike in searches and duplicates, with the close known values); GET /api/facets lists what the index
+holds."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.main import create_app
+from app.settings import Settings
 from tests.app.conftest import COLOURS, IndexedFolder
+from tests.app.photo_library import PhotoLibrary, build_photo_library
 
 
 def paths_of(response: httpx.Response) -> list[str]:
@@ -66,3 +73,145 @@ def test_bad_filters_are_422(client: TestClient, params: dict[str, str]) -> None
 def test_a_body_filter_with_an_unknown_field_is_422(client: TestClient) -> None:
     body = {"parts": [{"text": "x"}], "filters": {"colour": "red"}}
     assert client.post("/api/search/combined", json=body).status_code == 422
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory, app_model: Path) -> PhotoLibrary:
+    return build_photo_library(tmp_path_factory.mktemp("library"), app_model)
+
+
+@pytest.fixture(scope="module")
+def photos(library: PhotoLibrary, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app over ``library``."""
+    settings = Settings(index_dir=library.index_dir, cache_dir=tmp_path_factory.mktemp("library-cache"))
+    with TestClient(create_app(settings, watch=False)) as test_client:
+        yield test_client
+
+
+def test_facets_list_what_the_index_holds(photos: TestClient, library: PhotoLibrary) -> None:
+    body = photos.get("/api/facets").json()
+    folders = {f["value"]: f["images"] for f in body["folders"]}
+    assert folders == {
+        "2019": 5, "2019/Lisbon": 5, "2023": 10, "2023/Garden": 4, "2023/Holidays": 6, "backup": 1, "scans": 3,
+    }  # fmt: skip
+    assert list(folders) == sorted(folders)
+    cameras = [(c["value"], c["images"]) for c in body["cameras"]]
+    assert cameras == [("Apple iPhone 12", 7), ("Canon EOS 5D", 5), ("FUJIFILM X100V", 4)]
+    assert {f["value"]: f["images"] for f in body["formats"]} == {"jpeg": 16, "png": 3}
+    assert body["taken"] == {"earliest": "2010-01-01T12:00:00", "latest": "2023-07-15T14:15:00", "from_exif": 16}
+    assert (body["images"], body["generation"]) == (len(library.photos), photos.get("/readyz").json()["generation"])
+
+
+def test_facets_of_an_index_without_metadata(client: TestClient, indexed: IndexedFolder) -> None:
+    body = client.get("/api/facets").json()
+    assert [f["value"] for f in body["folders"]] == ["blue", "green", "red", "yellow"]
+    assert body["cameras"] == [] and body["taken"]["from_exif"] == 0
+    response = client.get("/api/search", params={"q": "x", "camera": "canon"})
+    assert response.status_code == 422
+    assert (
+        response.json()["detail"] == "unknown camera 'canon': no indexed image has a camera make or model in its EXIF"
+    )
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        {"folder": "2023"},
+        {"folder": "2023/Holidays"},
+        {"camera": "iphone"},
+        {"camera": "canon eos"},
+        {"taken_after": "2023-01-01"},
+        {"taken_after": "2019-05-02", "taken_before": "2019-05-04"},
+        {"taken_before": "2011-01-01"},
+        {"folder": "2023", "camera": "fujifilm", "taken_after": "2023-04-02T00:00:00"},
+    ],
+)
+def test_filters_narrow_the_results_to_the_photos_they_describe(
+    photos: TestClient, library: PhotoLibrary, conditions: dict[str, str]
+) -> None:
+    found = set(paths_of(photos.get("/api/search", params={"q": "a photo", "k": 100, **conditions})))
+    expected = library.paths(
+        conditions.get("folder", ""),
+        conditions.get("camera", ""),
+        conditions.get("taken_after", ""),
+        conditions.get("taken_before", ""),
+    )
+    assert found == expected and expected
+
+
+def test_known_values_that_match_nothing_together_are_an_empty_page(photos: TestClient) -> None:
+    for conditions in (
+        {"folder": "2019", "camera": "iphone"},
+        {"camera": "canon", "taken_after": "2020-01-01"},
+        {"taken_after": "1990-01-01", "taken_before": "1990-01-02"},
+    ):
+        response = photos.get("/api/search", params={"q": "a photo", **conditions})
+        assert response.status_code == 200 and response.json()["results"] == []
+        assert response.json()["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    ("conditions", "detail"),
+    [
+        ({"folder": "2023/holidays"}, "unknown folder '2023/holidays': no indexed image matches it (did you mean "
+         "'2023/Holidays'? GET /api/facets lists them all)"),
+        ({"folder": "Holidays"}, "did you mean '2023/Holidays'?"),
+        ({"folder": "2023/Hol"}, "unknown folder '2023/Hol'"),
+        ({"camera": "nikon"}, "unknown camera 'nikon': no indexed image matches it (GET /api/facets lists them all)"),
+        ({"camera": "iphone 13"}, "did you mean 'Apple iPhone 12'?"),
+        ({"format": "jpg"}, "unknown format 'jpg': no indexed image matches it (did you mean 'jpeg'"),
+    ],
+)  # fmt: skip
+def test_unknown_folders_cameras_and_formats_are_422s_that_name_close_ones(
+    photos: TestClient, conditions: dict[str, str], detail: str
+) -> None:
+    response = photos.get("/api/search", params={"q": "a photo", **conditions})
+    assert response.status_code == 422 and detail in response.json()["detail"]
+
+
+def test_every_search_and_the_duplicates_refuse_an_unknown_folder_alike(photos: TestClient) -> None:
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), COLOURS["green"]).save(data, "PNG")
+    first = photos.get("/api/search", params={"q": "a photo", "k": 1}).json()["results"][0]["id"]
+    body = {"parts": [{"text": "a photo"}], "filters": {"folder": ["2023/holidays"]}}
+    responses = [
+        photos.get("/api/search", params={"q": "a photo", "folder": "2023/holidays"}),
+        photos.post(
+            "/api/search/image", params={"folder": "2023/holidays"}, files={"file": ("g.png", data.getvalue())}
+        ),
+        photos.get(f"/api/images/{first}/similar", params={"folder": "2023/holidays"}),
+        photos.post("/api/search/combined", json=body),
+        photos.get("/api/duplicates", params={"folder": "2023/holidays"}),
+    ]
+    details = {(r.status_code, r.json()["detail"]) for r in responses}
+    assert details == {(422, "unknown folder '2023/holidays': no indexed image matches it (did you mean "
+                             "'2023/Holidays'? GET /api/facets lists them all)")}  # fmt: skip
+
+
+def test_several_unknown_values_are_named_in_one_refusal(photos: TestClient) -> None:
+    params = [("q", "x"), ("folder", "2019"), ("folder", "1999"), ("camera", "leica"), ("format", "gif")]
+    detail = photos.get("/api/search", params=params).json()["detail"]
+    assert [part.split(":")[0] for part in detail.split("; ")] == [
+        "unknown folder '1999'", "unknown camera 'leica'", "unknown format 'gif'",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("conditions", "detail"),
+    [
+        ({"taken_after": "2023-06-01", "taken_before": "2023-05-01"}, "taken_before must be later than taken_after"),
+        ({"taken_after": "2023-06-01", "taken_before": "2023-06-01"}, "for the single day 2024-06-01"),
+        ({"taken_after": "2023-06-01T10:00:00+02:00", "taken_before": "2023-06-01T09:00:00Z"}, "must be later"),
+        ({"taken_after": "2023-02-30"}, "day value is outside expected range"),
+        ({"taken_before": "June 2023"}, "must be an ISO 8601 date or datetime, such as 2024-06-01"),
+        ({"taken_after": "1700000000"}, "must be an ISO 8601 date or datetime"),
+    ],
+)
+def test_malformed_dates_and_inverted_ranges_are_422s_that_say_what_to_change(
+    photos: TestClient, conditions: dict[str, str], detail: str
+) -> None:
+    response = photos.get("/api/search", params={"q": "a photo", **conditions})
+    assert response.status_code == 422 and detail in response.text
+    body = {"parts": [{"text": "a photo"}], "filters": conditions}
+    response = photos.post("/api/search/combined", json=body)
+    assert response.status_code == 422 and detail in response.text

@@ -1,8 +1,11 @@
 """Pages of results through the HTTP API: a cursor continues the same ranked list without repeats or gaps, date
-orders follow capture times, and a cursor is refused for another query (422) or another generation (409)."""
+orders follow capture times, and a cursor is refused for another query or when edited (422), or for another
+generation (409); every image search takes its result options from one dependency."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +13,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.errors import BadRequestError
 from app.main import create_app
+from app.paging import Cursor
+from app.schemas import MAX_CURSOR_CHARS, TEXT_FIELD_MAX
 from indexer.cli import main as clip_index
 from tests.app.conftest import COLOURS, IndexedFolder, write_image
 
@@ -98,3 +104,56 @@ def test_date_orders_follow_capture_times_across_pages_and_a_new_generation_refu
         client.app.state.runtime.refresh()  # type: ignore[attr-defined]
         stale = client.get("/api/search", params={"q": "a square", "k": 5, "cursor": cursor})
         assert stale.status_code == 409 and "search again" in stale.json()["detail"]
+
+
+def test_an_edited_cursor_is_refused(client: TestClient) -> None:
+    cursor = ok(client.get("/api/search", params={"q": "a red square", "k": 3}))["next_cursor"]
+    assert isinstance(cursor, str)
+    fields = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for edit in ({"o": 6}, {"o": 0}, {"o": True}, {"g": "g-999999"}, {"v": 1}):
+        edited = base64.urlsafe_b64encode(json.dumps({**fields, **edit}).encode()).decode()
+        response = client.get("/api/search", params={"q": "a red square", "k": 3, "cursor": edited})
+        assert response.status_code == 422 and "cursor is not one this server gave out" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode(),  # nested past the parser's recursion limit
+        base64.urlsafe_b64encode(b'"a string"').decode(),
+        base64.urlsafe_b64encode(b"\xff\xfe").decode(),
+        "\u00e9t\u00e9",
+    ],
+)
+def test_a_token_that_is_no_cursor_is_a_422(client: TestClient, token: str) -> None:
+    with pytest.raises(BadRequestError, match="cursor is not one this server gave out"):
+        Cursor.decode(token)
+    response = client.get("/api/search", params={"q": "a red square", "cursor": token})
+    assert response.status_code == 422 and "cursor is not one this server gave out" in response.text
+
+
+def test_a_cursor_carries_a_folder_of_the_longest_kind_within_the_limit() -> None:
+    folder = "\U0001f4f7" * TEXT_FIELD_MAX + "\udc80"  # 4 UTF-8 bytes each, and a lone surrogate from a file name
+    cursor = Cursor("g-000001", 50, "abc", {"threshold": 0.995, "folder": folder})
+    token = cursor.encode()
+    assert len(token) <= MAX_CURSOR_CHARS and Cursor.decode(token) == cursor
+
+
+RESULT_PARAMETERS = {"k", "min_score", "min_relevance", "sort", "cursor", "folder", "taken_after", "taken_before",
+                     "camera", "format", "min_width", "min_height", "orientation"}  # fmt: skip
+
+
+def test_every_image_search_takes_the_same_result_options(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, method in (
+        ("/api/search", "get"),
+        ("/api/search/image", "post"),
+        ("/api/images/{image_id}/similar", "get"),
+    ):
+        parameters = spec["paths"][path][method]["parameters"]
+        assert {p["name"] for p in parameters if p["in"] == "query"} >= RESULT_PARAMETERS, path
+    body = spec["components"]["schemas"]["CombinedQuery"]["properties"]
+    assert set(body) >= {"k", "min_score", "min_relevance", "sort", "cursor", "filters"}
+    first = ok(client.get("/api/search", params={"q": "a red square", "k": 1}))["results"][0]["id"]  # type: ignore[index]
+    refused = client.get(f"/api/images/{first}/similar", params={"min_relevance": 0.5})
+    assert refused.status_code == 422 and "text queries" in refused.json()["detail"]

@@ -1,0 +1,175 @@
+"""The values the served generation holds for the filters that take names (folders, cameras, formats) and the span
+of its capture times, found once per generation; and the check that a request's filters name something there.
+
+Contracts:
+
+* Facets come from the generation's :class:`PhotoColumns` (the columns filtered searches read anyway), once per
+  generation: the latest generation's are kept, and concurrent first requests wait for one computation.
+* A folder, camera or format value is known when, alone, it matches at least one image of the generation. That is
+  decided by the store's own rule (``PhotoColumns.mask``) over one representative image per distinct folder, camera
+  and format, so what the API accepts and what a search matches cannot drift apart. A request naming an unknown
+  value is refused (422) with the close known values and where to list them all (``GET /api/facets``); a
+  combination of known values that matches no image is a valid filter, whose search has no results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from indexer.store.reader import PhotoColumns, SearchFilter
+
+from .errors import BadRequestError
+from .facet_schemas import CaptureTimes, Facets, FacetValue
+from .runtime import Served
+from .schemas import SearchFilters, clock_text
+
+SUGGESTIONS = 3  # close known values named in a refusal
+SIMILARITY_CUTOFF = 0.6  # difflib ratio from which a known value is close to an unknown one
+FACETS_HINT = "GET /api/facets lists them all"
+NONE_KNOWN = {  # what an index with no value at all for a filter says
+    "folder": "every indexed image lies directly in the image root",
+    "camera": "no indexed image has a camera make or model in its EXIF",
+    "format": "the index holds no image",
+}
+
+
+@dataclass(frozen=True)
+class GenerationFacets:
+    """One generation's facets (the response body) and its representative images, for :func:`check_filters`."""
+
+    described: Facets
+    representatives: PhotoColumns  # an image of each distinct folder, camera and format
+
+
+class FacetCache:
+    """The facets of the latest generation asked about."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: GenerationFacets | None = None
+
+    def of(self, state: Served) -> GenerationFacets:
+        """The facets of ``state``'s generation, found on first use (under the lock: found once)."""
+        with self._lock:
+            if self._kept is None or self._kept.described.generation != state.generation:
+                self._kept = _facets(state.generation, state.index.photo_columns())
+            return self._kept
+
+
+def _facets(generation: str, columns: PhotoColumns) -> GenerationFacets:
+    described = Facets(
+        generation=generation,
+        images=len(columns),
+        folders=_folder_counts(columns.folders, columns.folder_codes),
+        cameras=_by_count(columns.cameras, columns.camera_codes),
+        formats=_by_count(columns.formats, columns.format_codes),
+        taken=_capture_times(columns),
+    )
+    return GenerationFacets(described, _representatives(columns))
+
+
+def _counts(names: Sequence[str], codes: npt.NDArray[np.int32]) -> list[int]:
+    """Images per code (rows without a value, ``codes`` < 0, left out)."""
+    return [int(n) for n in np.bincount(codes[codes >= 0], minlength=len(names))]
+
+
+def _folder_counts(folders: Sequence[str], codes: npt.NDArray[np.int32]) -> list[FacetValue]:
+    """Every folder that holds images, directly or below, with its images and its subfolders', in path order (the
+    image root, which every image is under, left out)."""
+    totals: dict[str, int] = {}
+    for folder, count in zip(folders, _counts(folders, codes), strict=True):
+        parts = folder.split("/") if folder else []
+        for depth in range(1, len(parts) + 1):
+            ancestor = "/".join(parts[:depth])
+            totals[ancestor] = totals.get(ancestor, 0) + count
+    return [FacetValue(value=name, images=totals[name]) for name in sorted(totals)]
+
+
+def _by_count(names: Sequence[str], codes: npt.NDArray[np.int32]) -> list[FacetValue]:
+    pairs = [(name, count) for name, count in zip(names, _counts(names, codes), strict=True) if count]
+    return [FacetValue(value=name, images=count) for name, count in sorted(pairs, key=lambda p: (-p[1], p[0]))]
+
+
+def _capture_times(columns: PhotoColumns) -> CaptureTimes | None:
+    if not len(columns):
+        return None
+    return CaptureTimes(
+        earliest=clock_text(int(columns.taken_at.min())),
+        latest=clock_text(int(columns.taken_at.max())),
+        from_exif=int(columns.taken_from_exif.sum()),
+    )
+
+
+def _representatives(columns: PhotoColumns) -> PhotoColumns:
+    """The rows of ``columns`` that first have each folder, camera and format code (every column kept)."""
+    firsts = [np.unique(codes, return_index=True)[1] for codes in (columns.folder_codes, columns.camera_codes,
+                                                                  columns.format_codes)]  # fmt: skip
+    rows = np.unique(np.concatenate(firsts)) if len(columns) else np.empty(0, dtype=np.int64)
+    arrays: dict[str, Any] = {  # the columns; the string tables stay whole
+        column.name: value[rows]
+        for column in dataclasses.fields(columns)
+        if isinstance(value := getattr(columns, column.name), np.ndarray)
+    }
+    return dataclasses.replace(columns, **arrays)
+
+
+def check_filters(cache: FacetCache, state: Served, filters: SearchFilters | None) -> None:
+    """BadRequestError (422) when a folder, camera or format of ``filters`` matches no image of ``state``'s
+    generation, naming each such value, the close known ones, and ``/api/facets``. Filters that name none of them
+    are not looked at (the facets are not found for them)."""
+    if filters is None or not (filters.folder or filters.camera or filters.format):
+        return
+    facets = cache.of(state)
+    known = facets.described
+    problems = [
+        *_unknown("folder", filters.folder, lambda v: SearchFilter(folders=(v,)), facets, known.folders),
+        *_unknown("camera", filters.camera, lambda v: SearchFilter(cameras=(v,)), facets, known.cameras),
+        *_unknown("format", filters.format, lambda v: SearchFilter(formats=(v,)), facets, known.formats),
+    ]
+    if problems:
+        raise BadRequestError("; ".join(problems))
+
+
+def _unknown(
+    what: str,
+    values: Iterable[str],
+    condition: Callable[[str], SearchFilter],
+    facets: GenerationFacets,
+    known: Sequence[FacetValue],
+) -> list[str]:
+    """A sentence per value of ``values`` that matches no image, alone."""
+    names = [facet.value for facet in known]
+    sentences = []
+    for value in dict.fromkeys(values):  # each value once, in the order given
+        if facets.representatives.mask(condition(value)).any():
+            continue
+        if not names:
+            sentences.append(f"unknown {what} {value!r}: {NONE_KNOWN[what]}")
+            continue
+        close = close_names(value, names, by_last_part=what == "folder")
+        hint = f"did you mean {' or '.join(repr(name) for name in close)}? " if close else ""
+        sentences.append(f"unknown {what} {value!r}: no indexed image matches it ({hint}{FACETS_HINT})")
+    return sentences
+
+
+def close_names(value: str, names: Sequence[str], by_last_part: bool = False) -> list[str]:
+    """Up to ``SUGGESTIONS`` of ``names`` close to ``value``, ignoring case: the one that differs only in case if
+    there is one, else (for folders, ``by_last_part``) those whose last part is ``value``'s, then the most similar."""
+    wanted = value.strip("/").casefold()
+    folded = {name.casefold(): name for name in reversed(names)}  # the first name of each folded form
+    if wanted in folded:
+        return [folded[wanted]]
+    found = []
+    if by_last_part:
+        last = wanted.rpartition("/")[2]
+        found += [name for name in names if name.casefold().rpartition("/")[2] == last]
+    found += [folded[m] for m in difflib.get_close_matches(wanted, list(folded), SUGGESTIONS, SIMILARITY_CUTOFF)]
+    return list(dict.fromkeys(found))[:SUGGESTIONS]
