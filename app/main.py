@@ -20,10 +20,11 @@ from clip_model.process_tuning import ThreadPlan
 
 from .duplicates_service import DuplicateFinder
 from .errors import install_error_handlers
+from .facets import FacetCache
 from .metrics import Metrics
 from .middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from .reindex import Reindexer
-from .routes import admin, classify, duplicates, embed, images, ops, search, texts, web
+from .routes import admin, classify, duplicates, embed, facets, images, ops, search, texts, web
 from .runtime import Runtime
 from .service import SearchService
 from .settings import Settings, get_settings
@@ -36,6 +37,7 @@ Semantic image search over a folder indexed by `clip-index`, on a CLIP model imp
 * **search**: text -> images, uploaded image -> images, weighted query arithmetic
 * **images**: metadata, file, thumbnail, "more like this" and stored embedding of an indexed image, by id
 * **duplicates**: groups of byte-identical and near-duplicate images, a page at a time
+* **facets**: the folders, cameras, formats and capture times the index holds, to choose filters from
 * **image to text**: the texts that best describe an image (indexed corpus or candidates you send)
 * **zero-shot**: probabilities over your labels, with prompt ensembling
 * **embeddings**: vectors for texts and images
@@ -63,8 +65,9 @@ def create_app(settings: Settings | None = None, *, watch: bool = True, plan: Th
             logger.error("cannot start: %s", exc)
             raise
         app.state.runtime = runtime
-        app.state.service = SearchService(runtime, settings)
-        app.state.duplicates = DuplicateFinder(runtime)
+        facet_cache = FacetCache()  # one per app: the search and duplicates services check filters against it
+        app.state.service = SearchService(runtime, settings, facet_cache)
+        app.state.duplicates = DuplicateFinder(runtime, facet_cache)
         try:
             yield
         finally:
@@ -81,7 +84,7 @@ def create_app(settings: Settings | None = None, *, watch: bool = True, plan: Th
     app.state.metrics = metrics
     app.state.reindexer = Reindexer()
     install_error_handlers(app)
-    for module in (search, images, duplicates, texts, classify, embed, ops, admin, web):
+    for module in (search, facets, images, duplicates, texts, classify, embed, ops, admin, web):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:
