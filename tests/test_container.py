@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
+COMPOSE_REPLICAS = ROOT / "docker-compose.replicas.yml"
+BALANCER_CONF = ROOT / "deploy" / "nginx.conf"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_PIN = "torch==2.13.0"
 SERVER_COMMAND = ["clip-serve"]
@@ -403,6 +405,82 @@ def test_the_docs_document_what_the_container_runs(dockerfile: list[Instruction]
     assert commands == {"clip-serve", "clip-index build"}
     for command in sorted(commands):
         assert command in readme, f"the container runs `{command}`, which docs/deployment.md does not document"
+
+
+# --- compose: replicas behind a load balancer ------------------------------------------------------------------------
+
+INDEX_TARGET = "/data/index"  # where the image's CLIPSEARCH_INDEX_DIR points
+SERVER_PORT = 8000  # the image's CLIPSEARCH_PORT
+
+
+def _mount(service: dict[str, Any], target: str) -> tuple[str, str]:
+    """(source, mode) of the service's short-syntax volume mounted at ``target``; mode "rw" when none is given."""
+    for volume in service["volumes"]:
+        rest, _, mode = volume.rpartition(":")
+        if mode not in ("ro", "rw"):  # no mode: the last part is the target
+            rest, mode = volume, "rw"
+        source, _, path = rest.rpartition(":")  # the source may hold colons (${PHOTOS:-./photos}), the target not
+        if path == target:
+            return source, mode
+    raise AssertionError(f"nothing is mounted at {target}: {service['volumes']}")
+
+
+def _nginx_upstreams(text: str) -> dict[str, list[str]]:
+    """upstream name -> the addresses of its ``server`` lines, from an nginx configuration (comments dropped)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    return {
+        name: re.findall(r"^\s*server\s+(\S+?)[\s;]", body, flags=re.MULTILINE)
+        for name, body in re.findall(r"\bupstream\s+(\w+)\s*\{([^}]*)\}", text)
+    }
+
+
+def _nginx_values(text: str, directive: str) -> list[str]:
+    return re.findall(rf"^\s*{directive}\s+([^;]+);", re.sub(r"#[^\n]*", "", text), flags=re.MULTILINE)
+
+
+def test_compose_replicas_config_parses() -> None:
+    services = _compose_config(COMPOSE_REPLICAS)["services"]
+    assert set(services) == {"indexer", "replica", "balancer"}
+    assert services["indexer"]["command"] == INDEXER_COMMAND
+    assert services["replica"]["command"] == SERVER_COMMAND
+    assert services["indexer"]["volumes"][1:] == ["clip-index:/data/index:rw", "clip-models:/data/models:rw"]
+    assert services["replica"]["volumes"][1:] == ["clip-index:/data/index:ro", "clip-models:/data/models:ro"]
+    assert "ports" not in services["replica"], "replicas publish no host port: the balancer reaches them"
+    assert services["balancer"]["ports"] == ["127.0.0.1:8000:8080/tcp"], "published on this machine only by default"
+    assert services["balancer"]["depends_on"] == {"replica": {"condition": "service_healthy"}}
+
+
+def test_compose_replicas_read_the_writers_volume_read_only() -> None:
+    compose = _load_compose(COMPOSE_REPLICAS)
+    services = compose["services"]
+    writer, replica = services["indexer"], services["replica"]
+    for target in (INDEX_TARGET, "/data/models"):
+        (writer_source, writer_mode), (replica_source, replica_mode) = _mount(writer, target), _mount(replica, target)
+        assert writer_source == replica_source and writer_source in compose["volumes"], "one named volume, shared"
+        assert (writer_mode, replica_mode) == ("rw", "ro"), f"{target}: only the writer may write"
+    assert _mount(replica, "/photos") == ("${PHOTOS:-./photos}", "ro")
+    assert writer["restart"] == "no" and "index" in writer["profiles"], "a one-shot job: `run --rm indexer`"
+    assert replica["healthcheck"]["test"] == ["CMD", *HEALTHCHECK_COMMAND]
+    assert replica["restart"] == "unless-stopped"
+    environment = " ".join(replica["environment"])
+    assert "CLIPSEARCH_ADMIN_API_KEY" not in environment, "a replica's admin reindex would be a second writer"
+    assert "CLIPSEARCH_CACHE_DIR=" in environment and INDEX_TARGET not in environment, "thumbnails elsewhere"
+
+
+def test_the_balancer_sends_every_request_to_the_replica_service() -> None:
+    compose = _load_compose(COMPOSE_REPLICAS)
+    balancer = compose["services"]["balancer"]
+    assert _mount(balancer, "/etc/nginx/nginx.conf") == ("./deploy/nginx.conf", "ro")
+    conf = BALANCER_CONF.read_text()
+    upstreams = _nginx_upstreams(conf)
+    assert upstreams == {"clip_search": [f"replica:{SERVER_PORT}"]}, upstreams
+    assert str(SERVER_PORT) in compose["services"]["replica"]["expose"]
+    assert _nginx_values(conf, "proxy_pass") == ["http://clip_search"]
+    published, container = balancer["ports"][0].rsplit(":", 1)
+    assert _nginx_values(conf, "listen") == [container], f"the balancer listens on the port {published} maps to"
+    (body_limit,) = _nginx_values(conf, "client_max_body_size")
+    assert body_limit.endswith("m") and int(body_limit[:-1]) * 2**20 > 20 * 2**20, "above the servers' upload limit"
+    assert "resolve" in _nginx_values(conf, "server")[0], "replicas added by --scale are found without a reload"
 
 
 # --- app.healthcheck -------------------------------------------------------------------------------------------------
