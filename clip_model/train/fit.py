@@ -37,7 +37,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +52,20 @@ from torch.utils.data import DataLoader
 from ..checkpoint import save_checkpoint
 from ..config import CLIPConfig, list_configs
 from ..errors import ClipModelError, UnknownModelError
-from ..factory import create_model, load
+from ..factory import create_model, load, tokenizer_for, trim_for
 from ..loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
 from ..model import CLIP, ImageTextModel
 from ..preprocess import Preprocess
-from ..tokenizer import trim_tokens
-from .data import DatasetError, Pair, PairDataset, PreloadedPairDataset, preloaded_bytes, read_pairs
+from ..siglip import SigLIP
+from .data import (
+    DatasetError,
+    Pair,
+    PairDataset,
+    PreloadedPairDataset,
+    TextTokenizer,
+    preloaded_bytes,
+    read_pairs,
+)
 from .evaluate import encode_dataset, retrieval_metrics, zero_shot_accuracy
 from .schedule import param_groups, warmup_cosine
 from .state import TrainingState, capture_rng, latest_state, load_state, restore_rng, save_state
@@ -139,6 +147,27 @@ class FitResult:
     checkpoint_path: Path | None
 
 
+ParamGroups = Callable[[nn.Module], list[dict[str, Any]]]  # ContrastiveModule -> AdamW parameter groups
+SaveModel = Callable[[ImageTextModel, Path], None]  # (trained model, out_dir / MODEL_FILE) -> writes the outputs
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """A model its caller prepared for :func:`fit` (``clip-train finetune``): weights loaded, adapters in place,
+    some parameters frozen. It replaces what ``options.model`` would build; a resumed run restores its checkpoint
+    into it, so it must be built the same way each time.
+
+    ``param_groups`` gives the optimizer's groups of the :class:`ContrastiveModule` around ``model`` (each may set
+    its own ``lr``, which the schedule then scales); ``save`` writes the final model instead of
+    :func:`~clip_model.save_checkpoint` (an adapted model merges its adapters first).
+    """
+
+    model: ImageTextModel
+    preprocess: Preprocess
+    param_groups: ParamGroups
+    save: SaveModel
+
+
 @dataclass(frozen=True)
 class _World:
     rank: int = 0
@@ -150,8 +179,11 @@ class _World:
         return self.rank == 0
 
 
-def fit(options: FitOptions) -> FitResult:
+def fit(options: FitOptions, setup: ModelSetup | None = None) -> FitResult:
     """Train as ``options`` say and write ``options.out_dir`` (see the module docstring for the layout).
+
+    ``setup``: the model to train, prepared by the caller (:class:`ModelSetup`); default: the one ``options.model``
+    names (an architecture to train from scratch, or a CLIP checkpoint to fine-tune every weight of).
 
     Under ``torchrun`` every process calls this with the same options; the process group (nccl on CUDA, gloo on
     CPU) is created here and destroyed before returning, unless the caller already created one.
@@ -170,7 +202,7 @@ def fit(options: FitOptions) -> FitResult:
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _fit(options, world, device)
+        return _fit(options, world, device, setup)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -213,20 +245,23 @@ def _device(requested: str | None, world: _World) -> torch.device:
     return device
 
 
-def _fit(options: FitOptions, world: _World, device: torch.device) -> FitResult:
+def _fit(options: FitOptions, world: _World, device: torch.device, setup: ModelSetup | None) -> FitResult:
     out = Path(options.out_dir)
     state = _resume_state(options, out)
     random.seed(options.seed)
     torch.manual_seed(options.seed)
-    train_pairs, val_pairs = _read_data(options)
-    model, preprocess = _build_model(options, state)
-    trainer = _Trainer.create(options, world, device, model, state)
+    train_pairs, val_pairs = read_data(options)
+    if setup is None:
+        built, built_preprocess = _build_model(options, state)
+        setup = ModelSetup(built, built_preprocess, lambda module: param_groups(module, options.weight_decay), _save)
+    model, preprocess = setup.model, setup.preprocess
+    trainer = _Trainer.create(options, world, device, setup, state)
     evaluator = _Evaluator(val_pairs, preprocess) if val_pairs else None
     stop = options.stop_after or options.steps
     if world.is_main:
         _prepare_out_dir(out, options, trainer.step)
     sampler = StepBatchSampler(len(train_pairs), options.batch_size, options.seed, trainer.step, stop, world)
-    dataset = _training_dataset(train_pairs, preprocess, model.context_length, options.preload_mb)
+    dataset = _training_dataset(train_pairs, preprocess, model, options.preload_mb)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -237,7 +272,7 @@ def _fit(options: FitOptions, world: _World, device: torch.device) -> FitResult:
     record = _train(trainer, loader, stop, evaluator, out)
     model_path = out / MODEL_FILE
     if world.is_main:
-        save_checkpoint(trainer.module.model, model_path)
+        setup.save(trainer.module.model, model_path)
         logger.info("step %d: saved %s", trainer.step, model_path)
     if world.size > 1:
         dist.barrier()  # every rank returns once rank 0's files exist
@@ -245,16 +280,22 @@ def _fit(options: FitOptions, world: _World, device: torch.device) -> FitResult:
     return FitResult(trainer.step, record, out, model_path, out / METRICS_FILE, checkpoint)
 
 
+def _save(model: ImageTextModel, path: Path) -> None:
+    save_checkpoint(model, path)
+
+
 def _training_dataset(
-    pairs: Sequence[Pair], preprocess: Preprocess, context_length: int, preload_mb: int
+    pairs: Sequence[Pair], preprocess: Preprocess, model: ImageTextModel, preload_mb: int
 ) -> PairDataset | PreloadedPairDataset:
-    """The pairs preloaded into memory when their pixels fit in ``preload_mb`` MiB, else decoded per step."""
+    """The pairs preloaded into memory when their pixels fit in ``preload_mb`` MiB, else decoded per step; captions
+    tokenized by ``model``'s tokenizer."""
+    tokenizer: TextTokenizer = tokenizer_for(model)
     needed = preloaded_bytes(pairs, preprocess.image_size)
     if needed > preload_mb * MIB:
         logger.info("decoding images per step: %.0f MiB of pixels exceed --preload-mb %d", needed / MIB, preload_mb)
-        return PairDataset(pairs, preprocess, context_length)
+        return PairDataset(pairs, preprocess, model.context_length, tokenizer)
     started = time.perf_counter()
-    dataset = PreloadedPairDataset(pairs, preprocess, context_length)
+    dataset = PreloadedPairDataset(pairs, preprocess, model.context_length, tokenizer)
     logger.info("preloaded %d images (%.0f MiB) in %.1f s", len(pairs), needed / MIB, time.perf_counter() - started)
     return dataset
 
@@ -289,7 +330,9 @@ def _check_resumed_options(saved: dict[str, Any], options: FitOptions) -> None:
         )
 
 
-def _read_data(options: FitOptions) -> tuple[list[Pair], list[Pair]]:
+def read_data(options: FitOptions) -> tuple[list[Pair], list[Pair]]:
+    """``(train, held out)`` pairs of ``options``' data (:func:`split_pairs`, or ``val_data``); DatasetError when
+    there are fewer training pairs than the batch size."""
     pairs = read_pairs(Path(options.data), options.captions)
     if options.val_data is not None:
         train, val = pairs, read_pairs(Path(options.val_data))
@@ -400,20 +443,29 @@ def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class ContrastiveModule(nn.Module):
-    """CLIP plus what its loss needs (SigLIP's learned ``logit_bias``); ``forward`` returns the global-batch loss.
+    """An image-text model plus what its loss needs; ``forward`` returns the global-batch loss.
 
-    The towers run under autocast when ``autocast_dtype`` is set; the loss is computed in float32.
+    The sigmoid loss needs a learned bias: a SigLIP model's own ``logit_bias``, or, for a CLIP, the ``logit_bias``
+    this module adds (None otherwise). The towers run under autocast when ``autocast_dtype`` is set; the loss is
+    computed in float32.
     """
 
-    model: CLIP
+    model: ImageTextModel
     logit_bias: nn.Parameter | None
 
-    def __init__(self, model: CLIP, loss: Loss, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: ImageTextModel, loss: Loss, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
+        self.loss = loss
         self.autocast_dtype = autocast_dtype
-        bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS)) if loss == "siglip" else None
-        self.register_parameter("logit_bias", bias)
+        own = loss == "siglip" and not isinstance(model, SigLIP)
+        self.register_parameter("logit_bias", nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS)) if own else None)
+
+    def sigmoid_bias(self) -> torch.Tensor | None:
+        """The sigmoid loss's bias (this module's or the SigLIP model's); None with the softmax loss."""
+        if self.loss != "siglip":
+            return None
+        return self.model.logit_bias if isinstance(self.model, SigLIP) else self.logit_bias
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """images [B, 3, R, R] float, tokens [B, L] int64 -> scalar loss over all ranks' pairs."""
@@ -422,9 +474,10 @@ class ContrastiveModule(nn.Module):
             text_features = self.model.encode_text(tokens)  # [B, D]
         image_features = F.normalize(image_features.float(), dim=-1)
         text_features = F.normalize(text_features.float(), dim=-1)
-        if self.logit_bias is None:
+        bias = self.sigmoid_bias()
+        if bias is None:
             return clip_loss(image_features, text_features, self.model.logit_scale)
-        return siglip_loss(image_features, text_features, self.model.logit_scale, self.logit_bias)
+        return siglip_loss(image_features, text_features, self.model.logit_scale, bias)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -458,15 +511,18 @@ class _Trainer:
 
     @classmethod
     def create(
-        cls, options: FitOptions, world: _World, device: torch.device, model: CLIP, state: TrainingState | None
+        cls, options: FitOptions, world: _World, device: torch.device, setup: ModelSetup, state: TrainingState | None
     ) -> _Trainer:
         dtype = _autocast_dtype(options.precision, device)
+        model = setup.model
         if options.grad_checkpointing:
             model.set_grad_checkpointing(True)
         module = ContrastiveModule(model, options.loss, dtype).to(device)
-        optimizer = torch.optim.AdamW(
-            param_groups(module, options.weight_decay), lr=options.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
-        )  # fused: one kernel over all parameters instead of several per tensor, a large share of a small model's step
+        groups = setup.param_groups(module)
+        if not any(group["params"] for group in groups):
+            raise FitError("no parameter left to train: every one is frozen")
+        optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+        # fused: one kernel over all parameters instead of several per tensor, a large share of a small model's step
         scheduler = warmup_cosine(optimizer, options.warmup_steps, options.steps)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         trainer = cls(options, world, module, module, optimizer, scheduler, scaler)
@@ -483,10 +539,10 @@ class _Trainer:
         """One optimizer step on this rank's slice of a global batch; returns the (detached) global loss."""
         device = self.module.model.logit_scale.device
         images = images.to(device, non_blocking=True)
-        tokens = trim_tokens(tokens).to(device, non_blocking=True)
+        tokens = trim_for(self.module.model, tokens).to(device, non_blocking=True)
         loss: torch.Tensor = self.network(images, tokens)
         scaled = loss * self.world.size  # DDP averages gradients; the global loss needs their sum
-        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.last_lr = max(float(group["lr"]) for group in self.optimizer.param_groups)  # the top layers' rate
         if self.scaler is None:
             scaled.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             self.optimizer.step()
@@ -537,8 +593,9 @@ class _Trainer:
             "logit_scale": float(self.module.model.logit_scale.detach().exp()),
             "samples_per_s": samples_per_s,
         }
-        if self.module.logit_bias is not None:
-            record["logit_bias"] = float(self.module.logit_bias.detach())
+        bias = self.module.sigmoid_bias()
+        if bias is not None:
+            record["logit_bias"] = float(bias.detach())
         return record
 
 
@@ -627,7 +684,7 @@ class _Evaluator:
         self.preprocess = preprocess
         self.labelled = all(p.label is not None for p in self.pairs)
 
-    def __call__(self, model: CLIP) -> dict[str, float]:
+    def __call__(self, model: ImageTextModel) -> dict[str, float]:
         """Metrics of ``model`` (in float32, eval mode) on the held-out pairs; leaves the model in train mode."""
         model.eval()
         try:
