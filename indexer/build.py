@@ -120,7 +120,12 @@ class LoadedModel:
     def decode_spec(self, draft: bool, gps: bool = False) -> DecodeSpec:
         pre = self.info.preprocess
         return DecodeSpec(
-            image_size=pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), draft=draft, gps=gps
+            image_size=pre["image_size"],
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+            resize_mode=pre["resize_mode"],
+            draft=draft,
+            gps=gps,
         )
 
 
@@ -130,7 +135,8 @@ def load_model(name: str, arch: str | None = None, precision: Precision = "fp32"
     if precision not in PRECISIONS:
         raise IndexerError(f"precision must be {' or '.join(map(repr, PRECISIONS))}, got {precision!r}")
     loaded = clip_model.load_for_inference(name, arch=arch, precision=precision)
-    return LoadedModel(loaded.model, ModelInfo.of(**loaded.provenance()))
+    info = ModelInfo.of(**loaded.provenance(), **clip_model.input_provenance(loaded.model, loaded.preprocess))
+    return LoadedModel(loaded.model, info)
 
 
 def check_provenance(catalog: Catalog, info: ModelInfo, index_dir: Path) -> None:

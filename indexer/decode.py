@@ -9,15 +9,17 @@ Contract of ``decode_file(root, scanned, spec)``:
 - The image's pixel count is checked against ``spec.max_pixels`` from its header, before any pixel is decoded.
 - JPEGs are decoded at a reduced size through the decoder's DCT scaling when ``spec.draft``, by
   ``clip_model.preprocess.apply_draft``: the largest of the 1/2, 1/4, 1/8 scales that keeps BOTH sides
-  >= ``DRAFT_MARGIN * image_size``, so the bicubic resize that follows still reduces by >= 2x. The crop then
+  >= ``DRAFT_MARGIN * image_size``, so the bicubic resize that follows still reduces each side by >= 2x. The crop then
   differs from the full decode by about one 8-bit level on average (see tests/indexer/test_decode.py).
   ``width``/``height`` are always the upright ORIGINAL size.
 - The photo's metadata (:func:`indexer.photo_metadata.read_metadata`: capture time, camera, GPS only with
   ``spec.gps``, ...) is read from the same opened image once it is decoded (a PNG's EXIF chunk may follow its
   pixel data), so a file is read once.
 - Then ``clip_model.preprocess.to_rgb`` (EXIF orientation, alpha over white, first frame of animations) and
-  ``resize_and_center_crop`` -> ``pixels`` uint8 ``[R, R, 3]``; the main process normalizes batches with
-  ``clip_model.preprocess.normalize_pixels``, which equals ``Preprocess(R, mean, std)`` exactly.
+  ``resize_for`` with ``spec.resize_mode`` (CLIP's shortest side + centre crop, or SigLIP's squash of the whole
+  image) -> ``pixels`` uint8 ``[R, R, 3]``; the main process normalizes batches with
+  ``clip_model.preprocess.normalize_pixels``, which equals ``Preprocess(R, mean, std, resize_mode)`` exactly. After a
+  draft both rules still shrink every side by >= ``DRAFT_MARGIN``, so the draft rule above holds for either.
 - Any failure gives a ``DecodeFailure`` whose ``reason`` starts with one of ``REASON_CATEGORIES`` and a colon (or is
   exactly "empty file"); nothing raises. Results are plain dataclasses of str/int/numpy: they pickle across
   spawned processes, and no torch tensor is created here.
@@ -37,17 +39,19 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError, features
 
+from clip_model.config import ResizeMode
 from clip_model.preprocess import (
     DRAFT_FORMATS,
     EXIF_ORIENTATION_TAG,
     Triple,
     apply_draft,
-    resize_and_center_crop,
+    resize_for,
     to_rgb,
 )
 
@@ -61,6 +65,7 @@ logger = logging.getLogger(__name__)
 # needs ~480 MB of RGB per worker while decoding (JPEGs are drafted to 1/8 of that).
 DEFAULT_MAX_PIXELS = 160_000_000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB: larger files are skipped without being read
+RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations whose upright image swaps width and height
 REASON_CATEGORIES = (
     "empty file",
@@ -79,18 +84,20 @@ UNSUPPORTED_MARKERS = ("not available", "cannot convert image mode", "unsupporte
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How to turn a file into model input: crop side ``image_size``, CLIP ``mean``/``std`` and the safety limits."""
+    """How to turn a file into model input: side ``image_size``, ``mean``/``std``, the model's resize rule
+    (``"shortest"``: resize and centre crop; ``"squash"``: the whole image to the square) and the safety limits."""
 
     image_size: int
     mean: Triple
     std: Triple
+    resize_mode: ResizeMode = "shortest"
     draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     gps: bool = False  # read GPS positions into the metadata (off unless the user asked)
 
     def __post_init__(self) -> None:
-        if self.image_size < 1 or self.max_pixels < 1 or self.max_bytes < 0:
+        if self.image_size < 1 or self.max_pixels < 1 or self.max_bytes < 0 or self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"invalid DecodeSpec: {self}")
 
 
@@ -176,7 +183,7 @@ def _decode_pixels(
             metadata = read_metadata(image, gps=spec.gps)  # after decoding: PNG's EXIF may follow the pixels
             if not drafting:
                 width, height = upright.size  # full size (TIFF, for one, turns upright inside Pillow's loader)
-            crop = resize_and_center_crop(upright, spec.image_size)
+            crop = resize_for(upright, spec.image_size, spec.resize_mode)
             pixels = np.array(crop, dtype=np.uint8)  # [R, R, 3], owned and C-contiguous
     for warning in caught:
         logger.debug("%s: %s", paths.display(relative), warning.message)

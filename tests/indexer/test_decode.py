@@ -3,6 +3,7 @@ accuracy, and a round trip through spawned worker processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -20,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_model.config import ResizeMode
 from clip_model.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clip_model.preprocess import (
     DRAFT_MARGIN,
@@ -45,7 +47,8 @@ SIZE = 16  # crop side for the 48x32 samples
 SPEC = DecodeSpec(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 EXACT = DecodeSpec(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, draft=False)
 ATOL = 1e-6
-# Draft on vs off for the 3000x2000 photo-like JPEGs below, measured: mean abs 0.18-0.28 levels, max 2-8 levels.
+# Draft on vs off for the 3000x2000 photo-like JPEGs below, measured: mean abs 0.13-0.28 levels, max 2-8 levels
+# (both resize rules).
 DRAFT_MEAN_ABS_BOUND = 1.0 / 255
 DRAFT_MAX_ABS_BOUND = 24.0 / 255
 
@@ -119,16 +122,20 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
 @pytest.mark.parametrize(("width", "height", "image_size"), [(3000, 2000, 224), (2000, 3000, 336)])
-def test_jpeg_draft_stays_close_to_the_full_decode(tmp_path: Path, width: int, height: int, image_size: int) -> None:
+def test_jpeg_draft_stays_close_to_the_full_decode(
+    tmp_path: Path, width: int, height: int, image_size: int, resize_mode: ResizeMode
+) -> None:
     path = tmp_path / "photo.jpg"
     photo_like(width, height, seed=width).save(path, quality=90)
     with Image.open(path) as image:
         apply_draft(image, image_size)
         assert min(image.size) >= DRAFT_MARGIN * image_size
         assert max(image.size) < max(width, height)  # the draft did reduce
-    drafted = decode_ok(path, DecodeSpec(image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, draft=True))
-    exact = decode_ok(path, DecodeSpec(image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, draft=False))
+    spec = DecodeSpec(image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode=resize_mode, draft=True)
+    drafted = decode_ok(path, spec)
+    exact = decode_ok(path, dataclasses.replace(spec, draft=False))
     assert (drafted.width, drafted.height) == (exact.width, exact.height) == (width, height)
     difference = np.abs(drafted.pixels.astype(np.float32) - exact.pixels.astype(np.float32)) / 255
     assert difference.mean() < DRAFT_MEAN_ABS_BOUND
@@ -267,12 +274,13 @@ def test_heic_without_pillow_heif_is_unsupported(tmp_path: Path) -> None:
     assert decode_failure(tmp_path / "photo.heic").reason.startswith("unsupported format: ")
 
 
-def test_normalized_batch_equals_preprocess(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_normalized_batch_equals_preprocess(tmp_path: Path, resize_mode: ResizeMode) -> None:
     samples = images.write_all_samples(tmp_path)
     paths = [samples[kind].path for kind in ("jpeg_rgb", "png_rgba", "gif_palette", "tiff_cmyk", "webp_animated")]
     paths.append(images.write_oriented(tmp_path, 6, "jpg").path)
-    preprocess = Preprocess(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-    spec = EXACT
+    preprocess = Preprocess(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode)
+    spec = DecodeSpec(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode=resize_mode, draft=False)
     batch = normalize_pixels(np.stack([decode_ok(p, spec).pixels for p in paths]), spec.mean, spec.std)
     assert batch.dtype == np.float32 and batch.shape == (len(paths), 3, SIZE, SIZE) and batch.flags.c_contiguous
     for path, item in zip(paths, batch, strict=True):
@@ -284,6 +292,20 @@ def test_normalized_batch_equals_preprocess(tmp_path: Path) -> None:
 def test_decode_spec_validates() -> None:
     with pytest.raises(ValueError, match="DecodeSpec"):
         DecodeSpec(0, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    with pytest.raises(ValueError, match="DecodeSpec"):
+        DecodeSpec(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode="longest")  # type: ignore[arg-type]
+
+
+def test_squash_keeps_the_whole_picture_where_the_crop_drops_its_sides(tmp_path: Path) -> None:
+    """A 48x16 picture, red | green | blue thirds: the squash shows all three, the centre crop only green."""
+    pixels = np.zeros((16, 48, 3), np.uint8)
+    for third, channel in enumerate((0, 1, 2)):
+        pixels[:, 16 * third : 16 * (third + 1), channel] = 255
+    Image.fromarray(pixels).save(tmp_path / "thirds.png")
+    squash = DecodeSpec(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, resize_mode="squash")
+    squashed, cropped = decode_ok(tmp_path / "thirds.png", squash).pixels, decode_ok(tmp_path / "thirds.png").pixels
+    assert squashed[:, 1, 0] == pytest.approx(255, abs=8) and squashed[:, -2, 2] == pytest.approx(255, abs=8)
+    assert (cropped[:, :, 1] == 255).all() and (cropped[:, :, [0, 2]] == 0).all()
 
 
 def test_decode_file_works_in_spawned_worker_processes(tmp_path: Path) -> None:
