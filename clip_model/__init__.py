@@ -5,6 +5,7 @@ Typical use::
     import clip_model
     model, preprocess = clip_model.load("ViT-B-32")               # registry name, or a checkpoint path
     ready = clip_model.load_for_inference("ViT-B-32", precision="int8")  # + fingerprint, CPU inference copy
+    ready = clip_model.load_for_inference("ViT-B-32", device="auto")  # fp16 on CUDA where there is one, else fp32
     # clip_model.load(..., precision="int8"): int8 linear layers for CPU inference
     # clip_model.pack_for_cpu(model): float32 CPU inference with oneDNN-packed linear layers (faster, same results)
     image_features = model.encode_image(preprocess(img)[None], normalize=True)
@@ -27,6 +28,15 @@ from .config import (
     get_config,
     infer_config,
     list_configs,
+)
+from .device import (
+    INFERENCE_PRECISIONS,
+    InferencePrecision,
+    Placement,
+    choose_precision,
+    parse_device,
+    resolve_device,
+    resolve_placement,
 )
 from .errors import (
     CheckpointError,
@@ -80,13 +90,16 @@ __all__ = [
     "ClipModelError",
     "DownloadError",
     "ImageDecodeError",
+    "INFERENCE_PRECISIONS",
     "ImageTextModel",
     "InferenceModel",
+    "InferencePrecision",
     "LONG_TEXT_MODES",
     "LongText",
     "MissingDependencyError",
     "ModelConfig",
     "PRECISIONS",
+    "Placement",
     "Precision",
     "Preprocess",
     "SentencePieceTokenizer",
@@ -103,6 +116,7 @@ __all__ = [
     "XLMRobertaCLIPConfig",
     "available_models",
     "build_zero_shot_classifier",
+    "choose_precision",
     "chunk_windows",
     "classify",
     "create_model",
@@ -118,10 +132,13 @@ __all__ = [
     "load",
     "load_for_inference",
     "pack_for_cpu",
+    "parse_device",
     "preprocess_for",
     "prompt_templates",
     "quantize_int8",
     "read_checkpoint",
+    "resolve_device",
+    "resolve_placement",
     "save_checkpoint",
     "to_rgb",
     "tokenize",

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
-from clip_model import PRECISIONS, Precision
+from clip_model import InferencePrecision, Placement
 from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thread, set_own_thread_count
 
 from . import paths
@@ -71,7 +71,8 @@ class BuildOptions:
     draft: bool = True
     rebuild: bool = False
     retrain: bool = False  # build the image index anew over every image, whatever the segment policy says
-    precision: Precision = "fp32"  # "int8": CPU int8 linear layers (quantize_int8); the fingerprint stays fp32's
+    precision: InferencePrecision | None = None  # None: the device's own (fp32 on the CPU, fp16 on CUDA)
+    device: str = "cpu"  # the device setting (clip_model.device): auto, cpu, cuda or cuda:N
     plan: ThreadPlan | None = None  # decode workers, encode streams and threads; None: ThreadPlan.for_indexing
     store_gps: bool = False  # keep photos' GPS positions in the catalog (off: none kept, and those kept are dropped)
 
@@ -93,6 +94,8 @@ class BuildStats:
     seconds: float = 0.0
     images_per_second: float = 0.0
     generation: str | None = None
+    device: str = ""  # where the encoder ran ("cpu", "cuda:0") and in which arithmetic
+    precision: str = ""
     metadata_read: int = 0  # files whose photo metadata was read apart from encoding (older indexes, GPS turned on)
 
     @property
@@ -106,10 +109,12 @@ class BuildStats:
 
 @dataclass
 class LoadedModel:
-    """The CLIP used for a run, with the provenance an index records."""
+    """The CLIP used for a run, with the provenance an index records and where it runs (its encoders take and give
+    CPU arrays whatever the device: :mod:`clip_model.inference`)."""
 
     model: clip_model.ImageTextModel
     info: ModelInfo
+    placement: Placement
 
     def encode(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """[B, 3, R, R] normalized pixels -> [B, D] float32 unit vectors."""
@@ -129,14 +134,23 @@ class LoadedModel:
         )
 
 
-def load_model(name: str, arch: str | None = None, precision: Precision = "fp32") -> LoadedModel:
-    """Load ``name`` (registry name or checkpoint path) for inference (:func:`clip_model.load_for_inference`): the
-    index records the fingerprint of the float32 weights, so fp32 and int8 runs (and servers) share one index."""
-    if precision not in PRECISIONS:
-        raise IndexerError(f"precision must be {' or '.join(map(repr, PRECISIONS))}, got {precision!r}")
-    loaded = clip_model.load_for_inference(name, arch=arch, precision=precision)
+def resolve_placement(device: str = "cpu", precision: str | None = None) -> Placement:
+    """Where and in which arithmetic the encoder runs for the device and precision settings
+    (:func:`clip_model.resolve_placement`); IndexerError, naming the settings, for a combination it refuses."""
+    try:
+        return clip_model.resolve_placement(device, precision)
+    except ValueError as exc:
+        raise IndexerError(str(exc)) from exc
+
+
+def load_model(name: str, arch: str | None = None, precision: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load ``name`` (registry name or checkpoint path) for inference on ``device`` in ``precision`` (the settings,
+    :func:`resolve_placement`; :func:`clip_model.load_for_inference`): the index records the fingerprint of the
+    float32 weights, so runs (and servers) of every precision and device share one index."""
+    placement = resolve_placement(device, precision)
+    loaded = clip_model.load_for_inference(name, arch=arch, precision=placement.precision, device=str(placement.device))
     info = ModelInfo.of(**loaded.provenance(), **clip_model.input_provenance(loaded.model, loaded.preprocess))
-    return LoadedModel(loaded.model, info)
+    return LoadedModel(loaded.model, info, placement)
 
 
 def check_provenance(catalog: Catalog, info: ModelInfo, index_dir: Path) -> None:
@@ -155,7 +169,8 @@ def build_index(options: BuildOptions, progress: Progress | None = None) -> Buil
     """Bring ``options.index_dir`` up to date with ``options.root`` and publish a new generation."""
     if not options.root.is_dir():
         raise IndexerError(f"image folder {options.root} does not exist or is not a directory")
-    plan = options.plan or ThreadPlan.for_indexing(options.precision)
+    placement = resolve_placement(options.device, options.precision)  # refused settings touch no index
+    plan = options.plan or ThreadPlan.for_indexing(placement.precision)
     logger.info("threads: %s", plan.describe())
     with own_threads(plan.stream_threads):  # a single stream encodes on this thread (decode workers are processes)
         return _build(options, progress, plan)
@@ -166,7 +181,7 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
 
     def load() -> LoadedModel:
         set_own_thread_count(plan.torch_threads)
-        return load_model(options.model, options.arch, options.precision)
+        return load_model(options.model, options.arch, options.precision, options.device)
 
     # first: a failed load leaves no directory. On a thread that ends with it, so that its OpenMP team does not
     # stay beside the encoding ones (clip_model.process_tuning.threads).
@@ -180,6 +195,7 @@ def _build(options: BuildOptions, progress: Progress | None, plan: ThreadPlan) -
             catalog.set_model(loaded.info)
         run_id = catalog.start_run(str(options.root.resolve()))
         stats = _update(catalog, loaded, options, progress, plan)
+        stats.device, stats.precision = str(loaded.placement.device), loaded.placement.precision
         stats.metadata_read = fill_metadata(catalog, options.root, options.store_gps)
         asked = options.rebuild or options.retrain or stats.metadata_read > 0  # readers load metadata per generation
         if not asked and up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):

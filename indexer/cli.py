@@ -20,12 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clip_model import PRECISIONS
+from clip_model import INFERENCE_PRECISIONS, Placement
+from clip_model.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from clip_model.errors import ClipModelError
 from clip_model.process_tuning import ThreadPlan, own_threads, tune_malloc
 
 from . import paths
-from .build import BuildOptions, build_index, load_model
+from .build import BuildOptions, build_index, load_model, resolve_placement
 from .encode import DEFAULT_PARTITION_SIZE, EncodeOptions, Engine, build_on_engine, encode_folder
 from .errors import IndexerError
 from .ingest import DEFAULT_ROWS_PER_SHARD, SOURCES, IngestOptions, export, ingest
@@ -213,10 +214,17 @@ def _encoding_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arch", default=None, help="architecture config for checkpoint files that do not carry one")
     parser.add_argument(
+        "--device",
+        default=_env("DEVICE", DEFAULT_DEVICE),
+        help=f"where to encode: {', '.join(DEVICE_CHOICES)}; auto takes CUDA where torch finds it, else the CPU. "
+        "--engine ray: the actors' device (cuda needs --gpus-per-worker) ($CLIPSEARCH_DEVICE)",
+    )
+    parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default=_env("PRECISION", "fp32"),
-        help="encoder arithmetic: int8 = CPU int8 linear layers, faster encoding ($CLIPSEARCH_PRECISION)",
+        choices=INFERENCE_PRECISIONS,
+        default=_env("PRECISION"),
+        help="encoder arithmetic: fp32; int8 = CPU int8 linear layers, faster encoding on the CPU; fp16 = CUDA only. "
+        "Default: fp32 on the CPU, fp16 on CUDA ($CLIPSEARCH_PRECISION)",
     )
     parser.add_argument(
         "--extensions",
@@ -386,6 +394,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         retrain=args.retrain,
         precision=args.precision,
+        device=args.device,
         store_gps=args.store_gps,
     )
     if args.engine != "local":
@@ -393,7 +402,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.partition_size is not None:
         raise IndexerError("--partition-size applies to --engine ray: the local build encodes in one pipeline")
     _check_local(args)
-    options = dataclasses.replace(options, plan=_local_plan(args))
+    options = dataclasses.replace(options, plan=_local_plan(args, _placement(args)))
     reporter = _ProgressReporter()
     try:
         stats = build_index(options, progress=reporter)
@@ -468,6 +477,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         draft=args.draft,
         precision=args.precision,
+        device=args.device,
         store_gps=args.store_gps,
     )
     engine = _engine(args)
@@ -498,9 +508,19 @@ def _extensions(args: argparse.Namespace) -> frozenset[str] | None:
     return frozenset(e.strip().lower().lstrip(".") for e in args.extensions.split(",") if e.strip())
 
 
-def _local_plan(args: argparse.Namespace) -> ThreadPlan:
+def _placement(args: argparse.Namespace) -> Placement:
+    """Where this machine encodes for --device and --precision; IndexerError (before anything is read or written)
+    for settings it refuses."""
+    placement = resolve_placement(args.device, args.precision)
+    logger.info("encoding on %s", placement)
+    return placement
+
+
+def _local_plan(args: argparse.Namespace, placement: Placement) -> ThreadPlan:
     try:
-        return ThreadPlan.for_indexing(args.precision, threads=args.threads, streams=args.streams, workers=args.workers)
+        return ThreadPlan.for_indexing(
+            placement.precision, threads=args.threads, streams=args.streams, workers=args.workers
+        )
     except ValueError as exc:
         raise IndexerError(str(exc)) from exc
 
@@ -524,7 +544,7 @@ def _engine(args: argparse.Namespace) -> Engine:
     """The engine the command line asks for (Ray is imported when that engine starts)."""
     if args.engine == "local":
         _check_local(args)
-        return LocalEngine(_local_plan(args))
+        return LocalEngine(_local_plan(args, _placement(args)))
     from .ray_engine import RayEngine, RaySettings
 
     settings = RaySettings(
@@ -578,6 +598,13 @@ def _format_index(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _encoded_on(stats: dict[str, Any]) -> str:
+    """The ", on cuda:0 in fp16" of a run that recorded where it encoded (local builds); "" for one that did not."""
+    if not stats.get("device"):
+        return ""
+    return f", on {stats['device']} in {stats['precision']}" if stats.get("precision") else f", on {stats['device']}"
+
+
 def _format_info(info: dict[str, Any]) -> str:
     shown = {**info, "published_at": _when(info.get("published_at"))}
     run = shown.pop("last_run", None)
@@ -589,7 +616,7 @@ def _format_info(info: dict[str, Any]) -> str:
         lines.append(
             f"last run: {paths.display(str(run.get('root')))} finished {_when(run.get('finished_at'))}: {counts}, "
             f"{stats.get('skipped', 0)} skipped, {stats.get('encoded', 0)} encoded "
-            f"({stats.get('images_per_second', 0.0):.1f} images/s)"
+            f"({stats.get('images_per_second', 0.0):.1f} images/s{_encoded_on(stats)})"
         )
     skipped: list[tuple[str, str]] = info.get("skipped_files") or []
     if skipped:  # one line each, whatever the name holds (a newline in a name cannot forge a line)

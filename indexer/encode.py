@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clip_model import Precision
+from clip_model import InferencePrecision
 from clip_model.process_tuning import ThreadPlan
 
 from .build import BuildOptions, scan_folder
@@ -106,7 +106,8 @@ class EncodeOptions:
     partition_size: int = DEFAULT_PARTITION_SIZE
     batch_size: int = DEFAULT_BATCH_SIZE
     draft: bool = True
-    precision: Precision = "fp32"
+    precision: InferencePrecision | None = None  # None: the device's own (fp32 on the CPU, fp16 on CUDA)
+    device: str = "cpu"  # the device setting where the engine encodes (clip_model.device; Ray: indexer.ray_engine)
     replace_stale: bool = False  # remove shards no partition names instead of refusing to run
     store_gps: bool = False  # keep GPS positions in the shards' photo metadata
 
@@ -158,7 +159,14 @@ def encode_folder(options: EncodeOptions, engine: Engine, progress: Progress | N
     import_pyarrow()  # first: without it nothing is written, and the error says how to install it
     root = options.root.resolve()
     job = EncodeJob(
-        root, options.model, options.arch, options.precision, options.draft, options.batch_size, gps=options.store_gps
+        root,
+        options.model,
+        options.arch,
+        options.precision,
+        options.draft,
+        options.batch_size,
+        gps=options.store_gps,
+        device=options.device,
     )
     try:
         info = engine.start(job)
@@ -416,6 +424,7 @@ def build_on_engine(
             batch_size=options.batch_size,
             draft=options.draft,
             precision=options.precision,
+            device=options.device,
             replace_stale=True,
             store_gps=options.store_gps,
         ),
@@ -426,7 +435,7 @@ def build_on_engine(
     if encoded.vanished:
         with WriterLock(options.index_dir), Catalog.open(options.index_dir) as catalog, catalog.transaction():
             deleted = catalog.delete(record.id for record in encoded.vanished.values())
-    plan = ThreadPlan.for_indexing(options.precision)
+    plan = ThreadPlan.for_indexing(workers=0)  # ingest decodes and encodes nothing
     ingested = ingest(
         IngestOptions(
             shards, options.index_dir, factory=options.factory, memory_budget=options.memory_budget, plan=plan

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from clip_model import Precision
+from clip_model import InferencePrecision
 from clip_model.process_tuning import ThreadPlan, own_threads, run_in_fresh_thread, set_own_thread_count
 
-from .build import LoadedModel, load_model, reuses_vector
+from .build import LoadedModel, load_model, resolve_placement, reuses_vector
 from .decode import Decoded, DecodeFailure
 from .pipeline import DEFAULT_BATCH_SIZE, DecodeWorkers, Encoded, encode_files
 from .scan import ScannedFile
@@ -40,16 +40,18 @@ class EncodeJob:
     """What every worker of a run needs, the same for all of them (picklable: each Ray actor gets a copy).
 
     ``root`` is the image folder as the workers see it; ``model`` a registry name or a checkpoint path they can
-    read; ``reusable`` the content hashes whose vectors the index holds under paths gone from the folder."""
+    read; ``reusable`` the content hashes whose vectors the index holds under paths gone from the folder;
+    ``device`` and ``precision`` the settings each worker resolves where it runs (:mod:`clip_model.device`)."""
 
     root: Path
     model: str
     arch: str | None = None
-    precision: Precision = "fp32"
+    precision: InferencePrecision | None = None  # None: the device's own
     draft: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
     reusable: frozenset[str] = frozenset()
     gps: bool = False  # keep GPS positions in the photo metadata (the build's --store-gps)
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class PartitionEncoder:
 
         def load() -> LoadedModel:
             set_own_thread_count(plan.torch_threads)
-            return load_model(job.model, job.arch, job.precision)
+            return load_model(job.model, job.arch, job.precision, job.device)
 
         return cls(run_in_fresh_thread(load, name="load-model"), job, plan)
 
@@ -207,8 +209,8 @@ class LocalEngine:
         self._encoder: PartitionEncoder | None = None
 
     def start(self, job: EncodeJob) -> ModelInfo:
-        """Load the model; returns its provenance."""
-        plan = self._plan or ThreadPlan.for_indexing(job.precision)
+        """Load the model; returns its provenance. IndexerError for device settings this machine refuses."""
+        plan = self._plan or ThreadPlan.for_indexing(resolve_placement(job.device, job.precision).precision)
         self._encoder = PartitionEncoder.load(job, plan)
         return self._encoder.info
 
@@ -225,7 +227,9 @@ class LocalEngine:
         return self._encoder.plan
 
     def describe(self) -> str:
-        return f"local engine, {self.plan.describe()}" if self._encoder else "local engine"
+        if self._encoder is None:
+            return "local engine"
+        return f"local engine on {self._encoder.loaded.placement}, {self.plan.describe()}"
 
     def close(self) -> None:
         if self._encoder is not None:

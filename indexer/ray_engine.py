@@ -1,4 +1,4 @@
-"""The Ray engine of ``clip-index encode``: partitions encoded by a pool of Ray actors, on a cluster's CPUs.
+"""The Ray engine of ``clip-index encode``: partitions encoded by a pool of Ray actors, on a cluster's CPUs or GPUs.
 
 Needs the ``ray`` extra (``pip install 'clip-search[ray]'``); Ray is imported when the engine starts, and its
 absence is an IndexerError that says how to install it.
@@ -13,6 +13,11 @@ absence is an IndexerError that says how to install it.
 * Workers: ``workers`` actors of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs) each; by default as many
   as the cluster's CPUs (or GPUs) hold when the run starts. A count the cluster cannot host, a worker larger than
   every node, or GPUs on a cluster without any are refused before anything runs, with the numbers.
+* Devices (:func:`actor_device`): an actor that reserves GPUs (``gpus_per_worker`` > 0) encodes on CUDA, on the GPU
+  Ray gave it (``cuda:0`` as the actor sees it), in fp16 unless the precision says fp32; the others encode on their
+  CPUs, as the local indexer does there. The device setting must agree (``auto`` always does; ``cuda`` needs GPUs
+  reserved, ``cpu`` none), and the precision must run on that device (int8 is CPU-only): both are checked here
+  before connecting, and each actor resolves the device again where it runs (no CUDA there: its start fails).
 * Each actor (:class:`PartitionActor`) loads the model once, with the thread plan of its own CPUs
   (``ThreadPlan.for_indexing(cores=cpus_per_worker)``: encode streams and decode worker processes, kept between
   calls), and encodes one partition per call with :class:`~indexer.partition_encoder.PartitionEncoder`: the local
@@ -43,11 +48,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
-from clip_model.inference import INFERENCE_DEVICES
+from clip_model import choose_precision, parse_device
 from clip_model.process_tuning import ThreadPlan, run_in_fresh_thread, set_own_thread_count, tune_malloc
 
-from .build import load_model
+from .build import load_model, resolve_placement
 from .errors import IndexerError
 from .partition_encoder import EncodeJob, PartitionEncoder, Work, WorkRows
 from .store import ModelInfo
@@ -57,7 +63,7 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'clip-search[ray]'"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # what ray.init(address=None) connects to when it is set
 LOCAL = "local"  # ray.init's address for "start a new one-machine cluster"
-GPU_DEVICE = "cuda"
+GPU_DEVICE = "cuda"  # an actor's device when it reserves GPUs: the first that Ray gave it
 CALLS_QUEUED_PER_ACTOR = 1  # a partition waits for a free actor, not behind a busy one
 Column = npt.NDArray[Any]
 
@@ -92,13 +98,46 @@ class RaySettings:
             raise IndexerError(f"--gpus-per-worker cannot be negative, got {self.gpus_per_worker}")
 
 
+def actor_device(setting: str, gpus_per_worker: float) -> str:
+    """The device the actors encode on for the device setting ``setting``: :data:`GPU_DEVICE` for actors that
+    reserve GPUs, ``"cpu"`` for the others (Ray gives an actor GPUs only when it reserves them).
+
+    Raises:
+        IndexerError: ``setting`` is malformed, or disagrees with ``gpus_per_worker``: ``cpu`` with GPUs reserved,
+            ``cuda`` without, or a ``cuda:N`` other than the actor's first GPU.
+    """
+    try:
+        form = parse_device(setting)
+    except ValueError as exc:
+        raise IndexerError(str(exc)) from exc
+    if not gpus_per_worker:
+        if form != "auto" and form != "cpu":
+            raise IndexerError(
+                f"--device {setting} with --engine ray needs --gpus-per-worker (e.g. 1): Ray gives an actor a GPU only "
+                "when it reserves one; leave --device out (or set it to cpu) to encode on the actors' CPUs"
+            )
+        return "cpu"
+    if form == "cpu":
+        raise IndexerError(
+            f"--device cpu with --gpus-per-worker {gpus_per_worker:g}: every actor would hold GPUs it does not use; "
+            "leave --gpus-per-worker out to encode on CPUs, or set --device to cuda (or auto)"
+        )
+    if form not in ("auto", "cuda:0"):
+        raise IndexerError(
+            f"--device {setting} with --engine ray: Ray gives each actor its own GPUs, which it sees from cuda:0 on; "
+            "set --device to cuda (or auto)"
+        )
+    return GPU_DEVICE
+
+
 class PartitionActor:
     """The callable class of the actor pool: a :class:`PartitionEncoder` for the actor's life, a partition a call."""
 
     def __init__(self, job: EncodeJob, settings: RaySettings) -> None:
         tune_malloc()  # this actor's process is an entry point of its own (clip_model.process_tuning.malloc)
+        placement = resolve_placement(job.device, job.precision)  # on this node: its CUDA, if the job says cuda
         plan = ThreadPlan.for_indexing(
-            job.precision, threads=settings.threads, streams=settings.streams, cores=settings.cpus_per_worker
+            placement.precision, threads=settings.threads, streams=settings.streams, cores=settings.cpus_per_worker
         )
         self._encoder = PartitionEncoder.load(job, plan)
 
@@ -125,10 +164,16 @@ class RayEngine:
         self._workers = 0
 
     def start(self, job: EncodeJob) -> ModelInfo:
-        """Connect, check that the cluster can host the workers, and read the model's provenance here (the actors
-        load it again where they run)."""
+        """Check the device settings, connect, check that the cluster can host the workers, and read the model's
+        provenance here (the actors load it again where they run). ``job.device`` is the device setting: the actors
+        get :func:`actor_device`'s and the precision it runs in there."""
+        device = actor_device(job.device, self.settings.gpus_per_worker)
+        try:
+            precision = choose_precision(torch.device(device), job.precision, job.device)
+        except ValueError as exc:
+            raise IndexerError(str(exc)) from exc
         ray = import_ray()
-        self._ray, self._job = ray, job
+        self._ray, self._job = ray, replace(job, device=device, precision=precision)
         if not ray.is_initialized():
             where: dict[str, Any] = {"address": self.settings.address}
             if self._address() in (None, LOCAL):  # a cluster of its own, if it starts one: no dashboard
@@ -137,11 +182,11 @@ class RayEngine:
             self._started_ray = True
         ray.data.DataContext.get_current().enable_progress_bars = False  # clip-index reports its own progress
         self._workers = self._worker_count(ray)
-        plan = ThreadPlan.for_indexing(job.precision)
+        plan = ThreadPlan.for_indexing()
 
         def provenance() -> ModelInfo:
             set_own_thread_count(plan.torch_threads)
-            return load_model(job.model, job.arch).info  # the fp32 fingerprint is every precision's
+            return load_model(job.model, job.arch).info  # on this CPU: the fp32 fingerprint is every placement's
 
         return run_in_fresh_thread(provenance, name="load-model")
 
@@ -149,7 +194,8 @@ class RayEngine:
         settings = self.settings
         gpus = f" and {settings.gpus_per_worker:g} GPU" if settings.gpus_per_worker else ""
         where = self._address() or "the local cluster (ray.init())"
-        return f"ray engine at {where}: {self._workers} worker(s) of {settings.cpus_per_worker} CPU{gpus} each"
+        on = f", encoding on {self._job.device} ({self._job.precision})" if self._job else ""
+        return f"ray engine at {where}: {self._workers} worker(s) of {settings.cpus_per_worker} CPU{gpus} each{on}"
 
     def run(self, works: Sequence[Work], reusable: frozenset[str]) -> Iterator[WorkRows]:
         """Each work's rows, as the actors finish them (call :meth:`start` first)."""
@@ -195,18 +241,11 @@ class RayEngine:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         cpus = sum(node.get("CPU", 0.0) for node in nodes)
         gpus = sum(node.get("GPU", 0.0) for node in nodes)
-        if settings.gpus_per_worker:
-            if not gpus:
-                raise IndexerError(
-                    f"--gpus-per-worker {settings.gpus_per_worker:g}: the Ray cluster has no GPUs ({cpus:g} CPUs "
-                    f"on {len(nodes)} node(s)): leave the option out to encode on CPUs"
-                )
-            if GPU_DEVICE not in INFERENCE_DEVICES:
-                raise IndexerError(
-                    f"--gpus-per-worker {settings.gpus_per_worker:g}: the cluster has {gpus:g} GPUs, but this "
-                    f"clip-search encodes on the CPU only (inference devices: {', '.join(INFERENCE_DEVICES)}): "
-                    "leave the option out"
-                )
+        if settings.gpus_per_worker and not gpus:
+            raise IndexerError(
+                f"--gpus-per-worker {settings.gpus_per_worker:g}: the Ray cluster has no GPUs ({cpus:g} CPUs "
+                f"on {len(nodes)} node(s)): leave the option out to encode on CPUs"
+            )
         fits = sum(self._fits(node) for node in nodes)
         if fits < 1:
             largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -269,6 +270,9 @@ def test_cli_build_info_verify_texts(tiny_model: Path, tmp_path: Path, capsys: p
     info = __import__("json").loads(capsys.readouterr().out)
     assert (info["images_indexed"], info["images_skipped"]) == (4, 1)
     assert info["skipped_files"][0][0] == "broken.jpg"
+    assert (info["last_run"]["stats"]["device"], info["last_run"]["stats"]["precision"]) == ("cpu", "fp32")
+    assert cli_main(["info", *args]) == 0
+    assert "4 encoded (" in (shown := capsys.readouterr().out) and " images/s, on cpu in fp32)" in shown
     assert cli_main(["verify", *args]) == 0
     corpus = tmp_path / "captions.txt"
     corpus.write_text("a red square\n\na blue circle\na red square\n")
@@ -285,6 +289,48 @@ def test_cli_build_info_verify_texts(tiny_model: Path, tmp_path: Path, capsys: p
 def test_cli_reports_failures_with_exit_code_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     code = cli_main(["build", str(tmp_path / "missing"), "--index-dir", str(tmp_path / "i"), "--model", "x.pt"])
     assert code == 1 and "does not exist" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "cuda"], r"device 'cuda' \(--device / CLIPSEARCH_DEVICE\) asks for CUDA, but this torch"),
+        (["--device", "cuda:1"], "asks for CUDA"),
+        (["--device", "gpu"], r"device 'gpu' \(--device / CLIPSEARCH_DEVICE\) is not one of auto, cpu, cuda"),
+        (["--precision", "fp16"], r"'fp16' \(--precision / CLIPSEARCH_PRECISION\) runs on CUDA only, and device"),
+    ],
+)
+def test_a_device_this_machine_cannot_encode_on_is_refused_before_the_index_is_touched(
+    options: list[str],
+    message: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, whatever runs the test
+    root, index_dir, fresh = tmp_path / "photos", tmp_path / "index", tmp_path / "fresh"
+    write_photos(root, 2)
+    build(root, index_dir, tiny_model)
+    before = {path: path.stat().st_mtime_ns for path in index_dir.rglob("*")}
+    for target in (index_dir, fresh):
+        argv = ["build", str(root), "--index-dir", str(target), "--model", str(tiny_model), "--workers", "0"]
+        caplog.clear()
+        assert cli_main([*argv, *options]) == 1
+        assert re.search(message, caplog.text), caplog.text
+    assert {path: path.stat().st_mtime_ns for path in index_dir.rglob("*")} == before and not fresh.exists()
+
+
+def test_the_device_setting_comes_from_the_environment(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CLIPSEARCH_DEVICE", "cuda")
+    root = tmp_path / "photos"
+    write_photos(root, 1)
+    argv = ["build", str(root), "--index-dir", str(tmp_path / "index"), "--model", str(tiny_model), "--workers", "0"]
+    assert cli_main(argv) == 1 and "device 'cuda'" in caplog.text
+    assert cli_main([*argv, "--device", "cpu"]) == 0  # the flag wins
 
 
 def test_a_thread_count_that_is_not_a_number_is_a_usage_error(

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from clip_model.process_tuning import ThreadPlan
+from indexer import ray_engine
 from indexer.build import BuildOptions, build_index
 from indexer.cli import main as cli_main
 from indexer.decode import DecodeFailure
@@ -32,7 +34,7 @@ from indexer.ingest import IngestOptions, ingest
 from indexer.partition_encoder import EncodeJob, LocalEngine, Work, WorkRows
 from indexer.partitions import MAX_FACTOR, Partition, partition_name, split
 from indexer.pipeline import DecodeWorkers, encode_files
-from indexer.ray_engine import INSTALL_HINT, RayEngine, RaySettings
+from indexer.ray_engine import INSTALL_HINT, PartitionActor, RayEngine, RaySettings, actor_device
 from indexer.report import index_info
 from indexer.scan import PassedOver, ScannedFile, iter_images
 from indexer.shards import list_shards
@@ -371,7 +373,8 @@ class FakeRay:
         (RaySettings(workers=5), [{"CPU": 4.0}], "holds 4 worker"),
         (RaySettings(cpus_per_worker=8), [{"CPU": 4.0}], "the largest has 4"),
         (RaySettings(gpus_per_worker=0.5), [{"CPU": 8.0}], "has no GPUs"),
-        (RaySettings(gpus_per_worker=1), [{"CPU": 8.0, "GPU": 2.0}], "encodes on the CPU only"),
+        (RaySettings(gpus_per_worker=1), [{"CPU": 8.0, "GPU": 2.0}], 2),  # one actor a GPU
+        (RaySettings(gpus_per_worker=0.5), [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], 3),
     ],
 )
 def test_the_ray_engine_sizes_its_pool_to_the_cluster_or_says_why_not(
@@ -383,6 +386,54 @@ def test_the_ray_engine_sizes_its_pool_to_the_cluster_or_says_why_not(
     else:
         with pytest.raises(IndexerError, match=expected):
             engine._worker_count(FakeRay(*nodes))
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "expected"),
+    [
+        ("auto", 0.0, "cpu"),
+        ("cpu", 0.0, "cpu"),
+        ("auto", 1.0, "cuda"),  # actors that reserve GPUs encode on them
+        ("cuda", 0.5, "cuda"),
+        ("cuda:0", 2.0, "cuda"),
+        ("cuda", 0.0, "needs --gpus-per-worker"),
+        ("cuda:1", 0.0, "needs --gpus-per-worker"),
+        ("cpu", 1.0, "would hold GPUs it does not use"),
+        ("cuda:1", 2.0, "which it sees from cuda:0 on"),
+        ("tpu", 1.0, r"\(--device / CLIPSEARCH_DEVICE\) is not one of"),
+    ],
+)
+def test_ray_actors_encode_on_the_gpus_they_reserve_and_the_device_setting_must_agree(
+    device: str, gpus: float, expected: str
+) -> None:
+    if expected in ("cpu", "cuda"):
+        assert actor_device(device, gpus) == expected
+    else:
+        with pytest.raises(IndexerError, match=expected):
+            actor_device(device, gpus)
+
+
+def test_the_ray_engine_refuses_a_precision_its_actors_cannot_run_before_connecting(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_cluster() -> None:
+        raise AssertionError("the engine connected before checking the settings")
+
+    monkeypatch.setattr(ray_engine, "import_ray", no_cluster)
+    job = EncodeJob(tmp_path, str(tiny_model), precision="int8", device="auto")
+    with pytest.raises(IndexerError, match=r"'int8' \(--precision / CLIPSEARCH_PRECISION\) runs on the CPU only"):
+        RayEngine(RaySettings(gpus_per_worker=1)).start(job)
+    with pytest.raises(IndexerError, match="runs on CUDA only"):
+        RayEngine(RaySettings()).start(dataclasses.replace(job, precision="fp16"))
+
+
+def test_an_actor_told_to_encode_on_cuda_fails_where_there_is_none(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It never falls back to its CPU while holding a GPU (the run fails at the first actor that cannot start)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(IndexerError, match=r"device 'cuda' \(--device / CLIPSEARCH_DEVICE\) asks for CUDA"):
+        PartitionActor(EncodeJob(tmp_path, str(tiny_model), device="cuda"), RaySettings(gpus_per_worker=1))
 
 
 def test_ray_settings_refuse_counts_below_one() -> None:
