@@ -483,6 +483,19 @@ def test_the_balancer_sends_every_request_to_the_replica_service() -> None:
     assert "resolve" in _nginx_values(conf, "server")[0], "replicas added by --scale are found without a reload"
 
 
+def test_the_docs_run_the_replicas_file_by_its_service_names() -> None:
+    services = _load_compose(COMPOSE_REPLICAS)["services"]
+    commands = [
+        "docker-compose -f docker-compose.replicas.yml run --rm indexer",
+        "docker-compose -f docker-compose.replicas.yml up -d --scale replica=3",
+    ]
+    assert {"indexer", "replica"} <= set(services)
+    for page in ("deployment.md", "scaling.md"):
+        text = (ROOT / "docs" / page).read_text()
+        for command in commands:
+            assert command in text, f"docs/{page} does not show `{command}`"
+
+
 # --- app.healthcheck -------------------------------------------------------------------------------------------------
 
 
