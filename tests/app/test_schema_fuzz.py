@@ -4,10 +4,12 @@ invalid data, every check (no 5xx, status codes / content types / bodies / heade
 requests refused, schema-valid ones accepted, 405 with a matching Allow for undeclared methods) over every
 operation. Any finding fails the test with the curl command that reproduces it.
 
-Two things steer generation towards where bugs were: the ids of the indexed images (so id-taking operations reach
-past the 404 into the model), and prompt templates with format fields. Refusals the schema cannot express are
-allowed for the operations that have them: an upload that is no image (415), weights that cancel out (422), and a
-cursor that no page of this query and generation has (422, 409).
+Three things steer generation towards where bugs were: the ids of the indexed images (so id-taking operations reach
+past the 404 into the model), prompt templates with format fields, and the folders and formats the index holds (from
+GET /api/facets, so filtered searches and duplicates reach past the 422 for an unknown one into the filtered
+search). Refusals the schema cannot express are allowed for the operations that have them: an upload that is no
+image (415), weights that cancel out (422), and, on every operation that pages or filters, a cursor that no page of
+this query and generation has (422, 409), a folder, camera or format no image has or an inverted date range (422).
 And one rule JSON Schema cannot state: an integer field takes an integer token only (``7``, not ``7.0``; JSON
 Schema calls both integers and Schemathesis sends both), so generated bodies spell whole numbers as integers;
 tests/app/test_hostile_input.py checks that ``7.0`` is refused.
@@ -39,6 +41,7 @@ NOT_AN_IMAGE = ["2xx", 401, 403, 404, 409, 415]  # any non-empty bytes fit the s
 CANCELLING_WEIGHTS = ["2xx", 401, 403, 404, 409, 422]
 STALE_OR_FOREIGN_CURSOR = ["2xx", 401, 404, 409, 422]  # a cursor (or a folder) the schema accepts but no page has
 PAGED = ["GET /api/duplicates", "GET /api/search", "GET /api/images/{image_id}/similar"]
+KNOWN_VALUE_PROBABILITY = 0.5  # how often a folder or format filter takes a value the index holds
 HOSTILE_TEMPLATES = ["{} {x}", "{!r} {}", "{.__class__} {}", "{0} {}", "{{}}{:>200000000}", "{:}", "{} {}", "}{}"]
 
 
@@ -51,8 +54,12 @@ def fuzzed_app(indexed: IndexedFolder, tmp_path_factory: pytest.TempPathFactory)
         yield app
 
 
-def fuzz_config(image_ids: list[int]) -> SchemathesisConfig:
-    """What ``schemathesis.toml`` would hold for this run."""
+def fuzz_config(image_ids: list[int], facets: dict[str, Any]) -> SchemathesisConfig:
+    """What ``schemathesis.toml`` would hold for this run (``facets``: the body of GET /api/facets)."""
+    folders = [f["value"] for f in facets["folders"]]
+    formats = [f["value"] for f in facets["formats"]]
+    known = {"dictionary": "folders", "probability": KNOWN_VALUE_PROBABILITY}
+    known_format = {"dictionary": "formats", "probability": KNOWN_VALUE_PROBABILITY}
     return SchemathesisConfig.from_dict(
         {
             "seed": SEED,
@@ -61,12 +68,21 @@ def fuzz_config(image_ids: list[int]) -> SchemathesisConfig:
             "request-timeout": REQUEST_TIMEOUT_S,
             "checks": {"enabled": True},
             "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "database": "none"},
-            "dictionaries": {"ids": {"values": image_ids}, "templates": {"values": HOSTILE_TEMPLATES}},
+            "dictionaries": {
+                "ids": {"values": image_ids},
+                "templates": {"values": HOSTILE_TEMPLATES},
+                "folders": {"values": [*folders, *(f"{folder}/" for folder in folders)]},
+                "formats": {"values": [*formats, *(f.upper() for f in formats)]},
+            },
             "parameters": {
                 "path.image_id": {"dictionary": "ids", "probability": 0.7},
                 "body.image_id": {"dictionary": "ids", "probability": 0.7},
                 "body.parts[*].image_id": {"dictionary": "ids", "probability": 0.7},
                 "body.templates[*]": {"dictionary": "templates", "probability": 0.3},
+                "query.folder": known,
+                "query.format": known_format,
+                "body.filters.folder[*]": known,
+                "body.filters.format[*]": known_format,
             },
             "operations": [
                 {
@@ -104,8 +120,9 @@ def integer_tokens(value: Any) -> Any:
 def test_schemathesis_finds_nothing_with_every_check_over_every_operation(fuzzed_app: FastAPI) -> None:
     with TestClient(fuzzed_app) as client:
         hits = client.get("/api/search", params={"q": "anything", "k": 1000}).json()["results"]
+        facets = client.get("/api/facets").json()
     image_ids = sorted(hit["id"] for hit in hits)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app, config=fuzz_config(image_ids))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app, config=fuzz_config(image_ids, facets))
     schema.hook("map_body")(lambda context, body: integer_tokens(body))
     started = time.perf_counter()
     findings: set[str] = set()
