@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from clip_model import PRECISIONS
+from clip_model import INFERENCE_PRECISIONS
+from clip_model.device import DEVICE_CHOICES
 from indexer.store.reader import ENV_PREFIX
 
 from .logs import configure_logging
@@ -32,7 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-dir", type=Path, help="index directory ($CLIPSEARCH_INDEX_DIR)")
     parser.add_argument("--model", help="model name or checkpoint path (default: the one the index was built with)")
     parser.add_argument("--arch", help="architecture config for checkpoint files that do not carry one")
-    parser.add_argument("--precision", choices=PRECISIONS, help="encoder arithmetic (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=INFERENCE_PRECISIONS,
+        help="encoder arithmetic: int8 on the CPU only, fp16 on CUDA only (default: fp32 on the CPU, fp16 on CUDA)",
+    )
+    parser.add_argument(
+        "--device", help=f"where the encoders run: {', '.join(DEVICE_CHOICES)} (default auto: CUDA where there is some)"
+    )
     parser.add_argument(
         "--compile-text",
         action=argparse.BooleanOptionalAction,

@@ -71,6 +71,7 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics, plan: ThreadPlan) -> None:
         self.settings = settings
         self.plan = plan
+        self.placement = settings.placement()  # where every encoder it loads runs (clip_model.device)
         self.metrics = metrics
         self.state: Served | None = None
         self.problem: str | None = None
@@ -255,8 +256,10 @@ class Runtime:
         )
 
     def _load_model(self, name: str) -> tuple[clip_model.ImageTextModel, clip_model.Preprocess, ModelInfo]:
-        logger.info("loading model %s (%s)", name, self.settings.precision)
-        loaded = clip_model.load_for_inference(name, arch=self.settings.arch, precision=self.settings.precision)
+        logger.info("loading model %s on %s", name, self.placement)
+        loaded = clip_model.load_for_inference(
+            name, arch=self.settings.arch, precision=self.placement.precision, device=str(self.placement.device)
+        )
         return loaded.model, loaded.preprocess, ModelInfo.of(**loaded.provenance())
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from clip_model import Precision
+from clip_model import InferencePrecision
 from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
 
 MAX_K = 1000
@@ -422,6 +422,7 @@ class Stats(BaseModel):
                 "image_root": "/photos",
                 "reason": None,
                 "precision": "fp32",
+                "device": "cpu",
                 "index_reason": "100,000 vectors: IVF with 8-bit scalar quantization",
                 "search_params": {"nprobe": 48},
                 "recall_at_10": 0.965,
@@ -441,7 +442,8 @@ class Stats(BaseModel):
     texts: int
     factory: str | None
     image_root: str | None
-    precision: Precision = Field("fp32", description="the encoder's arithmetic (CLIPSEARCH_PRECISION)")
+    precision: InferencePrecision = Field("fp32", description="the encoders' arithmetic (CLIPSEARCH_PRECISION)")
+    device: str = Field("cpu", description="where the encoders run, `cpu` or `cuda:N` (CLIPSEARCH_DEVICE)")
     text_encoder: str | None = Field(
         None, description="how text queries are encoded: eager, or compiled (CLIPSEARCH_COMPILE_TEXT), and why"
     )

@@ -306,7 +306,8 @@ class SearchService:
             texts=manifest.counts.get("texts", 0),
             factory=manifest.factory,
             image_root=str(state.image_root) if state.image_root else None,
-            precision=self.settings.precision,
+            precision=self.runtime.placement.precision,
+            device=str(self.runtime.placement.device),
             index_reason=manifest.index_reason or None,
             search_params=manifest.search_params,
             recall_at_10=manifest.recall_at_10,
@@ -329,7 +330,8 @@ class SearchService:
             texts=0,
             factory=None,
             image_root=None,
-            precision=self.settings.precision,
+            precision=self.runtime.placement.precision,
+            device=str(self.runtime.placement.device),
         )
 
     def _check_text(self, text: str) -> str:

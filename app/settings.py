@@ -12,10 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from clip_model import Precision
+from clip_model import InferencePrecision, Placement, parse_device, resolve_placement
+from clip_model.device import DEFAULT_DEVICE
 from indexer.store.reader import ENV_PREFIX
 
 MIB = 1 << 20
@@ -72,10 +73,17 @@ class Settings(BaseSettings):
     max_labels: int = Field(100, ge=1, le=100, description="zero-shot labels (and candidate texts) per request")
     max_templates: int = Field(80, ge=1, le=80, description="zero-shot prompt templates per request")
 
-    precision: Precision = Field(
-        "fp32",
-        description="encoder arithmetic: fp32 (float32 weights through oneDNN-packed matmuls) or int8 (int8 linear "
-        "layers on the CPU: faster, and an fp32-built index still works; see docs/performance.md)",
+    precision: InferencePrecision | None = Field(
+        None,
+        description="encoder arithmetic: fp32 (float32; on the CPU through oneDNN-packed matmuls), int8 (int8 linear "
+        "layers, CPU only: faster, and an fp32-built index still works; see docs/performance.md) or fp16 (CUDA "
+        "only); unset: fp32 on the CPU, fp16 on CUDA",
+    )
+    device: str = Field(
+        DEFAULT_DEVICE,
+        description="where the encoders run: `auto` (CUDA where torch finds it, else the CPU), `cpu`, `cuda` or "
+        "`cuda:N`; a device this machine lacks, or a precision it cannot run (int8 on CUDA, fp16 on the CPU), is "
+        "refused at start; see docs/deployment.md",
     )
     torch_threads: int = Field(
         0,
@@ -103,6 +111,16 @@ class Settings(BaseSettings):
         "text", description="`json` writes one object per line; every line carries the request id (`X-Request-ID`)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str, info: ValidationInfo) -> str:
+        resolve_placement(value, info.data.get("precision"))  # ValueError naming the settings: this machine refuses
+        return parse_device(value)
+
+    def placement(self) -> Placement:
+        """Where the encoders run on this machine, and in which arithmetic (:mod:`clip_model.device`)."""
+        return resolve_placement(self.device, self.precision)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

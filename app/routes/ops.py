@@ -35,7 +35,8 @@ def readyz(service: ServiceDep) -> Response:
 
 @router.get("/api/stats", response_model=Stats, dependencies=[ReadAccess], responses=errors(401), summary="Index stats")
 def stats(service: ServiceDep) -> Stats:
-    """Model, weights checksum, generation, when it was built, and how many images and texts it holds."""
+    """Model, weights checksum, the device and arithmetic the encoders run in, generation, when it was built, and
+    how many images and texts it holds."""
     return service.stats()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.encoder import SearchRequest
@@ -36,6 +37,8 @@ def test_stats_describe_what_is_served(client: TestClient, indexed: IndexedFolde
     assert stats["image_root"] == str(indexed.root.resolve()) and stats["built_at"] > 0
     # a flat index is exact: nothing to tune, recall 1 by construction; the reason comes from the indexer's choice
     assert stats["search_params"] == {} and stats["recall_at_10"] == 1.0 and stats["index_reason"]
+    cuda = torch.cuda.is_available()  # the default device, auto, runs fp16 on CUDA where there is some
+    assert (stats["device"], stats["precision"]) == (("cuda:0", "fp16") if cuda else ("cpu", "fp32"))
 
 
 def test_not_ready_without_an_index_then_ready_once_one_is_published(indexed: IndexedFolder, tmp_path: Path) -> None:
