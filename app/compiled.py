@@ -50,9 +50,11 @@ class CompiledText:
     """``encode(tokens)`` = the text tower's unit embeddings, compiled once :meth:`start` has finished in the
     background, eager before that (see the module docstring)."""
 
-    def __init__(self, model: clip_model.ImageTextModel, threads: int) -> None:
+    def __init__(self, model: clip_model.ImageTextModel, threads: int, text_input: clip_model.TextInput) -> None:
+        """``text_input``: the model's (:meth:`clip_model.TextInput.of`), which makes the warm-up rows."""
         self._model = model
         self._threads = threads
+        self._text_input = text_input
         self._compiled: TextFn | None = None
         self._warned_shapes: set[tuple[int, ...]] = set()
         self.status = "eager (compilation off)"
@@ -72,7 +74,7 @@ class CompiledText:
         return thread
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] int64 (cut to the batch's real length) -> [B, D] float32 unit rows. Call it from a thread
+        """tokens [B, L] int64 (cut by :func:`clip_model.trim_for`) -> [B, D] float32 unit rows. Call it from a thread
         whose torch thread count is ``threads`` (the inference thread): the graphs are guarded on it."""
         compiled = self._compiled
         if compiled is None:
@@ -97,9 +99,10 @@ class CompiledText:
             set_own_thread_count(self._threads)  # the count the graphs are guarded on and the kernels use
             inductor_config.freezing = True  # weights become constants: folded layouts, no per-call reads of them
             compiled = torch.compile(self.eager, dynamic=True)
-            tokens = clip_model.tokenize(WARMUP_PROMPTS)
+            tokens = self._text_input.rows(WARMUP_PROMPTS).tokens
             with torch.inference_mode():
-                for batch in (clip_model.trim_tokens(tokens[:1]), clip_model.trim_tokens(tokens)):  # one query; several
+                for rows in (tokens[:1], tokens):  # one query; several
+                    batch = clip_model.trim_for(self._model, rows)
                     self._check(compiled(_inference_tensor(batch)), self.eager(batch), tuple(batch.shape))
         except Exception as exc:  # any failure leaves the eager tower serving; the reason is shown
             self.status = f"eager (compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

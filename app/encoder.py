@@ -6,9 +6,15 @@ Contracts:
 * All model calls run on one dedicated thread, so concurrent requests never oversubscribe the cores torch uses.
   Requests (FastAPI runs sync endpoints in its threadpool) submit jobs and wait for them; at most
   ``queue_size`` jobs wait at once, beyond that :class:`ServiceBusyError` (503 + Retry-After) is raised at once.
-* Text jobs that are waiting together are encoded in one call (up to ``text_batch_size`` texts), at the length of
-  the batch's longest prompt instead of the full context: the causal mask makes each row's end-of-text feature
-  independent of the padding after it, so the output is the same.
+* Texts become token rows through the model's :class:`clip_model.TextInput` (its own tokenizer, whichever the
+  family): a text longer than the context is truncated or, with ``long_text="chunk"``, split into windows whose unit
+  embeddings are averaged and renormalized (:mod:`clip_model.text_input`); a text that fits embeds the same either
+  way. Each :class:`TextEmbedding` says whether its text was cut and how many rows it took. Cached embeddings are
+  keyed by (mode, text).
+* Text jobs that are waiting together are encoded in one call (up to ``text_batch_size`` rows), cut by
+  :func:`clip_model.trim_for` to the columns the family reads (CLIP: the batch's longest prompt, since the causal
+  mask makes each row's end-of-text feature independent of the padding after it; SigLIP: never cut); each job's
+  rows are pooled into its texts' vectors before any search.
 * Image jobs that are waiting together are likewise stacked into one call.
 * A job may carry a search (:class:`SearchRequest`: an index and k): after the batch is encoded, the queries of
   all its jobs that search the same index go to FAISS in one call with the largest k, and each job gets its own
@@ -38,6 +44,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
+from clip_model import LongText
 from clip_model.process_tuning import ThreadPlan, set_own_thread_count
 from indexer.store.reader import Hit, ModelInfo, SearchFilter
 
@@ -77,17 +84,25 @@ class _Result:
 @dataclass
 class _Job:
     kind: str  # "text" | "image" | "vectors" (already embedded: only searched)
-    inputs: torch.Tensor | Vectors  # tokens [N, context] int64, pixels [N, 3, R, R] float32, or vectors [N, D]
+    inputs: torch.Tensor | Vectors  # token rows [R, context] int64, pixels [N, 3, R, R] float32, or vectors [N, D]
     search: SearchRequest | None = None
     future: Future[_Result] = field(default_factory=Future)
+    rows: clip_model.TextRows | None = None  # a text job's rows: how they pool into its N texts' vectors
 
 
 @dataclass(frozen=True)
 class TextEmbedding:
-    """One text's unit vector [D] float32, and whether the text was cut to fit the model's context."""
+    """One text's unit vector [D] float32, whether the text was cut to fit the model's context, and how many rows
+    (context windows) it was encoded as: 1, or more when it was chunked."""
 
     vector: Vectors
     truncated: bool
+    chunks: int = 1
+
+
+def _pooled(job: _Job, features: torch.Tensor) -> torch.Tensor:
+    """A job's rows of features -> one unit row per input (a text job's chunks averaged, :meth:`TextRows.pool`)."""
+    return features if job.rows is None else job.rows.pool(features)
 
 
 class Encoder:
@@ -114,12 +129,13 @@ class Encoder:
         self._metrics = metrics
         self._queue: queue.Queue[_Job | object] = queue.Queue(maxsize=queue_size)
         self._text_batch_size = text_batch_size
-        self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
+        self._cache: OrderedDict[tuple[LongText, str], TextEmbedding] = OrderedDict()
         self._cache_size = text_cache_size
         self._cache_lock = threading.Lock()
         self._held: _Job | None = None  # a job taken while draining a batch of the other kind
         self._plan = plan
-        self.text_tower = CompiledText(model, plan.torch_threads)
+        self.text_input = clip_model.TextInput.of(model)  # raises for a model without its tokenizer's vocabulary
+        self.text_tower = CompiledText(model, plan.torch_threads, self.text_input)
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clip-inference", daemon=True)
         self._thread.start()
@@ -138,26 +154,29 @@ class Encoder:
 
     # --- texts -------------------------------------------------------------------------------------------------
 
-    def encode_texts(self, texts: Sequence[str]) -> list[TextEmbedding]:
-        """Unit embeddings of ``texts``, from the cache where possible; texts over the context are truncated."""
-        found = self._cached(texts)
+    def encode_texts(self, texts: Sequence[str], long_text: LongText = "truncate") -> list[TextEmbedding]:
+        """Unit embeddings of ``texts``, from the cache where possible; texts over the context are truncated or
+        chunked as ``long_text`` says."""
+        found = self._cached(texts, long_text)
         missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
-            tokens, truncated = self._tokenize(missing)
-            vectors = self._submit(_Job("text", tokens)).vectors
-            found.update(self._remember(missing, vectors, truncated))
+            rows = self.text_input.rows(missing, long_text)
+            vectors = self._submit(_Job("text", rows.tokens, rows=rows)).vectors
+            found.update(self._remember(missing, vectors, rows, long_text))
         return [found[text] for text in texts]
 
-    def search_text(self, text: str, search: SearchRequest) -> tuple[TextEmbedding, list[Hit]]:
+    def search_text(
+        self, text: str, search: SearchRequest, long_text: LongText = "truncate"
+    ) -> tuple[TextEmbedding, list[Hit]]:
         """``text``'s embedding (as :meth:`encode_texts`) and the index's nearest images, encoded and searched in
         the same micro-batch as the other queries waiting now."""
-        cached = self._cached([text]).get(text)
+        cached = self._cached([text], long_text).get(text)
         if cached is not None:
             return cached, self.search_vectors(cached.vector[None], search)[0]
-        tokens, truncated = self._tokenize([text])
-        result = self._submit(_Job("text", tokens, search))
+        rows = self.text_input.rows([text], long_text)
+        result = self._submit(_Job("text", rows.tokens, search, rows=rows))
         assert result.hits is not None  # a job with a search always gets hits
-        return self._remember([text], result.vectors, truncated)[text], result.hits[0]
+        return self._remember([text], result.vectors, rows, long_text)[text], result.hits[0]
 
     def search_vectors(self, vectors: Vectors, search: SearchRequest) -> list[list[Hit]]:
         """The index's nearest images of ``vectors`` [N, D] float32 unit rows, batched with the waiting queries."""
@@ -165,32 +184,30 @@ class Encoder:
         assert result.hits is not None  # a job with a search always gets hits
         return result.hits
 
-    def _cached(self, texts: Sequence[str]) -> dict[str, TextEmbedding]:
+    def _cached(self, texts: Sequence[str], long_text: LongText) -> dict[str, TextEmbedding]:
         found: dict[str, TextEmbedding] = {}
         with self._cache_lock:
             for text in texts:
-                hit = self._cache.get(text)
+                hit = self._cache.get((long_text, text))
                 if hit is not None:
-                    self._cache.move_to_end(text)
+                    self._cache.move_to_end((long_text, text))
                     found[text] = hit
         self._metrics.text_cache.labels("hit").inc(len(found))
         self._metrics.text_cache.labels("miss").inc(len(set(texts)) - len(found))
         return found
 
-    def _tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
-        tokens = clip_model.tokenize(texts, context_length=self.model.context_length, truncate=True)
-        return tokens, (tokens[:, -1] != 0).tolist()
-
-    def encode_text_matrix(self, texts: Sequence[str]) -> Vectors:
+    def encode_text_matrix(self, texts: Sequence[str], long_text: LongText = "truncate") -> Vectors:
         """[N, D] float32 unit rows for ``texts`` (see :meth:`encode_texts`)."""
-        return np.stack([e.vector for e in self.encode_texts(texts)]).astype(np.float32, copy=False)
+        return np.stack([e.vector for e in self.encode_texts(texts, long_text)]).astype(np.float32, copy=False)
 
-    def _remember(self, texts: Sequence[str], vectors: Vectors, truncated: Sequence[bool]) -> dict[str, TextEmbedding]:
-        fresh = {t: TextEmbedding(vectors[i], truncated[i]) for i, t in enumerate(texts)}
+    def _remember(
+        self, texts: Sequence[str], vectors: Vectors, rows: clip_model.TextRows, long_text: LongText
+    ) -> dict[str, TextEmbedding]:
+        fresh = {t: TextEmbedding(vectors[i], rows.truncated[i], rows.chunks[i]) for i, t in enumerate(texts)}
         if self._cache_size == 0:
             return fresh
         with self._cache_lock:
-            self._cache.update(fresh)
+            self._cache.update({(long_text, text): embedding for text, embedding in fresh.items()})
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return fresh
@@ -254,7 +271,8 @@ class Encoder:
         return batch
 
     def _encode_batch(self, batch: list[_Job]) -> list[Vectors]:
-        """Each job's [N, D] float32 unit rows: the batch's texts or images encoded in one call."""
+        """Each job's [N, D] float32 unit rows: the batch's text rows or images encoded in one call, then each text
+        job's rows pooled into its texts' vectors."""
         encoded = [job for job in batch if job.kind != "vectors"]
         if encoded:
             kind = encoded[0].kind
@@ -262,19 +280,19 @@ class Encoder:
             started = time.perf_counter()
             with torch.inference_mode():
                 if kind == "text":
-                    features = self.text_tower.encode(clip_model.trim_tokens(inputs))
+                    features = self.text_tower.encode(clip_model.trim_for(self.model, inputs))
                 else:
                     features = self.model.encode_image(inputs, normalize=True)
-            matrix = np.ascontiguousarray(features.float().numpy())
+                per_job = torch.split(features.float(), [len(job.inputs) for job in encoded])
+                pooled = iter([_pooled(job, rows) for job, rows in zip(encoded, per_job, strict=True)])
             self._metrics.encode_seconds.labels(kind).observe(time.perf_counter() - started)
             self._metrics.encode_batch_size.labels(kind).observe(len(inputs))
-        out, start = [], 0
+        out = []
         for job in batch:
             if job.kind == "vectors":
                 out.append(np.asarray(job.inputs, dtype=np.float32))
             else:
-                out.append(matrix[start : start + len(job.inputs)])
-                start += len(job.inputs)
+                out.append(np.ascontiguousarray(next(pooled).numpy()))
         return out
 
     def _search_batch(self, batch: list[_Job], vectors: list[Vectors]) -> None:

@@ -1,4 +1,8 @@
-"""Index a text corpus (captions, labels) for image -> text queries, with the index's own model."""
+"""Index a text corpus (captions, labels) for image -> text queries, with the index's own model.
+
+Texts go through :func:`clip_model.encode_texts` (the model's own tokenizer; a text longer than its context is
+truncated, and counted), as the server encodes its text queries.
+"""
 
 from __future__ import annotations
 
@@ -47,15 +51,15 @@ def _index_texts(index_dir: Path, corpus: Path, batch_size: int, plan: ThreadPla
             raise IndexerError(f"{index_dir} has no model yet: build it from an image folder first")
         loaded = load_model(built_with.name)
         check_provenance(catalog, loaded.info, index_dir)
+        text_input = clip_model.TextInput.of(loaded.model)
         truncated = 0
         with catalog.transaction():
             for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
-                tokens = clip_model.tokenize(chunk, context_length=loaded.model.context_length, truncate=True)
-                truncated += int((tokens[:, -1] != 0).sum())
+                batch = texts[start : start + batch_size]
                 with torch.inference_mode():
-                    vectors = loaded.model.encode_text(tokens, normalize=True).float().numpy()
-                catalog.add_texts(chunk, np.ascontiguousarray(vectors))
+                    vectors, rows = clip_model.encode_texts(loaded.model, batch, text_input=text_input)
+                truncated += sum(rows.truncated)
+                catalog.add_texts(batch, np.ascontiguousarray(vectors.float().numpy()))
         if truncated:
             logger.warning("%d texts were longer than the model's context and were truncated", truncated)
         with own_threads(plan.faiss_threads):

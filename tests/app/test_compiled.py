@@ -35,7 +35,8 @@ def test_compiled_tower_matches_eager_at_every_shape_without_recompiling(
     model, _ = clip_model.load(app_model, precision=precision)  # type: ignore[arg-type]
     if precision == "fp32":
         model = clip_model.pack_for_cpu(model)  # what the server compiles in fp32: the packed linear layers
-    text = CompiledText(model.eval(), threads=torch.get_num_threads())  # the count of the thread that will call it
+    # the count of the thread that will call it
+    text = CompiledText(model.eval(), torch.get_num_threads(), clip_model.TextInput.of(model))
     assert not text.ready and text.status.startswith("eager")
     default = run_in_fresh_thread(torch.get_num_threads)
     text.start().join(timeout=600)
@@ -56,7 +57,7 @@ def test_without_a_compiler_the_eager_tower_serves_and_says_why(
 ) -> None:
     monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
     model, _ = clip_model.load(app_model)
-    text = CompiledText(model.eval(), threads=1)
+    text = CompiledText(model.eval(), 1, clip_model.TextInput.of(model))
     text.start().join(timeout=60)
     assert not text.ready and "no C++ compiler" in text.status
     with torch.inference_mode():
@@ -67,7 +68,7 @@ def test_a_call_the_compiled_graphs_refuse_runs_eager_and_is_logged(
     app_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, _ = clip_model.load(app_model)
-    text = CompiledText(model.eval(), threads=1)
+    text = CompiledText(model.eval(), 1, clip_model.TextInput.of(model))
 
     def refuses(tokens: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")

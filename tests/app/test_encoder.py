@@ -1,5 +1,6 @@
 """The inference thread: texts encoded at their real length give the full-context result, concurrent texts share
-one encoder call, a full queue is a 503 at once, and the LRU cache is bounded."""
+one encoder call, a full queue is a 503 at once, the LRU cache is bounded and keyed by the long-text mode, and long
+texts are truncated (said so from the tokenizer's ids) or chunked and pooled before any search."""
 
 from __future__ import annotations
 
@@ -221,3 +222,48 @@ def test_the_inference_thread_sets_its_own_torch_and_faiss_thread_counts(app_mod
         assert torch.get_num_threads() == before  # OpenMP counts are per thread: the caller's is untouched
     finally:
         enc.close()
+
+
+LONG = "a photo of a dog running on the beach at dusk with a red ball " * 12  # about 170 tokens
+
+
+def test_truncation_is_read_from_the_tokenizers_ids(encoder: Encoder) -> None:
+    capacity = encoder.text_input.capacity  # 75 of CLIP's 77 positions
+    fits, over = " ".join(["cat"] * capacity), " ".join(["cat"] * (capacity + 1))
+    assert [e.truncated for e in encoder.encode_texts([fits, over, "a cat"])] == [False, True, False]
+    assert [e.chunks for e in encoder.encode_texts([fits, over], "chunk")] == [1, 2]
+
+
+def test_chunked_long_texts_are_pooled_windows_and_fitting_texts_embed_as_truncated(encoder: Encoder) -> None:
+    sizes = slow_batches(encoder, 0.0)
+    chunked = encoder.encode_texts([LONG, "a photo of a cat"], "chunk")
+    windows = len(encoder.text_input.windows(LONG))
+    assert [e.chunks for e in chunked] == [windows, 1] and windows > 2 and sizes == [windows + 1]
+    assert not any(e.truncated for e in chunked)
+    with torch.inference_mode():
+        expected, _ = clip_model.encode_texts(encoder.model, [LONG, "a photo of a cat"], "chunk")
+    np.testing.assert_allclose(np.stack([e.vector for e in chunked]), expected.numpy(), atol=1e-5)
+    truncated = encoder.encode_texts([LONG, "a photo of a cat"])  # another cache key: encoded again
+    assert sizes == [windows + 1, 2] and truncated[0].truncated and truncated[0].chunks == 1
+    assert not np.allclose(truncated[0].vector, chunked[0].vector, atol=1e-3)
+    alone = [encoder.encode_texts(["a dog"], mode)[0].vector for mode in ("chunk", "truncate")]
+    assert np.array_equal(alone[0], alone[1])  # a text that fits: the same bits either way
+
+
+def test_a_chunked_search_is_pooled_before_it_searches_beside_other_queries(encoder: Encoder) -> None:
+    index = RecordingIndex(encoder.info.embed_dim)
+    sizes = slow_batches(encoder, 0.3)
+    blocker = threading.Thread(target=encoder.encode_texts, args=(["first"],))
+    blocker.start()
+    time.sleep(0.1)
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(encoder.search_text, LONG, SearchRequest(index, 4), "chunk")
+        short = pool.submit(encoder.search_text, "a cat", SearchRequest(index, 4), "chunk")
+        results = long.result(), short.result()
+    blocker.join()
+    windows = len(encoder.text_input.windows(LONG))
+    assert sizes == [1, windows + 1] and index.calls == [(2, 4)]  # one encoder call, one FAISS call of 2 queries
+    for embedding, hits in results:
+        assert abs(float(np.linalg.norm(embedding.vector)) - 1) < 1e-5
+        assert [h.id for h in hits] == [h.id for h in index.search(embedding.vector[None], 4)[0]]
+    assert results[0][0].chunks == windows and results[1][0].chunks == 1
