@@ -260,7 +260,8 @@ class Runtime:
         loaded = clip_model.load_for_inference(
             name, arch=self.settings.arch, precision=self.placement.precision, device=str(self.placement.device)
         )
-        return loaded.model, loaded.preprocess, ModelInfo.of(**loaded.provenance())
+        info = ModelInfo.of(**loaded.provenance(), **clip_model.input_provenance(loaded.model, loaded.preprocess))
+        return loaded.model, loaded.preprocess, info
 
 
 class _MismatchError(Exception):
