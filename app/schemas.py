@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from clip_model import InferencePrecision
+from clip_model import InferencePrecision, LongText
 from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
 
 MAX_K = 1000
@@ -42,6 +42,11 @@ MIN_RELEVANCE_FIELD = Field(
     allow_inf_nan=False,
     description="text queries only: drop results below this relevance (0..1; the web page uses 0.95)",
 )
+LONG_TEXT_DESCRIPTION = (
+    "text longer than the model's context: `truncate` it, or `chunk` it into overlapping windows whose embeddings are "
+    "averaged; default: the server's setting (CLIPSEARCH_LONG_TEXT)"
+)
+LongTextOption = Annotated[LongText | None, Field(description=LONG_TEXT_DESCRIPTION)]
 DECIMAL_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000", " 7" and "٧"
 
 
@@ -198,6 +203,11 @@ class SearchResponse(BaseModel):
     generation: str = Field(description="index generation that answered")
     took_ms: float = Field(description="server time spent on the query")
     truncated: bool = Field(False, description="a query text was longer than the model's context and was cut")
+    chunks: int | None = Field(
+        None,
+        description="text queries: context windows the query's text was encoded as (summed over a combined query's "
+        "texts); more than one per text only with long_text=chunk",
+    )
     next_cursor: str | None = Field(
         None, description="pass as `cursor` (same query) for the next page; null on the last page"
     )
@@ -263,12 +273,14 @@ class CombinedQuery(BaseModel):
     min_relevance: float | None = MIN_RELEVANCE_FIELD
     sort: SortField = "relevance"
     cursor: CursorField = None
+    long_text: LongTextOption = None
 
 
 class TextHit(BaseModel):
     text: str
     score: float = Field(description="cosine similarity to the image")
     id: int | None = Field(None, description="id of an indexed text; null for a candidate from the request")
+    chunks: int | None = Field(None, description="a candidate from the request: context windows it was encoded as")
 
 
 class TextsResponse(BaseModel):
@@ -294,11 +306,13 @@ class DescribeRequest(BaseModel):
         None, min_length=1, max_length=MAX_LABELS, description="rank these texts; default: the indexed text corpus"
     )
     k: int = Field(10, ge=1, le=MAX_K, strict=True)
+    long_text: LongTextOption = None
 
 
 class LabelScore(BaseModel):
     label: str
     probability: float = Field(ge=0.0, le=1.0)
+    chunks: int | None = Field(None, description="the most context windows one of the label's prompts was encoded as")
 
 
 LABELS_DESCRIPTION = "class names, all different"
@@ -322,6 +336,7 @@ class ClassifyRequest(BaseModel):
     templates: list[Template] | None = Field(
         None, min_length=1, max_length=MAX_TEMPLATES, description=TEMPLATES_DESCRIPTION
     )
+    long_text: LongTextOption = None
 
 
 class ClassifyResponse(BaseModel):
@@ -342,6 +357,7 @@ class EmbedTextRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"texts": ["a photo of a cat"]}})
 
     texts: list[QueryText] = Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)
+    long_text: LongTextOption = None
 
 
 class EmbeddingResponse(BaseModel):
@@ -355,6 +371,9 @@ class EmbeddingResponse(BaseModel):
     dim: int
     embeddings: list[list[float]]
     truncated: list[bool] | None = Field(None, description="per text: cut to fit the model's context")
+    chunks: list[int] | None = Field(
+        None, description="per text: context windows it was encoded as (more than one only with long_text=chunk)"
+    )
 
 
 class ImageInfo(BaseModel):
