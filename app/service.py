@@ -20,6 +20,7 @@ import numpy.typing as npt
 import torch
 
 import clip_model
+from clip_model import LongText
 from indexer.store.reader import Hit, ImageRecord, SearchFilter
 
 from .encoder import SearchRequest
@@ -66,13 +67,13 @@ class SearchService:
 
     # --- text / image -> images ----------------------------------------------------------------------------------
 
-    def search_text(self, text: str, options: ResultOptions) -> SearchResponse:
+    def search_text(self, text: str, options: ResultOptions, long_text: LongText | None = None) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
-        text = self._check_text(text)
-        page = self._page(state, options, ("text", text), text_query=True)
+        text, mode = self._check_text(text), self._long_text(long_text)
+        page = self._page(state, options, ("text", text, mode), text_query=True)
         request = SearchRequest(state.index, page.depth, page.where)
-        embedding, hits = state.encoder.search_text(text, request)
-        return self._respond(state, hits, page, started, truncated=embedding.truncated)
+        embedding, hits = state.encoder.search_text(text, request, mode)
+        return self._respond(state, hits, page, started, embedding.truncated, embedding.chunks)
 
     def search_upload(self, data: bytes, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
@@ -92,8 +93,10 @@ class SearchService:
         texts = [self._check_text(p.text) for p in query.parts if isinstance(p, TextPart)]
         options = ResultOptions(query.k, query.min_score, query.filters, query.sort, query.cursor, query.min_relevance)
         only_texts = all(isinstance(p, TextPart) for p in query.parts)
-        page = self._page(state, options, ("combined", [p.model_dump() for p in query.parts]), text_query=only_texts)
-        embedded = dict(zip(texts, state.encoder.encode_texts(texts), strict=True)) if texts else {}
+        mode = self._long_text(query.long_text)
+        key = ("combined", [p.model_dump() for p in query.parts], mode)
+        page = self._page(state, options, key, text_query=only_texts)
+        embedded = dict(zip(texts, state.encoder.encode_texts(texts, mode), strict=True)) if texts else {}
         total = np.zeros(state.index.manifest.embed_dim, dtype=np.float64)
         for part in query.parts:
             if isinstance(part, TextPart):
@@ -105,15 +108,22 @@ class SearchService:
         if norm < CANCELLED_NORM:
             raise BadRequestError("the weighted parts cancel out (their sum has no direction): change the weights")
         truncated = any(e.truncated for e in embedded.values())
+        chunks = sum(e.chunks for e in embedded.values()) if embedded else None
         unit = (total / norm).astype(np.float32)
-        return self._search(state, unit, page, started, truncated=truncated)
+        return self._search(state, unit, page, started, truncated=truncated, chunks=chunks)
 
     def _search(
-        self, state: Served, query: Vector, page: _Page, started: float, truncated: bool = False
+        self,
+        state: Served,
+        query: Vector,
+        page: _Page,
+        started: float,
+        truncated: bool = False,
+        chunks: int | None = None,
     ) -> SearchResponse:
         request = SearchRequest(state.index, page.depth, page.where)
         hits = state.encoder.search_vectors(query[None], request)[0]
-        return self._respond(state, hits, page, started, truncated)
+        return self._respond(state, hits, page, started, truncated, chunks)
 
     def _page(
         self, state: Served, options: ResultOptions, query: object, exclude: int | None = None, text_query: bool = False
@@ -124,7 +134,13 @@ class SearchService:
         return _Page.of(state, options, query, exclude, text_query)
 
     def _respond(
-        self, state: Served, hits: list[Hit], page: _Page, started: float, truncated: bool = False
+        self,
+        state: Served,
+        hits: list[Hit],
+        page: _Page,
+        started: float,
+        truncated: bool = False,
+        chunks: int | None = None,
     ) -> SearchResponse:
         """The page of ``hits`` (ranked to ``page.depth``) the request asked for, with the cursor of the next."""
         options = page.options
@@ -150,26 +166,33 @@ class SearchService:
             generation=state.generation,
             took_ms=round(took_ms, 2),
             truncated=truncated,
+            chunks=chunks,
             next_cursor=cursor,
         )
 
     # --- image -> text and zero-shot -----------------------------------------------------------------------------
 
-    def describe_indexed(self, image_id: int, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+    def describe_indexed(
+        self, image_id: int, candidates: Sequence[str] | None, k: int, long_text: LongText | None = None
+    ) -> TextsResponse:
         state = self.runtime.require()
-        return self._describe(state, self._stored_embedding(state, image_id), candidates, k)
+        return self._describe(state, self._stored_embedding(state, image_id), candidates, k, long_text)
 
-    def describe_upload(self, data: bytes, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+    def describe_upload(
+        self, data: bytes, candidates: Sequence[str] | None, k: int, long_text: LongText | None = None
+    ) -> TextsResponse:
         state = self.runtime.require()
-        return self._describe(state, self._embed_upload(state, data), candidates, k)
+        return self._describe(state, self._embed_upload(state, data), candidates, k, long_text)
 
-    def _describe(self, state: Served, image: Vector, candidates: Sequence[str] | None, k: int) -> TextsResponse:
+    def _describe(
+        self, state: Served, image: Vector, candidates: Sequence[str] | None, k: int, long_text: LongText | None
+    ) -> TextsResponse:
         if candidates:
             texts = self._check_texts(candidates, "candidates")
-            matrix = state.encoder.encode_text_matrix(texts)  # [N, D]
-            scores = matrix @ image
+            embedded = state.encoder.encode_texts(texts, self._long_text(long_text))
+            scores = np.stack([e.vector for e in embedded]) @ image  # [N]
             order = np.argsort(-scores, kind="stable")[:k]
-            results = [TextHit(text=texts[i], score=float(scores[i])) for i in order]
+            results = [TextHit(text=texts[i], score=float(scores[i]), chunks=embedded[i].chunks) for i in order]
             return TextsResponse(results=results, source="candidates")
         if state.index.manifest.counts.get("texts", 0) == 0:
             raise BadRequestError(
@@ -184,17 +207,28 @@ class SearchService:
         return TextsResponse(results=results, source="index")
 
     def classify_indexed(
-        self, image_id: int, labels: Sequence[str], templates: Sequence[str] | None
+        self,
+        image_id: int,
+        labels: Sequence[str],
+        templates: Sequence[str] | None,
+        long_text: LongText | None = None,
     ) -> ClassifyResponse:
         state = self.runtime.require()
-        return self._classify(state, self._stored_embedding(state, image_id), labels, templates)
+        return self._classify(state, self._stored_embedding(state, image_id), labels, templates, long_text)
 
-    def classify_upload(self, data: bytes, labels: Sequence[str], templates: Sequence[str] | None) -> ClassifyResponse:
+    def classify_upload(
+        self, data: bytes, labels: Sequence[str], templates: Sequence[str] | None, long_text: LongText | None = None
+    ) -> ClassifyResponse:
         state = self.runtime.require()
-        return self._classify(state, self._embed_upload(state, data), labels, templates)
+        return self._classify(state, self._embed_upload(state, data), labels, templates, long_text)
 
     def _classify(
-        self, state: Served, image: Vector, labels: Sequence[str], templates: Sequence[str] | None
+        self,
+        state: Served,
+        image: Vector,
+        labels: Sequence[str],
+        templates: Sequence[str] | None,
+        long_text: LongText | None,
     ) -> ClassifyResponse:
         labels = self._check_texts(labels, "labels")
         if len(set(labels)) != len(labels):
@@ -208,26 +242,35 @@ class SearchService:
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
         # each prompt is at most a label plus a template, both within max_text_chars
-        embeddings = torch.from_numpy(state.encoder.encode_text_matrix(prompts))
+        embedded = state.encoder.encode_texts(prompts, self._long_text(long_text))
+        embeddings = torch.from_numpy(np.stack([e.vector for e in embedded]))
+        per_label = len(prompts) // len(labels)  # prompts are label-major: each label's block of templates
+        chunks = {
+            label: max(e.chunks for e in embedded[i * per_label : (i + 1) * per_label])
+            for i, label in enumerate(labels)
+        }
         classifier = clip_model.ensemble_prompts(embeddings, len(labels))  # [D, C]
         logit_scale = state.encoder.model.logit_scale.detach()
         probs = clip_model.zero_shot_probabilities(torch.from_numpy(image)[None], classifier, logit_scale)[0]
         ranked = sorted(zip(labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])
         return ClassifyResponse(
-            labels=[LabelScore(label=label, probability=min(max(p, 0.0), 1.0)) for label, p in ranked],
+            labels=[
+                LabelScore(label=label, probability=min(max(p, 0.0), 1.0), chunks=chunks[label]) for label, p in ranked
+            ],
             templates=len(prompts) // len(labels),
         )
 
     # --- embeddings ----------------------------------------------------------------------------------------------
 
-    def embed_texts(self, texts: Sequence[str]) -> EmbeddingResponse:
+    def embed_texts(self, texts: Sequence[str], long_text: LongText | None = None) -> EmbeddingResponse:
         state = self.runtime.require()
-        embedded = state.encoder.encode_texts([self._check_text(t) for t in texts])
+        embedded = state.encoder.encode_texts([self._check_text(t) for t in texts], self._long_text(long_text))
         return EmbeddingResponse(
             model=state.encoder.info.name,
             dim=state.encoder.info.embed_dim,
             embeddings=[e.vector.tolist() for e in embedded],
             truncated=[e.truncated for e in embedded],
+            chunks=[e.chunks for e in embedded],
         )
 
     def embed_upload(self, data: bytes) -> EmbeddingResponse:
@@ -333,6 +376,10 @@ class SearchService:
             precision=self.runtime.placement.precision,
             device=str(self.runtime.placement.device),
         )
+
+    def _long_text(self, requested: LongText | None) -> LongText:
+        """The request's long-text mode, else the server's (``CLIPSEARCH_LONG_TEXT``)."""
+        return requested or self.settings.long_text
 
     def _check_text(self, text: str) -> str:
         """The settings' length limit (the schema already refuses empty and all-blank texts)."""
