@@ -6,8 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
+from clip_model import LongText
+
 from ..deps import ReadAccess, ResultOptionsDep, ServiceDep
-from ..schemas import NOT_BLANK, TEXT_FIELD_MAX, CombinedQuery, SearchResponse
+from ..schemas import LONG_TEXT_DESCRIPTION, NOT_BLANK, TEXT_FIELD_MAX, CombinedQuery, SearchResponse
 from ..strict_json import StrictJSONRoute
 from ._common import COMBINED_ERRORS, SEARCH_ERRORS, UPLOAD_SEARCH_ERRORS
 
@@ -23,6 +25,7 @@ QueryText = Annotated[
         examples=["a dog on a beach"],
     ),
 ]
+LongTextParam = Annotated[LongText | None, Query(description=LONG_TEXT_DESCRIPTION)]
 # minLength: an empty file is no image (refused with a 422), and the schema says so
 Upload = Annotated[
     UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF image", json_schema_extra={"minLength": 1})
@@ -30,14 +33,16 @@ Upload = Annotated[
 
 
 @router.get("", response_model=SearchResponse, responses=SEARCH_ERRORS, summary="Text -> images")
-def search_text(q: QueryText, service: ServiceDep, options: ResultOptionsDep) -> SearchResponse:
+def search_text(
+    q: QueryText, service: ServiceDep, options: ResultOptionsDep, long_text: LongTextParam = None
+) -> SearchResponse:
     """A page of `k` indexed images closest to the text `q`, among those the filters match, best first (or by date:
     `sort`); `next_cursor` gets the next page. A folder, camera or format no indexed image has is a 422 (`GET
     /api/facets` lists those there are).
 
     Example: `GET /api/search?q=a%20dog%20on%20a%20beach&k=10&folder=2023&taken_after=2023-06-01`
     """
-    return service.search_text(q, options)
+    return service.search_text(q, options, long_text)
 
 
 @router.post(
