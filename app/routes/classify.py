@@ -21,6 +21,7 @@ from ..schemas import (
 from ..strict_json import StrictJSONRoute
 from ._common import ID_BODY_ERRORS, UPLOAD_ERRORS
 from .search import Upload
+from .texts import LongTextForm
 
 router = APIRouter(route_class=StrictJSONRoute, prefix="/api/classify", tags=["zero-shot"], dependencies=[ReadAccess])
 
@@ -49,11 +50,13 @@ Templates = Annotated[
 def classify(request: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
     """Probabilities over `labels` for an indexed image. Each label is embedded through every template (default:
     the CLIP paper's 80 ImageNet prompts) and the prompt embeddings are averaged."""
-    return service.classify_indexed(request.image_id, request.labels, request.templates)
+    return service.classify_indexed(request.image_id, request.labels, request.templates, request.long_text)
 
 
 @router.post("/upload", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, summary="Classify an upload")
-def classify_upload(file: Upload, labels: Labels, service: ServiceDep, templates: Templates) -> ClassifyResponse:
+def classify_upload(
+    file: Upload, labels: Labels, service: ServiceDep, templates: Templates, long_text: LongTextForm = None
+) -> ClassifyResponse:
     """Probabilities over `labels` for an uploaded image. Example:
     `curl -F file=@pet.jpg -F labels=cat -F labels=dog http://localhost:8000/api/classify/upload`"""
-    return service.classify_upload(file.file.read(), labels, templates or None)
+    return service.classify_upload(file.file.read(), labels, templates or None, long_text)

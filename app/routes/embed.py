@@ -15,8 +15,9 @@ router = APIRouter(route_class=StrictJSONRoute, prefix="/api/embed", tags=["embe
 
 @router.post("/text", response_model=EmbeddingResponse, responses=TEXTS_BODY_ERRORS, summary="Texts -> embeddings")
 def embed_text(request: EmbedTextRequest, service: ServiceDep) -> EmbeddingResponse:
-    """One unit-norm row per text, in the order given (texts over the context are cut; see `truncated`)."""
-    return service.embed_texts(request.texts)
+    """One unit-norm row per text, in the order given. Texts over the model's context are cut (`truncated`) or, with
+    `long_text: "chunk"`, encoded as overlapping windows whose embeddings are averaged (`chunks`)."""
+    return service.embed_texts(request.texts, request.long_text)
 
 
 @router.post("/image", response_model=EmbeddingResponse, responses=UPLOAD_ERRORS, summary="Image -> embedding")
