@@ -54,7 +54,7 @@ def check_windows(lengths: list[int], capacity: int, overlap: int) -> list[tuple
     starts = {0}
     for n in lengths:
         starts.add(max(starts) + n)
-    long_insides = set()
+    long_insides: set[int] = set()
     position = 0
     for n in lengths:
         if n > capacity:
