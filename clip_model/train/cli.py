@@ -3,6 +3,7 @@
 Subcommands live in their own modules, each exposing ``add_arguments(parser)`` and ``run(args) -> int``:
 
 - ``fit``: train from scratch or fine-tune (:mod:`clip_model.train.fit`), also under ``torchrun``
+- ``finetune``: adapt a pretrained model with LoRA or full fine-tuning, evaluated before and after (:mod:`.finetune`)
 - ``eval``: retrieval recall@1/5/10 and zero-shot accuracy of any model on any captioned folder (:mod:`.evaluate`)
 - ``probe``: a linear probe on frozen image features of a labelled folder (:mod:`.probe`)
 - ``synth``: generate the synthetic shapes dataset (:mod:`.synthetic`)
@@ -28,6 +29,7 @@ logger = logging.getLogger("clip_model.train")
 
 COMMANDS = {
     "fit": ("fit", "train from scratch or fine-tune on image-caption pairs"),
+    "finetune": ("finetune", "adapt a pretrained model to captioned images (LoRA or full), evaluated before and after"),
     "eval": ("evaluate", "retrieval recall@k and zero-shot accuracy on a captioned folder"),
     "probe": ("probe", "fit a linear probe on frozen image features of a labelled folder"),
     "synth": ("synthetic", "generate the synthetic shapes dataset (deterministic from a seed)"),

@@ -731,13 +731,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fine-tune: a checkpoint path (.pt, .safetensors, Hugging Face folder) or a pretrained name (ViT-B-32/openai)",
     )
     parser.add_argument("--out", dest="out_dir", type=Path, required=True, help="output folder (see clip-train docs)")
-    _add_training_arguments(parser, d)
+    add_training_arguments(parser, d)
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, d: FitOptions) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, d: FitOptions, leave_out: Sequence[str] = ()) -> None:
+    """The flags of :class:`FitOptions`' training fields, with ``d``'s values as defaults, but for the fields
+    named in ``leave_out`` (``"lr"``, ``"loss"``), which a caller whose defaults depend on other flags adds."""
     parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of the whole run")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over processes")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (~1e-5 to fine-tune)")
+    if "lr" not in leave_out:
+        parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (~1e-5 to fine-tune)")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
     parser.add_argument("--warmup", dest="warmup_steps", type=int, default=d.warmup_steps, help="linear warmup steps")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps; 0: at the end")
@@ -745,7 +748,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, d: FitOptions) -> N
         "--save-every", type=int, default=d.save_every, help="training checkpoint every N steps; 0: at the end"
     )
     parser.add_argument("--log-every", type=int, default=d.log_every, help="metrics record every N steps")
-    parser.add_argument("--loss", choices=LOSSES, default=d.loss, help="contrastive softmax (clip) or sigmoid")
+    if "loss" not in leave_out:
+        parser.add_argument("--loss", choices=LOSSES, default=d.loss, help="contrastive softmax (clip) or sigmoid")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,

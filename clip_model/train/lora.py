@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,8 @@ SHARED_PARAMETERS = frozenset({"logit_scale", "logit_bias"})  # in neither tower
 ADAPTER_FORMAT = 1
 ADAPTER_METADATA_KEY = "clip_model_lora"
 SHOWN_NAMES = 3  # target names quoted in an error message
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ def adapted_modules(model: nn.Module) -> dict[str, LoRAAdapter]:
     return found
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: ModuleT) -> ModuleT:
     """Fold every adapter into its base weight and put the model's own modules back, in place; returns ``model``.
 
     Afterwards ``model``'s state-dict keys are those of the model before :func:`apply_lora` (so it saves and loads
