@@ -229,3 +229,28 @@ def test_model_vocabulary_path_is_used(tmp_path: Path) -> None:
     model.tokenizer_path = vocabulary
     text_input = TextInput.of(model)
     assert (text_input.start, text_input.end, text_input.pad, text_input.capacity) == (None, 1, 1, CONTEXT - 1)
+
+
+def test_trimmed_xlm_roberta_rows_encode_as_the_full_rows_and_siglip_rows_are_never_trimmed(
+    tokenizers: dict[str, clip_model.TextTokenizer],
+) -> None:
+    """trim_for may cut XLM-RoBERTa's rows (padding is masked out of attention, positions and the mean) but not
+    SigLIP's (its last position, padding included, is the feature)."""
+    vision = clip_model.config.VisionConfig(image_size=32, layers=1, width=64, heads=4, patch_size=8)
+    text = clip_model.config.XLMRobertaTextConfig(width=32, heads=4, layers=2, mlp_width=64, vocab_size=302,
+                                                  context_length=CONTEXT, max_positions=CONTEXT + 4)  # fmt: skip
+    model, _ = clip_model.create_model(clip_model.XLMRobertaCLIPConfig(32, vision, text), seed=0)
+    model.eval()
+    short = TextInput(tokenizers["xlm-roberta"], CONTEXT).rows(["a cat", "über straße 東京", "don't"]).tokens
+    assert clip_model.trim_for(model, short).shape[1] < CONTEXT
+    with torch.inference_mode():
+        full = model.encode_text(short, normalize=True)
+        trimmed = model.encode_text(clip_model.trim_for(model, short), normalize=True)
+    assert (full - trimmed).abs().max().item() <= 1e-6
+    siglip_config = clip_model.SigLIPConfig(
+        64, vision, clip_model.config.TextConfig(width=32, heads=4, layers=1, context_length=CONTEXT, vocab_size=300),
+        tokenizer="siglip",
+    )  # fmt: skip
+    siglip, _ = clip_model.create_model(siglip_config, seed=0)
+    siglip_rows = TextInput(tokenizers["siglip"], CONTEXT).rows(["a cat"]).tokens
+    assert clip_model.trim_for(siglip, siglip_rows) is siglip_rows
