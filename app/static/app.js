@@ -1,4 +1,5 @@
-// clip-search web page: text search, search by image (file input or drop), "more like this", zero-shot labels.
+// clip-search web page: text search, search by image (file input or drop), "more like this", zero-shot labels,
+// filters (capture dates, folder, camera) and order, endless scrolling through pages, and duplicate groups.
 // Plain browser JavaScript, no build step; talks only to this server's JSON API.
 "use strict";
 
@@ -9,6 +10,8 @@
   const LARGE_SIZE = 512; // px: thumbnail size for the selected image
   const READY_POLL_MS = 5000; // while not ready or empty: how often the status is checked again
   const MIN_RELEVANCE = 0.95; // "only relevant" text results: the server's relevance scale (app/relevance.py)
+  const MORE_MARGIN_PX = 300; // the next page is fetched once the end of the list comes this close to the viewport
+  const DAY_MS = 86400000;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -35,6 +38,19 @@
     labelsResult: $("labels-result"),
     heading: $("results-heading"),
     results: $("results"),
+    filters: $("filters"),
+    takenFrom: $("taken-from"),
+    takenTo: $("taken-to"),
+    folder: $("folder"),
+    folderList: $("folder-list"),
+    camera: $("camera"),
+    clearFilters: $("clear-filters"),
+    duplicatesForm: $("duplicates-form"),
+    threshold: $("threshold"),
+    duplicatesFolder: $("duplicates-folder"),
+    groups: $("groups"),
+    notice: $("notice"),
+    more: $("more"),
   };
 
   /** An HTTP error with the server's message (status 0: the server could not be reached). */
@@ -47,11 +63,12 @@
 
   let apiKey = loadKey();
   let lastAction = null; // retried once an API key is given after a 401
-  let requestSeq = 0; // only the latest grid request may render
   let previewUrl = null;
   let selectedHit = null;
   let readyTimer = null;
   let indexSummary = ""; // "12 images indexed (...)": shown beside the status once the status says other things
+  let feed = null; // the list being shown, a page at a time (see startFeed)
+  let currentSearch = null; // runs the image search being shown again (after a change of filters or order)
 
   // --- API key -------------------------------------------------------------------------------------------------
 
@@ -175,6 +192,73 @@
     const model = stats.model ? `, model ${stats.model}` : "";
     indexSummary = `${plural(stats.images, "image")} indexed (generation ${stats.generation}${model})`;
     setStatus(indexSummary);
+    await loadFacets();
+  }
+
+  // --- filters and order ---------------------------------------------------------------------------------------
+
+  /** Offer the folders, cameras and capture dates the index holds (GET /api/facets). */
+  async function loadFacets() {
+    const { body } = await api("/api/facets");
+    el.folderList.replaceChildren(
+      ...body.folders.map(({ value, images }) => {
+        const option = document.createElement("option");
+        option.value = value;
+        option.label = plural(images, "image");
+        return option;
+      }),
+    );
+    const chosen = el.camera.value;
+    const any = document.createElement("option");
+    any.value = "";
+    any.textContent = body.cameras.length ? "Any camera" : "No camera data";
+    const cameras = body.cameras.map(({ value, images }) => {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = `${value} (${images})`;
+      return option;
+    });
+    el.camera.replaceChildren(any, ...cameras);
+    el.camera.value = body.cameras.some((camera) => camera.value === chosen) ? chosen : "";
+    el.camera.disabled = !body.cameras.length;
+    for (const input of [el.takenFrom, el.takenTo]) {
+      input.min = body.taken ? body.taken.earliest.slice(0, 10) : "";
+      input.max = body.taken ? body.taken.latest.slice(0, 10) : "";
+    }
+  }
+
+  /** The day after an ISO date (YYYY-MM-DD), so that the "to" date is included. */
+  function nextDay(day) {
+    return new Date(Date.parse(`${day}T00:00:00Z`) + DAY_MS).toISOString().slice(0, 10);
+  }
+
+  /** The filter and order parameters of an image search, or null after telling the user what is wrong. */
+  function readFilters() {
+    const from = el.takenFrom.value;
+    const to = el.takenTo.value;
+    if (from && to && from > to) {
+      setStatus("Error: the \u201cfrom\u201d date is after the \u201cto\u201d date: swap them.", "error");
+      el.takenFrom.focus();
+      return null;
+    }
+    const params = {};
+    if (from) params.taken_after = from;
+    if (to) params.taken_before = nextDay(to);
+    const folder = el.folder.value.trim();
+    if (folder) params.folder = folder;
+    if (el.camera.value) params.camera = el.camera.value;
+    const sort = el.filters.querySelector('input[name="sort"]:checked').value;
+    if (sort !== "relevance") params.sort = sort;
+    return params;
+  }
+
+  function hasFilters() {
+    return Boolean(el.takenFrom.value || el.takenTo.value || el.folder.value.trim() || el.camera.value);
+  }
+
+  /** Run the image search being shown again, for new filters or order. */
+  function refresh() {
+    if (currentSearch && feed && feed.kind === "search") currentSearch();
   }
 
   // --- results grid --------------------------------------------------------------------------------------------
@@ -183,68 +267,150 @@
   function readK() {
     const k = Number(el.k.value);
     if (!Number.isInteger(k) || k < 1 || k > MAX_K) {
-      setStatus(`Error: the number of results must be a whole number from 1 to ${MAX_K}.`, "error");
+      setStatus(`Error: the number per page must be a whole number from 1 to ${MAX_K}.`, "error");
       el.k.focus();
       return null;
     }
     return k;
   }
 
-  function renderResults(hits, heading) {
-    el.heading.textContent = heading;
-    el.heading.hidden = false;
-    const items = hits.map((hit) => {
-      const item = document.createElement("li");
-      item.className = "result";
-      item.dataset.id = String(hit.id);
-      item.title = `${hit.path} (score ${hit.score.toFixed(3)})`;
-      if (selectedHit && selectedHit.id === hit.id) item.classList.add("current");
+  function resultItem(hit) {
+    const item = document.createElement("li");
+    item.className = "result";
+    item.dataset.id = String(hit.id);
+    const taken = hit.taken_at ? hit.taken_at.slice(0, 10) : "";
+    item.title = `${hit.path} (score ${hit.score.toFixed(3)}${taken ? `, taken ${taken}` : ""})`;
+    if (selectedHit && selectedHit.id === hit.id) item.classList.add("current");
 
-      const button = document.createElement("button");
-      button.type = "button";
-      button.setAttribute("aria-label", `More like ${hit.path}`);
-      button.addEventListener("click", () => selectImage(hit));
+    const button = document.createElement("button");
+    button.type = "button";
+    button.setAttribute("aria-label", `More like ${hit.path}`);
+    button.addEventListener("click", () => selectImage(hit));
 
-      const image = document.createElement("img");
-      image.src = withParams(hit.thumbnail_url, {}, true);
-      image.alt = hit.path;
-      image.loading = "lazy";
-      image.decoding = "async";
-      image.addEventListener("error", () => item.classList.add("broken"));
+    const image = document.createElement("img");
+    image.src = withParams(hit.thumbnail_url, {}, true);
+    image.alt = hit.path;
+    image.loading = "lazy";
+    image.decoding = "async";
+    image.addEventListener("error", () => item.classList.add("broken"));
 
-      const score = document.createElement("span");
-      score.className = "score";
-      score.textContent = hit.score.toFixed(3);
-      const path = document.createElement("span");
-      path.className = "path";
-      path.textContent = hit.path;
+    const path = document.createElement("span");
+    path.className = "path";
+    path.textContent = hit.path;
+    const details = document.createElement("span");
+    details.className = "details";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = hit.score.toFixed(3);
+    details.append(score);
+    if (taken) {
+      const date = document.createElement("time");
+      date.className = "taken";
+      date.dateTime = hit.taken_at;
+      date.textContent = taken;
+      date.title = hit.taken_from_exif ? "taken (EXIF)" : "file date (no EXIF)";
+      details.append(date);
+    }
 
-      button.append(image, path, score);
-      item.append(button);
-      return item;
-    });
-    el.results.replaceChildren(...items);
+    button.append(image, path, details);
+    item.append(button);
+    return item;
   }
 
-  /** Run one grid request: ``load()`` returns the search response; stale answers are dropped. */
-  async function runSearch(load, heading, describe, cutOff = false) {
-    const seq = ++requestSeq;
-    setStatus("Searching\u2026", "busy");
+  function showHeading(heading) {
+    el.heading.textContent = heading;
+    el.heading.hidden = false;
+  }
+
+  /** Show one list a page at a time: ``spec`` gives its ``kind`` ("search" or "duplicates"), ``load(cursor)``
+   * (the API call for a page; cursor null: the first), ``render(body, append)`` (returns how many items it added),
+   * and ``report(body, shown)`` (the status line after a page, ``shown`` items in all). Only the latest list
+   * (``feed``) may render; later pages come as its
+   * end nears the viewport. A cursor the server no longer takes (409: the index changed) starts it again. */
+  function startFeed(spec, notice = "") {
+    feed = { ...spec, spec, cursor: null, busy: false, failed: false, shown: 0 };
+    el.notice.textContent = notice;
+    el.notice.hidden = !notice;
+    el.more.hidden = true;
+    setStatus(spec.busy || "Searching\u2026", "busy");
+    return loadPage(feed, true);
+  }
+
+  async function loadPage(current, first) {
+    current.busy = true;
+    if (!first) showMore("Loading more\u2026", "loading");
     try {
-      const { body } = await load();
-      if (seq !== requestSeq) return;
-      renderResults(body.results, heading);
-      if (!body.results.length) {
-        const why = cutOff ? " Nothing indexed looks relevant: untick \u201conly relevant\u201d to see the closest." : "";
-        setStatus(`No results.${why}`, "warning");
+      const { body } = await current.load(first ? null : current.cursor);
+      if (current !== feed) return;
+      current.cursor = body.next_cursor || null;
+      current.shown += current.render(body, !first);
+      current.busy = false;
+      current.report(body, current.shown);
+      showMore(current.cursor ? "" : current.shown ? "No more results." : "", current.cursor ? "more" : "end");
+      window.requestAnimationFrame(() => loadMoreIfNear());
+    } catch (error) {
+      if (current !== feed) return;
+      current.busy = false;
+      if (!first && error instanceof ApiError && error.status === 409) {
+        // the index was republished since the first page: its cursors no longer hold, so start again
+        loadFacets().catch(() => {});
+        startFeed(current.spec, "The index was updated while you scrolled: the list was fetched again.");
         return;
       }
-      const cut = body.truncated ? " The query was longer than the model's context and was cut." : "";
-      const took = Number(body.took_ms).toFixed(0);
-      setStatus(`${plural(body.results.length, "result")} ${describe} (${took} ms).${cut}`);
-    } catch (error) {
-      if (seq === requestSeq) showError(error);
+      current.failed = !first;
+      if (!first) showMore(`Could not load more: ${error.message}`, "error");
+      showError(error);
     }
+  }
+
+  function showMore(text, state) {
+    el.more.textContent = text;
+    el.more.dataset.state = state;
+    el.more.hidden = state === "end" && !text;
+  }
+
+  /** Fetch the next page when the end of the list is within MORE_MARGIN_PX of the viewport. */
+  function loadMoreIfNear() {
+    const current = feed;
+    if (!current || !current.cursor || current.busy || current.failed) return;
+    if (el.more.getBoundingClientRect().top <= window.innerHeight + MORE_MARGIN_PX) loadPage(current, false);
+  }
+
+  /** Run an image search (``load(params)``: the API call with the page's parameters) with the filters and order. */
+  function startSearch(load, heading, describe, cutOff = false) {
+    const filters = readFilters();
+    if (filters === null) return;
+    const filtered = hasFilters();
+    const spec = {
+      kind: "search",
+      load: (cursor) => load(cursor ? { ...filters, cursor } : filters),
+      render: (body, append) => {
+        if (!append) {
+          showHeading(heading);
+          el.groups.hidden = true;
+          el.results.hidden = false;
+        }
+        const items = body.results.map(resultItem);
+        if (append) el.results.append(...items);
+        else el.results.replaceChildren(...items);
+        return items.length;
+      },
+      report: (body, shown) => {
+        if (!shown) {
+          const why = cutOff
+            ? " Nothing indexed looks relevant: untick \u201conly relevant\u201d to see the closest."
+            : filtered
+              ? " No image matches the filters: widen or clear them."
+              : "";
+          setStatus(`No results.${why}`, "warning");
+          return;
+        }
+        const cut = body.truncated ? " The query was longer than the model's context and was cut." : "";
+        const took = Number(body.took_ms).toFixed(0);
+        setStatus(`${plural(shown, "result")} ${describe} (${took} ms).${cut}`);
+      },
+    };
+    startFeed(spec);
   }
 
   function searchText() {
@@ -257,9 +423,11 @@
     }
     if (k === null) return;
     lastAction = searchText;
-    const params = el.relevant.checked ? { q, k, min_relevance: MIN_RELEVANCE } : { q, k };
-    const url = withParams("/api/search", params);
-    runSearch(() => api(url), `Results for \u201c${q}\u201d`, "for your text", el.relevant.checked);
+    currentSearch = searchText;
+    const relevant = el.relevant.checked;
+    const base = relevant ? { q, k, min_relevance: MIN_RELEVANCE } : { q, k };
+    const load = (params) => api(withParams("/api/search", { ...base, ...params }));
+    startSearch(load, `Results for \u201c${q}\u201d`, "for your text", relevant);
   }
 
   function searchImage(file) {
@@ -272,12 +440,13 @@
     if (k === null) return;
     showPreview(file);
     lastAction = () => searchImage(file);
-    const load = () => {
+    currentSearch = lastAction;
+    const load = (params) => {
       const form = new FormData();
       form.append("file", file, file.name);
-      return api(withParams("/api/search/image", { k }), { method: "POST", body: form });
+      return api(withParams("/api/search/image", { k, ...params }), { method: "POST", body: form });
     };
-    runSearch(load, `Similar to ${file.name || "your image"}`, "for your image");
+    startSearch(load, `Similar to ${file.name || "your image"}`, "for your image");
   }
 
   function showPreview(file) {
@@ -305,8 +474,105 @@
     el.selectedMeta.textContent = `${size}score ${hit.score.toFixed(3)} \u00b7 id ${hit.id}`;
     el.labelsResult.replaceChildren();
     el.selected.scrollIntoView({ block: "nearest" });
-    const url = withParams(`/api/images/${encodeURIComponent(hit.id)}/similar`, { k });
-    runSearch(() => api(url), `More like ${hit.path}`, "like this image");
+    searchSimilar(hit);
+  }
+
+  function searchSimilar(hit) {
+    const k = readK();
+    if (k === null) return;
+    currentSearch = () => searchSimilar(hit);
+    const load = (params) => api(withParams(`/api/images/${encodeURIComponent(hit.id)}/similar`, { k, ...params }));
+    startSearch(load, `More like ${hit.path}`, "like this image");
+  }
+
+  // --- duplicates ----------------------------------------------------------------------------------------------
+
+  function memberItem(member) {
+    const item = document.createElement("li");
+    item.className = "result member";
+    item.dataset.id = String(member.id);
+    item.dataset.kind = member.kind;
+    const link = document.createElement("a");
+    link.className = "card";
+    link.href = withParams(`/api/images/${encodeURIComponent(member.id)}/file`, {}, true);
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.title = `${member.path}: open the original`;
+    const image = document.createElement("img");
+    image.src = withParams(`/api/images/${encodeURIComponent(member.id)}/thumbnail`, {}, true);
+    image.alt = member.path;
+    image.loading = "lazy";
+    image.decoding = "async";
+    image.addEventListener("error", () => item.classList.add("broken"));
+    const path = document.createElement("span");
+    path.className = "path";
+    path.textContent = member.path;
+    const details = document.createElement("span");
+    details.className = "details";
+    const similarity = document.createElement("span");
+    similarity.className = "score";
+    similarity.textContent = member.similarity.toFixed(3);
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    kind.textContent = member.kind === "exact" ? "same bytes" : "similar";
+    details.append(similarity, kind);
+    link.append(image, path, details);
+    item.append(link);
+    return item;
+  }
+
+  function groupItem(group) {
+    const item = document.createElement("li");
+    item.className = "group";
+    item.dataset.kind = group.kind;
+    const head = document.createElement("p");
+    head.className = "group-head";
+    const what = group.kind === "exact" ? "identical files" : "near-duplicates";
+    head.textContent = `${group.members.length} ${what}`;
+    const members = document.createElement("ul");
+    members.className = "grid members";
+    members.append(...group.members.map(memberItem));
+    item.append(head, members);
+    return item;
+  }
+
+  function findDuplicates() {
+    const k = readK();
+    if (k === null) return;
+    const params = { page_size: k };
+    const threshold = el.threshold.value.trim();
+    if (threshold) params.threshold = threshold;
+    const folder = el.duplicatesFolder.value.trim();
+    if (folder) params.folder = folder;
+    lastAction = findDuplicates;
+    currentSearch = null;
+    startFeed({
+      kind: "duplicates",
+      busy: "Comparing the images\u2026",
+      load: (cursor) => api(withParams("/api/duplicates", cursor ? { ...params, cursor } : params)),
+      render: (body, append) => {
+        if (!append) {
+          const where = body.folder ? ` in ${body.folder}` : "";
+          showHeading(`Duplicates at similarity \u2265 ${body.threshold}${where}`);
+          el.results.hidden = true;
+          el.results.replaceChildren();
+          el.groups.hidden = false;
+        }
+        const items = body.groups.map(groupItem);
+        if (append) el.groups.append(...items);
+        else el.groups.replaceChildren(...items);
+        return items.length;
+      },
+      report: (body, shown) => {
+        const among = `among ${plural(body.images, "image")}`;
+        if (!body.total_groups) {
+          setStatus(`No duplicates ${among} at this similarity.`, "warning");
+          return;
+        }
+        const took = Number(body.took_ms).toFixed(0);
+        setStatus(`${shown} of ${plural(body.total_groups, "group")} of duplicates ${among} (${took} ms).`);
+      },
+    });
   }
 
   function renderLabels(scores) {
@@ -382,6 +648,26 @@
     el.upload.addEventListener("change", () => {
       searchImage(el.upload.files && el.upload.files[0]);
     });
+    el.duplicatesForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      findDuplicates();
+    });
+    for (const control of [el.takenFrom, el.takenTo, el.folder, el.camera]) {
+      control.addEventListener("change", refresh);
+    }
+    for (const radio of el.filters.querySelectorAll('input[name="sort"]')) radio.addEventListener("change", refresh);
+    el.clearFilters.addEventListener("click", () => {
+      const had = hasFilters();
+      el.takenFrom.value = "";
+      el.takenTo.value = "";
+      el.folder.value = "";
+      el.camera.value = "";
+      if (had) refresh();
+    });
+    // the next page loads when the end of the list scrolls near the viewport (and, after each page, while it is)
+    const margin = { rootMargin: `0px 0px ${MORE_MARGIN_PX}px 0px` };
+    new IntersectionObserver((entries) => entries.some((entry) => entry.isIntersecting) && loadMoreIfNear(), margin)
+      .observe(el.more);
     el.classifyForm.addEventListener("submit", (event) => {
       event.preventDefault();
       classify();

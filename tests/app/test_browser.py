@@ -1,4 +1,6 @@
-"""The web page in a real browser (Debian's Chromium driven by Playwright) against the real server process.
+"""The web page in a real browser (Debian's Chromium driven by Playwright) against the real server process: search by
+text and image, more like this, labels, the API key prompt, errors; over a photo library with metadata, the filters,
+the order toggle, endless scrolling through pages, a stale cursor, and the duplicates view.
 
 Skipped where ``/usr/bin/chromium`` or Playwright is missing, unless ``CLIPSEARCH_REQUIRE_BROWSER=1`` (CI), which
 makes that a failure. ``CLIPSEARCH_SCREENSHOT_DIR``, if set, receives a copy of the search screenshot.
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
+from tests.app.photo_library import PhotoLibrary, build_photo_library
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Error, Page
@@ -63,7 +66,7 @@ def browser() -> Iterator[Browser]:
         instance.close()
 
 
-def _open(browser: Browser, url: str, expected: tuple[str, ...] = ()) -> Page:
+def _open(browser: Browser, url: str, expected: tuple[str, ...] = (), width: int = 1280, height: int = 900) -> Page:
     """A fresh page at ``url`` that records console errors (except those matching ``expected``) and page errors."""
 
     def on_console(message: ConsoleMessage) -> None:
@@ -73,7 +76,7 @@ def _open(browser: Browser, url: str, expected: tuple[str, ...] = ()) -> Page:
     def on_page_error(error: Error) -> None:
         _errors.append(f"pageerror: {error.message}")
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     page.on("console", on_console)
     page.on("pageerror", on_page_error)
@@ -115,10 +118,15 @@ def test_text_search_shows_loaded_thumbnails(page: Page, tmp_path: Path) -> None
 
     expect(page.locator("#status")).to_contain_text("12 images indexed (generation g-")
     k = 8
-    _search(page, "a red square", k=k)
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        _search(page, "a red square", k=k)
+    assert "k=8" in sent.value.url and "cursor" not in sent.value.url
 
+    # the first page does not fill the viewport, so the next one follows: 12 results in pages of 8
+    expect(page.locator("#more")).to_have_text("No more results.")
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
     results = page.locator(".result")
-    assert 1 <= results.count() <= k
+    assert results.count() == 12
     widths = page.eval_on_selector_all(".result img", "images => images.map(image => image.naturalWidth)")
     assert widths and all(width > 0 for width in widths)
     scores = [float(text) for text in results.locator(".score").all_inner_texts()]
@@ -262,6 +270,207 @@ def test_api_key_is_asked_for_and_sent(browser: Browser, indexed: IndexedFolder,
         page.close()
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory, app_model: Path) -> PhotoLibrary:
+    return build_photo_library(tmp_path_factory.mktemp("library"), app_model)
+
+
+@pytest.fixture(scope="module")
+def library_server(library: PhotoLibrary, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The server over the photo library (folders, cameras, capture dates, a copy)."""
+    server = start_server(library.index_dir, tmp_path_factory.mktemp("library-live"))
+    yield server
+    stop_server(server)
+
+
+def _open_library(browser: Browser, server: LiveServer, expected: tuple[str, ...] = (), **viewport: int) -> Page:
+    """A page over the library, once its status and the facets (the camera choices) are loaded."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, server.url, expected, **viewport)
+    expect(page.locator("#status")).to_contain_text("19 images indexed")
+    expect(page.locator("#camera option")).to_have_count(4)
+    return page
+
+
+def _paths(page: Page) -> list[str]:
+    return page.locator(".result .path").all_inner_texts()
+
+
+def test_filters_offer_what_the_index_holds_and_narrow_the_results(
+    browser: Browser, library_server: LiveServer, library: PhotoLibrary
+) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server)
+    cameras = page.locator("#camera option").all_inner_texts()
+    assert cameras == ["Any camera", "Apple iPhone 12 (7)", "Canon EOS 5D (5)", "FUJIFILM X100V (4)"]
+    folders = page.eval_on_selector_all("#folder-list option", "options => options.map(option => option.value)")
+    assert folders == ["2019", "2019/Lisbon", "2023", "2023/Garden", "2023/Holidays", "backup", "scans"]
+    assert (page.get_attribute("#taken-from", "min"), page.get_attribute("#taken-to", "max")) == (
+        "2010-01-01",
+        "2023-07-15",
+    )
+
+    page.fill("#folder", "2023/Holidays")
+    _search(page, "a photo", k=50)
+    assert sorted(_paths(page)) == sorted(library.paths(folder="2023/Holidays"))
+
+    # a changed filter runs the search again
+    page.fill("#folder", "")
+    with page.expect_request(lambda request: "camera=Canon+EOS+5D" in request.url):
+        page.select_option("#camera", "Canon EOS 5D")
+    expect(page.locator(".result")).to_have_count(5)
+    assert sorted(_paths(page)) == sorted(library.paths(camera="Canon EOS 5D"))
+
+    # the "to" date is included: the request asks for captures before the day after it
+    page.select_option("#camera", "")
+    page.fill("#taken-from", "2023-07-11")
+    with page.expect_request(lambda request: "taken_before=2023-07-13" in request.url) as sent:
+        page.fill("#taken-to", "2023-07-12")
+        page.dispatch_event("#taken-to", "change")
+    assert "taken_after=2023-07-11" in sent.value.url
+    expect(page.locator(".result")).to_have_count(2)
+    assert sorted(_paths(page)) == sorted(library.paths(after="2023-07-11", before="2023-07-13"))
+    assert sorted(page.locator(".result .taken").all_inner_texts()) == ["2023-07-11", "2023-07-12"]
+
+    page.click("#clear-filters")
+    expect(page.locator(".result")).to_have_count(len(library.photos))
+    page.close()
+
+
+def test_bad_filters_are_explained(browser: Browser, library_server: LiveServer) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server, expected=(r"status of 422",))
+    page.set_checked("#relevant", False)
+    page.fill("#query", "a photo")
+    page.fill("#folder", "2023/holidays")
+    page.click("#search-form button[type=submit]")
+    expect(page.locator("#status")).to_have_text(
+        "Error: unknown folder '2023/holidays': no indexed image matches it (did you mean '2023/Holidays'? "
+        "GET /api/facets lists them all)"
+    )
+    page.fill("#folder", "")
+    page.fill("#taken-from", "2023-07-12")
+    page.fill("#taken-to", "2023-07-11")
+    page.click("#search-form button[type=submit]")
+    expect(page.locator("#status")).to_contain_text("Error: the \u201cfrom\u201d date is after the \u201cto\u201d date")
+    page.fill("#taken-from", "1990-01-01")
+    page.fill("#taken-to", "1990-12-31")
+    page.click("#search-form button[type=submit]")
+    expect(page.locator("#status")).to_have_text("No results. No image matches the filters: widen or clear them.")
+    page.close()
+
+
+def test_the_order_toggle_sorts_by_capture_time(browser: Browser, library_server: LiveServer) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server)
+    _search(page, "a photo", k=50)
+    dates = page.locator(".result .taken")
+    expect(dates).to_have_count(19)
+    assert dates.all_inner_texts() != sorted(dates.all_inner_texts())  # best match first: not by date
+    with page.expect_request(lambda request: "sort=newest" in request.url):
+        page.check('input[name="sort"][value="newest"]')
+    expect(dates.first).to_have_text("2023-07-15")
+    newest = dates.all_inner_texts()
+    assert newest == sorted(newest, reverse=True) and len(newest) == 19
+    with page.expect_request(lambda request: "sort=oldest" in request.url):
+        page.check('input[name="sort"][value="oldest"]')
+    expect(dates.first).to_have_text("2010-01-01")
+    assert dates.all_inner_texts() == sorted(newest)
+    assert page.locator(".result .path").first.inner_text() == "scans/scan_0.png"
+    page.close()
+
+
+def test_scrolling_loads_the_next_page_and_stops_at_the_last(browser: Browser, library_server: LiveServer) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server, width=520, height=480)  # two columns: a page of 4 fills the view
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url) if "/api/search?" in request.url else None)
+    _search(page, "a photo", k=4)
+    results = page.locator(".result")
+    page.wait_for_timeout(500)
+    assert results.count() == 4 and len(requests) == 1  # the end of the list is out of sight: no second page yet
+    for shown in (8, 12, 16, 19):
+        page.locator("#more").scroll_into_view_if_needed()
+        expect(results).to_have_count(shown)
+    expect(page.locator("#more")).to_have_text("No more results.")
+    page.mouse.wheel(0, 5000)
+    page.wait_for_timeout(500)
+    assert len(requests) == 5 and all("cursor=" in url for url in requests[1:])
+    ids = [results.nth(i).get_attribute("data-id") for i in range(results.count())]
+    assert len(set(ids)) == 19
+    expect(page.locator("#status")).to_contain_text("19 results for your text")
+    page.close()
+
+
+def test_a_stale_cursor_runs_the_search_again_with_a_notice(browser: Browser, library_server: LiveServer) -> None:
+    from playwright.sync_api import Route, expect
+
+    page = _open_library(browser, library_server, expected=(r"status of 409",), width=520, height=480)
+    stale: list[str] = []
+
+    def republished(route: Route) -> None:
+        if "cursor=" in route.request.url and not stale:
+            stale.append(route.request.url)
+            detail = "the index changed since this cursor was made: search again without the cursor"
+            route.fulfill(status=409, json={"detail": detail})
+        else:
+            route.continue_()
+
+    page.route("**/api/search?*", republished)
+    _search(page, "a photo", k=4)
+    with page.expect_request(lambda request: "/api/search?" in request.url and "cursor=" not in request.url):
+        page.locator("#more").scroll_into_view_if_needed()
+    expect(page.locator("#notice")).to_have_text(
+        "The index was updated while you scrolled: the list was fetched again."
+    )
+    expect(page.locator(".result")).to_have_count(4)
+    assert len(stale) == 1
+    page.close()
+
+
+def test_the_duplicates_view_shows_the_planted_copy_in_pages(
+    browser: Browser, library_server: LiveServer, library: PhotoLibrary
+) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server)
+    page.fill("#threshold", "1")
+    page.click("#duplicates-form button[type=submit]")
+    expect(page.locator("#results-heading")).to_have_text("Duplicates at similarity \u2265 1")
+    groups = page.locator(".group")
+    expect(groups).to_have_count(1)
+    expect(groups.first.locator(".group-head")).to_have_text("2 identical files")
+    assert sorted(groups.first.locator(".path").all_inner_texts()) == sorted(library.copy)
+    assert groups.first.locator('.member[data-kind="exact"]').count() == 2
+    page.wait_for_function(ALL_THUMBNAILS_LOADED)
+    expect(page.locator("#status")).to_contain_text("1 of 1 group of duplicates among 19 images")
+    original_link = groups.first.locator("a.card").first.get_attribute("href") or ""
+    assert re.fullmatch(r"/api/images/\d+/file", original_link)
+
+    # at the default, the tiny random model also groups each shoot's photos: 4 groups, in pages of 2
+    with page.expect_request(lambda request: "page_size=2" in request.url and "cursor" not in request.url):
+        page.fill("#k", "2")
+        page.fill("#threshold", "0.995")
+        page.click("#duplicates-form button[type=submit]")
+    expect(page.locator("#status")).to_contain_text("of 4 groups of duplicates among 19 images")
+    page.locator("#more").scroll_into_view_if_needed()
+    expect(groups).to_have_count(4)
+    expect(page.locator("#more")).to_have_text("No more results.")
+    assert set(library.copy) <= set(groups.first.locator(".path").all_inner_texts())
+
+    page.fill("#duplicates-folder", "2019")
+    page.click("#duplicates-form button[type=submit]")
+    expect(page.locator("#results-heading")).to_have_text("Duplicates at similarity \u2265 0.995 in 2019")
+    expect(groups).to_have_count(1)
+    assert all(path.startswith("2019/") for path in groups.locator(".path").all_inner_texts())
+    page.close()
 
 
 def test_page_has_no_console_or_page_errors(page: Page) -> None:
