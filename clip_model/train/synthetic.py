@@ -6,6 +6,12 @@ of several phrasings (:data:`CAPTION_TEMPLATES`), chosen per image. A few colour
 appear in the ``train`` split, so a model's compositional generalisation can be measured on the ``heldout`` split,
 which holds only them; the ``test`` split holds the other pairs, drawn from another random stream than ``train``.
 
+Novel colours (:data:`NOVEL_COLORS`, e.g. pink) appear in no split; ``generate(..., novel_color="pink")`` writes a
+set in which each image has that colour with probability ``novel_share`` and otherwise one of the split's own
+colour-shape pairs, with the same captions: a small captioned set that teaches an attribute a model trained on the
+other splits never saw (the fine-tuning demo in docs/training.md). :func:`recall_by_color` measures, per colour,
+how well attribute queries find their images in such a folder.
+
 Invariants:
 - Deterministic: image ``i`` of ``(split, seed, image_size)`` depends on nothing else (not even ``count``), and the
   same arguments give byte-identical PNG and JSONL files.
@@ -35,11 +41,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from PIL import Image, ImageDraw
 
 from .data import CAPTION_FILES, DatasetError, Pair
+
+if TYPE_CHECKING:
+    from ..model import ImageTextModel
+    from ..preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +65,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 180),
     "orange": (245, 130, 20),
 }
+NOVEL_COLORS: dict[str, tuple[int, int, int]] = {"pink": (255, 120, 190)}  # in no split: for fine-tuning demos
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (150, 150, 150)}
 SIZES: dict[str, float] = {"small": 0.18, "large": 0.25}  # circumradius as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # shape centre (x, y) as fractions of the image side
@@ -143,9 +154,14 @@ def combinations(split: Split) -> list[tuple[str, str]]:
     return [p for p in pairs if (p in held) == (split == "heldout")]
 
 
+def _rgb(color: str) -> tuple[int, int, int]:
+    return COLORS[color] if color in COLORS else NOVEL_COLORS[color]
+
+
 def backgrounds_for(color: str) -> list[str]:
-    """Backgrounds ``color`` is visible on (RGB distance at least :data:`MIN_CONTRAST`)."""
-    return [name for name, rgb in BACKGROUNDS.items() if math.dist(rgb, COLORS[color]) >= MIN_CONTRAST]
+    """Backgrounds ``color`` (of :data:`COLORS` or :data:`NOVEL_COLORS`) is visible on (RGB distance at least
+    :data:`MIN_CONTRAST`)."""
+    return [name for name, rgb in BACKGROUNDS.items() if math.dist(rgb, _rgb(color)) >= MIN_CONTRAST]
 
 
 def caption_for(attributes: Mapping[str, str], template: str) -> str:
@@ -191,7 +207,7 @@ def render(
     """
     for name, value, known in (
         ("shape", shape, SHAPES),
-        ("color", color, COLORS),
+        ("color", color, {**COLORS, **NOVEL_COLORS}),
         ("size", size, SIZES),
         ("position", position, POSITIONS),
         ("background", background, BACKGROUNDS),
@@ -214,9 +230,9 @@ def render(
     draw = ImageDraw.Draw(canvas)
     center, r = (cx * side, cy * side), radius * side
     if shape == "circle":
-        draw.ellipse((center[0] - r, center[1] - r, center[0] + r, center[1] + r), fill=COLORS[color])
+        draw.ellipse((center[0] - r, center[1] - r, center[0] + r, center[1] + r), fill=_rgb(color))
     else:
-        draw.polygon(_polygon(shape, center, r, rotation), fill=COLORS[color])
+        draw.polygon(_polygon(shape, center, r, rotation), fill=_rgb(color))
     return canvas.reduce(SUPERSAMPLE)
 
 
@@ -254,6 +270,22 @@ def sample_attributes(split: Split, seed: int, index: int) -> tuple[dict[str, st
     """
     rng = random.Random(f"clip_model.synthetic/{split}/{seed}/{index}")
     color, shape = rng.choice(combinations(split))
+    return _draw_attributes(rng, color, shape)
+
+
+def sample_novel_attributes(
+    split: Split, seed: int, index: int, color: str, share: float
+) -> tuple[dict[str, str], str, random.Random]:
+    """As :func:`sample_attributes`, in a set that teaches the novel ``color``: with probability ``share`` the image
+    is ``color`` and any shape, else one of ``split``'s colour-shape pairs. The stream is seeded from
+    ``"clip_model.synthetic/novel/<color>/<share>/<split>/<seed>/<index>"``."""
+    rng = random.Random(f"clip_model.synthetic/novel/{color}/{share}/{split}/{seed}/{index}")
+    if rng.random() < share:
+        return _draw_attributes(rng, color, rng.choice(SHAPES))
+    return _draw_attributes(rng, *rng.choice(combinations(split)))
+
+
+def _draw_attributes(rng: random.Random, color: str, shape: str) -> tuple[dict[str, str], str, random.Random]:
     attributes = {
         "shape": shape,
         "color": color,
@@ -264,8 +296,15 @@ def sample_attributes(split: Split, seed: int, index: int) -> tuple[dict[str, st
     return attributes, caption_for(attributes, rng.choice(CAPTION_TEMPLATES)), rng
 
 
-def _spec(count: int, split: Split, seed: int, image_size: int) -> dict[str, object]:
-    return {"generator": GENERATOR_VERSION, "split": split, "count": count, "seed": seed, "image_size": image_size}
+def _spec(
+    count: int, split: Split, seed: int, image_size: int, novel_color: str | None, novel_share: float
+) -> dict[str, object]:
+    spec: dict[str, object] = {
+        "generator": GENERATOR_VERSION, "split": split, "count": count, "seed": seed, "image_size": image_size
+    }  # fmt: skip
+    if novel_color is not None:
+        spec.update(novel_color=novel_color, novel_share=novel_share)
+    return spec
 
 
 def _read_spec(out_dir: Path) -> dict[str, object] | None:
@@ -276,8 +315,20 @@ def _read_spec(out_dir: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def generate(out_dir: Path, count: int, split: Split, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
+def generate(
+    out_dir: Path,
+    count: int,
+    split: Split,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    *,
+    novel_color: str | None = None,
+    novel_share: float = 0.5,
+) -> Path:
     """Write ``count`` images of ``split`` and their captions to ``out_dir``; returns ``out_dir``.
+
+    ``novel_color`` (one of :data:`NOVEL_COLORS`; ``split`` train or test): a share ``novel_share`` of the images,
+    drawn per image, in that colour (:func:`sample_novel_attributes`).
 
     Cached: if ``out_dir`` already holds a complete dataset made with the same arguments (its ``.spec.json``), nothing
     is written. A folder made with other arguments is regenerated (its previous images are removed); a folder with a
@@ -288,8 +339,13 @@ def generate(out_dir: Path, count: int, split: Split, seed: int = 0, image_size:
     combinations(split)  # validates split
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if novel_color is not None and (novel_color not in NOVEL_COLORS or split == "heldout" or not 0 < novel_share <= 1):
+        raise ValueError(
+            f"a novel colour is one of {', '.join(NOVEL_COLORS)} (got {novel_color!r}), in the train or test split "
+            f"(got {split!r}), with a share in (0, 1] (got {novel_share})"
+        )
     out_dir = Path(out_dir)
-    spec = _spec(count, split, seed, image_size)
+    spec = _spec(count, split, seed, image_size, novel_color, novel_share)
     captions_path = out_dir / CAPTIONS_FILE
     previous = _read_spec(out_dir)
     if previous == spec and captions_path.is_file():
@@ -303,7 +359,10 @@ def generate(out_dir: Path, count: int, split: Split, seed: int = 0, image_size:
     start = time.perf_counter()
     lines = []
     for index in range(count):
-        attributes, caption, rng = sample_attributes(split, seed, index)
+        if novel_color is None:
+            attributes, caption, rng = sample_attributes(split, seed, index)
+        else:
+            attributes, caption, rng = sample_novel_attributes(split, seed, index, novel_color, novel_share)
         relative = f"{IMAGE_DIR}/{index:06d}.png"
         render(**attributes, image_size=image_size, rng=rng).save(out_dir / relative, format="PNG")
         record = {"path": relative, "caption": caption, "label": attributes["shape"], **attributes}
@@ -372,6 +431,36 @@ def pairs_of(root: Path) -> list[Pair]:
     return [record.to_pair() for record in load_records(root)]
 
 
+def recall_by_color(
+    model: ImageTextModel, preprocess: Preprocess, root: Path, fields: Sequence[str] = ("size", "color", "shape")
+) -> dict[str, dict[str, float]]:
+    """Text->image recall@1 of the attribute queries (:func:`attribute_query` over ``fields``) of a :func:`generate`
+    folder, per colour of the query, with the whole folder as the gallery; and its chance level.
+
+    Returns ``{colour: {"recall@1": r, "chance": c, "queries": n}}``: ``r`` the share of the colour's distinct
+    queries whose most similar image has the query's attributes, ``c`` the same share for a random image (the
+    mean over those queries of the fraction of images that match).
+    """
+    from .evaluate import encode_dataset, normalize_caption
+
+    records = load_records(root)
+    queries = [normalize_caption(attribute_query(record, fields)) for record in records]
+    pairs = [Pair(record.path, query) for record, query in zip(records, queries, strict=True)]
+    image_features, text_features, texts = encode_dataset(model, preprocess, pairs)
+    best = (text_features @ image_features.T).argmax(dim=1).tolist()  # [M]: each query's top image
+    color_of = {query: record.color for record, query in zip(records, queries, strict=True)}
+    found: dict[str, dict[str, float]] = {}
+    for text, top in zip(texts, best, strict=True):
+        entry = found.setdefault(color_of[text], {"recall@1": 0.0, "chance": 0.0, "queries": 0})
+        entry["recall@1"] += queries[top] == text
+        entry["chance"] += queries.count(text) / len(queries)
+        entry["queries"] += 1
+    return {
+        color: {"recall@1": e["recall@1"] / e["queries"], "chance": e["chance"] / e["queries"], "queries": e["queries"]}
+        for color, e in sorted(found.items())
+    }
+
+
 def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -390,8 +479,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=_at_least(MIN_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE, help="image side in pixels"
     )
+    parser.add_argument(
+        "--novel-color", choices=list(NOVEL_COLORS), help="a colour of no split, in --novel-share of the images"
+    )
+    parser.add_argument("--novel-share", type=float, default=0.5, help="share of images in --novel-color")
 
 
 def run(args: argparse.Namespace) -> int:
-    generate(args.out, args.count, args.split, seed=args.seed, image_size=args.image_size)
+    novel = {"novel_color": args.novel_color, "novel_share": args.novel_share}
+    generate(args.out, args.count, args.split, seed=args.seed, image_size=args.image_size, **novel)
     return 0
