@@ -72,6 +72,7 @@ from .fit import (
     Loss,
     ModelSetup,
     add_training_arguments,
+    check_options,
     fit,
     read_data,
 )
@@ -141,6 +142,7 @@ def finetune(options: FinetuneOptions) -> FinetuneReport:
         docstring). ValueError: LoRA options that do not fit the model. What :func:`clip_model.load` raises.
     """
     _check_options(options)
+    check_options(options.fit)
     out, main = Path(options.fit.out_dir), int(os.environ.get("RANK", 0)) == 0
     _check_out_dir(out, options)
     train, held_out = read_data(options.fit)

@@ -192,11 +192,9 @@ def fit(options: FitOptions, setup: ModelSetup | None = None) -> FitResult:
         FitError: inconsistent options, ``--resume`` without a checkpoint, an out_dir holding another run, divergence.
         DatasetError: a missing or unreadable dataset. UnknownModelError: ``model`` names nothing known.
     """
-    _check_options(options)
+    check_options(options)
     env = os.environ
     world = _World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-    if options.batch_size % world.size:
-        raise FitError(f"batch size {options.batch_size} is not divisible by the {world.size} processes")
     device = _device(options.device, world)
     owns_group = world.size > 1 and not dist.is_initialized()
     if owns_group:
@@ -208,7 +206,9 @@ def fit(options: FitOptions, setup: ModelSetup | None = None) -> FitResult:
             dist.destroy_process_group()
 
 
-def _check_options(o: FitOptions) -> None:
+def check_options(o: FitOptions) -> None:
+    """FitError naming every option out of its range (the checks of :func:`fit`, also for callers that do work
+    before it)."""
     problems = [f"{k} must be >= 1, got {v}" for k, v in _fields(o, "steps", "batch_size", "log_every") if v < 1]
     problems += [
         f"{k} must be >= 0, got {v}"
@@ -223,6 +223,9 @@ def _check_options(o: FitOptions) -> None:
         problems.append(f"loss must be one of {', '.join(LOSSES)}, got {o.loss!r}")
     if o.precision not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {o.precision!r}")
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if o.batch_size % processes:
+        problems.append(f"batch size {o.batch_size} is not divisible by the {processes} processes")
     if o.stop_after is not None and not 1 <= o.stop_after <= o.steps:
         problems.append(f"stop_after must be between 1 and steps ({o.steps}), got {o.stop_after}")
     if problems:

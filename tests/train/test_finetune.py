@@ -252,7 +252,9 @@ def test_bad_input_is_refused_before_any_step(
         finetune(options(shapes_data, base_model, tmp_path / "e", val_fraction=0.0))
     with pytest.raises(FitError, match="--freeze takes one tower"):
         finetune(options(shapes_data, base_model, tmp_path / "f", freeze=("image", "text")))
-    assert not any((tmp_path / name).exists() for name in "abcdef")  # nothing written, no step taken
+    with pytest.raises(FitError, match="steps must be >= 1"):
+        finetune(options(shapes_data, base_model, tmp_path / "h", steps=0))
+    assert not any((tmp_path / name).exists() for name in "abcdefh")  # nothing written, no step taken
     with caplog.at_level(logging.ERROR):
         argv = ["finetune", "--model", str(base_model), "--data", str(data), "--out", str(tmp_path / "g")]
         argv += ["--batch-size", str(BATCH)]
