@@ -144,7 +144,7 @@ def test_on_device_casts_and_keeps_the_device_inside_the_encoders(checkpoint: Pa
     assert half is model and not half.training and not any(p.requires_grad for p in half.parameters())
     layer_norms = [m for m in half.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert layer_norms and all(p.dtype == torch.float32 for m in layer_norms for p in m.parameters())
-    assert half.dtype == torch.float16 and half.visual.conv1.weight.dtype == torch.float16
+    assert half.dtype == torch.float16 and half.get_parameter("visual.conv1.weight").dtype == torch.float16
     pixels = torch.rand(4, 3, preprocess.image_size, preprocess.image_size, generator=torch.Generator().manual_seed(1))
     tokens = clip_model.tokenize(["a red square", "a photo of a cat", "x"])
     with torch.inference_mode():
