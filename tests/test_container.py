@@ -381,6 +381,8 @@ def test_compose_with_gpu_override_parses() -> None:
         assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], devices
         assert service["build"]["args"]["TORCH_INDEX_URL"] != CPU_TORCH_INDEX
         assert service["image"].endswith(":cuda"), service["image"]
+        environment = service["environment"]  # the GPU is asked for (no silent CPU), beside the base file's variables
+        assert environment["CLIPSEARCH_DEVICE"] == "cuda" and "CLIPSEARCH_MODEL" in environment, environment
     assert config["services"]["indexer"]["command"] == INDEXER_COMMAND  # the override keeps the commands
 
 
