@@ -9,11 +9,21 @@ resized, so a server or a later run that would resize or tokenize otherwise sees
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from .config import FAMILIES
 from .model import CLIP, ImageTextModel
 from .preprocess import Preprocess
 
 CLIP_TOKENIZER = "clip-bpe"  # CLIP's byte-level BPE (clip_model.tokenizer)
+
+
+class InputProvenance(TypedDict):
+    """What :func:`input_provenance` returns."""
+
+    family: str
+    tokenizer: str
+    resize_mode: str
 
 
 def family_of(model: ImageTextModel) -> str:
@@ -26,6 +36,6 @@ def tokenizer_name(model: ImageTextModel) -> str:
     return CLIP_TOKENIZER if isinstance(model, CLIP) else str(model.config.tokenizer)
 
 
-def input_provenance(model: ImageTextModel, preprocess: Preprocess) -> dict[str, str]:
+def input_provenance(model: ImageTextModel, preprocess: Preprocess) -> InputProvenance:
     """``{"family", "tokenizer", "resize_mode"}`` of ``model`` and its ``preprocess`` (module docstring)."""
     return {"family": family_of(model), "tokenizer": tokenizer_name(model), "resize_mode": preprocess.resize_mode}
