@@ -369,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     method: Method = args.method
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitOptions) if hasattr(args, f.name)}
     fields["lr"] = args.lr if args.lr is not None else DEFAULT_LR[method]
+    del fields["loss"]  # FinetuneOptions.loss: None is the family's
     lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     options = FinetuneOptions(
         FitOptions(**fields), method, lora, args.layer_decay, tuple(args.freeze), args.loss, args.overwrite
