@@ -108,12 +108,13 @@ def _inference_copy(model: ImageTextModel, placement: Placement) -> ImageTextMod
 def on_device(model: ImageTextModel, device: torch.device, dtype: torch.dtype) -> ImageTextModel:
     """``model`` itself, for inference on ``device`` in ``dtype``: its floating-point weights cast to ``dtype``
     (clip_model's LayerNorms keep float32 weights: they compute in float32) and moved to ``device``, in eval mode
-    with gradients off.
+    with gradients off. Its scalars (``logit_scale``, a SigLIP's ``logit_bias``) stay float32 on the CPU: they scale
+    the CPU similarities of the encoders' outputs (:func:`clip_model.zero_shot_probabilities`).
 
     Its ``encode_image`` and ``encode_text`` become the device boundary: inputs on any device are moved to
     ``device``, and the result comes back as a CPU float32 ``[B, embed_dim]`` tensor, L2-normalized in float32 when
-    ``normalize=True``. ``forward`` and the submodules run on ``device`` as they are. Wrapping an already wrapped
-    model is refused (``ValueError``): load it again instead.
+    ``normalize=True``; ``forward`` calls them, so its logits are CPU tensors too. The submodules run on ``device``
+    as they are. Wrapping an already wrapped model is refused (``ValueError``): load it again instead.
     """
     if "encode_image" in vars(model):
         raise ValueError("this model's encoders already run on a device of their own (on_device was applied)")
@@ -123,7 +124,9 @@ def on_device(model: ImageTextModel, device: torch.device, dtype: torch.dtype) -
             if isinstance(module, LayerNorm):
                 continue
             for param in module.parameters(recurse=False):
-                if param.is_floating_point():
+                if param.dim() == 0:
+                    param.data = param.data.to("cpu", torch.float32)
+                elif param.is_floating_point():
                     param.data = param.data.to(dtype)
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer.is_floating_point():

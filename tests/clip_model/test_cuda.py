@@ -77,6 +77,20 @@ def test_fp16_on_cuda_agrees_with_fp32_on_the_cpu(
             assert raw >= AGREEMENT, (tower, raw)
 
 
+def test_zero_shot_and_logits_through_the_cuda_model_match_the_cpu(models: dict[str, Path]) -> None:
+    """The scalars stay on the CPU, so classify (as the server's /api/classify) and forward mix no devices."""
+    cpu = clip_model.load_for_inference(models["ViT-B-32"], device="cpu").model
+    gpu = clip_model.load_for_inference(models["ViT-B-32"], device="cuda").model
+    labels = ["a photo of a cat", "a photo of a dog", "a diagram"]
+    pixels = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = clip_model.classify(cpu, pixels, clip_model.build_zero_shot_classifier(cpu, labels, ["{}"]))
+        got = clip_model.classify(gpu, pixels, clip_model.build_zero_shot_classifier(gpu, labels, ["{}"]))
+        logits, _ = gpu(pixels, clip_model.tokenize(labels))
+    assert got.device.type == "cpu" and logits.device.type == "cpu"
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
+
+
 def test_fp32_on_cuda_agrees_with_the_cpu(models: dict[str, Path]) -> None:
     cpu = clip_model.load_for_inference(models["ViT-B-32"], device="cpu")
     gpu = clip_model.load_for_inference(models["ViT-B-32"], device="cuda", precision="fp32")

@@ -157,5 +157,12 @@ def test_on_device_casts_and_keeps_the_device_inside_the_encoders(checkpoint: Pa
             torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(got)), atol=1e-6, rtol=0)
             assert torch.cosine_similarity(got, want).min().item() > 0.999
             assert encode(inputs).norm(dim=-1).sub(1).abs().max().item() > 1e-3  # unnormalized on request
+        labels = ["a red square", "a photo of a cat"]
+        want = clip_model.classify(reference, pixels, clip_model.build_zero_shot_classifier(reference, labels))
+        got = clip_model.classify(half, pixels, clip_model.build_zero_shot_classifier(half, labels))
+        logits, _ = half(pixels, tokens)
+    assert half.logit_scale.dtype == torch.float32 and half.logit_scale.device.type == "cpu"
+    assert (got.dtype, logits.dtype, logits.device.type) == (torch.float32, torch.float32, "cpu")
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # zero-shot through the boundary
     with pytest.raises(ValueError, match="already run on a device"):
         on_device(half, torch.device("cpu"), torch.float16)
