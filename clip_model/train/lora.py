@@ -226,20 +226,23 @@ def projections(model: nn.Module) -> list[_Projection]:
 
 
 def select_targets(model: nn.Module, config: LoRAConfig) -> list[_Projection]:
-    """The projections ``config`` targets in ``model``, checked: ValueError for a kind or pattern that matches
-    none of them, and for a rank above a targeted layer's smaller dimension."""
+    """The projections ``config`` targets in ``model``, checked: ValueError for a pattern that matches none of them
+    (a kind may be missing from a tower, as the MLP from a ResNet's, as long as the kinds find some), and for a
+    rank above a targeted layer's smaller dimension."""
     candidates = [p for p in projections(model) if tower_of(p.name) in config.towers]
+    examples = ", ".join(p.name for p in candidates[:SHOWN_NAMES]) or "none"
+    where = f"in the {' and '.join(config.towers)} tower(s)"
     chosen: dict[str, _Projection] = {}
     for spec in config.targets:
         matched = [p for p in candidates if (kind_of(p.name) == spec if spec in KINDS else _glob(p.name, spec))]
-        if not matched:
-            examples = ", ".join(p.name for p in candidates[:SHOWN_NAMES]) or "none"
+        if not matched and spec not in KINDS:
             raise ValueError(
-                f"LoRA target (--lora-targets) {spec!r} matches no projection of this model in the "
-                f"{' and '.join(config.towers)} tower(s): give a kind ({', '.join(KINDS)}) or a glob over "
-                f"projection names such as {examples}"
+                f"LoRA target (--lora-targets) {spec!r} matches no projection of this model {where}: give a kind "
+                f"({', '.join(KINDS)}) or a glob over projection names such as {examples}"
             )
         chosen.update((p.name, p) for p in matched)
+    if not chosen:
+        raise ValueError(f"LoRA targets (--lora-targets) {', '.join(config.targets)} match no projection {where}")
     targets = [p for p in candidates if p.name in chosen]
     too_small = [p for p in targets if config.rank > min(p.in_features, p.out_features)]
     if too_small:

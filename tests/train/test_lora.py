@@ -222,7 +222,10 @@ def test_bad_options_are_refused_before_the_model_changes() -> None:
         apply_lora(model, LoRAConfig(rank=65))  # widths are 64
     with pytest.raises(ValueError, match=r"--lora-targets\) 'nothing\.\*' matches no projection"):
         apply_lora(model, LoRAConfig(targets=("q", "nothing.*")))
+    with pytest.raises(ValueError, match=r"targets \(--lora-targets\) fc, proj match no projection in the image"):
+        apply_lora(build(FAMILIES["clip-resnet"]), LoRAConfig(targets=("fc", "proj"), towers=("image",)))
     assert all(p.requires_grad for p in model.parameters()) and not adapted_modules(model)
+    assert len(apply_lora(build(FAMILIES["clip-resnet"]), LoRAConfig(rank=2, towers=("image",)))) == 4  # no MLP
     with pytest.raises(ValueError, match=r"--lora-dropout"):
         LoRAConfig(dropout=1.0)
     with pytest.raises(ValueError, match=r"--lora-rank"):
