@@ -294,22 +294,129 @@ def exclusion(index: FaissIndex, ids: npt.NDArray[np.int64]) -> Exclusion:
 
 @dataclass(frozen=True)
 class Allowed:
-    """The ids a search may return, as a bitmap over the id space made once per query and shared by every index it
-    searches: bit ``i`` (little-endian within each byte) set when id ``i`` may be returned."""
+    """The positions of one IDMap index that a search may return, as a bitmap over the wrapped index's positions
+    (the ids FAISS's inner index sees, so no id translation per candidate): bit ``p`` (little-endian within each
+    byte) set when position ``p`` may be returned. Made once per filter and index (``indexer.store.filters``)."""
 
     bitmap: npt.NDArray[np.uint8]
-    count: int  # ids allowed
-    selector: Any  # faiss.IDSelectorBitmap over the bitmap (ids beyond it are not allowed)
+    count: int  # positions allowed
+    selector: Any  # faiss.IDSelectorBitmap over the bitmap
 
     @classmethod
-    def of(cls, ids: npt.NDArray[np.int64]) -> Allowed:
-        """Allowed ``ids`` [N] int64 >= 0."""
-        size = int(ids.max()) + 1 if len(ids) else 0
-        members = np.zeros(size, dtype=bool)
-        members[ids] = True
+    def of(cls, members: npt.NDArray[np.bool_], exclude: Exclusion | None = None) -> Allowed:
+        """The positions where ``members`` [ntotal] bool is True, less those ``exclude`` (the same index's) leaves
+        out, so that a search with it needs no exclusion."""
         bitmap = np.packbits(members, bitorder="little")
+        if exclude is not None:
+            if len(exclude.bitmap) != len(bitmap):
+                raise ValueError(f"{len(members)} members for an exclusion over {len(exclude.id_map)} positions")
+            bitmap &= ~exclude.bitmap
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: the bitmap's bytes, not bits
-        return cls(bitmap, int(members.sum()), selector)
+        return cls(bitmap, int(np.bitwise_count(bitmap).sum()), selector)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bitmap.nbytes)
+
+
+@dataclass(frozen=True, eq=False)
+class IvfLists:
+    """The inverted lists of one IDMap-wrapped IVF index (Flat or scalar-quantizer codes, lists in memory or
+    memory-mapped) as numpy views, made once per index for :func:`subset`: valid while the index is alive and
+    unchanged (a served segment never changes)."""
+
+    source: FaissIndex  # the IDMap index, kept alive with the views
+    ivf: FaissIndex  # its IndexIVF, downcast
+    positions: npt.NDArray[np.int64]  # every list's positions (the ids the IVF holds), list after list
+    offsets: npt.NDArray[np.int64]  # [nlist + 1]: list l is positions[offsets[l]:offsets[l + 1]]
+    codes: list[npt.NDArray[np.uint8]]  # list l's codes [size, code_size], a view of the index's own memory
+    id_map: npt.NDArray[np.int64]  # position -> id
+
+    @property
+    def entry_bytes(self) -> int:
+        """What one position copied into a :class:`Subset` takes: its code and its id."""
+        return int(self.ivf.code_size) + 8
+
+
+SUBSET_TYPES = ("IndexIVFFlat", "IndexIVFScalarQuantizer")  # IVF types a subset can copy codes of
+SUBSET_LISTS = ("ArrayInvertedLists", "OnDiskInvertedLists")  # lists whose codes are plain arrays
+
+
+def ivf_lists(index: FaissIndex) -> IvfLists | None:
+    """The :class:`IvfLists` of an IDMap ``index``; None when it is not an IVF of ``SUBSET_TYPES`` with lists of
+    ``SUBSET_LISTS``."""
+    ivf: FaissIndex = faiss.downcast_index(index.index)
+    if type(ivf).__name__ not in SUBSET_TYPES:
+        return None
+    lists: Any = faiss.downcast_InvertedLists(ivf.invlists)
+    if type(lists).__name__ not in SUBSET_LISTS:
+        return None
+    sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    positions = np.empty(int(offsets[-1]), dtype=np.int64)
+    codes = []
+    for i, size in enumerate(sizes.tolist()):
+        if size:
+            positions[offsets[i] : offsets[i + 1]] = faiss.rev_swig_ptr(lists.get_ids(i), size).view(np.int64)
+            codes.append(faiss.rev_swig_ptr(lists.get_codes(i), size * ivf.code_size).reshape(size, ivf.code_size))
+        else:
+            codes.append(np.empty((0, ivf.code_size), dtype=np.uint8))
+    return IvfLists(index, ivf, positions, offsets, codes, _id_view(index))
+
+
+@dataclass(frozen=True, eq=False)
+class Subset:
+    """Some positions of one IDMap IVF index copied into an IVF of their own: the source's coarse quantizer
+    (shared, not copied), codec and nprobe, each chosen position's code in its list, in the source's order,
+    labelled with its id. Searched with the same nprobe it returns what the source searched with an
+    :class:`Allowed` of those positions returns, without stepping over the positions that are not allowed."""
+
+    index: FaissIndex  # the IndexIVF of the chosen codes, labelled with ids
+    count: int  # positions copied
+    source: FaissIndex  # the IDMap index whose quantizer ``index`` uses, kept alive with it
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * (int(self.index.code_size) + 8)  # as IvfLists.entry_bytes
+
+
+def subset(lists: IvfLists, allowed: Allowed) -> Subset:
+    """The :class:`Subset` of ``lists``' index at the positions ``allowed`` (of the same index)."""
+    ivf = lists.ivf
+    members = np.unpackbits(allowed.bitmap, count=len(lists.id_map), bitorder="little").view(bool)
+    chosen = np.flatnonzero(members[lists.positions])  # entries, list after list
+    ids = lists.id_map[lists.positions[chosen]]
+    bounds = np.searchsorted(chosen, lists.offsets)  # list l's chosen entries: chosen[bounds[l]:bounds[l + 1]]
+    copy: FaissIndex
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        copy = faiss.IndexIVFScalarQuantizer(
+            ivf.quantizer, ivf.d, ivf.nlist, ivf.sq.qtype, ivf.metric_type, ivf.by_residual
+        )
+        copy.sq = ivf.sq  # the trained codec
+    else:
+        copy = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, ivf.metric_type)
+    copy.is_trained = True
+    copy.nprobe = ivf.nprobe  # the source's search parameter, which a search without params uses
+    for i in np.flatnonzero(np.diff(bounds)).tolist():
+        start, stop = int(bounds[i]), int(bounds[i + 1])
+        codes = np.ascontiguousarray(lists.codes[i][chosen[start:stop] - lists.offsets[i]])
+        list_ids = np.ascontiguousarray(ids[start:stop])  # both named: FAISS reads them during the call
+        copy.invlists.add_entries(i, stop - start, faiss.swig_ptr(list_ids), faiss.swig_ptr(codes))
+    copy.ntotal = len(chosen)
+    return Subset(copy, len(chosen), lists.source)
+
+
+def search_subset(
+    subset: Subset, queries: npt.NDArray[np.float32], k: int, params: dict[str, int] | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """:func:`search` of a :class:`Subset` (its positions are all allowed, ``params`` as there)."""
+    k = min(k, subset.count)
+    if k <= 0:
+        empty = np.empty((len(queries), 0))
+        return empty.astype(np.float32), empty.astype(np.int64)
+    keep: list[Any] = []
+    scores, ids = subset.index.search(queries, k, params=_selecting_params(subset.index, None, keep, params or {}))
+    return scores, ids
 
 
 def search(
@@ -321,11 +428,11 @@ def search(
     allowed: Allowed | None = None,
     params: dict[str, int] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous, among the ids of ``allowed`` (None: all),
-    leaving out ``exclude``, with the search-time ``params`` (names as :func:`get_search_params` gives them) for this
-    search only instead of the index's own. Returns (scores, ids), each [Q, k'] with k' = min(k, vectors not
-    excluded); rows best first; ids of -1 (fewer than k' results: possible with HNSW/IVF, and wherever ``allowed``
-    holds fewer) still present."""
+    """Top-k inner products for ``queries`` [Q, D] float32 C-contiguous, among the positions of ``allowed`` (None:
+    all; an :class:`Allowed` made with the index's exclusion needs no ``exclude``), leaving out ``exclude``, with the
+    search-time ``params`` (names as :func:`get_search_params` gives them) for this search only instead of the
+    index's own. Returns (scores, ids), each [Q, k'] with k' = min(k, vectors not excluded, positions allowed); rows
+    best first; ids of -1 (fewer than k' results: possible with HNSW/IVF) still present."""
     k = min(k, int(index.ntotal) - (exclude.count if exclude is not None else 0))
     if allowed is not None:
         k = min(k, allowed.count)
@@ -338,8 +445,8 @@ def search(
     inner = faiss.downcast_index(index.index)
     keep: list[Any] = []  # the nested parameter and selector objects, alive until the search returns
     selectors = [] if exclude is None else [exclude.selector]
-    if allowed is not None:  # positions -> ids through the IDMap's own map, then the id bitmap
-        selectors.append(faiss.IDSelectorTranslated(index.id_map, allowed.selector))
+    if allowed is not None:
+        selectors.append(allowed.selector)
     selector = selectors[0] if len(selectors) == 1 else None
     if len(selectors) == 2:
         selector = faiss.IDSelectorAnd(selectors[0], selectors[1])
@@ -385,6 +492,20 @@ def reconstruct(index: FaissIndex, item_id: int) -> npt.NDArray[np.float32] | No
     except RuntimeError:  # IndexIDMap2 raises for an unknown id
         return None
     return vector
+
+
+def exact_search(
+    vectors: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact top-k inner products of ``queries`` [Q, D] over the rows of ``vectors`` [N, D] (both float32,
+    C-contiguous): (scores, rows), each [Q, min(k, N)], best first. FAISS's scan, on the calling thread's FAISS
+    threads (numpy's matrix product would start BLAS threads of its own)."""
+    k = min(k, len(vectors))
+    if k <= 0:
+        empty = np.empty((len(queries), 0))
+        return empty.astype(np.float32), empty.astype(np.int64)
+    scores, rows = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
+    return scores, rows
 
 
 def exact_index(vectors: npt.NDArray[np.float32]) -> FaissIndex:

@@ -23,7 +23,7 @@ from .._faiss_io import FaissIndex, describe_backend
 from ..errors import EmbeddingError, IndexFormatError, IndexNotFoundError
 from ..paths import file_path
 from .catalog import Catalog
-from .filters import ORIENTATIONS, PhotoColumns, SearchFilter, plan
+from .filters import ORIENTATIONS, FilteredPlan, FilterPlanner, PhotoColumns, SearchFilter
 from .format import (
     CURRENT_FILE,
     GENERATION_RE,
@@ -241,7 +241,7 @@ class PublishedIndex:
         self._catalog = catalog
         self._generation = generation_number(loaded.manifest.generation)
         self._lock = threading.Lock()
-        self._columns: PhotoColumns | None = None
+        self._planner: FilterPlanner | None = None  # with the generation's PhotoColumns, made on first use
 
     @classmethod
     def open(
@@ -285,25 +285,31 @@ class PublishedIndex:
         matrix = self._checked(queries, k)
         if where is None or where.empty:
             return _hits(*search_segments(self._segments, matrix, k))
-        columns = self.photo_columns()
-        planned = plan(columns, where, self.manifest.counts.get("images", 0))
+        planned = self.filter_plan(where)
         if planned.matching == 0:
             return [[] for _ in range(len(matrix))]
-        if planned.allowed is not None:
-            return _hits(*search_segments(self._segments, matrix, k, planned.allowed, planned.boost))
-        with self._lock:
-            vectors = self._catalog.stored_vectors(columns.vec_files[planned.rows], columns.vec_rows[planned.rows])
-        scores = matrix @ vectors.T  # [Q, m], exact
-        width = min(k, planned.matching)
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :width]
-        return _hits(np.take_along_axis(scores, best, axis=1), columns.ids[planned.rows][best])
+        if planned.vectors is not None and planned.ids is not None:
+            scores, rows = _faiss_io.exact_search(planned.vectors, matrix, k)
+            return _hits(scores, planned.ids[rows])
+        return _hits(*search_segments(self._segments, matrix, k, planned.segments))
+
+    def filter_plan(self, where: SearchFilter) -> FilteredPlan:
+        """How a search for ``where`` runs on this generation (:class:`indexer.store.filters.FilterPlanner`: made
+        on the filter's first search and kept for the next ones)."""
+        return self._filters().plan(where)
 
     def photo_columns(self) -> PhotoColumns:
         """This generation's filterable attributes, read from the catalog on first use and kept."""
+        return self._filters().columns
+
+    def _filters(self) -> FilterPlanner:
+        """The generation's filter planner, made with its columns (the server makes it before serving: it reads
+        the columns through :meth:`photo_columns`)."""
         with self._lock:
-            if self._columns is None:
-                self._columns = self._catalog.photo_columns_at(self._generation)
-            return self._columns
+            if self._planner is None:
+                columns = self._catalog.photo_columns_at(self._generation)
+                self._planner = FilterPlanner(columns, self._segments, self.stored_vectors)
+            return self._planner
 
     def search_texts(self, queries: Vectors, k: int) -> list[list[Hit]]:
         """Indexed texts nearest to ``queries`` [Q, D] float32 unit rows, as :meth:`search`."""

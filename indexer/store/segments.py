@@ -55,7 +55,7 @@ import numpy as np
 from .. import _faiss_io
 from .._faiss_io import FaissIndex, VectorRows
 from ..index_choice import estimated_bytes
-from .filters import boosted_params
+from .filters import SegmentPlan
 from .format import TEMP_PREFIX, Ids, Vectors, _fsync
 
 SEGMENTS_DIR = "segments"
@@ -229,25 +229,39 @@ class LoadedSegment:
         return cls(record, index, exclusion)
 
     def search(
-        self, queries: Vectors, k: int, allowed: _faiss_io.Allowed | None = None, boost: float = 1.0
+        self,
+        queries: Vectors,
+        k: int,
+        allowed: _faiss_io.Allowed | None = None,
+        params: dict[str, int] | None = None,
     ) -> tuple[Vectors, Ids]:
-        """Top-k of this segment without its deleted ids, among ``allowed`` ids (None: all) with the knob raised
-        by ``boost`` (:mod:`indexer.store.filters`): (scores, ids) [Q, k'], -1 ids where fewer."""
-        params = boosted_params(self.index, {}, boost) if allowed is not None else None
-        return _faiss_io.search(self.index, queries, k, exclude=self.deleted, allowed=allowed, params=params)
+        """Top-k of this segment without its deleted ids: among the positions ``allowed`` (None: all; one made with
+        this segment's deletions, :mod:`indexer.store.filters`), with the search parameters ``params`` (None: its
+        own): (scores, ids) [Q, k'], -1 ids where fewer."""
+        exclude = self.deleted if allowed is None else None
+        return _faiss_io.search(self.index, queries, k, exclude=exclude, allowed=allowed, params=params)
 
 
 def search_segments(
     segments: Sequence[LoadedSegment],
     queries: Vectors,
     k: int,
-    allowed: _faiss_io.Allowed | None = None,
-    boost: float = 1.0,
+    plans: Sequence[SegmentPlan | None] | None = None,
 ) -> tuple[Vectors, Ids]:
-    """The best ``k`` of the union of the segments' results (among ``allowed`` ids, if given, with the knob
-    raised by ``boost``): (scores, ids) [Q, k'] best first, -1 ids where fewer than k' were found (k' = min(k, live
-    vectors))."""
-    found = [segment.search(queries, k, allowed, boost) for segment in segments if segment.record.live]
+    """The best ``k`` of the union of the segments' results: (scores, ids) [Q, k'] best first, -1 ids where fewer
+    than k' were found (k' = min(k, live vectors)). With ``plans`` (one per segment, a filter's:
+    :class:`indexer.store.filters.FilteredPlan`), each segment is searched by its plan and skipped without one."""
+    found = []
+    for i, segment in enumerate(segments):
+        planned = plans[i] if plans is not None else None
+        if not segment.record.live or (plans is not None and planned is None):
+            continue
+        if planned is None:
+            found.append(segment.search(queries, k))
+        elif planned.subset is not None:
+            found.append(_faiss_io.search_subset(planned.subset, queries, k, planned.params))
+        else:
+            found.append(segment.search(queries, k, planned.allowed, planned.params))
     if not found:
         empty = np.empty((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
