@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import APIRouter, Form, Query
+from pydantic import WithJsonSchema
 
 from clip_model import LongText
 
@@ -27,8 +28,13 @@ router = APIRouter(
     route_class=StrictJSONRoute, prefix="/api/describe", tags=["image to text"], dependencies=[ReadAccess]
 )
 
-# The long-text mode as a multipart form field, for the upload routes (the JSON bodies carry it as a field).
-LongTextForm = Annotated[LongText | None, Form(description=LONG_TEXT_DESCRIPTION)]
+# The long-text mode as a multipart form field, for the upload routes (the JSON bodies carry it as a field). Left
+# out, the server's setting applies; the schema offers the modes only, since a form has no way to send a null.
+LongTextForm = Annotated[
+    LongText | None,
+    Form(description=LONG_TEXT_DESCRIPTION),
+    WithJsonSchema({"type": "string", "enum": list(get_args(LongText)), "description": LONG_TEXT_DESCRIPTION}),
+]
 Candidates = Annotated[
     list[Annotated[str, Form(min_length=1, max_length=TEXT_FIELD_MAX, pattern=NOT_BLANK)]] | None,
     Form(max_length=MAX_LABELS, description="repeat the field once per candidate text; default: the indexed corpus"),
