@@ -1,0 +1,335 @@
+"""``clip-train multilingual``: the multilingual demo, a small CLIP whose text tower is XLM-RoBERTa-style over a
+SentencePiece vocabulary trained on the shapes captions in English, German and French.
+
+It generates the shapes splits as :mod:`clip_model.train.demo` does (the same seeds, so the same images), writes
+``captions.multilingual.jsonl`` beside each split's ``captions.jsonl`` (:mod:`.multilingual_captions`), trains the
+vocabulary on the training captions, trains the model with :func:`clip_model.train.fit.fit` and evaluates attribute
+queries in each language on the test split (colour-shape pairs seen in training, new images) and the held-out split
+(pairs never seen in training). Everything is cached under the output folder, keyed by a hash of the recipe, the
+generator version and the caption tables, so a changed table or recipe trains anew.
+
+Training reads all three captions of every image (three pairs per image). The captions of one image are pulled
+towards the same image embedding: the most direct signal that "roter Kreis" and "cercle rouge" mean "red circle",
+and every language sees every image's attributes. (One language drawn per image would give each language a third
+of the images.)
+
+The vocabulary is byte-pair encoding over the three languages' captions, as XLM-RoBERTa's ``sentencepiece.bpe.model``
+is laid out (``<unk>``, ``<s>``, ``</s>``; fairseq's numbering added by the tokenizer), and it folds case (the
+``nmt_nfkc_cf`` rule, stored in the model file): "Roter Kreis" and "roter kreis" are the same ids, since German
+nouns are capitalized in the captions but not in every query. The file sits beside the weights under XLM-RoBERTa's
+name, so :func:`clip_model.load`, ``clip-index`` and ``clip-serve`` find it as they find a published vocabulary.
+
+Output layout of one recipe (``<out>/multilingual-<key>/``)::
+
+    data/{train,test,heldout}/   the shapes splits, each with captions.multilingual.jsonl
+    vocabulary.txt               the training captions the vocabulary was trained on, one per line
+    sentencepiece.bpe.model      the vocabulary
+    architecture.json            the model config, its vocab_size taken from the vocabulary
+    run/                         fit's output folder (metrics.jsonl, checkpoints/)
+    model.safetensors            the trained model
+    multilingual.json            the report: recipe, vocabulary size, recall per split and language
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..download import default_cache_dir
+from . import synthetic
+from .data import DatasetError, Pair, read_pairs
+from .finetune import VOCABULARY_FILES
+from .multilingual_captions import (
+    CAPTIONS_FILE,
+    LANGUAGES,
+    QUERY_FIELDS,
+    Language,
+    attribute_query_in,
+    tables_fingerprint,
+    write_captions,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..model import ImageTextModel
+
+logger = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump when the recipe's meaning changes (the key also covers every field and the tables)
+VOCABULARY_FILE = VOCABULARY_FILES["xlm-roberta"]  # sentencepiece.bpe.model: clip_model.load looks beside weights
+# The image tower and widths of the English demo's model (clip_model.train.demo.DEMO_ARCHITECTURE); the text tower
+# is XLM-RoBERTa's (post-LayerNorm, bidirectional, mean-pooled, MLP projection) at the same width and depth. Its
+# vocab_size is the trained vocabulary's (plus fairseq's two extra ids), filled in by multilingual_architecture.
+TEXT_TOWER: dict[str, Any] = {"width": 96, "heads": 4, "layers": 3, "mlp_width": 384, "context_length": 77}
+MAX_POSITIONS_OVER_CONTEXT = 2  # position rows below the first token's (fairseq numbering: pad id + 1)
+VOCABULARY_OPTIONS: dict[str, Any] = {  # SentencePieceTrainer options besides the input, output and size
+    # Unigram pruning stops near the character count on these few words; BPE keeps merging up to whole words (some
+    # hundreds of pieces from the three languages' captions), so each attribute is one token in each language.
+    "model_type": "bpe",
+    "hard_vocab_limit": False,  # vocab_size is an upper bound
+    "unk_id": 0,  # XLM-RoBERTa's layout: <unk>, <s>, </s>, no pad piece (fairseq's numbering adds <pad>)
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "character_coverage": 1.0,
+    "normalization_rule_name": "nmt_nfkc_cf",  # NFKC plus case folding
+    "num_threads": 1,  # one thread: the same pieces on every machine
+    "minloglevel": 2,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the multilingual demo model (the English demo's sizes and schedule)."""
+
+    train_images: int = 12_000  # each with three captions: 36,000 training pairs
+    test_images: int = 600
+    heldout_images: int = 300
+    steps: int = 1_500
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.2
+    warmup_steps: int = 100
+    vocab_size: int = 1_000  # an upper bound: the corpus supports fewer BPE pieces (the report says how many)
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = {
+            "version": RECIPE_VERSION,
+            "generator": synthetic.GENERATOR_VERSION,
+            "tables": tables_fingerprint(),
+            "text_tower": TEXT_TOWER,
+            **asdict(self),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_multilingual_dir() -> Path:
+    """Where the multilingual demo's data and model are cached: ``<clip_model cache>/demo``, beside the English one."""
+    return default_cache_dir() / "demo"
+
+
+def multilingual_paths(out_dir: Path, recipe: Recipe) -> dict[str, Path]:
+    """The files of one recipe (module docstring)."""
+    root = Path(out_dir) / f"multilingual-{recipe.key()}"
+    return {
+        "root": root,
+        "train": root / "data" / "train",
+        "test": root / "data" / "test",
+        "heldout": root / "data" / "heldout",
+        "corpus": root / "vocabulary.txt",
+        "vocabulary": root / VOCABULARY_FILE,
+        "config": root / "architecture.json",
+        "run": root / "run",
+        "model": root / "model.safetensors",
+        "report": root / "multilingual.json",
+    }
+
+
+def train_vocabulary(captions: Sequence[str], corpus: Path, out_file: Path, vocab_size: int) -> Path:
+    """Train an XLM-RoBERTa-shaped SentencePiece model on ``captions`` (written to ``corpus``, one per line) into
+    ``out_file``: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no pad piece (fairseq adds it), at most ``vocab_size``
+    pieces, case folded. Deterministic for the same captions. Returns ``out_file``."""
+    from ..tokenizer_sentencepiece import _sentencepiece
+
+    if not captions:
+        raise DatasetError("no captions to train a vocabulary on")
+    corpus.write_text("".join(caption + "\n" for caption in captions), encoding="utf-8")
+    prefix = out_file.with_name(f".{out_file.stem}.partial-{os.getpid()}")
+    try:
+        _sentencepiece().SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, **VOCABULARY_OPTIONS
+        )
+        os.replace(prefix.with_name(prefix.name + ".model"), out_file)
+    finally:
+        for suffix in (".model", ".vocab"):
+            prefix.with_name(prefix.name + suffix).unlink(missing_ok=True)
+    return out_file
+
+
+def multilingual_architecture(vocab_size: int) -> dict[str, Any]:
+    """The demo's model config (JSON form, family ``xlm-roberta``) with ``vocab_size`` token embeddings (the
+    vocabulary's :attr:`~clip_model.tokenizer_sentencepiece.SentencePieceTokenizer.vocab_size`)."""
+    from .demo import DEMO_ARCHITECTURE
+
+    positions = TEXT_TOWER["context_length"] + MAX_POSITIONS_OVER_CONTEXT
+    return {
+        "family": "xlm-roberta",
+        "embed_dim": DEMO_ARCHITECTURE["embed_dim"],
+        "activation": DEMO_ARCHITECTURE["activation"],
+        "vision": DEMO_ARCHITECTURE["vision"],
+        "text": {**TEXT_TOWER, "vocab_size": vocab_size, "max_positions": positions},
+        "name": "multilingual-demo",
+    }
+
+
+def build_multilingual(out_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """Generate the data, train the vocabulary and the model, and evaluate it, unless this recipe's model and
+    report exist; returns the report (module docstring)."""
+    from ..tokenizer_sentencepiece import SentencePieceTokenizer
+    from .demo import DEMO_ARCHITECTURE
+
+    paths = multilingual_paths(out_dir, recipe)
+    if paths["model"].is_file() and paths["report"].is_file():
+        logger.info("reusing the multilingual demo model at %s", paths["model"])
+        return dict(json.loads(paths["report"].read_text(encoding="utf-8")))
+    started = time.monotonic()
+    splits: tuple[tuple[synthetic.Split, int], ...] = (
+        ("train", recipe.train_images),
+        ("test", recipe.test_images),
+        ("heldout", recipe.heldout_images),
+    )
+    image_size = DEMO_ARCHITECTURE["vision"]["image_size"]
+    for offset, (split, count) in enumerate(splits):  # the English demo's seeds: the same images
+        synthetic.generate(paths[split], count, split=split, seed=recipe.seed * 10 + offset, image_size=image_size)
+        write_captions(paths[split])
+    captions = [pair.caption for pair in _read_captions(paths["train"])]
+    train_vocabulary(captions, paths["corpus"], paths["vocabulary"], recipe.vocab_size)
+    architecture = multilingual_architecture(SentencePieceTokenizer(paths["vocabulary"], "xlm-roberta").vocab_size)
+    paths["config"].write_text(json.dumps(architecture, indent=2) + "\n", encoding="utf-8")
+    train_seconds = _train(paths, recipe, architecture)
+    report = {
+        "recipe": asdict(recipe),
+        "architecture": architecture,
+        "vocabulary": {"file": str(paths["vocabulary"]), "pieces": architecture["text"]["vocab_size"]},
+        "model": str(paths["model"]),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.monotonic() - started, 1),
+        "test": evaluate_languages(paths["model"], paths["test"]),
+        "heldout": evaluate_languages(paths["model"], paths["heldout"]),
+    }
+    paths["report"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("multilingual demo model in %s: %s", paths["model"], json.dumps(recall_table(report)))
+    return report
+
+
+def _read_captions(split_dir: Path) -> list[Pair]:
+    return read_pairs(split_dir, split_dir / CAPTIONS_FILE)
+
+
+def _train(paths: dict[str, Path], recipe: Recipe, architecture: dict[str, Any]) -> float:
+    """Train on the train split's captions in all languages (resuming a run that was cut off) and move the model
+    into place beside its vocabulary; returns seconds."""
+    from ..checkpoint import save_checkpoint
+    from ..config import config_from_dict
+    from ..factory import create_model
+    from ..xlm_roberta import XLMRobertaCLIP
+    from .fit import FitOptions, ModelSetup, fit
+    from .state import latest_state
+
+    started = time.monotonic()
+    model, preprocess = create_model(config_from_dict(architecture), seed=recipe.seed)
+    if not isinstance(model, XLMRobertaCLIP):
+        raise TypeError(f"the multilingual architecture built a {type(model).__name__}, not an XLMRobertaCLIP")
+    model.tokenizer_path = paths["vocabulary"]
+
+    def save(trained: ImageTextModel, path: Path) -> None:
+        save_checkpoint(trained, path)
+        shutil.copyfile(paths["vocabulary"], path.parent / VOCABULARY_FILE)
+
+    setup = ModelSetup(model, preprocess, partial(param_groups, weight_decay=recipe.weight_decay), save)
+    options = FitOptions(
+        data=paths["train"],
+        captions=paths["train"] / CAPTIONS_FILE,
+        model=str(paths["config"]),
+        out_dir=paths["run"],
+        val_fraction=0.0,  # evaluated per language afterwards (evaluate_languages)
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps,
+        seed=recipe.seed,
+        eval_every=0,
+        save_every=max(recipe.steps // 4, 1),
+        resume=latest_state(paths["run"] / "checkpoints") is not None,
+    )
+    result = fit(options, setup)
+    result.model_path.replace(paths["model"])
+    return time.monotonic() - started
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """:func:`clip_model.train.schedule.param_groups`, with XLM-RoBERTa's embedding tables (word, position, token
+    type) undecayed as CLIP's token and position embeddings are."""
+    from .schedule import NORM_MODULES, is_decayed
+
+    norm_params = frozenset(id(p) for m in module.modules() if isinstance(m, NORM_MODULES) for p in m.parameters())
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            embedding = "embeddings" in name.split(".")
+            (decay if is_decayed(name, param, norm_params) and not embedding else no_decay).append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def evaluate_languages(
+    model_path: Path, split_dir: Path, fields: Sequence[str] = QUERY_FIELDS
+) -> dict[Language, dict[str, float]]:
+    """Per language, text->image recall@1/5/10 of the attribute queries (:func:`attribute_query_in` over
+    ``fields``) of ``split_dir``'s images, with the whole split as the gallery: a hit is an image with the query's
+    attributes (:func:`clip_model.train.evaluate.retrieval_metrics`). ``same_top1_as_en``: the share of distinct
+    queries whose most similar image is the one the English query ranks first."""
+    import clip_model
+
+    from .evaluate import encode_images, encode_texts, normalize_caption, retrieval_metrics
+
+    model, preprocess = clip_model.load(model_path)
+    records = synthetic.load_records(split_dir)
+    image_features = encode_images(model, preprocess, [record.path for record in records])  # [N, D]
+    results: dict[Language, dict[str, float]] = {}
+    first: dict[Language, list[int]] = {}
+    for language in LANGUAGES:
+        queries = [normalize_caption(attribute_query_in(language, r.attributes, fields)) for r in records]
+        texts = list(dict.fromkeys(queries))  # the same attribute tuples, in the same order, in every language
+        text_features = encode_texts(model, texts)  # [M, D]
+        metrics = retrieval_metrics(image_features, text_features, queries, texts)
+        first[language] = (text_features @ image_features.T).argmax(dim=1).tolist()  # [M]
+        same = sum(a == b for a, b in zip(first[language], first["en"], strict=True)) / len(texts)
+        results[language] = {k: round(v, 4) for k, v in metrics.items() if k.startswith("text_to_image")}
+        results[language]["same_top1_as_en"] = round(same, 4)
+    return results
+
+
+def recall_table(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{split: {language: recall@1}}`` of a :func:`build_multilingual` report."""
+    return {
+        split: {language: report[split][language]["text_to_image_recall@1"] for language in LANGUAGES}
+        for split in ("test", "heldout")
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="cache folder (default: <clip_model cache>/demo)")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's optimizer steps")
+    parser.add_argument("--train-images", type=int, default=None, help="override the recipe's training images")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    parser.add_argument("--print-model-path", action="store_true", help="write only the model's path to stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    given = (("steps", args.steps), ("train_images", args.train_images), ("seed", args.seed))
+    recipe = Recipe(**{k: v for k, v in given if v is not None})
+    report = build_multilingual(args.out or default_multilingual_dir(), recipe)
+    if args.print_model_path:
+        sys.stdout.write(report["model"] + "\n")
+    else:
+        sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return 0
