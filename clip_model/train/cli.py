@@ -34,6 +34,7 @@ COMMANDS = {
     "probe": ("probe", "fit a linear probe on frozen image features of a labelled folder"),
     "synth": ("synthetic", "generate the synthetic shapes dataset (deterministic from a seed)"),
     "demo": ("demo", "generate the shapes data and train, or reuse, the demo model"),
+    "multilingual": ("multilingual", "the demo in English, German and French: an XLM-R text tower, its vocabulary"),
 }
 
 
