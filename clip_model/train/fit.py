@@ -1,5 +1,8 @@
 """``clip-train fit``: train CLIP from scratch or fine-tune it on image-caption pairs, alone or under ``torchrun``.
 
+The training loop is this module's alone: ``clip-train finetune`` (:mod:`.finetune`) hands :func:`fit` a model it
+prepared (a :class:`ModelSetup`: adapters, frozen towers, per-layer learning rates) and shares everything below.
+
 Contracts:
 
 * The data order depends only on ``(seed, step)``: epoch ``e`` is a permutation of the training pairs drawn from a
