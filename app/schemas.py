@@ -345,12 +345,20 @@ class ClassifyResponse(BaseModel):
             "example": {
                 "labels": [{"label": "dog", "probability": 0.91}, {"label": "cat", "probability": 0.09}],
                 "templates": 80,
+                "independent": False,
             }
         }
     )
 
-    labels: list[LabelScore] = Field(description="every label, most probable first; probabilities sum to 1")
+    labels: list[LabelScore] = Field(
+        description="every label, most probable first; probabilities sum to 1, unless `independent`"
+    )
     templates: int = Field(description="prompt templates ensembled per label")
+    independent: bool = Field(
+        description="true for a model trained with the sigmoid loss (SigLIP): each probability is the model's own "
+        "that the image matches that label, whatever the other labels, so several labels or none can be likely; "
+        "false for a softmax-trained model (CLIP): the probabilities share 1 between the labels given"
+    )
 
 
 class EmbedTextRequest(BaseModel):

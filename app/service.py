@@ -250,14 +250,18 @@ class SearchService:
             for i, label in enumerate(labels)
         }
         classifier = clip_model.ensemble_prompts(embeddings, len(labels))  # [D, C]
-        logit_scale = state.encoder.model.logit_scale.detach()
-        probs = clip_model.zero_shot_probabilities(torch.from_numpy(image)[None], classifier, logit_scale)[0]
+        model = state.encoder.model
+        logit_bias = clip_model.pair_logit_bias(model)  # a sigmoid-trained model's probabilities are independent
+        probs = clip_model.zero_shot_probabilities(
+            torch.from_numpy(image)[None], classifier, model.logit_scale.detach(), logit_bias
+        )[0]
         ranked = sorted(zip(labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])
         return ClassifyResponse(
             labels=[
                 LabelScore(label=label, probability=min(max(p, 0.0), 1.0), chunks=chunks[label]) for label, p in ranked
             ],
             templates=len(prompts) // len(labels),
+            independent=logit_bias is not None,
         )
 
     # --- embeddings ----------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from .zeroshot import (
     build_zero_shot_classifier,
     classify,
     ensemble_prompts,
+    pair_logit_bias,
     prompt_templates,
     zero_shot_probabilities,
     zero_shot_prompts,
@@ -148,4 +149,5 @@ __all__ = [
     "weights_sha256",
     "zero_shot_prompts",
     "zero_shot_probabilities",
+    "pair_logit_bias",
 ]

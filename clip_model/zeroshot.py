@@ -1,7 +1,11 @@
 """Zero-shot classification: class names + prompt templates -> a linear classifier over image embeddings.
 
 Each class's weight is the mean of its prompts' unit text embeddings, renormalized to unit length (prompt
-ensembling, as in the CLIP paper). Classifying is a scaled cosine similarity followed by a softmax.
+ensembling, as in the CLIP paper). Classifying scales the cosine similarities as the model was trained to: a model
+trained with the softmax contrastive loss (CLIP, the XLM-RoBERTa CLIPs) gets a softmax over the classes, so the
+probabilities of one image sum to 1; a model trained with the sigmoid loss (SigLIP, whose pair logit has a learned
+bias) gets each class's own sigmoid, the model's probability that image and class text match: independent, so
+several classes, or none, can be likely.
 
 A prompt template is literal text around exactly one empty field ``{}`` that the class name fills; ``{{`` and ``}}``
 stand for literal braces. Templates are parsed (:func:`split_template`), never passed to ``str.format``: a field
@@ -21,6 +25,7 @@ import torch
 
 from .factory import tokenizer_for
 from .model import ImageTextModel
+from .siglip import SigLIP
 
 TEMPLATE_SETS = ("imagenet_80", "imagenet_7")  # the CLIP paper's 80 ImageNet prompts and its 7-prompt subset
 DEFAULT_TEMPLATE_SET = "imagenet_80"
@@ -127,13 +132,28 @@ def ensemble_prompts(prompt_embeddings: torch.Tensor, num_classes: int) -> torch
     return weights.t().contiguous()
 
 
+def pair_logit_bias(model: ImageTextModel) -> torch.Tensor | None:
+    """The learned bias of a sigmoid-trained model's pair logits (SigLIP), a detached scalar tensor; None for a
+    softmax-trained model, whose scores over a set of texts only mean something relative to each other."""
+    return model.logit_bias.detach() if isinstance(model, SigLIP) else None
+
+
 def zero_shot_probabilities(
-    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+    image_features: torch.Tensor,
+    classifier: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Softmax over ``logit_scale`` x cosine: unit ``image_features`` [B, D], ``classifier`` [D, C] -> [B, C]."""
+    """Class probabilities from unit ``image_features`` [B, D] and ``classifier`` [D, C] -> float32 [B, C].
+
+    ``logit_scale`` is the model's (a log: its exp multiplies the cosine). Without ``logit_bias``: a softmax over
+    the classes, each row sums to 1. With it (:func:`pair_logit_bias`): ``sigmoid(exp(logit_scale) * cos +
+    logit_bias)`` per class, independent probabilities (module docstring)."""
     scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
-    logits = scale * image_features @ classifier.to(image_features.dtype)  # [B, C]
-    return logits.float().softmax(dim=-1)
+    logits = (scale * image_features @ classifier.to(image_features.dtype)).float()  # [B, C]
+    if logit_bias is None:
+        return logits.softmax(dim=-1)
+    return (logits + torch.as_tensor(logit_bias, dtype=torch.float32)).sigmoid()
 
 
 def classify(model: ImageTextModel, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -143,8 +163,9 @@ def classify(model: ImageTextModel, images: torch.Tensor, classifier: torch.Tens
         images: [B, 3, R, R] float, as produced by the model's preprocess.
         classifier: [embed_dim, C] from :func:`build_zero_shot_classifier`.
     Returns:
-        float tensor [B, C]; each row sums to 1.
+        float tensor [B, C]: rows that sum to 1, or independent probabilities for a sigmoid-trained model (module
+        docstring).
     """
     with torch.no_grad():
         features = model.encode_image(images.to(classifier.device), normalize=True)  # [B, D]
-        return zero_shot_probabilities(features, classifier, model.logit_scale)
+        return zero_shot_probabilities(features, classifier, model.logit_scale, pair_logit_bias(model))

@@ -220,7 +220,16 @@ def test_classify_and_describe_rank_by_the_librarys_vectors(
     by_cosine = [labels[i] for i in np.argsort(-(vectors[0] @ classifier), kind="stable")]
     body = response.json()
     assert [item["label"] for item in body["labels"]] == by_cosine and body["templates"] == len(templates)
-    assert all(0.0 <= item["probability"] <= 1.0 for item in body["labels"])
+    model = library[0]
+    logits = (model.logit_scale.detach().exp() * torch.from_numpy(vectors[0] @ classifier)).double()
+    if isinstance(model, clip_model.SigLIP):  # sigmoid-trained: the model's own probability of each match
+        expected_probability = (logits + model.logit_bias.detach().double()).sigmoid()
+    else:
+        expected_probability = logits.softmax(dim=-1)
+    assert body["independent"] is isinstance(model, clip_model.SigLIP)
+    for item in body["labels"]:
+        expected = float(expected_probability[labels.index(item["label"])])
+        assert item["probability"] == pytest.approx(expected, abs=TOLERANCE)
     described = client.post("/api/describe", json={"image_id": int(ids[0]), "k": len(CAPTIONS)}).json()
     expected = dict(zip(CAPTIONS, texts_of(library[0], list(CAPTIONS)) @ vectors[0], strict=True))
     assert described["source"] == "index" and len(described["results"]) == len(CAPTIONS)

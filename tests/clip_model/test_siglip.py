@@ -426,3 +426,28 @@ def test_full_size_models_match_transformers_from_both_layouts(
     assert isinstance(model, SigLIP) and model.config.name == name
     reference = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
     assert_matches(model, reference)
+
+
+def test_zero_shot_probabilities_are_the_models_own_independent_sigmoids() -> None:
+    model, _ = clip_model.create_model(TINY, seed=0)
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.0)  # so that the sigmoids are far from summing to 1 by chance
+        images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (3, 16))
+        logits_per_image = model.eval()(images, tokens)[0]  # [2, 3]: exp(scale) * cos + bias
+        classifier = clip_model.ensemble_prompts(model.encode_text(tokens, normalize=True), 3)  # one prompt a class
+        probabilities = clip_model.classify(model, images, classifier)
+    assert clip_model.pair_logit_bias(model) is not None
+    torch.testing.assert_close(probabilities, logits_per_image.sigmoid(), rtol=0, atol=1e-6)
+    assert not torch.allclose(probabilities.sum(dim=-1), torch.ones(2), atol=0.05)
+
+
+def test_softmax_trained_models_keep_probabilities_that_sum_to_one() -> None:
+    clip = clip_model.CLIPConfig(64, TINY.vision, dataclasses.replace(TINY.text, vocab_size=49408))
+    model, _ = clip_model.create_model(clip, seed=0)
+    assert clip_model.pair_logit_bias(model) is None
+    side = clip.vision.image_size
+    with torch.no_grad():
+        tokens = clip_model.tokenize(["a", "b", "c"], context_length=clip.text.context_length)
+        classifier = clip_model.ensemble_prompts(model.encode_text(tokens, normalize=True), 3)
+        probabilities = clip_model.classify(model.eval(), torch.randn(2, 3, side, side), classifier)
+    torch.testing.assert_close(probabilities.sum(dim=-1), torch.ones(2), rtol=0, atol=1e-6)
