@@ -2,9 +2,10 @@
 engine encoding on CUDA, and the indexing throughput there (ViT-B/32 and ViT-L/14, random weights).
 
 Skipped where torch finds no CUDA device. On a GPU machine: ``pytest tests/clip_model/test_cuda.py
---junitxml=cuda.xml``; the throughput tests record their images/s as properties of the report (``record_property``)
-and log them. Agreement is measured as the cosine of each row with the CPU's fp32 row; random weights map inputs
-to nearby directions, so the rows centred on their batch mean are compared too and recorded.
+--junitxml=cuda.xml``. Every test names its device, so ``CLIPSEARCH_DEVICE=cpu`` (which keeps the rest of the suite
+on the CPU there) does not move these. The throughput tests record their images/s as properties of the report
+(``record_property``) and log them. Agreement is measured as the cosine of each row with the CPU's fp32 row; random
+weights map inputs to nearby directions, so the rows centred on their batch mean are compared too and recorded.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def test_the_ray_engine_encodes_on_the_gpus_its_actors_reserve(models: dict[str,
     model = ["--model", str(models["tiny"])]
     local = ["encode", str(root), "--out", str(tmp_path / "cpu"), *model, "--device", "cpu", "--workers", "0"]
     assert clip_index(local) == 0
-    ray = ["--engine", "ray", "--address", "local", "--gpus-per-worker", "1", "--workers", "1"]
+    ray = ["--engine", "ray", "--address", "local", "--gpus-per-worker", "1", "--workers", "1", "--device", "cuda"]
     assert clip_index(["encode", str(root), "--out", str(tmp_path / "ray"), *model, *ray]) == 0
     cpu, gpu = shard_rows(tmp_path / "cpu"), shard_rows(tmp_path / "ray")
     assert cpu.keys() == gpu.keys()
