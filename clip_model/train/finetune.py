@@ -245,7 +245,7 @@ def _setup(options: FinetuneOptions, model: ImageTextModel, preprocess: Preproce
     if options.method == "lora":
         towers = tuple(t for t in TOWERS if t not in options.freeze)
         lora = dataclasses.replace(options.lora, towers=towers)
-        apply_lora(model, lora)
+        apply_lora(model, lora, seed=fit_options.seed)
 
         def groups(module: nn.Module) -> list[dict[str, Any]]:
             return param_groups(module, fit_options.weight_decay)

@@ -120,14 +120,18 @@ def kind_of(name: str) -> str | None:
 class LoRAAdapter(nn.Module):
     """The low-rank update of one projection: ``x [..., in] -> scale * x A^T B^T [..., out]``."""
 
-    def __init__(self, like: torch.Tensor, rank: int, scale: float) -> None:
-        """An adapter for a weight ``like`` ``[out, in]``, on its device and in its dtype."""
+    def __init__(self, like: torch.Tensor, rank: int, scale: float, generator: torch.Generator | None = None) -> None:
+        """An adapter for a weight ``like`` ``[out, in]``, on its device and in its dtype; ``A`` drawn from
+        ``generator`` (default: torch's global one)."""
         super().__init__()
         out_features, in_features = like.shape
         self.scale = scale
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=like.device, dtype=like.dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=like.device, dtype=like.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+        drawn = torch.empty(rank, in_features)  # on the CPU, so a CPU generator serves every device
+        nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)  # nn.Linear's own init
+        with torch.no_grad():
+            self.lora_A.copy_(drawn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         update: torch.Tensor = F.linear(F.linear(x, self.lora_A), self.lora_B)  # [..., out]
@@ -141,13 +145,13 @@ class LoRAAdapter(nn.Module):
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` plus a :class:`LoRAAdapter`: ``weight``/``bias`` are the base layer's (frozen) parameters."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+    def __init__(self, base: nn.Linear, config: LoRAConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.dropout = nn.Dropout(config.dropout)
-        self.adapter = LoRAAdapter(base.weight, config.rank, config.scale)
+        self.adapter = LoRAAdapter(base.weight, config.rank, config.scale, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         update: torch.Tensor = self.adapter(self.dropout(x))
@@ -167,14 +171,20 @@ class LoRAQKV(nn.Module):
     """The fused q/k/v projection of :class:`~clip_model.transformer.SelfAttention` (``[..., W] -> [..., 3W]``,
     q, k, v stacked), with an adapter on each targeted slice; ``weight``/``bias`` are the base (frozen) ones."""
 
-    def __init__(self, attention: SelfAttention, slices: Iterable[str], config: LoRAConfig) -> None:
+    def __init__(
+        self,
+        attention: SelfAttention,
+        slices: Iterable[str],
+        config: LoRAConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.weight = attention.in_proj_weight  # [3W, W]
         self.bias = attention.in_proj_bias  # [3W]
         self.width = self.weight.shape[1]
         self.dropout = nn.Dropout(config.dropout)
         self.adapters = nn.ModuleDict(
-            {name: LoRAAdapter(self.weight[: self.width], config.rank, config.scale) for name in slices}
+            {name: LoRAAdapter(self.weight[: self.width], config.rank, config.scale, generator) for name in slices}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., W] -> [..., 3W]
@@ -259,10 +269,11 @@ def _glob(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]:
     """Freeze every parameter of ``model`` and put adapters on the targeted projections, in place.
 
-    Returns the target names, in module order. Raises ValueError (before changing anything) as
+    The ``A`` matrices are drawn from a generator seeded with ``seed``, so the same call gives the same adapters in
+    every process. Returns the target names, in module order. Raises ValueError (before changing anything) as
     :func:`select_targets` does, and for a model that already has adapters.
     """
     if any(isinstance(m, LoRALinear | LoRAQKV) for m in model.modules()):
@@ -270,16 +281,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     targets = select_targets(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     fused: dict[str, list[str]] = {}
     for target in targets:
         if target.slice is not None:
             fused.setdefault(target.module, []).append(target.slice)
         else:
-            _replace(model, target.module, LoRALinear(_linear(model, target.module), config))
+            _replace(model, target.module, LoRALinear(_linear(model, target.module), config, generator))
     for path, slices in fused.items():
         attention = model.get_submodule(path)
         assert isinstance(attention, SelfAttention)  # projections() found it as one
-        qkv = LoRAQKV(attention, slices, config)
+        qkv = LoRAQKV(attention, slices, config, generator)
         _replace(model, path, ProjectedSelfAttention(attention.heads, qkv, attention.out_proj))
     names = [t.name for t in targets]
     trainable, total = parameter_counts(model)

@@ -8,6 +8,9 @@ import dataclasses
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from clip_model.train.layers import freeze_towers, hold_frozen_batch_norm, layer
 from clip_model.train.lora import LoRAConfig, load_adapter, read_adapter
 from tests.app.conftest import build_folder
 from tests.clip_model.sentencepiece_models import train_gemma_model, train_siglip_model, train_xlm_roberta_model
-from tests.support import TINY_ARCH, save_tiny_model
+from tests.support import TINY_ARCH, free_port, save_tiny_model
 
 from .conftest import SHAPES_COUNT, write_shapes
 from .test_lora import FAMILIES
@@ -37,6 +40,8 @@ BATCH = 16
 RECALLS = [f"{d}_recall@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
 ZERO_SHOT = ["zero_shot_accuracy_ensemble80", "zero_shot_accuracy_photo", "zero_shot_accuracy_plain"]
 MERGE_ATOL = 1e-5
+DDP_WEIGHT_ATOL = 1e-4  # 2 gloo processes vs 1 (as test_fit's): rounding noise through Adam
+REPO = Path(__file__).resolve().parents[2]
 VOCABULARY = 1000  # token embeddings of the SentencePiece families: more than the test vocabularies' pieces
 
 
@@ -64,13 +69,17 @@ def options(data: Path, model: Path | str, out: Path, **changes: object) -> Fine
     return dataclasses.replace(run, **{k: v for k, v in changes.items() if k not in fit_changes})  # type: ignore[arg-type]
 
 
+def lora_argv(base_model: Path, data: Path, out: Path) -> list[str]:
+    argv = ["finetune", "--model", str(base_model), "--data", str(data), "--out", str(out)]
+    argv += ["--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "5e-3", "--warmup", "2", "--lora-rank", "4"]
+    return [*argv, "--val-fraction", "0.25", "--workers", "0", "--eval-every", "4", "--log-every", "1"]
+
+
 @pytest.fixture(scope="module")
 def lora_run(shapes_data: Path, base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA run through the command line (its stdout saved as stdout.txt)."""
     out = tmp_path_factory.mktemp("lora")
-    argv = ["finetune", "--model", str(base_model), "--data", str(shapes_data), "--out", str(out / "run")]
-    argv += ["--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "5e-3", "--warmup", "2", "--lora-rank", "4"]
-    argv += ["--val-fraction", "0.25", "--workers", "0", "--eval-every", "4", "--log-every", "1"]
+    argv = lora_argv(base_model, shapes_data, out / "run")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the command's thread plan: one, as the module's other runs
@@ -114,6 +123,25 @@ def test_lora_run_writes_a_loadable_merged_model_adapters_and_the_evaluation(
     assert read_adapter(lora_run / "adapter.safetensors").extra == provenance
     for merged, unmerged in zip(embeddings(tuned, shapes_data), embeddings(base, shapes_data), strict=True):
         torch.testing.assert_close(merged, unmerged, rtol=0, atol=MERGE_ATOL)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_fine_tune_as_one(
+    lora_run: Path, shapes_data: Path, base_model: Path, tmp_path: Path
+) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    command = [*launcher, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), "-m", "clip_model.train"]  # fmt: skip
+    command += lora_argv(base_model, shapes_data, tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, one = load_file(tmp_path / "two" / "adapter.safetensors"), load_file(lora_run / "adapter.safetensors")
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=DDP_WEIGHT_ATOL, msg=key)
+    assert "text->image recall@1" in done.stdout  # rank 0 alone prints the table
 
 
 def test_an_index_of_the_base_model_is_refused_by_a_server_pinned_to_the_fine_tuned_one(

@@ -144,6 +144,16 @@ def test_zero_initialised_adapters_compute_exactly_the_base_model() -> None:
         assert torch.equal(before, after)
 
 
+def test_the_seed_alone_decides_the_adapters() -> None:
+    drawn: list[torch.Tensor] = []
+    for seed in (3, 3, 4):
+        model = build(FAMILIES["clip-vit"])
+        torch.manual_seed(len(drawn))  # the global generator plays no part
+        apply_lora(model, LoRAConfig(rank=2), seed=seed)
+        drawn.append(torch.cat([a.lora_A.flatten() for a in adapted_modules(model).values()]))
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
 def test_only_the_adapters_train_and_the_trainable_share_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     model = build(FAMILIES["clip-vit"])
     base = {k: v.clone() for k, v in model.state_dict().items()}
