@@ -201,7 +201,7 @@ def test_gpus_on_a_cluster_without_any_are_refused_before_anything_runs(
     cluster: Cluster, tiny_model: Path, tmp_path: Path
 ) -> None:
     engine = RayEngine(RaySettings(gpus_per_worker=1))
-    with pytest.raises(IndexerError, match="the Ray cluster has no GPUs"):
-        engine.start(EncodeJob(tmp_path, str(tiny_model)))
+    with pytest.raises(IndexerError, match="the Ray cluster has no GPUs"):  # auto: CUDA on actors reserving GPUs
+        engine.start(EncodeJob(tmp_path, str(tiny_model), device="auto"))
     engine.close()
     assert ray.is_initialized()  # the engine leaves a connection it did not make
