@@ -43,7 +43,7 @@ import numpy as np
 from clip_model import InferencePrecision
 from clip_model.process_tuning import ThreadPlan
 
-from .build import BuildOptions, scan_folder
+from .build import BuildOptions, fill_metadata, scan_folder
 from .errors import IndexerError, ModelMismatchError, ShardError
 from .ingest import IngestOptions, IngestStats, ingest
 from .partition_encoder import EncodeJob, Work, WorkRows
@@ -385,14 +385,21 @@ class _IndexView:
 
 @dataclass
 class EngineBuildStats:
-    """Counts of :func:`build_on_engine`: the encode run's, the rows of vanished paths deleted, the ingest's."""
+    """Counts of :func:`build_on_engine`: the encode run's, the rows of vanished paths deleted, the ingest's, and the
+    files whose photo metadata was read for rows indexed before without it."""
 
     encode: EncodeStats
     deleted: int
     ingest: IngestStats
+    metadata_read: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"encode": self.encode.as_dict(), "deleted": self.deleted, "ingest": self.ingest.as_dict()}
+        return {
+            "encode": self.encode.as_dict(),
+            "deleted": self.deleted,
+            "ingest": self.ingest.as_dict(),
+            "metadata_read": self.metadata_read,
+        }
 
 
 def build_on_engine(
@@ -431,15 +438,23 @@ def build_on_engine(
         engine,
         progress,
     )
-    deleted = 0
-    if encoded.vanished:
-        with WriterLock(options.index_dir), Catalog.open(options.index_dir) as catalog, catalog.transaction():
-            deleted = catalog.delete(record.id for record in encoded.vanished.values())
+    deleted = metadata_read = 0
+    if has_index:  # rows already indexed: delete the vanished ones; read the photo metadata the unchanged ones lack
+        with WriterLock(options.index_dir), Catalog.open(options.index_dir) as catalog:
+            if encoded.vanished:
+                with catalog.transaction():
+                    deleted = catalog.delete(record.id for record in encoded.vanished.values())
+            metadata_read = fill_metadata(catalog, options.root, options.store_gps)  # the shards carry the new ones'
     plan = ThreadPlan.for_indexing(workers=0)  # ingest decodes and encodes nothing
     ingested = ingest(
         IngestOptions(
-            shards, options.index_dir, factory=options.factory, memory_budget=options.memory_budget, plan=plan
+            shards,
+            options.index_dir,
+            factory=options.factory,
+            memory_budget=options.memory_budget,
+            plan=plan,
+            publish_anyway=metadata_read > 0,
         )
     )
     shutil.rmtree(shards)
-    return EngineBuildStats(encoded.stats, deleted, ingested)
+    return EngineBuildStats(encoded.stats, deleted, ingested, metadata_read)

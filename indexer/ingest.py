@@ -75,6 +75,7 @@ class IngestOptions:
     factory: str | None = None  # as BuildOptions.factory
     memory_budget: int | None = None  # as BuildOptions.memory_budget
     plan: ThreadPlan | None = None  # FAISS threads of the publish; None: ThreadPlan.for_indexing()
+    publish_anyway: bool = False  # publish even if the image rows did not change (photo metadata did: readers load it)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _write_rows(catalog: Catalog, rows: ShardRows, known: dict[str, FileRecord],
 def _publish(options: IngestOptions, catalog: Catalog) -> str:
     """Publish a new generation unless the published one shows every image row as it is and was built as asked;
     returns the name of the generation served."""
-    if up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):
+    if not options.publish_anyway and up_to_date(options.index_dir, catalog, options.factory, options.memory_budget):
         published = current_generation(options.index_dir)
         assert published is not None  # up to date: something is published
         return published

@@ -4,6 +4,7 @@ was read (without re-encoding), GPS kept only with --store-gps, and filters over
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import io
 import sqlite3
 from pathlib import Path
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, TiffImagePlugin
 
+from indexer.build import BuildOptions
+from indexer.encode import build_on_engine
+from indexer.partition_encoder import LocalEngine
 from indexer.store import Catalog, PublishedIndex
 from indexer.store.filters import SearchFilter
-from tests.indexer.test_build import build
+from tests.indexer.test_build import IN_PROCESS, build
 
 pytestmark = pytest.mark.slow  # two builds each: left out of make check (tests/indexer/test_photo_metadata.py stays)
 JUNE_1 = calendar.timegm((2024, 6, 1, 14, 3, 59, 0, 0, 0))
@@ -95,3 +99,23 @@ def test_an_index_built_before_metadata_gets_it_at_its_next_build_without_re_enc
         canon = after.search(query[None], 10, SearchFilter(cameras=("eos",)))[0]
         assert sorted(after.images([h.id])[h.id].path for h in canon) == ["2019/b.jpg", "2024/a.jpg"]
         assert len(after.search(query[None], 10, SearchFilter(orientation="portrait"))[0]) == 1
+
+
+def test_a_build_on_an_engine_fills_in_and_drops_metadata_as_the_local_build_does(
+    photos: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    index_dir = tmp_path / "index"
+    options = BuildOptions(root=photos, index_dir=index_dir, model=str(tiny_model), plan=IN_PROCESS, store_gps=True)
+    build_on_engine(options, LocalEngine(IN_PROCESS), partition_size=2)
+    assert stored(index_dir)["2024/a.jpg"][2] == pytest.approx(52.0)  # the shards carried it
+    with sqlite3.connect(index_dir / "catalog.sqlite3") as conn:
+        conn.execute("DELETE FROM photo_metadata")  # rows indexed before metadata was read
+    with PublishedIndex.open(index_dir) as before:
+        generation = before.manifest.generation
+
+    stats = build_on_engine(dataclasses.replace(options, store_gps=False), LocalEngine(IN_PROCESS), partition_size=2)
+
+    assert (stats.encode.encoded, stats.metadata_read) == (0, 3)  # read from the files' headers, nothing encoded
+    assert stored(index_dir)["2024/a.jpg"] == (JUNE_1, "Canon EOS R5", None, "jpeg")  # and no GPS without the setting
+    with PublishedIndex.open(index_dir) as after:
+        assert after.manifest.generation != generation  # published, so servers load the metadata
