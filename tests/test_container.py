@@ -368,7 +368,7 @@ def test_compose_config_parses() -> None:
     for name in ("server", "indexer"):
         volumes = services[name]["volumes"]
         assert any(v.endswith(":/photos:ro") for v in volumes), volumes
-        # SQLite in WAL mode: readers write the -shm file too, so the server needs /data read-write
+        # the server keeps its thumbnail cache and downloaded weights in /data (read-only replicas: test below)
         assert any(v.endswith(":/data:rw") for v in volumes), volumes
         assert "deploy" not in services[name], "the CPU file reserves no GPU"
 
