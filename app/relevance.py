@@ -1,22 +1,36 @@
 """Relevance: a text query's cosine scores turned into a number in [0, 1] that means the same across models,
 collections and queries.
 
-Raw CLIP scores do not: a model's text-image cosines sit in a narrow band of its own (about 0.2-0.35 for
-ViT-B/32), so a fixed ``min_score`` keeps junk for one model and drops everything for another. What does carry
-over is how a score compares with what a query *unrelated to the collection* reaches over it. So, for each served
-generation, the server encodes the unrelated prompts of ``data/unrelated_prompts.txt`` (everyday objects, places,
-documents; most have nothing to do with any one collection) and takes each one's best score over the collection.
-Their median is where an irrelevant query's best match lands, and 1.4826 x their median absolute deviation the
-spread (robust: a prompt that does match the collection, a dog in a pet collection, moves neither much).
+Raw CLIP scores do not. A model's text-image cosines sit in a narrow band of its own (about 0.2-0.35 for ViT-B/32),
+so a fixed ``min_score`` keeps junk for one model and drops everything for another; and within one model each text
+has a level of its own: text and image embeddings lie in separate cones (the modality gap), so every image of a
+collection shares a large common part, the collection's mean embedding ``m``, and a query scores
+``q . x = q . m + q . (x - m)`` with an image ``x``. The first term, the query's *baseline* (its mean score over the
+collection), is the same for every image: it says nothing about which images match, yet it moves all of the query's
+scores up or down, which is why a score that is good for one query is poor for another. So relevance reads a
+score's *lift*, ``score - q . m``: it ranks a query's images as the score does, and it compares across queries.
 
-    relevance(score) = Phi((score - median) / spread)   (Phi: the standard normal distribution function)
+What a lift is worth is learnt, per served generation, from queries *unrelated to the collection*: the prompts of
+``data/unrelated_prompts.txt`` (short queries for everyday things, animals, food, vehicles, people, places,
+events, documents; none names a colour, a shape, a size, a position or the picture itself, words that describe any
+image). The server encodes them, takes each one's best score over the collection and its baseline, and so each
+one's best lift: what a query for something the collection does not hold reaches with its best match. Their median
+is the centre, 1.4826 x their median absolute deviation the spread (robust: the few prompts that do match the
+collection, a cow in a farm's photos, move neither much):
 
-Meaning: relevance 0.5 is what the best match of an unrelated query scores; 0.99 is 2.3 spreads above it, a score
-that about one unrelated query in a hundred reaches with its best match. ``DEFAULT_MIN_RELEVANCE`` is the cut-off
-the web page applies: results below it look no better than what a query for something absent finds.
+    relevance(score) = Phi((score - q . m - median) / spread)
+
+where ``q`` is the query's unit embedding and Phi the standard normal distribution function.
+
+Meaning: relevance r is the share of queries for absent things whose best match lifts less than this result does.
+0.5 is where an absent thing's best match typically lands; ``DEFAULT_MIN_RELEVANCE``, 0.99, is 2.33 spreads above
+it: about one query in a hundred for something the collection does not hold shows any result above it. The web page
+applies that cut-off. ``m`` is the mean of the generation's image embeddings (all of them, or ``MEAN_SAMPLE``
+evenly spaced ones: :func:`sample_rows`).
 
 It applies to text queries (text search, and combined queries whose parts are all texts): image-to-image scores
-live on another scale (a photo's nearest neighbours are usually near-copies), so image queries get none.
+live on another scale (a photo's nearest neighbours are usually near-copies), so image queries get none. See
+bench/README.md, "relevance", for what the default keeps and drops on the demo model.
 """
 
 from __future__ import annotations
@@ -31,8 +45,11 @@ import numpy.typing as npt
 
 MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 MIN_SPREAD = 0.005  # a floor on the spread (cosine units), for collections that all queries score alike
-DEFAULT_MIN_RELEVANCE = 0.95  # the web page's cut-off
+DEFAULT_MIN_RELEVANCE = 0.99  # the web page's cut-off
+MEAN_SAMPLE = 1 << 14  # image embeddings averaged into the collection's mean (its error is then far below a spread)
 PROMPTS_FILE = "unrelated_prompts.txt"
+
+Vector = npt.NDArray[np.float32]
 
 
 def unrelated_prompts() -> list[str]:
@@ -41,26 +58,25 @@ def unrelated_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def sample_rows(count: int) -> npt.NDArray[np.int64]:
+    """Rows of a generation's ``count`` images whose embeddings make its mean: all of them up to ``MEAN_SAMPLE``,
+    else ``MEAN_SAMPLE`` evenly spaced ones (ascending)."""
+    if count < 1:
+        raise ValueError("the collection is empty: it has no mean embedding")
+    return np.unique(np.linspace(0, count - 1, min(count, MEAN_SAMPLE)).round().astype(np.int64))
+
+
 @dataclass(frozen=True)
-class RelevanceScale:
-    """One generation's scale (module docstring): the median and spread of unrelated prompts' best scores."""
+class QueryRelevance:
+    """The relevance of one query's scores: ``Phi((score - centre) / spread)``, where ``centre`` is the query's
+    baseline plus the generation's median lift (module docstring)."""
 
-    median: float
+    centre: float
     spread: float
-    prompts: int
-
-    @classmethod
-    def of_best_scores(cls, best: npt.NDArray[np.float32]) -> RelevanceScale:
-        """The scale from the best score [P] of each unrelated prompt over the collection."""
-        if not len(best):
-            raise ValueError("no unrelated prompt scored: the collection is empty")
-        median = float(np.median(best))
-        spread = max(MIN_SPREAD, MAD_TO_SIGMA * float(np.median(np.abs(best - median))))
-        return cls(median, spread, len(best))
 
     def relevance(self, score: float) -> float:
-        """The relevance of a text query's cosine ``score``, in [0, 1]."""
-        return NormalDist(self.median, self.spread).cdf(score)
+        """The relevance of one of the query's cosine ``score``, in [0, 1]."""
+        return NormalDist(self.centre, self.spread).cdf(score)
 
     def min_score(self, relevance: float) -> float:
         """The score that has ``relevance`` (the inverse, for cut-offs): -inf for 0, +inf for 1."""
@@ -68,4 +84,36 @@ class RelevanceScale:
             return -math.inf
         if relevance >= 1.0:
             return math.inf
-        return NormalDist(self.median, self.spread).inv_cdf(relevance)
+        return NormalDist(self.centre, self.spread).inv_cdf(relevance)
+
+
+@dataclass(frozen=True, eq=False)
+class RelevanceScale:
+    """One generation's scale (module docstring): the collection's mean image embedding ``mean`` [D], and the
+    median and spread of the unrelated prompts' best lifts."""
+
+    mean: Vector
+    median: float
+    spread: float
+    prompts: int
+
+    @classmethod
+    def of_prompts(
+        cls, prompts: Vector, best: npt.NDArray[np.float32], mean: npt.NDArray[np.floating]
+    ) -> RelevanceScale:
+        """The scale from the unrelated prompts' unit embeddings ``prompts`` [P, D], each one's best score over the
+        collection ``best`` [P] and the collection's mean image embedding ``mean`` [D]."""
+        if not len(best):
+            raise ValueError("no unrelated prompt scored: the collection is empty")
+        if prompts.shape != (len(best), len(mean)):
+            raise ValueError(f"prompts must be [{len(best)}, {len(mean)}], got {list(prompts.shape)}")
+        centre = np.asarray(mean, dtype=np.float32)
+        lifts = np.asarray(best, dtype=np.float64) - prompts.astype(np.float64) @ centre.astype(np.float64)
+        median = float(np.median(lifts))
+        spread = max(MIN_SPREAD, MAD_TO_SIGMA * float(np.median(np.abs(lifts - median))))
+        return cls(centre, median, spread, len(best))
+
+    def for_query(self, query: Vector) -> QueryRelevance:
+        """The relevance of the scores of ``query``, a unit text embedding [D]."""
+        baseline = float(np.dot(query.astype(np.float64), self.mean.astype(np.float64)))
+        return QueryRelevance(baseline + self.median, self.spread)

@@ -38,7 +38,7 @@ from indexer.store.reader import ModelInfo, PublishedIndex, current_generation, 
 from .encoder import Encoder
 from .errors import NotReadyError
 from .metrics import Metrics
-from .relevance import RelevanceScale, unrelated_prompts
+from .relevance import RelevanceScale, sample_rows, unrelated_prompts
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -269,14 +269,19 @@ class _MismatchError(Exception):
 
 
 def relevance_scale(encoder: Encoder, index: PublishedIndex) -> RelevanceScale | None:
-    """The generation's relevance scale (:mod:`app.relevance`): the unrelated prompts' best scores over it."""
+    """The generation's relevance scale (:mod:`app.relevance`): its mean image embedding, and the unrelated prompts'
+    best scores over it."""
     if not index.manifest.counts.get("images", 0):
         return None
+    columns = index.photo_columns()
+    rows = sample_rows(len(columns))
+    mean = index.stored_vectors(columns.vec_files[rows], columns.vec_rows[rows]).mean(axis=0, dtype=np.float64)
     prompts = encoder.encode_text_matrix(unrelated_prompts())
-    best = np.array([hits[0].score for hits in index.search(prompts, 1) if hits], dtype=np.float32)
-    scale = RelevanceScale.of_best_scores(best)
+    found = [(i, hits[0].score) for i, hits in enumerate(index.search(prompts, 1)) if hits]
+    best = np.array([score for _, score in found], dtype=np.float32)
+    scale = RelevanceScale.of_prompts(prompts[[i for i, _ in found]], best, mean)
     logger.info(
-        "relevance scale of %s: unrelated prompts' best scores median %.4f, spread %.4f",
+        "relevance scale of %s: unrelated prompts' best lifts median %.4f, spread %.4f",
         index.manifest.generation,
         scale.median,
         scale.spread,

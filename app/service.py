@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from .facet_schemas import Facets
 from .facets import FacetCache, check_filters
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
-from .relevance import RelevanceScale
+from .relevance import QueryRelevance, RelevanceScale
 from .runtime import Runtime, Served
 from .schemas import (
     ClassifyResponse,
@@ -73,7 +73,9 @@ class SearchService:
         page = self._page(state, options, ("text", text, mode), text_query=True)
         request = SearchRequest(state.index, page.depth, page.where)
         embedding, hits = state.encoder.search_text(text, request, mode)
-        return self._respond(state, hits, page, started, embedding.truncated, embedding.chunks)
+        return self._respond(
+            state, hits, page.for_query(embedding.vector), started, embedding.truncated, embedding.chunks
+        )
 
     def search_upload(self, data: bytes, options: ResultOptions) -> SearchResponse:
         started, state = time.perf_counter(), self.runtime.require()
@@ -123,7 +125,7 @@ class SearchService:
     ) -> SearchResponse:
         request = SearchRequest(state.index, page.depth, page.where)
         hits = state.encoder.search_vectors(query[None], request)[0]
-        return self._respond(state, hits, page, started, truncated, chunks)
+        return self._respond(state, hits, page.for_query(query), started, truncated, chunks)
 
     def _page(
         self, state: Served, options: ResultOptions, query: object, exclude: int | None = None, text_query: bool = False
@@ -155,7 +157,7 @@ class SearchService:
         records = state.index.images([h.id for h in window])
         dates = _taken_at(state, window)
         results = [
-            _image_hit(hit, records[hit.id], dates, i, page.scale)
+            _image_hit(hit, records[hit.id], dates, i, page.query_scale)
             for i, hit in enumerate(window)
             if _servable(records.get(hit.id))
         ]
@@ -432,7 +434,7 @@ def _image_hit(
     record: ImageRecord,
     dates: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None,
     row: int,
-    scale: RelevanceScale | None,
+    scale: QueryRelevance | None,
 ) -> ImageHit:
     taken, from_exif = (None, None) if dates is None else (int(dates[0][row]), bool(dates[1][row]))
     return ImageHit(
@@ -486,6 +488,7 @@ class _Page:
     query: str
     exclude: int | None = None
     scale: RelevanceScale | None = None
+    query_scale: QueryRelevance | None = None  # the scale of the query's own scores, once it is encoded
 
     @classmethod
     def of(
@@ -500,11 +503,17 @@ class _Page:
         scale = state.relevance if text_query else None
         return cls(options, store_filter(options.filters), offset, ranked, key, exclude, scale)
 
+    def for_query(self, query: Vector) -> _Page:
+        """This page with the relevance scale of ``query``'s scores (unchanged for a query without a scale)."""
+        return self if self.scale is None else replace(self, query_scale=self.scale.for_query(query))
+
     def cut_off(self) -> float | None:
         """The lowest score a result may have: ``min_score``, raised to ``min_relevance``'s score if given."""
         limits = [] if self.options.min_score is None else [self.options.min_score]
         if self.options.min_relevance is not None and self.scale is not None:
-            limits.append(self.scale.min_score(self.options.min_relevance))
+            if self.query_scale is None:
+                raise RuntimeError("a text query's results are cut before its scale is known (see for_query)")
+            limits.append(self.query_scale.min_score(self.options.min_relevance))
         return max(limits) if limits else None
 
 
