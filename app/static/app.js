@@ -9,7 +9,7 @@
   const MAX_K = 1000;
   const LARGE_SIZE = 512; // px: thumbnail size for the selected image
   const READY_POLL_MS = 5000; // while not ready or empty: how often the status is checked again
-  const MIN_RELEVANCE = 0.95; // "only relevant" text results: the server's relevance scale (app/relevance.py)
+  const MIN_RELEVANCE = 0.99; // "only relevant" text results: app/relevance.py's DEFAULT_MIN_RELEVANCE
   const MORE_MARGIN_PX = 300; // the next page is fetched once the end of the list comes this close to the viewport
   const DAY_MS = 86400000;
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from app.relevance import DEFAULT_MIN_RELEVANCE
 from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
 from tests.app.photo_library import PhotoLibrary, build_photo_library
 
@@ -146,7 +147,7 @@ def test_only_relevant_is_on_by_default_and_asks_the_server_for_its_cut_off(page
     page.fill("#query", "a red square")
     with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
         page.click("#search-form button[type=submit]")
-    assert "min_relevance=0.95" in sent.value.url
+    assert f"min_relevance={DEFAULT_MIN_RELEVANCE}" in sent.value.url  # the page's cut-off is the documented one
     expect(page.locator("#results-heading")).to_have_text("Results for \u201ca red square\u201d")
     if page.locator(".result").count() == 0:  # the tiny random model: nothing stands out from unrelated queries
         expect(page.locator("#status")).to_contain_text("only relevant")
