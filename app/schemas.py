@@ -40,7 +40,7 @@ MIN_RELEVANCE_FIELD = Field(
     le=1.0,
     strict=True,
     allow_inf_nan=False,
-    description="text queries only: drop results below this relevance (0..1; the web page uses 0.95)",
+    description="text queries only: drop results below this relevance (0..1; the web page uses 0.99)",
 )
 LONG_TEXT_DESCRIPTION = (
     "text longer than the model's context: `truncate` it, or `chunk` it into overlapping windows whose embeddings are "
