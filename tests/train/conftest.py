@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 from tests.support import TINY_ARCH, TINY_IMAGE_SIZE
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CACHE_ENV = "CLIPSEARCH_TEST_DEMO_CACHE"  # a folder that keeps the trained demo model between runs
+DEMO_TRAIN_TIMEOUT_S = 1800
 
 IMAGE_SIDE = TINY_IMAGE_SIZE  # pixels; the tiny architecture's input size, so preprocessing does not resample
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -56,3 +63,19 @@ def tiny_arch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("arch") / "tiny.json"
     path.write_text(json.dumps(TINY_ARCH), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose ``demo/`` holds the demo model of ``clip_model.train.demo.Recipe()`` (the README's), trained
+    once per session by the documented command: the end-to-end demo test and the fine-tuning demo start from it.
+
+    In a process of its own, as users run it: in this one, threads that earlier tests left running torch would
+    share the cores with the training (slower, and a different thread count sums in another order). With
+    ``CLIPSEARCH_TEST_DEMO_CACHE`` set, that folder is used and kept, so the model is trained once across runs on a
+    developer's machine; the recipe's key names the model's folder, so a changed recipe trains again."""
+    cache = Path(os.environ[DEMO_CACHE_ENV]) if os.environ.get(DEMO_CACHE_ENV) else tmp_path_factory.mktemp("cache")
+    command = [sys.executable, "-m", "clip_model.train", "demo", "--out", str(cache / "demo")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=DEMO_TRAIN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cache
