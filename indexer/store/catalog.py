@@ -290,6 +290,16 @@ class Catalog:
         """Remember ``factory`` ("auto" or a factory string) for later publishes."""
         self._set_meta({"index_type": factory})
 
+    def text_long_text(self) -> str:
+        """How the indexed texts longer than the model's context were encoded (``clip-index texts --long-text``):
+        "truncate", "chunk", or "mixed" (by runs with both). Catalogs written before this record read as
+        "truncate", the only rule then."""
+        return self._get_meta("text_long_text") or "truncate"
+
+    def set_text_long_text(self, mode: str) -> None:
+        """Record how the indexed texts were encoded (see :meth:`text_long_text`); the caller decides the value."""
+        self._set_meta({"text_long_text": mode})
+
     def memory_budget(self) -> int | None:
         """Bytes the auto-chosen image index must fit in (the last budget asked for), None: no budget."""
         value = self._get_meta("memory_budget")

@@ -193,6 +193,7 @@ class Manifest:
     trained_count: int = 0  # images when it was trained
     auto_choice: str = ""  # what choose_index gave at that training ("" unless the type is "auto")
     calibration: str | None = None  # ground truth of the knob's calibration (in segments/); None: no knob
+    text_long_text: str = "truncate"  # texts longer than the context: "truncate", "chunk" or "mixed" (the catalog's)
 
     @property
     def model(self) -> ModelInfo:

@@ -163,6 +163,7 @@ def _publish_locked(index_dir: Path, catalog: Catalog, request: Request) -> Mani
         trained_count=images.trained_count,
         auto_choice=images.auto_choice,
         calibration=images.calibration,
+        text_long_text=catalog.text_long_text(),
     )
     tmp_dir = generations / f"{TEMP_PREFIX}{name}"
     manifest = _write_generation(tmp_dir, manifest, {TEXTS_FILE: texts})
