@@ -18,6 +18,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from clip_model import InferencePrecision, LongText
 from clip_model.zeroshot import MAX_TEMPLATE_CHARS, TEMPLATE_PATTERN, check_template
 
+from .relevance import DEFAULT_MIN_RELEVANCE, SIGMOID_MIN_RELEVANCE, RelevanceKind
+
 MAX_K = 1000
 MAX_ID = 2**53 - 1  # image ids are SQLite rowids; capped where JSON numbers stay exact (JavaScript's safe integers)
 MAX_LABELS = 100  # zero-shot labels, or candidate texts, per request
@@ -40,7 +42,14 @@ MIN_RELEVANCE_FIELD = Field(
     le=1.0,
     strict=True,
     allow_inf_nan=False,
-    description="text queries only: drop results below this relevance (0..1; the web page uses 0.99)",
+    description="text queries only: drop results below this relevance (0..1, see a result's `relevance`); the web "
+    f"page uses the served model's `default_min_relevance` (GET /api/stats): {DEFAULT_MIN_RELEVANCE} for a calibrated "
+    f"relevance (CLIP), {SIGMOID_MIN_RELEVANCE} for a sigmoid one (SigLIP)",
+)
+RELEVANCE_KIND_DESCRIPTION = (
+    "what `relevance` means for the served model: `calibrated` (CLIP: 0.5 is where the best match of a query "
+    "unrelated to the collection lands, 0.99 what one such query in a hundred reaches) or `sigmoid` (SigLIP: the "
+    "model's own probability that the text matches the image)"
 )
 LONG_TEXT_DESCRIPTION = (
     "text longer than the model's context: `truncate` it, or `chunk` it into overlapping windows whose embeddings are "
@@ -69,7 +78,10 @@ def _iso_text(value: object) -> object:
     """Dates and datetimes arrive as ISO 8601 text only (pydantic would also read numbers, even as text, as Unix
     times)."""
     if not isinstance(value, str) or not ISO_MOMENT.fullmatch(value):
-        raise ValueError("must be an ISO 8601 date or datetime, such as 2024-06-01 or 2024-06-01T14:00:00")
+        raise ValueError(
+            "must be an ISO 8601 date or datetime, such as 2024-06-01 or 2024-06-01T14:00:00, of a year from 0001 to "
+            "9999 (for an open end, leave the parameter out or give 0001-01-01 or 9999-12-31)"
+        )
     return value
 
 
@@ -170,8 +182,10 @@ class ImageHit(BaseModel):
     taken_from_exif: bool | None = Field(None, description="whether taken_at came from the photo's EXIF")
     relevance: float | None = Field(
         None,
-        description="for text queries, 0..1: 0.5 is what the best match of a query unrelated to the collection "
-        "scores, 0.99 what one such query in a hundred reaches (calibrated per collection and model)",
+        description="for text queries, 0..1, by the model (the response's `relevance_kind`): for a CLIP, calibrated "
+        "per collection and model, 0.5 is what the best match of a query unrelated to the collection scores and "
+        "0.99 what one such query in a hundred reaches; for a SigLIP, the model's own probability that the text "
+        "matches the image, sigmoid(exp(logit_scale) * score + logit_bias)",
     )
 
 
@@ -207,6 +221,9 @@ class SearchResponse(BaseModel):
         None,
         description="text queries: context windows the query's text was encoded as (summed over a combined query's "
         "texts); more than one per text only with long_text=chunk",
+    )
+    relevance_kind: RelevanceKind | None = Field(
+        None, description=f"text queries: {RELEVANCE_KIND_DESCRIPTION}; null for image queries"
     )
     next_cursor: str | None = Field(
         None, description="pass as `cursor` (same query) for the next page; null on the last page"
@@ -454,6 +471,8 @@ class Stats(BaseModel):
                 "search_params": {"nprobe": 48},
                 "recall_at_10": 0.965,
                 "text_encoder": "compiled (in 52 s)",
+                "relevance_kind": "calibrated",
+                "default_min_relevance": 0.99,
             }
         }
     )
@@ -480,6 +499,16 @@ class Stats(BaseModel):
     )
     recall_at_10: float | None = Field(
         None, description="measured recall@10 of the image index against exact search (1.0 for a flat index)"
+    )
+    relevance_kind: RelevanceKind | None = Field(
+        None,
+        description=f"{RELEVANCE_KIND_DESCRIPTION}; null while nothing is served, or a CLIP's generation has no image",
+    )
+    default_min_relevance: float | None = Field(
+        None,
+        description=f"the `min_relevance` the web page applies for the served model: {DEFAULT_MIN_RELEVANCE} when "
+        f"calibrated, {SIGMOID_MIN_RELEVANCE} for a sigmoid (the model's probability; app/relevance.py says why not "
+        "0.5); null with `relevance_kind`",
     )
 
 

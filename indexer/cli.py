@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clip_model import INFERENCE_PRECISIONS, Placement
+from clip_model import INFERENCE_PRECISIONS, LONG_TEXT_MODES, LongText, Placement
 from clip_model.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from clip_model.errors import ClipModelError
 from clip_model.process_tuning import ThreadPlan, own_threads, tune_malloc
@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     texts.add_argument("file", type=Path, help="UTF-8 text file, one entry per line; blank lines are ignored")
     _index_dir_argument(texts)
     texts.add_argument("--batch-size", type=int, default=256, help="texts per encoder call")
+    texts.add_argument(
+        "--long-text",
+        type=_long_text,
+        default=_env("LONG_TEXT", "truncate"),
+        metavar="{" + ",".join(LONG_TEXT_MODES) + "}",
+        help="a text longer than the model's context: truncate it, or chunk it into overlapping windows whose "
+        "embeddings are averaged; the server's rule for its queries, same setting ($CLIPSEARCH_LONG_TEXT)",
+    )
     texts.set_defaults(func=_cmd_texts)
 
     ingest_parser = sub.add_parser(
@@ -639,11 +647,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _long_text(value: str) -> LongText:
+    """--long-text / $CLIPSEARCH_LONG_TEXT (argparse checks a default string through this too)."""
+    for mode in LONG_TEXT_MODES:
+        if value == mode:
+            return mode
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LONG_TEXT_MODES)} ($CLIPSEARCH_LONG_TEXT)")
+
+
 def _cmd_texts(args: argparse.Namespace) -> int:
     from .texts import index_texts
 
-    count = index_texts(args.index_dir, args.file, batch_size=args.batch_size, plan=ThreadPlan.for_indexing(workers=0))
-    logger.info("indexed %d texts from %s into %s", count, args.file, args.index_dir)
+    plan = ThreadPlan.for_indexing(workers=0)
+    done = index_texts(args.index_dir, args.file, batch_size=args.batch_size, plan=plan, long_text=args.long_text)
+    longer = f"{done.chunked} chunked" if done.long_text == "chunk" else f"{done.truncated} truncated"
+    logger.info(
+        "indexed %d texts from %s into %s (long_text=%s: %s; the index's texts: %s)",
+        done.count,
+        args.file,
+        args.index_dir,
+        done.long_text,
+        longer,
+        done.recorded,
+    )
     return 0
 
 
