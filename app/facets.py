@@ -5,6 +5,9 @@ Contracts:
 
 * Facets come from the generation's :class:`PhotoColumns` (the columns filtered searches read anyway), once per
   generation: the latest generation's are kept, and concurrent first requests wait for one computation.
+* A response lists every camera and format, and a page of folders (:class:`FolderQuery`): those whose path starts
+  with a prefix, ignoring case, in path order, with how many match in all. The folders are kept sorted by their
+  casefolded paths, so a prefix is a range of them, found by bisection, and a page costs that range, not the library.
 * A folder, camera or format value is known when, alone, it matches at least one image of the generation. That is
   decided by the store's own rule (``PhotoColumns.mask``) over one representative image per distinct folder, camera
   and format, so what the API accepts and what a search matches cannot drift apart. A request naming an unknown
@@ -28,7 +31,7 @@ import numpy.typing as npt
 from indexer.store.reader import PhotoColumns, SearchFilter
 
 from .errors import BadRequestError
-from .facet_schemas import CaptureTimes, Facets, FacetValue
+from .facet_schemas import CaptureTimes, Facets, FacetValue, FolderQuery
 from .runtime import Served
 from .schemas import SearchFilters, clock_text
 
@@ -43,12 +46,29 @@ NONE_KNOWN = {  # what an index with no value at all for a filter says
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GenerationFacets:
-    """One generation's facets (the response body) and its representative images, for :func:`check_filters`."""
+    """One generation's facets, every folder listed (what :func:`check_filters` compares with), its representative
+    images, and its folders by casefolded path, for :meth:`listing`."""
 
     described: Facets
     representatives: PhotoColumns  # an image of each distinct folder, camera and format
+    folded: list[str]  # the folders' paths casefolded, sorted: the folders starting with a prefix are a range
+    folded_ranks: npt.NDArray[np.int64]  # [len(folded)] where each of ``folded`` is in ``described.folders``
+
+    def listing(self, query: FolderQuery) -> Facets:
+        """The response to ``query``: its page of folders (in path order), how many match its prefix, and every
+        camera and format."""
+        start, stop = _prefix_range(self.folded, query.prefix.lstrip("/").casefold())
+        ranks = self.folded_ranks[start:stop]
+        if query.after is not None:
+            ranks = ranks[ranks >= bisect.bisect_right(self.described.folders, query.after, key=lambda f: f.value)]
+        truncated = len(ranks) > query.limit
+        if truncated:
+            ranks = np.partition(ranks, query.limit - 1)[: query.limit]  # the first ``limit`` in path order
+        folders = [self.described.folders[rank] for rank in np.sort(ranks).tolist()]
+        update = {"folders": folders, "folders_matched": stop - start, "folders_truncated": truncated}
+        return self.described.model_copy(update=update)
 
 
 class FacetCache:
@@ -67,15 +87,29 @@ class FacetCache:
 
 
 def _facets(generation: str, columns: PhotoColumns) -> GenerationFacets:
+    folders = _folder_counts(columns.folders, columns.folder_codes)
     described = Facets(
         generation=generation,
         images=len(columns),
-        folders=_folder_counts(columns.folders, columns.folder_codes),
+        folders=folders,
+        folders_matched=len(folders),
+        folders_truncated=False,
         cameras=_by_count(columns.cameras, columns.camera_codes),
         formats=_by_count(columns.formats, columns.format_codes),
         taken=_capture_times(columns),
     )
-    return GenerationFacets(described, _representatives(columns))
+    folded = [folder.value.casefold() for folder in folders]
+    ranks = sorted(range(len(folded)), key=folded.__getitem__)
+    return GenerationFacets(
+        described, _representatives(columns), [folded[rank] for rank in ranks], np.array(ranks, dtype=np.int64)
+    )
+
+
+def _prefix_range(ordered: list[str], prefix: str) -> tuple[int, int]:
+    """The range of ``ordered`` (sorted) that starts with ``prefix``: bisected, as it is one run."""
+    start = bisect.bisect_left(ordered, prefix)
+    stop = bisect.bisect_left(ordered, True, lo=start, key=lambda name: not name.startswith(prefix))
+    return start, stop
 
 
 def _counts(names: Sequence[str], codes: npt.NDArray[np.int32]) -> list[int]:
