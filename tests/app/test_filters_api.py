@@ -98,6 +98,7 @@ def test_facets_list_what_the_index_holds(photos: TestClient, library: PhotoLibr
     cameras = [(c["value"], c["images"]) for c in body["cameras"]]
     assert cameras == [("Apple iPhone 12", 7), ("Canon EOS 5D", 5), ("FUJIFILM X100V", 4)]
     assert {f["value"]: f["images"] for f in body["formats"]} == {"jpeg": 16, "png": 3}
+    assert (body["folders_matched"], body["folders_truncated"]) == (7, False)  # the first page is all of them
     assert body["taken"] == {"earliest": "2010-01-01T12:00:00", "latest": "2023-07-15T14:15:00", "from_exif": 16}
     assert (body["images"], body["generation"]) == (len(library.photos), photos.get("/readyz").json()["generation"])
 
@@ -205,6 +206,9 @@ def test_several_unknown_values_are_named_in_one_refusal(photos: TestClient) -> 
         ({"taken_after": "2023-02-30"}, "day value is outside expected range"),
         ({"taken_before": "June 2023"}, "must be an ISO 8601 date or datetime, such as 2024-06-01"),
         ({"taken_after": "1700000000"}, "must be an ISO 8601 date or datetime"),
+        ({"taken_before": "10000-01-01"}, "of a year from 0001 to 9999 (for an open end, leave the parameter out"),
+        ({"taken_before": "+010000-01"}, "of a year from 0001 to 9999"),  # JavaScript's day after 9999-12-31, cut
+        ({"taken_after": "0000-12-31"}, "year 0 is out of range"),
     ],
 )
 def test_malformed_dates_and_inverted_ranges_are_422s_that_say_what_to_change(
@@ -215,3 +219,51 @@ def test_malformed_dates_and_inverted_ranges_are_422s_that_say_what_to_change(
     body = {"parts": [{"text": "a photo"}], "filters": conditions}
     response = photos.post("/api/search/combined", json=body)
     assert response.status_code == 422 and detail in response.text
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        {"taken_before": "9999-12-31"},  # what date pickers send for "no end"
+        {"taken_after": "0001-01-01"},
+        {"taken_after": "0001-01-01", "taken_before": "9999-12-31"},
+        {"taken_after": "0001-01-01T00:00:00+14:00", "taken_before": "9999-12-31T23:59:59.999999-12:00"},
+        {"taken_after": "2019-05-03", "taken_before": "9999-12-31"},
+        {"taken_after": "0001-01-01", "taken_before": "2019-05-03"},
+    ],
+)
+def test_the_first_and_last_dates_there_are_are_open_ends_in_every_search(
+    photos: TestClient, library: PhotoLibrary, conditions: dict[str, str]
+) -> None:
+    expected = library.paths(
+        after=conditions.get("taken_after", "")[:10], before=conditions.get("taken_before", "")[:10]
+    )
+    assert expected
+    search = {"q": "a photo", "k": 100, **conditions}
+    assert set(paths_of(photos.get("/api/search", params=search))) == expected
+    body = {"parts": [{"text": "a photo"}], "k": 100, "filters": conditions}
+    assert set(paths_of(photos.post("/api/search/combined", json=body))) == expected
+    first = photos.get("/api/search", params={"q": "a photo", "k": 1}).json()["results"][0]
+    similar = set(paths_of(photos.get(f"/api/images/{first['id']}/similar", params={"k": 100, **conditions})))
+    assert similar == expected - {first["path"]}
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), COLOURS["green"]).save(data, "PNG")
+    upload = photos.post(
+        "/api/search/image", params={"k": 100, **conditions}, files={"file": ("g.png", data.getvalue())}
+    )
+    assert set(paths_of(upload)) == expected
+
+
+def test_far_dates_page_by_capture_time_and_match_nothing_beyond_the_photos(photos: TestClient) -> None:
+    params = {"q": "a photo", "k": 5, "sort": "oldest", "taken_after": "0001-01-01", "taken_before": "9999-12-31"}
+    taken: list[str] = []
+    cursor: dict[str, str] = {}
+    while True:
+        page = photos.get("/api/search", params={**params, **cursor}).json()
+        taken += [hit["taken_at"] for hit in page["results"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = {"cursor": page["next_cursor"]}
+    assert len(taken) == 19 and taken == sorted(taken)
+    for conditions in ({"taken_after": "9999-12-31"}, {"taken_before": "0001-01-02"}):
+        assert paths_of(photos.get("/api/search", params={"q": "a photo", **conditions})) == []
