@@ -38,7 +38,7 @@ from indexer.store.reader import ModelInfo, PublishedIndex, current_generation, 
 from .encoder import Encoder
 from .errors import NotReadyError
 from .metrics import Metrics
-from .relevance import RelevanceScale, sample_rows, unrelated_prompts
+from .relevance import GenerationRelevance, RelevanceScale, SigmoidRelevance, sample_rows, unrelated_prompts
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ RETIRE_AFTER_S = 30.0  # a replaced generation stays open this long for the requ
 @dataclass(frozen=True)
 class Served:
     """One consistent view: the encoder, the index generation it can search, where the image files are, and the
-    generation's relevance scale for text queries (:mod:`app.relevance`; None while it holds no image)."""
+    generation's relevance scale for text queries (:mod:`app.relevance`: the model's own probability for a
+    sigmoid-trained model, else one calibrated on the generation, None while it holds no image)."""
 
     encoder: Encoder
     index: PublishedIndex
     image_root: Path | None
-    relevance: RelevanceScale | None = None
+    relevance: GenerationRelevance | None = None
 
     @property
     def generation(self) -> str:
@@ -268,9 +269,19 @@ class _MismatchError(Exception):
     """The index's embeddings come from other weights than the model the server can use."""
 
 
-def relevance_scale(encoder: Encoder, index: PublishedIndex) -> RelevanceScale | None:
-    """The generation's relevance scale (:mod:`app.relevance`): its mean image embedding, and the unrelated prompts'
-    best scores over it."""
+def relevance_scale(encoder: Encoder, index: PublishedIndex) -> GenerationRelevance | None:
+    """The generation's relevance scale (:mod:`app.relevance`): a sigmoid-trained model's own pair probability, else
+    the calibrated one, from the generation's mean image embedding and the unrelated prompts' best scores over it
+    (None for a generation without images)."""
+    sigmoid = SigmoidRelevance.of_model(encoder.model)
+    if sigmoid is not None:
+        logger.info(
+            "relevance of %s: the model's pair probability, sigmoid(%.4f * score %+.4f) (sigmoid-trained)",
+            index.manifest.generation,
+            sigmoid.scale,
+            sigmoid.bias,
+        )
+        return sigmoid
     if not index.manifest.counts.get("images", 0):
         return None
     columns = index.photo_columns()
@@ -281,7 +292,7 @@ def relevance_scale(encoder: Encoder, index: PublishedIndex) -> RelevanceScale |
     best = np.array([score for _, score in found], dtype=np.float32)
     scale = RelevanceScale.of_prompts(prompts[[i for i, _ in found]], best, mean)
     logger.info(
-        "relevance scale of %s: unrelated prompts' best lifts median %.4f, spread %.4f",
+        "relevance of %s: calibrated on unrelated prompts, their best lifts' median %.4f, spread %.4f",
         index.manifest.generation,
         scale.median,
         scale.spread,

@@ -29,7 +29,7 @@ from .facet_schemas import Facets
 from .facets import FacetCache, check_filters
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
-from .relevance import QueryRelevance, RelevanceScale
+from .relevance import GenerationRelevance, ScoreRelevance
 from .runtime import Runtime, Served
 from .schemas import (
     ClassifyResponse,
@@ -169,6 +169,7 @@ class SearchService:
             took_ms=round(took_ms, 2),
             truncated=truncated,
             chunks=chunks,
+            relevance_kind=None if page.scale is None else page.scale.kind,
             next_cursor=cursor,
         )
 
@@ -361,6 +362,8 @@ class SearchService:
             search_params=manifest.search_params,
             recall_at_10=manifest.recall_at_10,
             text_encoder=state.encoder.text_tower.status,
+            relevance_kind=None if state.relevance is None else state.relevance.kind,
+            default_min_relevance=None if state.relevance is None else state.relevance.default_min_relevance,
         )
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -434,7 +437,7 @@ def _image_hit(
     record: ImageRecord,
     dates: tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]] | None,
     row: int,
-    scale: QueryRelevance | None,
+    scale: ScoreRelevance | None,
 ) -> ImageHit:
     taken, from_exif = (None, None) if dates is None else (int(dates[0][row]), bool(dates[1][row]))
     return ImageHit(
@@ -487,8 +490,8 @@ class _Page:
     depth: int
     query: str
     exclude: int | None = None
-    scale: RelevanceScale | None = None
-    query_scale: QueryRelevance | None = None  # the scale of the query's own scores, once it is encoded
+    scale: GenerationRelevance | None = None
+    query_scale: ScoreRelevance | None = None  # the scale of the query's own scores, once it is encoded
 
     @classmethod
     def of(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 import clip_model
 from app.main import create_app
+from app.relevance import DEFAULT_MIN_RELEVANCE, SIGMOID_MIN_RELEVANCE
 from clip_model.config import (
     SigLIPConfig,
     TextConfig,
@@ -38,6 +40,7 @@ VISION = VisionConfig(image_size=32, layers=1, width=64, heads=4, patch_size=8, 
 QUERIES = ("a red square", "ein blaues Quadrat", "une photo d'un chat")
 LONG = "a photo of the red house by the river at night with people on the street " * 3
 TOLERANCE = 1e-5
+SIGLIP_PAIR_SCALE, SIGLIP_PAIR_BIAS = 40.0, -2.0  # the tiny SigLIPs' exp(logit_scale) and logit_bias
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,15 @@ FAMILIES = {
 
 
 def save_family_model(folder: Path, family: Family) -> Path:
-    """Random weights of ``family`` saved beside the SentencePiece vocabulary trained in ``folder``."""
+    """Random weights of ``family`` saved beside the SentencePiece vocabulary trained in ``folder``. A SigLIP's pair
+    logit gets a scale and bias that spread its probabilities over (0, 1) for these random cosines (about -0.12 to
+    0.23): at SigLIP's initial ones (10, -10) every pair would score about 5e-5, which would test nothing."""
     family.train(folder)
     model, _ = clip_model.create_model(family.config, seed=3)
+    if isinstance(model, clip_model.SigLIP):
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(SIGLIP_PAIR_SCALE))
+            model.logit_bias.fill_(SIGLIP_PAIR_BIAS)
     return clip_model.save_checkpoint(model.eval(), folder / "model.safetensors")
 
 
@@ -239,6 +248,43 @@ def test_classify_and_describe_rank_by_the_librarys_vectors(
     expected = dict(zip(QUERIES, texts_of(library[0], list(QUERIES)) @ vectors[0], strict=True))
     for hit in candidates["results"]:
         assert hit["score"] == pytest.approx(float(expected[hit["text"]]), abs=TOLERANCE)
+
+
+def test_a_siglips_relevance_is_its_own_pair_probability_and_min_relevance_cuts_there(
+    built: tuple[Family, IndexedFolder],
+    library: tuple[clip_model.ImageTextModel, clip_model.Preprocess],
+    client: TestClient,
+) -> None:
+    """SigLIP: relevance is sigmoid(exp(logit_scale) * score + logit_bias) from the checkpoint's own scalars, and
+    min_relevance r keeps exactly the results at r or above; the others (XLM-R CLIP) keep the calibrated scale."""
+    model = library[0]
+    sigmoid = isinstance(model, clip_model.SigLIP)
+    stats = client.get("/api/stats").json()
+    expected_kind = ("sigmoid", SIGMOID_MIN_RELEVANCE) if sigmoid else ("calibrated", DEFAULT_MIN_RELEVANCE)
+    assert (stats["relevance_kind"], stats["default_min_relevance"]) == expected_kind
+    _, ids, vectors = catalog_vectors(built[1])
+    straddled: list[bool] = []  # whether the default cut-off fell inside a query's results
+    for query, vector in zip(QUERIES, texts_of(model, list(QUERIES)), strict=True):
+        body = client.get("/api/search", params={"q": query, "k": len(ids)}).json()
+        assert body["relevance_kind"] == stats["relevance_kind"] and len(body["results"]) == len(ids)
+        if not sigmoid:
+            continue
+        logits = model.logit_scale.detach().double().exp() * torch.from_numpy(vectors @ vector).double()
+        probabilities = (logits + model.logit_bias.detach().double()).sigmoid().tolist()
+        probability = dict(zip(ids.tolist(), probabilities, strict=True))
+        for hit in body["results"]:
+            assert hit["relevance"] == pytest.approx(probability[hit["id"]], abs=1e-4)
+        values = sorted({hit["relevance"] for hit in body["results"]})
+        assert values[0] < 0.5 < values[-1]  # the cut-offs below fall inside the results
+        straddled.append(values[0] < SIGMOID_MIN_RELEVANCE < values[-1])
+        middles = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False) if b - a > 2e-4]
+        for cut in (SIGMOID_MIN_RELEVANCE, 0.5, *middles):
+            kept = client.get("/api/search", params={"q": query, "k": len(ids), "min_relevance": cut}).json()
+            wanted = [hit["id"] for hit in body["results"] if probability[hit["id"]] >= cut]
+            assert [hit["id"] for hit in kept["results"]] == wanted, cut
+    assert any(straddled) or not sigmoid
+    if sigmoid:  # the checkpoint's own scalars, as saved, not SigLIP's initial ones
+        assert math.exp(float(model.logit_scale.detach())) == pytest.approx(SIGLIP_PAIR_SCALE)
 
 
 @pytest.mark.parametrize("built", ["siglip"], indirect=True)
