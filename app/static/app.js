@@ -1,5 +1,6 @@
 // clip-search web page: text search, search by image (file input or drop), "more like this", zero-shot labels,
-// filters (capture dates, folder, camera) and order, endless scrolling through pages, and duplicate groups.
+// filters (capture dates, folder, camera) and order, endless scrolling through pages, duplicate groups, and long
+// queries cut at the model's context or read in parts (long_text).
 // Plain browser JavaScript, no build step; talks only to this server's JSON API.
 "use strict";
 
@@ -21,6 +22,7 @@
     query: $("query"),
     k: $("k"),
     relevant: $("relevant"),
+    longText: $("long-text"),
     upload: $("upload"),
     dropZone: $("drop-zone"),
     preview: $("upload-preview"),
@@ -405,9 +407,12 @@
           setStatus(`No results.${why}`, "warning");
           return;
         }
-        const cut = body.truncated ? " The query was longer than the model's context and was cut." : "";
+        const cut = body.truncated
+          ? " The query was longer than the model's context and was cut (\u201cread it all\u201d uses every word)."
+          : "";
+        const parts = body.chunks > 1 ? ` Read in ${body.chunks} parts.` : "";
         const took = Number(body.took_ms).toFixed(0);
-        setStatus(`${plural(shown, "result")} ${describe} (${took} ms).${cut}`);
+        setStatus(`${plural(shown, "result")} ${describe} (${took} ms).${cut}${parts}`);
       },
     };
     startFeed(spec);
@@ -425,7 +430,9 @@
     lastAction = searchText;
     currentSearch = searchText;
     const relevant = el.relevant.checked;
-    const base = relevant ? { q, k, min_relevance: MIN_RELEVANCE } : { q, k };
+    const base = { q, k };
+    if (relevant) base.min_relevance = MIN_RELEVANCE;
+    if (el.longText.value) base.long_text = el.longText.value; // none: the server's setting (CLIPSEARCH_LONG_TEXT)
     const load = (params) => api(withParams("/api/search", { ...base, ...params }));
     startSearch(load, `Results for \u201c${q}\u201d`, "for your text", relevant);
   }
@@ -656,6 +663,7 @@
       control.addEventListener("change", refresh);
     }
     for (const radio of el.filters.querySelectorAll('input[name="sort"]')) radio.addEventListener("change", refresh);
+    el.longText.addEventListener("change", () => currentSearch === searchText && refresh());
     el.clearFilters.addEventListener("click", () => {
       const had = hasFilters();
       el.takenFrom.value = "";

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import clip_model
 from app.relevance import DEFAULT_MIN_RELEVANCE
 from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
 from tests.app.photo_library import PhotoLibrary, build_photo_library
@@ -157,6 +158,33 @@ def test_only_relevant_is_on_by_default_and_asks_the_server_for_its_cut_off(page
     assert "min_relevance" not in sent.value.url
     page.wait_for_function(ALL_THUMBNAILS_LOADED)
     assert page.locator(".result").count() > 0
+
+
+def test_a_long_query_is_cut_by_default_and_read_in_parts_on_request(page: Page, indexed: IndexedFolder) -> None:
+    from playwright.sync_api import expect
+
+    query = ("a red square on a green lawn beside a blue pond under a yellow sun at noon " * 6).strip()
+    parts = len(clip_model.TextInput.of(clip_model.load(indexed.model)[0]).windows(query))
+    assert len(query) < 1000 and parts > 1  # fits the query box, not the tiny model's context
+    status = page.locator("#status")
+    expect(page.locator("#long-text")).to_have_value("")
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        _search(page, query)
+    assert "long_text" not in sent.value.url  # the server's setting, truncate here
+    expect(status).to_contain_text("was longer than the model's context and was cut")
+    expect(status).not_to_contain_text("parts")
+
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        page.select_option("#long-text", "chunk")  # the text search shown runs again
+    assert "long_text=chunk" in sent.value.url
+    expect(status).to_contain_text(f"Read in {parts} parts.")
+    expect(status).not_to_contain_text("was cut")
+
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        page.select_option("#long-text", "truncate")
+    assert "long_text=truncate" in sent.value.url
+    expect(status).to_contain_text("was cut")
+    expect(status).not_to_contain_text("parts")
 
 
 def test_uploaded_image_finds_itself_first(page: Page, indexed: IndexedFolder) -> None:
