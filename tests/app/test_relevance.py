@@ -1,17 +1,32 @@
-"""Relevance of text-query results: its scale (the unrelated prompts' best lifts), the field on every text hit,
-min_relevance as a cut-off that agrees with it, and its refusal on image queries."""
+"""Relevance of text-query results: its two kinds (the unrelated prompts' best lifts for a CLIP, the model's own pair
+probability for a SigLIP: tests/app/test_families.py serves those), the field on every text hit, what the server
+says it is, min_relevance as a cut-off that agrees with it, and its refusal on image queries."""
 
 from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.relevance import DEFAULT_MIN_RELEVANCE, MEAN_SAMPLE, RelevanceScale, sample_rows, unrelated_prompts
+import clip_model
+from app.relevance import (
+    DEFAULT_MIN_RELEVANCE,
+    MEAN_SAMPLE,
+    SIGMOID_MIN_RELEVANCE,
+    RelevanceScale,
+    SigmoidRelevance,
+    sample_rows,
+    unrelated_prompts,
+)
+from clip_model.config import SigLIPConfig, TextConfig, VisionConfig
+from indexer.store import Catalog
+from tests.app.conftest import IndexedFolder
 
 
 def test_the_scale_is_the_normal_law_of_the_unrelated_prompts_best_lifts_over_their_baselines() -> None:
@@ -42,6 +57,36 @@ def test_the_scale_is_the_normal_law_of_the_unrelated_prompts_best_lifts_over_th
         RelevanceScale.of_prompts(prompts[:0], np.empty(0, dtype=np.float32), mean)
     with pytest.raises(ValueError, match=r"\[5, 8\]"):
         RelevanceScale.of_prompts(prompts[:, :4], best, mean)
+
+
+def test_a_sigmoid_relevance_is_the_pair_probability_and_its_inverse() -> None:
+    pair = SigmoidRelevance(scale=100.0, bias=-12.0)
+    assert pair.for_query(np.ones(4, dtype=np.float32)) is pair  # the same for every query
+    for score in (-1.0, 0.0, 0.1, 0.12, 0.2, 1.0):
+        assert pair.relevance(score) == pytest.approx(1.0 / (1.0 + math.exp(12.0 - 100.0 * score)), abs=1e-12)
+    assert pair.relevance(0.12) == 0.5  # the model's neutral point: -bias / scale
+    for wanted in (1e-6, SIGMOID_MIN_RELEVANCE, 0.5, 0.9, 0.999999):
+        assert pair.relevance(pair.min_score(wanted)) == pytest.approx(wanted, rel=1e-9)
+    assert pair.min_score(SIGMOID_MIN_RELEVANCE) == pytest.approx((math.log(1 / 9) + 12.0) / 100.0)
+    assert (pair.min_score(0.0), pair.min_score(1.0)) == (-math.inf, math.inf)
+    assert (pair.kind, pair.default_min_relevance) == ("sigmoid", SIGMOID_MIN_RELEVANCE)
+    for scale, bias in ((0.0, -1.0), (-2.0, 0.0), (math.inf, 0.0), (1.0, math.nan)):
+        with pytest.raises(ValueError, match="finite positive scale"):
+            SigmoidRelevance(scale, bias)
+
+
+def test_only_a_sigmoid_trained_model_gets_the_sigmoid(app_model: Path) -> None:
+    clip, _ = clip_model.load(app_model)
+    assert SigmoidRelevance.of_model(clip) is None
+    vision = VisionConfig(image_size=32, layers=1, width=64, heads=4, patch_size=8, mlp_width=96)
+    siglip, _ = clip_model.create_model(
+        SigLIPConfig(64, vision, TextConfig(32, 4, 1, 16, 300), tokenizer="siglip"), seed=0
+    )
+    with torch.no_grad():
+        siglip.logit_scale.fill_(math.log(117.0))
+        siglip.logit_bias.fill_(-16.5)
+    pair = SigmoidRelevance.of_model(siglip)
+    assert pair is not None and (pair.scale, pair.bias) == (pytest.approx(117.0), pytest.approx(-16.5))
 
 
 def test_the_collection_mean_comes_from_all_rows_or_an_even_sample() -> None:
@@ -90,3 +135,26 @@ def test_image_queries_have_no_relevance_and_refuse_min_relevance(client: TestCl
     refused = client.post("/api/search/combined", json=body)
     assert refused.status_code == 422 and "text queries" in refused.json()["detail"]
     assert client.get("/api/search", params={"q": "x", "min_relevance": 1.5}).status_code == 422
+
+
+def test_a_clip_keeps_the_relevance_calibrated_on_the_unrelated_prompts(
+    client: TestClient, indexed: IndexedFolder
+) -> None:
+    """Each hit's relevance is the calibrated scale recomputed here from the model, the catalog's embeddings and the
+    prompts (module docstring of app.relevance), not the model's sigmoid; stats say so and give the page's 0.99."""
+    stats = client.get("/api/stats").json()
+    assert (stats["relevance_kind"], stats["default_min_relevance"]) == ("calibrated", DEFAULT_MIN_RELEVANCE)
+    model, _ = clip_model.load(indexed.model)
+    with Catalog.open(indexed.index_dir, readonly=True) as catalog:
+        ids, vectors = catalog.embeddings()
+    with torch.inference_mode():
+        prompts = clip_model.encode_texts(model, unrelated_prompts(), "truncate")[0].numpy()
+        query = clip_model.encode_texts(model, ["a red square"], "truncate")[0].numpy()[0]
+    scale = RelevanceScale.of_prompts(prompts, (prompts @ vectors.T).max(axis=1), vectors.mean(axis=0))
+    relevance = scale.for_query(query)
+    expected = {int(i): relevance.relevance(float(score)) for i, score in zip(ids, vectors @ query, strict=True)}
+    body = client.get("/api/search", params={"q": "a red square", "k": len(ids)}).json()
+    assert body["relevance_kind"] == "calibrated" and len(body["results"]) == len(ids)
+    for hit in body["results"]:
+        assert hit["relevance"] == pytest.approx(expected[hit["id"]], abs=1e-3)
+    assert len({round(v, 2) for v in expected.values()}) > 2  # spread out: a check that could tell scales apart
