@@ -1,13 +1,13 @@
-"""Relevance: a text query's cosine scores turned into a number in [0, 1] that means the same across models,
-collections and queries. It has one of two kinds, by the served model (:meth:`SigmoidRelevance.of_model` decides):
+"""Relevance: a text query's cosine scores turned into a number in [0, 1] whose meaning does not depend on the
+collection or the query. It has one of two kinds, by the served model (:meth:`SigmoidRelevance.of_model` decides):
 a model trained with the sigmoid loss (SigLIP) has its own probability that a text and an image match, and
 relevance is that (``sigmoid``, last section); any other (CLIP, trained with a softmax over a batch) only ranks, and
 relevance is calibrated per generation (``calibrated``, what follows).
 
-Raw CLIP scores do not. A model's text-image cosines sit in a narrow band of its own (about 0.2-0.35 for ViT-B/32),
-so a fixed ``min_score`` keeps junk for one model and drops everything for another; and within one model each text
-has a level of its own: text and image embeddings lie in separate cones (the modality gap), so every image of a
-collection shares a large common part, the collection's mean embedding ``m``, and a query scores
+Raw CLIP scores have no such meaning: a model's text-image cosines sit in a narrow band of its own (about 0.2-0.35
+for ViT-B/32), so a fixed ``min_score`` keeps junk for one model and drops everything for another; and within one
+model each text has a level of its own: text and image embeddings lie in separate cones (the modality gap), so
+every image of a collection shares a large common part, the collection's mean embedding ``m``, and a query scores
 ``q . x = q . m + q . (x - m)`` with an image ``x``. The first term, the query's *baseline* (its mean score over the
 collection), is the same for every image: it says nothing about which images match, yet it moves all of the query's
 scores up or down, which is why a score that is good for one query is poor for another. So relevance reads a
