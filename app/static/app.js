@@ -1,6 +1,6 @@
 // clip-search web page: text search, search by image (file input or drop), "more like this", zero-shot labels,
-// filters (capture dates, folder, camera) and order, endless scrolling through pages, duplicate groups, and long
-// queries cut at the model's context or read in parts (long_text).
+// filters (capture dates, folder with suggestions fetched as you type, camera) and order, endless scrolling through
+// pages, duplicate groups, and long queries cut at the model's context or read in parts (long_text).
 // Plain browser JavaScript, no build step; talks only to this server's JSON API.
 "use strict";
 
@@ -12,7 +12,10 @@
   const READY_POLL_MS = 5000; // while not ready or empty: how often the status is checked again
   const MIN_RELEVANCE = 0.99; // "only relevant" text results: app/relevance.py's DEFAULT_MIN_RELEVANCE
   const MORE_MARGIN_PX = 300; // the next page is fetched once the end of the list comes this close to the viewport
-  const DAY_MS = 86400000;
+  const FOLDER_LIMIT = 50; // folders offered under a folder box at a time
+  const FOLDER_DEBOUNCE_MS = 150; // typing pause before the folders starting with what is typed are asked for
+  const LAST_DAY = "9999-12-31"; // the last date the server takes: as "to", no upper bound
+  const MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -45,11 +48,14 @@
     takenTo: $("taken-to"),
     folder: $("folder"),
     folderList: $("folder-list"),
+    folderHint: $("folder-hint"),
     camera: $("camera"),
     clearFilters: $("clear-filters"),
     duplicatesForm: $("duplicates-form"),
     threshold: $("threshold"),
     duplicatesFolder: $("duplicates-folder"),
+    duplicatesFolderList: $("duplicates-folder-list"),
+    duplicatesFolderHint: $("duplicates-folder-hint"),
     groups: $("groups"),
     notice: $("notice"),
     more: $("more"),
@@ -199,17 +205,14 @@
 
   // --- filters and order ---------------------------------------------------------------------------------------
 
-  /** Offer the folders, cameras and capture dates the index holds (GET /api/facets). */
+  /** Offer the folders, cameras and capture dates the index holds (GET /api/facets): every camera, the span of the
+   * capture dates, and the first folders (those starting with what a folder box holds, when it holds something). */
   async function loadFacets() {
-    const { body } = await api("/api/facets");
-    el.folderList.replaceChildren(
-      ...body.folders.map(({ value, images }) => {
-        const option = document.createElement("option");
-        option.value = value;
-        option.label = plural(images, "image");
-        return option;
-      }),
-    );
+    const { body } = await api(withParams("/api/facets", { limit: FOLDER_LIMIT }));
+    for (const suggester of folderSuggesters) {
+      if (suggester.input.value.trim()) suggester.ask();
+      else suggester.offer(body);
+    }
     const chosen = el.camera.value;
     const any = document.createElement("option");
     any.value = "";
@@ -229,23 +232,102 @@
     }
   }
 
-  /** The day after an ISO date (YYYY-MM-DD), so that the "to" date is included. */
+  /** Folder suggestions under a folder box (``input``, its ``list`` datalist and its ``hint``): as the user types, after
+   * a FOLDER_DEBOUNCE_MS pause, the first FOLDER_LIMIT folders whose path starts with what is typed (GET /api/facets
+   * with folder_prefix), and how many more match. Only the answer to the latest request is shown. */
+  function folderSuggester(input, list, hint) {
+    let timer = null;
+    let latest = 0; // number of the latest request (or offer): answers to older ones are dropped
+
+    function showHint(text) {
+      hint.textContent = text;
+      hint.hidden = !text;
+    }
+
+    /** Show the folders of a facets answer (``body.folders``, ``folders_matched``, ``folders_truncated``). */
+    function show(body, prefix) {
+      list.replaceChildren(
+        ...body.folders.map(({ value, images }) => {
+          const option = document.createElement("option");
+          option.value = value;
+          option.label = plural(images, "image");
+          return option;
+        }),
+      );
+      const more = body.folders_matched - body.folders.length;
+      if (body.folders_truncated && more > 0) showHint(`and ${more.toLocaleString("en-US")} more: type more`);
+      else if (prefix && !body.folders_matched) showHint(`No folder starts with \u201c${prefix}\u201d.`);
+      else showHint("");
+    }
+
+    async function ask() {
+      window.clearTimeout(timer);
+      const asked = ++latest;
+      const prefix = input.value.trim();
+      const params = prefix ? { folder_prefix: prefix, limit: FOLDER_LIMIT } : { limit: FOLDER_LIMIT };
+      try {
+        const { body } = await api(withParams("/api/facets", params));
+        if (asked === latest) show(body, prefix);
+      } catch (error) {
+        if (asked === latest) showHint(`No folder suggestions: ${error.message}`);
+      }
+    }
+
+    input.addEventListener("input", () => {
+      window.clearTimeout(timer);
+      timer = window.setTimeout(ask, FOLDER_DEBOUNCE_MS);
+    });
+    return {
+      input,
+      ask,
+      offer: (body) => {
+        window.clearTimeout(timer);
+        latest += 1;
+        show(body, "");
+      },
+    };
+  }
+
+  const folderSuggesters = [
+    folderSuggester(el.folder, el.folderList, el.folderHint),
+    folderSuggester(el.duplicatesFolder, el.duplicatesFolderList, el.duplicatesFolderHint),
+  ];
+
+  /** [year, month, day] of a date input's value (YYYY-MM-DD; the browser allows years past 9999). */
+  function dayParts(day) {
+    return day.split("-").map(Number);
+  }
+
+  /** Whether the date ``a`` comes after the date ``b`` (both YYYY-MM-DD; years may have more than four digits). */
+  function isAfter(a, b) {
+    const [x, y] = [dayParts(a), dayParts(b)];
+    return (x[0] - y[0] || x[1] - y[1] || x[2] - y[2]) > 0;
+  }
+
+  /** The day after a date (YYYY-MM-DD), so that the "to" date is included; counted on the calendar, not with Date,
+   * whose range and ISO text stop short of the years a date input allows. */
   function nextDay(day) {
-    return new Date(Date.parse(`${day}T00:00:00Z`) + DAY_MS).toISOString().slice(0, 10);
+    const [year, month, date] = dayParts(day);
+    const leap = year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0);
+    const length = month === 2 && leap ? 29 : MONTH_DAYS[month - 1];
+    const [y, m, d] = date < length ? [year, month, date + 1] : month < 12 ? [year, month + 1, 1] : [year + 1, 1, 1];
+    const two = (number) => String(number).padStart(2, "0");
+    return `${String(y).padStart(4, "0")}-${two(m)}-${two(d)}`;
   }
 
   /** The filter and order parameters of an image search, or null after telling the user what is wrong. */
   function readFilters() {
     const from = el.takenFrom.value;
     const to = el.takenTo.value;
-    if (from && to && from > to) {
+    if (from && to && isAfter(from, to)) {
       setStatus("Error: the \u201cfrom\u201d date is after the \u201cto\u201d date: swap them.", "error");
       el.takenFrom.focus();
       return null;
     }
     const params = {};
     if (from) params.taken_after = from;
-    if (to) params.taken_before = nextDay(to);
+    // the server takes years 0001 to 9999 and says so for others; the last day of 9999 as "to" is no bound at all
+    if (to && to !== LAST_DAY) params.taken_before = nextDay(to);
     const folder = el.folder.value.trim();
     if (folder) params.folder = folder;
     if (el.camera.value) params.camera = el.camera.value;
@@ -668,7 +750,10 @@
       const had = hasFilters();
       el.takenFrom.value = "";
       el.takenTo.value = "";
-      el.folder.value = "";
+      if (el.folder.value) {
+        el.folder.value = "";
+        folderSuggesters[0].ask();
+      }
       el.camera.value = "";
       if (had) refresh();
     });

@@ -1,6 +1,7 @@
 """The web page in a real browser (Debian's Chromium driven by Playwright) against the real server process: search by
-text and image, more like this, labels, the API key prompt, errors; over a photo library with metadata, the filters,
-the order toggle, endless scrolling through pages, a stale cursor, and the duplicates view.
+text and image, more like this, labels, the API key prompt, errors; over a photo library with metadata, the filters
+(the far ends of the date range too), the order toggle, endless scrolling through pages, a stale cursor, and the
+duplicates view; over more folders than one answer lists, the folder suggestions fetched as one types.
 
 Skipped where ``/usr/bin/chromium`` or Playwright is missing, unless ``CLIPSEARCH_REQUIRE_BROWSER=1`` (CI), which
 makes that a failure. ``CLIPSEARCH_SCREENSHOT_DIR``, if set, receives a copy of the search screenshot.
@@ -20,6 +21,7 @@ import pytest
 
 import clip_model
 from app.relevance import DEFAULT_MIN_RELEVANCE
+from tests.app import test_facet_pages
 from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
 from tests.app.photo_library import PhotoLibrary, build_photo_library
 
@@ -44,6 +46,8 @@ ALL_THUMBNAILS_LOADED = """() => {
     return images.length > 0 && images.every((image) => image.complete && image.naturalWidth > 0);
 }"""
 TEST_KEY = "browser-test-key"
+FOLDER_LIMIT = 50  # folders the page offers at a time (app.js)
+FOLDER_OPTIONS = "list => [...list.options].map(option => option.value)"
 
 _errors: list[str] = []  # console errors and uncaught page errors, from every page of this module
 
@@ -499,6 +503,168 @@ def test_the_duplicates_view_shows_the_planted_copy_in_pages(
     expect(page.locator("#results-heading")).to_have_text("Duplicates at similarity \u2265 0.995 in 2019")
     expect(groups).to_have_count(1)
     assert all(path.startswith("2019/") for path in groups.locator(".path").all_inner_texts())
+    page.close()
+
+
+def test_the_far_ends_of_the_date_range_are_open_ends(
+    browser: Browser, library_server: LiveServer, library: PhotoLibrary
+) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server)
+    page.fill("#taken-from", "0001-01-01")
+    page.fill("#taken-to", "9999-12-31")  # its next day is in year 10000, which the server refuses: no bound is sent
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        _search(page, "a photo", k=50)
+    assert "taken_after=0001-01-01" in sent.value.url and "taken_before" not in sent.value.url
+    expect(page.locator(".result")).to_have_count(len(library.photos))
+    with page.expect_request(lambda request: "taken_before=9999-12-31" in request.url):
+        page.fill("#taken-to", "9999-12-30")
+        page.dispatch_event("#taken-to", "change")
+    expect(page.locator("#status")).to_contain_text(f"{len(library.photos)} results")
+    page.close()
+
+
+@pytest.mark.parametrize(
+    ("box", "sent"), [("#taken-from", "taken_after=10000-01-01"), ("#taken-to", "taken_before=10000-01-02")]
+)
+def test_a_date_the_server_refuses_shows_its_detail(
+    browser: Browser, library_server: LiveServer, box: str, sent: str
+) -> None:
+    """A date input takes years past 9999; the server refuses them and the page says what it said."""
+    from playwright.sync_api import expect
+
+    page = _open_library(browser, library_server, expected=(r"status of 422",))
+    page.set_checked("#relevant", False)
+    page.fill("#query", "a photo")
+    page.fill(box, "10000-01-01")
+    with page.expect_request(lambda request: sent in request.url):
+        page.click("#search-form button[type=submit]")
+    expect(page.locator("#status")).to_contain_text(
+        f"Error: {sent.split('=')[0]}: Value error, must be an ISO 8601 date or datetime"
+    )
+    expect(page.locator("#status")).to_contain_text("of a year from 0001 to 9999")
+    page.close()
+
+
+years_library = test_facet_pages.library  # (index, folders) of 260 event folders of ten years: a fixture here too
+
+
+@pytest.fixture(scope="module")
+def years_server(
+    years_library: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """The server over 260 event folders of ten years, more than one answer of the page's folder suggestions."""
+    server = start_server(years_library[0], tmp_path_factory.mktemp("years-live"))
+    yield server
+    stop_server(server)
+
+
+def _open_years(browser: Browser, server: LiveServer) -> Page:
+    """A page over the ten years, once the first folders are offered."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, server.url)
+    expect(page.locator("#status")).to_contain_text("250 images indexed")
+    expect(page.locator("#folder-list option")).to_have_count(FOLDER_LIMIT)
+    return page
+
+
+def test_folder_suggestions_follow_what_is_typed(
+    browser: Browser, years_server: LiveServer, years_library: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    folders = years_library[1]
+    page = _open_years(browser, years_server)
+    hint = page.locator("#folder-hint")
+    assert page.eval_on_selector("#folder-list", FOLDER_OPTIONS) == folders[:FOLDER_LIMIT]
+    expect(hint).to_have_text(f"and {len(folders) - FOLDER_LIMIT} more: type more")
+
+    # typing asks for the folders starting with what is typed: those beyond the first answer too
+    may = [f for f in folders if f.startswith("2023/2023-05")]
+    assert len(may) == 5 and not set(may) & set(folders[:FOLDER_LIMIT])
+    with page.expect_request(lambda request: "folder_prefix=2023%2F2023-05&" in request.url) as sent:
+        page.locator("#folder").press_sequentially("2023/2023-05")
+    assert f"limit={FOLDER_LIMIT}" in sent.value.url
+    expect(page.locator("#folder-list option")).to_have_count(5)
+    assert page.eval_on_selector("#folder-list", FOLDER_OPTIONS) == may
+    expect(hint).to_be_hidden()
+
+    # a prefix more than one answer matches says how many more there are
+    page.fill("#folder", "")
+    page.locator("#folder").press_sequentially("201")
+    early = [f for f in folders if f.startswith("201")]
+    expect(hint).to_have_text(f"and {len(early) - FOLDER_LIMIT} more: type more")
+    assert page.eval_on_selector("#folder-list", FOLDER_OPTIONS) == early[:FOLDER_LIMIT]
+    _screenshot(page, tmp_path / "folders.png")
+    page.locator("#folder").press_sequentially("9/2019-03 X")
+    expect(hint).to_have_text("No folder starts with \u201c2019/2019-03 X\u201d.")
+    expect(page.locator("#folder-list option")).to_have_count(0)
+
+    # a folder past the first answer filters the search; clearing the filters offers the first folders again
+    page.fill("#folder", "2023/2023-05 Lisbon")
+    _search(page, "a photo", k=10)
+    assert _paths(page) == ["2023/2023-05 Lisbon/IMG_0001.png"]
+    page.click("#clear-filters")
+    expect(page.locator("#folder-list option")).to_have_count(FOLDER_LIMIT)
+    expect(hint).to_have_text(f"and {len(folders) - FOLDER_LIMIT} more: type more")
+
+    # the duplicates' folder box has its own suggestions
+    page.locator("#duplicates-folder").press_sequentially("2014/")
+    expect(page.locator("#duplicates-folder-list option")).to_have_count(25)
+    expect(page.locator("#duplicates-folder-hint")).to_be_hidden()
+    expect(page.locator("#folder-list option")).to_have_count(FOLDER_LIMIT)
+    page.close()
+
+
+def test_folder_suggestions_wait_for_a_pause_and_drop_stale_answers(
+    browser: Browser, years_server: LiveServer, years_library: tuple[Path, list[str]]
+) -> None:
+    from playwright.sync_api import expect
+
+    folders = years_library[1]
+    page = _open_years(browser, years_server)
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if "folder_prefix=" in request.url else None)
+
+    # twelve keystrokes with no pause between them: one request, for all of it
+    page.eval_on_selector(
+        "#folder",
+        """(input, text) => {
+            for (let end = 1; end <= text.length; end += 1) {
+                input.value = text.slice(0, end);
+                input.dispatchEvent(new Event("input", { bubbles: true }));
+            }
+        }""",
+        "2016/2016-02",
+    )
+    expect(page.locator("#folder-list option")).to_have_count(5)
+    page.wait_for_timeout(300)
+    assert len(asked) == 1 and "folder_prefix=2016%2F2016-02&" in asked[0]
+
+    # the answer for "2015" comes after the one for "2015/2015-04": the later question's answer stays
+    page.evaluate(
+        """() => {
+            const send = window.fetch;
+            const late = (answer) => new Promise((resolve) => setTimeout(() => {
+                window.staleAnswered = true;
+                resolve(answer);
+            }, 1500));
+            window.fetch = (url, options) =>
+                String(url).includes("folder_prefix=2015&") ? send(url, options).then(late) : send(url, options);
+        }"""
+    )
+    page.fill("#folder", "")
+    with page.expect_request(lambda request: "folder_prefix=2015&" in request.url):
+        page.locator("#folder").press_sequentially("2015")
+    page.locator("#folder").press_sequentially("/2015-04")
+    april = [f for f in folders if f.startswith("2015/2015-04")]
+    expect(page.locator("#folder-list option")).to_have_count(len(april))
+    assert not page.evaluate("window.staleAnswered")  # the answers came in the other order
+    page.wait_for_function("window.staleAnswered")
+    page.wait_for_timeout(300)  # time to show the 26 folders of "2015", were stale answers shown
+    assert page.eval_on_selector("#folder-list", FOLDER_OPTIONS) == april
     page.close()
 
 
