@@ -10,7 +10,9 @@
   const MAX_K = 1000;
   const LARGE_SIZE = 512; // px: thumbnail size for the selected image
   const READY_POLL_MS = 5000; // while not ready or empty: how often the status is checked again
-  const MIN_RELEVANCE = 0.99; // "only relevant" text results: app/relevance.py's DEFAULT_MIN_RELEVANCE
+  // "only relevant" text results: the served model's cut-off from /api/stats (default_min_relevance: 0.99 for a
+  // CLIP's calibrated relevance, 0.1 for a SigLIP's own probability; app/relevance.py), this until stats arrive.
+  let minRelevance = 0.99;
   const MORE_MARGIN_PX = 300; // the next page is fetched once the end of the list comes this close to the viewport
   const FOLDER_LIMIT = 50; // folders offered under a folder box at a time
   const FOLDER_DEBOUNCE_MS = 150; // typing pause before the folders starting with what is typed are asked for
@@ -188,6 +190,7 @@
       return;
     }
     const { body: stats } = await api("/api/stats");
+    if (typeof stats.default_min_relevance === "number") minRelevance = stats.default_min_relevance;
     if (!stats.images) {
       indexSummary = "";
       setStatus(
@@ -513,7 +516,7 @@
     currentSearch = searchText;
     const relevant = el.relevant.checked;
     const base = { q, k };
-    if (relevant) base.min_relevance = MIN_RELEVANCE;
+    if (relevant) base.min_relevance = minRelevance;
     if (el.longText.value) base.long_text = el.longText.value; // none: the server's setting (CLIPSEARCH_LONG_TEXT)
     const load = (params) => api(withParams("/api/search", { ...base, ...params }));
     startSearch(load, `Results for \u201c${q}\u201d`, "for your text", relevant);

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import clip_model
-from app.relevance import DEFAULT_MIN_RELEVANCE
+from app.relevance import DEFAULT_MIN_RELEVANCE, SIGMOID_MIN_RELEVANCE
 from tests.app import test_facet_pages
 from tests.app.conftest import IndexedFolder, LiveServer, start_server, stop_server
 from tests.app.photo_library import PhotoLibrary, build_photo_library
@@ -162,6 +162,27 @@ def test_only_relevant_is_on_by_default_and_asks_the_server_for_its_cut_off(page
     assert "min_relevance" not in sent.value.url
     page.wait_for_function(ALL_THUMBNAILS_LOADED)
     assert page.locator(".result").count() > 0
+
+
+def test_only_relevant_uses_the_served_models_own_cut_off(browser: Browser, live_server: LiveServer) -> None:
+    """A SigLIP's relevance is its own probability, cut at 0.1: the page sends what /api/stats says, not 0.99."""
+    from playwright.sync_api import Route, expect
+
+    def sigmoid_model(route: Route) -> None:
+        body = route.fetch().json()
+        assert (body["relevance_kind"], body["default_min_relevance"]) == ("calibrated", DEFAULT_MIN_RELEVANCE)
+        route.fulfill(json={**body, "relevance_kind": "sigmoid", "default_min_relevance": SIGMOID_MIN_RELEVANCE})
+
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.route("**/api/stats", sigmoid_model)
+    page.goto(live_server.url)
+    expect(page.locator("#status")).to_contain_text("images indexed")
+    page.fill("#query", "a red square")
+    with page.expect_request(lambda request: "/api/search?" in request.url) as sent:
+        page.click("#search-form button[type=submit]")
+    assert f"min_relevance={SIGMOID_MIN_RELEVANCE}" in sent.value.url
+    page.close()
 
 
 def test_a_long_query_is_cut_by_default_and_read_in_parts_on_request(page: Page, indexed: IndexedFolder) -> None:
