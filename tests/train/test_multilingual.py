@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
+import torch
 
 import clip_model
 from clip_model.config import config_from_dict
@@ -16,6 +17,7 @@ from clip_model.factory import create_model, tokenizer_for
 from clip_model.tokenizer_sentencepiece import SentencePieceTokenizer
 from clip_model.train import multilingual, synthetic
 from clip_model.train.data import DatasetError, read_pairs
+from clip_model.train.demo import demo_paths
 from clip_model.train.evaluate import normalize_caption
 from clip_model.train.multilingual import Recipe, build_multilingual, multilingual_paths, train_vocabulary
 from clip_model.train.multilingual_captions import (
@@ -187,20 +189,37 @@ def test_embedding_tables_are_not_decayed() -> None:
     assert "text.proj.0.weight" not in names and groups["decay"]["weight_decay"] == 0.2
 
 
-def test_a_tiny_build_trains_a_model_that_loads_with_its_vocabulary(tmp_path: Path) -> None:
-    recipe = Recipe(train_images=48, test_images=12, heldout_images=8, steps=2, batch_size=16, warmup_steps=1)
+TINY: tuple[tuple[str, int], ...] = (("train_images", 48), ("test_images", 12), ("heldout_images", 8), ("steps", 2))
+TINY += (("batch_size", 16), ("warmup_steps", 1))
+
+
+def test_a_tiny_build_trains_a_text_tower_beside_the_english_demos_locked_image_tower(tmp_path: Path) -> None:
+    recipe = Recipe(**dict(TINY), image_tower=TINY)
     report = build_multilingual(tmp_path, recipe)
     paths = multilingual_paths(tmp_path, recipe)
     model, _ = clip_model.load(paths["model"])
     assert isinstance(model, XLMRobertaCLIP)
+    english, _ = clip_model.load(report["image_tower"])
+    assert report["image_tower"] == str(demo_paths(tmp_path, recipe.demo_recipe())["model"])
+    for name, tensor in english.visual.state_dict().items():  # locked: bit for bit the English model's
+        assert torch.equal(model.visual.state_dict()[name], tensor), name
+    untrained, _ = create_model(config_from_dict(json.loads(paths["config"].read_text())), seed=recipe.seed)
+    name = "text.proj.0.weight"
+    assert not torch.equal(model.state_dict()[name], untrained.state_dict()[name])  # the text tower trained
     assert model.tokenizer_path == paths["vocabulary"] == paths["model"].parent / "sentencepiece.bpe.model"
     assert model.config.text.vocab_size == report["vocabulary"]["pieces"] == tokenizer_for(model).vocab_size
     assert len(read_pairs(paths["train"], paths["train"] / CAPTIONS_FILE)) == 3 * 48
     for split in ("test", "heldout"):
         assert set(report[split]) == set(LANGUAGES)
         for metrics in report[split].values():
-            assert set(metrics) == {f"text_to_image_recall@{k}" for k in (1, 5, 10)}
-            assert all(0 <= value <= 1 for value in metrics.values())
+            assert set(metrics) == {f"text_to_image_recall@{k}" for k in (1, 5, 10)} | {"queries"}
+            assert all(0 <= value <= 1 for name, value in metrics.items() if name != "queries")
+        assert len({metrics["queries"] for metrics in report[split].values()}) == 1  # the same queries in each
     paths["config"].unlink()  # a second call must not train (nor read the config) again
     assert build_multilingual(tmp_path, recipe) == report
+    older = {k: v for k, v in report.items() if k not in ("evaluation_fields", "test")}  # an older evaluation's
+    paths["report"].write_text(json.dumps(older), encoding="utf-8")
+    assert build_multilingual(tmp_path, recipe) == report  # measured again, not trained again
+    assert json.loads(paths["report"].read_text(encoding="utf-8")) == report
     assert Recipe(steps=3).key() != Recipe().key() != Recipe(seed=1).key()
+    assert Recipe(image_tower=(("steps", 3),)).key() != Recipe().key()
