@@ -32,6 +32,7 @@ from typing import Any
 from bench.common import REPO, RESULTS_DIR, new_results, results_file, workdir_or_temporary, write_json
 
 COMMAND_WORDS_SHOWN = 9  # words of a member's command in the report: "-m", the module and the first arguments
+FAMILY_SMOKE = ("--no-compile", "--repeat", "2", "--text-calls", "10", "--batches", "1,2")  # encoders_siglip, _xlmr
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,19 @@ class Member:
 
 MEMBERS: dict[str, Member] = {
     "encoders": Member("bench_encoders", what="image/text encoders vs transformers; int8; torch.compile"),
+    # the other families' smoke runs skip torch.compile (the encoders one covers it) and time less, to stay short
+    "encoders_siglip": Member(
+        "bench_encoders",
+        ("--family", "siglip"),
+        ("--smoke", "--family", "siglip", *FAMILY_SMOKE),
+        "SigLIP ViT-B/16 (SigLIP 2's tokenizer in the smoke run) vs transformers' SiglipModel",
+    ),
+    "encoders_xlmr": Member(
+        "bench_encoders",
+        ("--family", "xlm-roberta"),
+        ("--smoke", "--family", "xlm-roberta", *FAMILY_SMOKE),
+        "multilingual text tower (xlm-roberta-base-ViT-B-32) vs transformers' XLMRobertaModel + projection",
+    ),
     "index_types": Member("bench_index_types", what="flat vs HNSW vs IVF at 100k and 1M vectors"),
     "ondisk": Member(
         "bench_ondisk",

@@ -57,3 +57,5 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
     assert "| engine | images/s | steady images/s |" in report  # ray's table
     assert "| filter | matching |" in report  # filters' table
     assert "| threshold | seconds | groups |" in report  # duplicates' table
+    assert "| tiny-siglip2 | 2 | ours_int8 |" in report  # encoders_siglip's image table (SigLIP 2's tokenizer too)
+    assert "- tiny: parity with HF: text " in report  # encoders_xlmr: its text tower only, against XLMRobertaModel
