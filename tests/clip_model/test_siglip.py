@@ -55,15 +55,19 @@ SIGLIP_VOCAB, SIGLIP2_VOCAB, SMALL_VOCAB = 32_000, 256_000, 1_000
 GEMMA_TOKENIZER_CONFIG = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": False, "add_eos_token": True}
 
 
-def hf_siglip(size: str, patch: int, image_size: int, vocab: int) -> transformers.SiglipModel:
+def hf_siglip(
+    size: str, patch: int, image_size: int, vocab: int, layers: int | None = None
+) -> transformers.SiglipModel:
     """A ``SiglipModel`` with random weights: matrices, embeddings and the probe normal with std ``fan_in ** -0.5``,
-    norms and biases scrambled (every one non-trivial), SigLIP-like logit scale and bias.
+    norms and biases scrambled (every one non-trivial), SigLIP-like logit scale and bias; ``layers`` blocks a tower
+    (None: the size's own depth).
 
     transformers' own initialisation is skipped: it is most of the time a small model takes to build, and it leaves
     biases at zero and the logit parameters at zero.
     """
-    text = {**SIZES[size], "vocab_size": vocab, "max_position_embeddings": 64}
-    vision = {**SIZES[size], "patch_size": patch, "image_size": image_size}
+    depth = {} if layers is None else {"num_hidden_layers": layers}
+    text = {**SIZES[size], **depth, "vocab_size": vocab, "max_position_embeddings": 64}
+    vision = {**SIZES[size], **depth, "patch_size": patch, "image_size": image_size}
     with no_init_weights():
         model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
     gen = torch.Generator().manual_seed(0)
@@ -399,31 +403,47 @@ def test_inference_copies_keep_the_encoders_contracts() -> None:
             assert (copy.encode_text(tokens, normalize=True) - expected[1]).abs().max().item() <= tolerance
 
 
-FULL_CASES = [  # (size, patch, side, vocab, shipped config of the same architecture)
-    pytest.param("base", 16, 224, SIGLIP_VOCAB, "ViT-B-16-SigLIP", id="siglip-base-patch16-224"),
-    pytest.param("base", 16, 224, SIGLIP2_VOCAB, "ViT-B-16-SigLIP2", id="siglip2-base-patch16-224"),
-    pytest.param("large", 16, 256, SIGLIP_VOCAB, "ViT-L-16-SigLIP-256", id="siglip-large-patch16-256"),
-    pytest.param("large", 16, 256, SIGLIP2_VOCAB, "ViT-L-16-SigLIP2-256", id="siglip2-large-patch16-256"),
-    pytest.param("so400m", 14, 384, SIGLIP_VOCAB, "ViT-SO400M-14-SigLIP-384", id="siglip-so400m-patch14-384"),
-    pytest.param("so400m", 16, 256, SIGLIP2_VOCAB, "ViT-SO400M-16-SigLIP2-256", id="siglip2-so400m-patch16-256"),
+# (size, patch, side, vocab, shipped config of the same architecture, blocks a tower: None = the full depth). Every
+# width, patch, side and vocabulary at full size; the full depth once per size: a block is a block, and two more
+# 24-27-block models would add ~100 s of CI for nothing the shallow ones miss (the shipped configs' names, depths
+# included, are checked for every checkpoint by test_hf_config_of_each_checkpoint_names_its_shipped_config).
+FULL_CASES = [
+    pytest.param("base", 16, 224, SIGLIP_VOCAB, "ViT-B-16-SigLIP", None, id="siglip-base-patch16-224"),
+    pytest.param("base", 16, 224, SIGLIP2_VOCAB, "ViT-B-16-SigLIP2", None, id="siglip2-base-patch16-224"),
+    pytest.param("large", 16, 256, SIGLIP_VOCAB, "ViT-L-16-SigLIP-256", 2, id="siglip-large-patch16-256-2-blocks"),
+    pytest.param("large", 16, 256, SIGLIP2_VOCAB, "ViT-L-16-SigLIP2-256", None, id="siglip2-large-patch16-256"),
+    pytest.param("so400m", 14, 384, SIGLIP_VOCAB, "ViT-SO400M-14-SigLIP-384", None, id="siglip-so400m-patch14-384"),
+    pytest.param(
+        "so400m", 16, 256, SIGLIP2_VOCAB, "ViT-SO400M-16-SigLIP2-256", 2, id="siglip2-so400m-patch16-256-2-blocks"
+    ),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("size", "patch", "side", "vocab", "name"), FULL_CASES)
+@pytest.mark.parametrize(("size", "patch", "side", "vocab", "name", "layers"), FULL_CASES)
 def test_full_size_models_match_transformers_from_both_layouts(
-    size: str, patch: int, side: int, vocab: int, name: str, tmp_path: Path
+    size: str, patch: int, side: int, vocab: int, name: str, layers: int | None, tmp_path: Path
 ) -> None:
-    reference = hf_siglip(size, patch, side, vocab)
+    reference = hf_siglip(size, patch, side, vocab, layers)
     reference.save_pretrained(tmp_path / "hf")
     model, _ = clip_model.load(tmp_path / "hf")
-    assert isinstance(model, SigLIP) and model.config.name == name
+    assert isinstance(model, SigLIP) and (layers is not None or model.config.name == name)
+    assert model.config.vision.layers == reference.config.vision_config.num_hidden_layers
     assert_matches(model, reference)
     del model
     folder = write_open_clip_folder(reference, tmp_path / "open_clip")
     del reference  # keep one full-size copy in memory at a time
-    model, _ = clip_model.load(folder)
-    assert isinstance(model, SigLIP) and model.config.name == name
+    if layers is None:
+        model, _ = clip_model.load(folder)
+        assert isinstance(model, SigLIP) and model.config.name == name
+    else:  # no shipped config has this depth: the shipped one, cut to it
+        config = get_config(name)
+        shallow = dataclasses.replace(
+            config,
+            vision=dataclasses.replace(config.vision, layers=layers),
+            text=dataclasses.replace(config.text, layers=layers),
+        )
+        model = build_model(read_checkpoint(folder), shallow)
     reference = transformers.SiglipModel.from_pretrained(tmp_path / "hf").eval()
     assert_matches(model, reference)
 
