@@ -5,7 +5,9 @@ Run from the repository root: ``.venv/bin/python -m bench.suite [--workdir DIR] 
 
 ``MEMBERS`` maps a name to a benchmark module of this package and its arguments. Each member runs as its own
 process (``python -m bench.<module>``: a fresh interpreter, allocator and thread pool, as a user's server or indexer
-would start), one after another, never two at once: ``--workdir DIR/<member>`` holds its cached inputs and
+would start), one after another, never two at once (a timing shares the machine with nothing else of the suite;
+``--smoke --jobs N`` runs N smoke commands at a time, since nothing is timed there): ``--workdir DIR/<member>``
+holds its cached inputs and
 ``--out`` its JSON. The suite then writes ``bench/results/suite-<date>[-tag].json`` (machine, the command of each
 member, its wall time, exit status and results) and ``suite-<date>[-tag].md`` (each member's own
 ``markdown(results)`` table). ``--smoke`` runs every member at tiny sizes (no targets asserted on time; results in
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +181,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", default="", help="comma-separated members to leave out")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that every benchmark runs")
     parser.add_argument("--tag", default="", help="appended to the results file names")
+    parser.add_argument("--jobs", type=int, default=1, help="smoke commands run at a time (--smoke only; default 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and not args.smoke:
+        parser.error("--jobs applies to --smoke runs only: a timed member shares the machine with nothing else")
     for option in ("only", "skip"):
         names = [n.strip() for n in getattr(args, option).split(",") if n.strip()]
         unknown = [n for n in names if n not in MEMBERS]
@@ -192,16 +200,21 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     names = [n for n in (args.only or MEMBERS) if n not in args.skip]
     started = time.perf_counter()
     results = new_results() | {"smoke": args.smoke, "members": {}}
-    smoke_runs: dict[tuple[str, ...], str] = {}  # a smoke command already run -> the member that ran it
+    first: dict[tuple[str, ...], str] = {}  # a smoke command -> the first member that runs it (the others share it)
     for name in names:
         member = MEMBERS[name]
-        same = smoke_runs.get((member.module, *member.smoke_args)) if args.smoke else None
-        if same is not None:  # e.g. server_int8_compiled, whose smoke run skips the compile: server_int8's own
-            results["members"][name] = {**results["members"][same], "same_smoke_run_as": same}
+        first.setdefault((member.module, *member.smoke_args) if args.smoke else (name,), name)
+    runs = list(first.values())
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # one worker: in order, one at a time
+        records = dict(zip(runs, pool.map(lambda n: run_member(n, MEMBERS[n], args.smoke, workdir), runs), strict=True))
+    for name in names:
+        member = MEMBERS[name]
+        same = first[(member.module, *member.smoke_args) if args.smoke else (name,)]
+        if same == name:
+            results["members"][name] = records[name]
+        else:  # e.g. server_int8_compiled, whose smoke run skips the compile: server_int8's own
+            results["members"][name] = {**records[same], "same_smoke_run_as": same}
             print(f"== {name}: the same smoke command as {same}, not run again", flush=True)
-            continue
-        results["members"][name] = run_member(name, member, args.smoke, workdir)
-        smoke_runs[(member.module, *member.smoke_args)] = name
     results["seconds"] = time.perf_counter() - started
     path = results_file("suite", "smoke" if args.smoke else "", args.tag, folder=workdir if args.smoke else RESULTS_DIR)
     write_json(path, results)

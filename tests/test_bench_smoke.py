@@ -20,6 +20,7 @@ from bench.suite import MEMBERS
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_MEMBERS = ("server", "server_int8", "server_int8_compiled", "server_1m")
+SMOKE_JOBS = 2  # smoke commands at a time: nothing is timed, and much of each is start-up and waiting
 pytestmark = pytest.mark.slow  # every member in turn takes minutes: left out of make check
 
 
@@ -29,7 +30,7 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path: Path) -> None:
         if os.environ.get("CLIPSEARCH_REQUIRE_WRK") == "1":
             pytest.fail("wrk is not installed (scripts/system-deps.sh installs it)")
         skip = list(SERVER_MEMBERS)
-    command = [sys.executable, "-m", "bench.suite", "--smoke", "--workdir", str(tmp_path)]
+    command = [sys.executable, "-m", "bench.suite", "--smoke", "--jobs", str(SMOKE_JOBS), "--workdir", str(tmp_path)]
     if skip:
         command += ["--skip", ",".join(skip)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
