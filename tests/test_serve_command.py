@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.app.conftest import REPO, wait_until_ready, write_image
 from tests.support import free_port, save_tiny_model
@@ -35,6 +36,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(20)
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_serve_indexes_a_folder_and_serves_it(tmp_path: Path) -> None:
     root, index_dir, log = tmp_path / "photos", tmp_path / "data" / "index", tmp_path / "serve.log"
     for i, colour in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200)]):

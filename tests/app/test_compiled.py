@@ -80,6 +80,7 @@ def test_a_call_the_compiled_graphs_refuse_runs_eager_and_is_logged(
     assert len([r for r in caplog.records if "does not cover" in r.getMessage()]) == 1  # once per shape
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_the_encoder_serves_from_the_compiled_tower_on_its_inference_thread(
     app_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.app.conftest import REPO, IndexedFolder, LiveServer, start_server, stop_server
 from tests.support import free_port
@@ -99,6 +100,7 @@ def test_body_limits_hold_against_chunked_and_lying_requests(indexed: IndexedFol
     assert "Traceback" not in server.logs()
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_clip_serve_explains_what_is_missing(tmp_path: Path, indexed: IndexedFolder) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     no_dir = subprocess.run([sys.executable, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -133,6 +135,7 @@ def json_error(answer: bytes) -> dict[str, object]:
     return detail
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_the_http_layer_refuses_unparseable_requests_with_json(
     live_server: LiveServer, indexed: IndexedFolder, tmp_path: Path
 ) -> None:
@@ -152,6 +155,7 @@ def test_the_http_layer_refuses_unparseable_requests_with_json(
     assert "Traceback" not in h11.logs() + live_server.logs()
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_over_the_connection_limit_the_503_is_json_and_says_when_to_retry(
     indexed: IndexedFolder, tmp_path: Path
 ) -> None:

@@ -145,6 +145,7 @@ def test_admin_endpoints_are_off_without_an_admin_key(client: TestClient) -> Non
     assert response.status_code == 403 and "CLIPSEARCH_ADMIN_API_KEY" in response.json()["detail"]
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_admin_reindex_runs_the_indexer_and_the_new_generation_is_served(
     indexed: IndexedFolder, tmp_path: Path
 ) -> None:

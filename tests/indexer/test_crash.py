@@ -140,6 +140,7 @@ def test_kill_9_at_any_moment_keeps_published_index_and_committed_work(
     assert verify(index_dir) == [] and PublishedIndex.open(index_dir).manifest.counts["images"] == 1700
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 @pytest.mark.parametrize("delay", [0.3])
 def test_kill_before_anything_was_published_leaves_a_rerunnable_directory(
     delay: float, tiny_model: Path, tmp_path: Path, new_marker: Callable[[], str]
@@ -178,6 +179,7 @@ def test_kill_9_during_encoding_ends_the_decode_workers_and_the_resource_tracker
     assert current_generation(index_dir) is None  # killed while encoding, not finished before the kill
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 @pytest.mark.skipif(not HAS_PROC, reason="finds the run's processes in /proc")
 def test_kill_9_of_the_server_ends_the_indexer_it_started_and_its_workers(
     tiny_model: Path, tmp_path: Path, new_marker: Callable[[], str]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,6 +16,7 @@ from indexer.store import Catalog, PublishedIndex, verify
 from tests.indexer.conftest import write_photo
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_vit_b32_end_to_end(tmp_path: Path) -> None:
     model, preprocess = clip_model.create_model("ViT-B-32-quickgelu", seed=0)
     checkpoint = clip_model.save_checkpoint(model.eval(), tmp_path / "vit-b-32.safetensors")

@@ -462,6 +462,7 @@ with store.Catalog.open(index_dir) as catalog:
 """
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_kill_9_during_publish_never_leaves_a_torn_generation(tmp_path: Path) -> None:
     index_dir = tmp_path / "index"
     make_index(index_dir, n_images=5000, dim=64)

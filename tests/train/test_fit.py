@@ -144,6 +144,7 @@ def test_training_checkpoint_reads_weights_only_and_loads_as_a_model(straight: P
     assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
 
 
+@pytest.mark.slow  # heavy end to end (seconds): CI runs it, make check leaves it out
 def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(
     straight: Path, shapes_data: Path, tiny_arch_file: Path, tmp_path: Path
 ) -> None:
