@@ -25,7 +25,7 @@ from indexer.store.reader import Hit, ImageRecord, SearchFilter
 
 from .encoder import SearchRequest
 from .errors import BadRequestError, NotFoundError
-from .facet_schemas import Facets
+from .facet_schemas import Facets, FolderQuery
 from .facets import FacetCache, check_filters
 from .imaging import ThumbnailCache, decode_upload, resolve_image_path, stat_readable
 from .paging import Sort, depth, fingerprint, next_cursor, open_cursor, ordered
@@ -327,9 +327,10 @@ class SearchService:
             )
         return resolve_image_path(state.image_root, record.path)
 
-    def facets(self) -> Facets:
-        """The values the served generation holds for the folder, camera and format filters, and its capture times."""
-        return self.facet_cache.of(self.runtime.require()).described
+    def facets(self, folders: FolderQuery) -> Facets:
+        """The values the served generation holds for the folder, camera and format filters (the folders that
+        ``folders`` asks for, a page of them), and its capture times."""
+        return self.facet_cache.of(self.runtime.require()).listing(folders)
 
     # --- operations ----------------------------------------------------------------------------------------------
 

@@ -52,5 +52,4 @@ def facets(
 
     Example: `GET /api/facets?folder_prefix=2023/ho`, then `GET /api/search?q=beach&folder=2023/Holidays&camera=iphone`
     """
-    listed = FolderQuery(prefix=folder_prefix, after=folder_after, limit=limit)
-    return service.facet_cache.of(service.runtime.require()).listing(listed)
+    return service.facets(FolderQuery(prefix=folder_prefix, after=folder_after, limit=limit))
