@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from clip_model import InferencePrecision, LongText, Placement, parse_device, resolve_placement
+from clip_model import DEFAULT_LONG_TEXT, InferencePrecision, LongText, Placement, parse_device, resolve_placement
 from clip_model.device import DEFAULT_DEVICE
 from indexer.store.reader import ENV_PREFIX
 
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     text_batch_size: int = Field(64, ge=1, description="most texts encoded in one call (micro-batching)")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings kept in the LRU cache")
     long_text: LongText = Field(
-        "truncate",
+        DEFAULT_LONG_TEXT,
         description="text longer than the model's context: `truncate` it, or `chunk` it into overlapping windows "
         "whose embeddings are averaged; each request may override it (`long_text`)",
     )

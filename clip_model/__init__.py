@@ -68,7 +68,7 @@ from .preprocess import Preprocess, to_rgb
 from .provenance import input_provenance
 from .quantize import is_quantized, quantize_int8
 from .siglip import SigLIP
-from .text_input import LONG_TEXT_MODES, LongText, TextInput, TextRows, chunk_windows, encode_texts
+from .text_input import DEFAULT_LONG_TEXT, LONG_TEXT_MODES, LongText, TextInput, TextRows, chunk_windows, encode_texts
 from .tokenizer import Tokenizer, get_tokenizer, tokenize, trim_tokens
 from .tokenizer_sentencepiece import SentencePieceTokenizer
 from .xlm_roberta import XLMRobertaCLIP
@@ -96,6 +96,7 @@ __all__ = [
     "InferenceModel",
     "InferencePrecision",
     "LONG_TEXT_MODES",
+    "DEFAULT_LONG_TEXT",
     "LongText",
     "MissingDependencyError",
     "ModelConfig",

@@ -39,6 +39,7 @@ from .tokenizer import pack_rows
 
 LongText = Literal["truncate", "chunk"]  # what happens to a text longer than the model's context
 LONG_TEXT_MODES: tuple[LongText, ...] = get_args(LongText)
+DEFAULT_LONG_TEXT: LongText = "truncate"  # the indexer's and the server's rule unless told otherwise
 DEFAULT_OVERLAP_FRACTION = 0.25  # of a window's capacity: the ids consecutive windows share at most, by default
 FRAME_PROBE_LENGTH = 3  # a row long enough to show the start token (if any), the end token and one pad
 _WORD = re.compile(r"\s*\S+")  # a word with the whitespace before it

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clip_model import INFERENCE_PRECISIONS, LONG_TEXT_MODES, LongText, Placement
+from clip_model import DEFAULT_LONG_TEXT, INFERENCE_PRECISIONS, LONG_TEXT_MODES, LongText, Placement
 from clip_model.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from clip_model.errors import ClipModelError
 from clip_model.process_tuning import ThreadPlan, own_threads, tune_malloc
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     texts.add_argument(
         "--long-text",
         type=_long_text,
-        default=_env("LONG_TEXT", "truncate"),
+        default=_env("LONG_TEXT", DEFAULT_LONG_TEXT),
         metavar="{" + ",".join(LONG_TEXT_MODES) + "}",
         help="a text longer than the model's context: truncate it, or chunk it into overlapping windows whose "
         "embeddings are averaged; the server's rule for its queries, same setting ($CLIPSEARCH_LONG_TEXT)",
